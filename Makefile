@@ -1,0 +1,30 @@
+# `make test` and `make demo` work from a fresh clone: they build .venv, install torch
+# first (only when it is missing, so a CPU wheel is not replaced by a CUDA one), then the
+# package with its dev extras.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rlhf-engine-installed
+
+.PHONY: test demo install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Triton kernels run on CPU tensors through the Triton interpreter when no GPU is present.
+test: $(STAMP)
+	TRITON_INTERPRET=$${TRITON_INTERPRET-1} $(PY) -m pytest -q -m "not gpu" tests
+
+demo: $(STAMP)
+	$(VENV)/bin/rlhf-engine bench --quick --out bench-out
+
+clean:
+	rm -rf $(VENV) build *.egg-info bench-out

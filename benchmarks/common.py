@@ -1,0 +1,215 @@
+"""Shared benchmark harness: roofline floor, timing, peak memory, table and JSON.
+
+Every benchmark states its floor before it measures: the fewest bytes the op must move
+(each input read once, each output written once) over the measured copy bandwidth, and
+its FLOPs over the measured matmul rate; the larger of the two is the floor. Both rates
+are measured once per run on the device at hand rather than trusted from a datasheet.
+
+A benchmark module exposes ``run(device: torch.device, quick: bool) -> list[Result]``;
+it builds inputs once and times every implementation on the same inputs with
+:func:`measure`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    device: str
+    copy_bytes_per_s: float  # bytes read + written per second by a large device-to-device copy
+    matmul_flops_per_s: float  # dense matmul rate in the benchmark's dtype
+
+
+@dataclasses.dataclass
+class Result:
+    op: str
+    impl: str
+    shape: str
+    ms: float | None
+    floor_ms: float
+    bytes_moved: int
+    flops: int
+    peak_mem_bytes: int | None
+    error: str | None = None
+
+    @property
+    def gbps(self) -> float | None:
+        return None if not self.ms else self.bytes_moved / (self.ms * 1e-3) / 1e9
+
+    @property
+    def tflops(self) -> float | None:
+        return None if not self.ms or not self.flops else self.flops / (self.ms * 1e-3) / 1e12
+
+    @property
+    def floor_fraction(self) -> float | None:
+        return None if not self.ms else self.floor_ms / self.ms
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(gbps=self.gbps, tflops=self.tflops, floor_fraction=self.floor_fraction)
+        return d
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, quick: bool = False) -> float:
+    """Median wall time of ``fn()`` in milliseconds (``triton.testing.do_bench`` on CUDA)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
+    fn()  # warm-up (and compilation, for compiled callables)
+    times = []
+    for _ in range(3 if quick else 10):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def measure_machine(device: torch.device, dtype: torch.dtype = torch.bfloat16, quick: bool = False) -> Machine:
+    """Measure copy bandwidth and matmul rate once per (device, dtype)."""
+    n_bytes = (256 << 20) if device.type == "cuda" and not quick else (32 << 20)
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device, quick)
+    size = 8192 if device.type == "cuda" and not quick else 512
+    mm_dtype = dtype if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=mm_dtype)
+    b = torch.randn(size, size, device=device, dtype=mm_dtype)
+    mm_ms = time_ms(lambda: a @ b, device, quick)
+    return Machine(
+        device=device_name(device),
+        copy_bytes_per_s=2 * n_bytes / (copy_ms * 1e-3),
+        matmul_flops_per_s=2 * size**3 / (mm_ms * 1e-3),
+    )
+
+
+def floor_ms(machine: Machine, bytes_moved: int, flops: int = 0) -> float:
+    return 1e3 * max(bytes_moved / machine.copy_bytes_per_s, flops / machine.matmul_flops_per_s)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak memory allocated while ``fn()`` runs, above what was allocated before (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure(
+    op: str,
+    shape: str,
+    impls: dict[str, Callable[[], object]],
+    *,
+    device: torch.device,
+    bytes_moved: int,
+    flops: int = 0,
+    quick: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[Result]:
+    """Time every implementation in ``impls`` (zero-argument callables on shared inputs).
+
+    An implementation that raises (a compile failure, an out-of-memory) is reported with
+    its error instead of a time, so one failure does not hide the other rows.
+    """
+    machine = measure_machine(device, dtype, quick)
+    floor = floor_ms(machine, bytes_moved, flops)
+    results = []
+    for impl, fn in impls.items():
+        try:
+            ms = time_ms(fn, device, quick)
+            peak = peak_memory_bytes(fn, device)
+            results.append(Result(op, impl, shape, ms, floor, bytes_moved, flops, peak))
+        except Exception as exc:  # reported in the table, never swallowed silently
+            results.append(Result(op, impl, shape, None, floor, bytes_moved, flops, None, error=f"{type(exc).__name__}: {exc}"[:200]))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile`` of the eager code, as a user of TRL/verl would get it."""
+    return torch.compile(fn, dynamic=False)
+
+
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def format_table(results: list[Result]) -> str:
+    header = f"{'op':<22} {'impl':<26} {'shape':<28} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'floor':>6} {'peak MiB':>9}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        if r.error:
+            lines.append(f"{r.op:<22} {r.impl:<26} {r.shape:<28} {'error: ' + r.error}")
+            continue
+        tf = f"{r.tflops:8.1f}" if r.tflops else f"{'-':>8}"
+        peak = f"{r.peak_mem_bytes / 2**20:9.1f}" if r.peak_mem_bytes is not None else f"{'-':>9}"
+        lines.append(
+            f"{r.op:<22} {r.impl:<26} {r.shape:<28} {r.ms:9.3f} {r.gbps:8.1f} {tf} {r.floor_fraction:6.2f} {peak}"
+        )
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_json(results: list[Result], path: str, device: torch.device, quick: bool) -> None:
+    machine = measure_machine(device, torch.bfloat16, quick)
+    payload = {
+        "device": machine.device,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "torch": torch.__version__,
+        "triton": _version_of("triton"),
+        "copy_gbps": machine.copy_bytes_per_s / 1e9,
+        "matmul_tflops": machine.matmul_flops_per_s / 1e12,
+        "results": [r.as_dict() for r in results],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+
+
+def _version_of(package: str) -> str | None:
+    try:
+        return importlib.import_module(package).__version__
+    except ImportError:
+        return None

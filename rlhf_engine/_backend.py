@@ -1,0 +1,89 @@
+"""Backend registry and selection.
+
+Every op has implementations with identical semantics, named by backend:
+
+* ``"triton"``: the fused kernels in ``rlhf_engine.kernels``. Runs on CUDA tensors, and
+  on CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``, for tests).
+* ``"torch"``: plain PyTorch; the CPU path.
+
+Selection: an explicit ``backend=`` argument, else the ``RLHF_ENGINE_BACKEND``
+environment variable, else ``"auto"`` (triton for CUDA tensors when it imports, torch
+otherwise). A backend asked for by name that cannot run raises; it never silently falls
+back.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS = ("triton", "torch")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "RLHF_ENGINE_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    """True when the ``triton`` package can be imported (checked once, without importing)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the triton backend can run on tensors of ``device``."""
+    if not triton_importable():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and triton_interpreter_on()
+
+
+def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
+    """Return the concrete backend (``"triton"`` or ``"torch"``) that runs ``op`` on ``device``.
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` when the backend asked
+    for by name cannot run here.
+    """
+    requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    if requested not in BACKEND_CHOICES:
+        source = "backend" if backend is not None else ENV_VAR
+        raise ValueError(f"{op}: {source} must be one of {BACKEND_CHOICES}, got {requested!r}")
+    if requested == "auto":
+        if device.type == "cuda" and triton_runs_on(device):
+            return "triton"
+        return "torch"
+    if requested == "triton" and not triton_runs_on(device):
+        if not triton_importable():
+            why = "the triton package is not installed"
+        else:
+            why = (
+                f"triton kernels need CUDA tensors (got {device.type}); on the CPU they run "
+                "only under the Triton interpreter (TRITON_INTERPRET=1), which is for tests"
+            )
+        raise RuntimeError(f"{op}: backend 'triton' is not available: {why}")
+    return requested
+
+
+def lazy(module: str, name: str) -> Callable:
+    """A callable that imports ``module.name`` on first call.
+
+    Backend tables use it so that importing an op never imports triton.
+    """
+
+    @functools.lru_cache(maxsize=1)
+    def load() -> Callable:
+        return getattr(importlib.import_module(module), name)
+
+    def call(*args, **kwargs):
+        return load()(*args, **kwargs)
+
+    call.__name__ = name
+    return call

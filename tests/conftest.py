@@ -1,0 +1,48 @@
+"""Test setup: without CUDA, Triton kernels run on CPU tensors through the interpreter.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set
+here, before the tests import rlhf_engine.kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from rlhf_engine._backend import triton_runs_on  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backends_here():
+    """The backends that can run on this machine's test device."""
+    return ["torch"] + (["triton"] if triton_runs_on(DEVICE) else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; run `pytest -m gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=backends_here())
+def backend(request):
+    """Each backend that runs here (torch always; triton on CUDA or under the interpreter)."""
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # Fresh random inputs per test, reproducible from the test's name.
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))
