@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One GPU session's checks in one command (for the device machine: torch, triton and
+# pytest preinstalled, no internet): install, run the GPU tests and the whole suite on
+# CUDA, then the full-size benchmarks. JSON lands in ${OUT:-bench-out}; the table prints last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-bench-out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/pytest-gpu.log" | tail -n 30
+python3 -m pytest -q -x -m "not gpu" tests 2>&1 | tee "$out/pytest-all.log" | tail -n 15
+rlhf-engine bench --out "$out" 2>&1 | tee "$out/bench.log"

@@ -1,0 +1,100 @@
+"""Packaging and import rules of DESIGN.md: no GPU at import, kernels installed only as
+``rlhf_engine.kernels``, explicit backend selection with clear errors."""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from rlhf_engine import _backend, _checks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(code: str, cwd, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
+
+
+def test_import_touches_no_gpu(tmp_path):
+    # Run outside the repo so only the installed package is importable.
+    code = (
+        "import torch, rlhf_engine, rlhf_engine.ops\n"
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'\n"
+        "print(rlhf_engine.__version__)"
+    )
+    out = _python(code, tmp_path, CUDA_VISIBLE_DEVICES="")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0.1.0"
+
+
+def test_kernels_are_a_subpackage_not_a_top_level_module(tmp_path):
+    code = (
+        "import importlib.util, rlhf_engine.kernels, rlhf_engine.benchmarks\n"
+        "assert importlib.util.find_spec('kernels') is None, 'a top-level kernels module is importable'\n"
+        "assert importlib.util.find_spec('benchmarks') is None, 'a top-level benchmarks module is importable'\n"
+        "print(rlhf_engine.kernels.__file__)"
+    )
+    out = _python(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert os.path.basename(os.path.dirname(out.stdout.strip())) == "kernels"
+
+
+def test_wheel_holds_only_the_rlhf_engine_package(tmp_path):
+    # A real (non-editable) build: `pip install .` must install kernels/ as rlhf_engine/kernels/.
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), REPO],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"rlhf_engine"}, top_level
+    assert "rlhf_engine/kernels/__init__.py" in names
+    assert "rlhf_engine/benchmarks/common.py" in names
+
+
+def test_auto_backend_is_torch_on_cpu(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    assert _backend.resolve_backend("op", None, torch.device("cpu")) == "torch"
+    assert _backend.resolve_backend("op", "auto", torch.device("cpu")) == "torch"
+
+
+def test_env_var_picks_the_backend_and_argument_wins(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="RLHF_ENGINE_BACKEND"):
+        _backend.resolve_backend("op", None, torch.device("cpu"))
+    assert _backend.resolve_backend("op", "torch", torch.device("cpu")) == "torch"
+
+
+def test_unknown_backend_name_raises():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _backend.resolve_backend("token_logprobs", "cuda-magic", torch.device("cpu"))
+
+
+def test_triton_on_cpu_without_interpreter_raises_instead_of_falling_back(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
+        _backend.resolve_backend("token_logprobs", "triton", torch.device("cpu"))
+
+
+def test_checks_name_the_argument():
+    with pytest.raises(TypeError, match="op: x must be a torch.Tensor"):
+        _checks.check_tensor("op", "x", [1.0])
+    with pytest.raises(TypeError, match="op: x must have dtype"):
+        _checks.check_tensor("op", "x", torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="op: y must have the shape of x"):
+        _checks.check_same_shape("op", "x", torch.zeros(2), y=torch.zeros(3))
+    with pytest.raises(ValueError, match="op: mode must be one of"):
+        _checks.check_choice("op", "mode", "c", ("a", "b"))
+    with pytest.raises(ValueError, match="op: gamma must be > 0"):
+        _checks.check_number("op", "gamma", 0.0, positive=True)
+    with pytest.raises(TypeError, match="op: gamma must be a number"):
+        _checks.check_number("op", "gamma", "0.9")
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0"):
+        _checks.check_cu_seqlens("op", torch.tensor([0, 3, 2], dtype=torch.int32), 2, torch.device("cpu"))
