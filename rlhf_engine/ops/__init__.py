@@ -4,3 +4,5 @@ Each op validates its inputs, dispatches to a backend (``"triton"`` on CUDA, ``"
 anywhere; see ``rlhf_engine._backend``) and is registered with ``torch.library`` so it
 composes with ``torch.compile(fullgraph=True)``.
 """
+
+from rlhf_engine.ops.kl import kl_penalty  # noqa: E402,F401
