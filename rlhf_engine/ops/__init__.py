@@ -6,3 +6,6 @@ composes with ``torch.compile(fullgraph=True)``.
 """
 
 from rlhf_engine.ops.kl import kl_penalty  # noqa: E402,F401
+
+from rlhf_engine.ops.advantages import group_advantages, masked_whiten  # noqa: E402,F401
+from rlhf_engine.ops.gae import discounted_returns, gae  # noqa: E402,F401
