@@ -7,5 +7,7 @@ composes with ``torch.compile(fullgraph=True)``.
 
 from rlhf_engine.ops.kl import kl_penalty  # noqa: E402,F401
 
+from rlhf_engine.ops.logprobs import token_logprobs  # noqa: E402,F401
+
 from rlhf_engine.ops.advantages import group_advantages, masked_whiten  # noqa: E402,F401
 from rlhf_engine.ops.gae import discounted_returns, gae  # noqa: E402,F401
