@@ -1,0 +1,182 @@
+"""``policy_loss``: fused PPO / GSPO / CISPO / SAPO / REINFORCE loss with aggregation and metrics."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from rlhf_engine import _checks
+from rlhf_engine._backend import lazy, resolve_backend
+from rlhf_engine.ops._seq_loss import flat, normalizer_args, per_token_or_seq, seq_loss_bwd, token_layout
+from rlhf_engine.reference.aggregation import AGGREGATIONS, aggregate_partials
+from rlhf_engine.reference.kl import ESTIMATORS
+from rlhf_engine.reference.policy_loss import LOSSES, METRICS, PARTIALS, policy_loss_partials
+
+OP = "policy_loss"
+
+_FWD = {"torch": policy_loss_partials, "triton": lazy("rlhf_engine.kernels.policy_loss", "policy_loss_fwd")}
+
+_MEAN_COLUMNS = {name: PARTIALS.index(column) for name, column in (
+    ("clipfrac", "clipped"), ("clipfrac_lower", "clipped_lower"), ("approx_kl", "approx_kl"),
+    ("ratio_mean", "ratio"), ("kl", "kl"), ("entropy", "entropy"),
+)}
+
+
+def _metrics(partials: torch.Tensor) -> torch.Tensor:
+    """``[S, len(PARTIALS)]`` -> fp32 ``[len(METRICS)]`` masked token means over the batch
+    (0 for an all-masked batch), without a host sync."""
+    totals = partials.sum(0)
+    count = totals[PARTIALS.index("count")]
+    means = torch.where(count > 0, totals / torch.where(count > 0, count, 1.0), 0.0)
+    ratio_min = torch.where(count > 0, partials[:, PARTIALS.index("ratio_min")].amin(), 0.0)
+    ratio_max = torch.where(count > 0, partials[:, PARTIALS.index("ratio_max")].amax(), 0.0)
+    extremes = {"ratio_min": ratio_min, "ratio_max": ratio_max}
+    return torch.stack([extremes[name] if name in extremes else means[_MEAN_COLUMNS[name]] for name in METRICS])
+
+
+@torch.library.custom_op("rlhf_engine::policy_loss_fwd", mutates_args=())
+def _policy_loss_fwd(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor,
+    ref_logp: Optional[torch.Tensor], entropy: Optional[torch.Tensor], is_weights: Optional[torch.Tensor],
+    normalizer: Optional[torch.Tensor], loss: str, clip_low: float, clip_high: float, dual_clip: Optional[float],
+    delta: Optional[float], kl_coef: float, kl_estimator: str, kl_clamp: bool, entropy_coef: float, aggregation: str,
+    normalizer_const: float, seq_len: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ``(loss 0-d, metrics [len(METRICS)], g [N], w [S])``, all fp32; ``g``, ``w`` are
+    saved for backward."""
+    g, partials = _FWD[backend](
+        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, loss=loss, clip_low=clip_low,
+        clip_high=clip_high, dual_clip=dual_clip, delta=delta, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        kl_clamp=kl_clamp, entropy_coef=entropy_coef, seq_len=seq_len,
+    )
+    total, w = aggregate_partials(
+        partials[:, PARTIALS.index("loss")], partials[:, PARTIALS.index("count")], aggregation, cu_seqlens, seq_len,
+        normalizer, normalizer_const,
+    )
+    return total, _metrics(partials), g, w
+
+
+@_policy_loss_fwd.register_fake
+def _(logp, old_logp, advantages, mask, cu_seqlens, *args):
+    f32 = torch.float32
+    return (
+        logp.new_empty((), dtype=f32), logp.new_empty(len(METRICS), dtype=f32), logp.new_empty(logp.shape, dtype=f32),
+        logp.new_empty(cu_seqlens.shape[0] - 1, dtype=f32),
+    )
+
+
+_NUM_INPUTS = 22
+_LOGP, _MASK, _CU, _ENTROPY = 0, 3, 4, 6
+
+
+def _setup_context(ctx, inputs, output):
+    _, metrics, g, w = output
+    ctx.mark_non_differentiable(metrics, g, w)
+    ctx.save_for_backward(g, w, inputs[_CU], inputs[_MASK])
+    entropy = inputs[_ENTROPY]
+    ctx.dtypes = (inputs[_LOGP].dtype, None if entropy is None else entropy.dtype)
+    ctx.entropy_coef, ctx.seq_len, ctx.backend = inputs[17], inputs[20], inputs[21]
+
+
+def _backward(ctx, grad_loss, *unused):
+    g, w, cu_seqlens, mask = ctx.saved_tensors
+    grads = [None] * _NUM_INPUTS
+    if ctx.needs_input_grad[_LOGP]:
+        grads[_LOGP] = seq_loss_bwd(grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtypes[0], ctx.backend)
+    if ctx.needs_input_grad[_ENTROPY]:
+        # l -= c_H H: d loss / d H_t = -c_H w_b m_t
+        grads[_ENTROPY] = seq_loss_bwd(
+            grad_loss, w, mask, cu_seqlens, -ctx.entropy_coef, ctx.seq_len, ctx.dtypes[1], ctx.backend
+        )
+    return tuple(grads)
+
+
+_policy_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, loss: str = "ppo",
+    clip_low: float = 0.2, clip_high: float | None = None, dual_clip: float | None = None, delta: float | None = None,
+    ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3", kl_clamp: bool = False,
+    entropy: torch.Tensor | None = None, entropy_coef: float = 0.0, is_weights: torch.Tensor | None = None,
+    aggregation: str = "token-mean", normalizer=None, cu_seqlens: torch.Tensor | None = None, backend: str = "auto",
+) -> tuple[torch.Tensor, dict]:
+    """Policy-gradient loss, fused: per-token loss, aggregation and metrics in one kernel.
+
+    Layout: padded, ``logp`` ``[B, T]``; or packed, ``logp`` ``[N]`` with ``cu_seqlens``
+    (int32/int64 ``[S+1]``, rising from 0 to N; sequence b is ``[cu[b], cu[b+1])``).
+    ``old_logp``, ``mask`` (bool or float weights), ``ref_logp``, ``entropy`` have the
+    shape of ``logp``; ``advantages`` and ``is_weights`` have it too (per token) or are
+    ``[S]`` (per sequence, broadcast over its tokens; when packed with ``N == S`` the
+    per-token reading wins). Any float dtype; computed and returned in fp32.
+
+    Per-token loss ``l`` (``delta = lp - old``, ``r = exp(clamp(delta, -20, 20))``; details
+    and papers in ``rlhf_engine/reference/policy_loss.py``):
+
+    * ``"ppo"``: ``max(-A min(r, delta?), -A clip(r, 1-clip_low, 1+clip_high))``; with
+      ``dual_clip=c``, for ``A < 0``: ``min(l, -A c)``. ``delta`` (INTELLECT-2) bounds r in
+      the unclipped term. ``clip_high`` defaults to ``clip_low``.
+    * ``"gspo"``: the same on the sequence ratio ``exp(mean_t delta)`` (sg trick per token).
+    * ``"cispo"`` (paper / verl): ``-sg(clip(r, 1-clip_low, 1+clip_high)) A lp``.
+    * ``"cispo-trl"`` (TRL): ``-sg(min(r, clip_high)) A lp``; ``clip_high`` is the raw bound
+      on the weight (e.g. 5.0) and must be passed.
+    * ``"sapo"``: ``-A sigmoid(tau (r-1)) 4/tau``, tau 1.0 for ``A > 0``, 1.05 otherwise.
+    * ``"reinforce"``: ``-A lp``.
+
+    then ``l = is_weights * l + kl_coef * KL(lp, ref_logp) - entropy_coef * entropy``
+    (``kl_estimator`` / ``kl_clamp`` as in :func:`kl_penalty`; KL only when ``ref_logp`` is
+    given).
+
+    Aggregation (``reference/aggregation.py``): ``token-mean`` (sum / tokens),
+    ``seq-mean-token-mean``, ``seq-mean-token-sum`` (over sequences with a valid token),
+    ``seq-mean-token-sum-norm`` (sum / (S * T), T the padded or longest length),
+    ``token-sum``. ``normalizer`` (a number or a 1-element tensor, e.g. the all-reduced
+    global count) replaces the denominator. Sequences without a valid token contribute
+    nothing; an all-masked batch gives loss 0.
+
+    Gradients flow to ``logp`` and ``entropy`` only: ``old_logp``, ``advantages``,
+    ``ref_logp``, ``is_weights`` and ``normalizer`` are constants.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` a 0-d fp32 tensor; ``metrics`` a dict of 0-d fp32
+        tensors (no host sync): ``clipfrac``, ``clipfrac_lower``, ``approx_kl`` (mean
+        ``delta^2/2``), ``ratio_mean``, ``ratio_min``, ``ratio_max`` (masked over valid
+        tokens; 0 when none), plus ``kl`` / ``entropy`` when given.
+    """
+    _checks.check_tensor(OP, "logp", logp)
+    layout = token_layout(OP, "logp", logp, cu_seqlens)
+    _checks.check_tensor(OP, "old_logp", old_logp)
+    _checks.check_tensor(OP, "mask", mask, _checks.MASK_DTYPES)
+    _checks.check_optional_tensor(OP, "ref_logp", ref_logp)
+    _checks.check_optional_tensor(OP, "entropy", entropy)
+    _checks.check_same_shape(OP, "logp", logp, old_logp=old_logp, mask=mask, ref_logp=ref_logp, entropy=entropy)
+    _checks.check_same_device(OP, "logp", logp, old_logp=old_logp, mask=mask, ref_logp=ref_logp, entropy=entropy)
+    adv = per_token_or_seq(OP, "advantages", advantages, logp, layout.num_seqs)
+    isw = per_token_or_seq(OP, "is_weights", is_weights, logp, layout.num_seqs)
+    _checks.check_choice(OP, "loss", loss, LOSSES)
+    _checks.check_choice(OP, "aggregation", aggregation, AGGREGATIONS)
+    _checks.check_choice(OP, "kl_estimator", kl_estimator, ESTIMATORS)
+    if not isinstance(kl_clamp, bool):
+        raise TypeError(f"{OP}: kl_clamp must be a bool, got {type(kl_clamp).__name__}")
+    clip_low = _checks.check_number(OP, "clip_low", clip_low, nonnegative=True)
+    if loss == "cispo-trl" and clip_high is None:
+        raise ValueError(f"{OP}: loss='cispo-trl' needs clip_high, the raw upper bound on the IS weight (TRL uses e.g. 5.0)")
+    clip_high = clip_low if clip_high is None else _checks.check_number(OP, "clip_high", clip_high, nonnegative=True)
+    if dual_clip is not None:
+        dual_clip = _checks.check_number(OP, "dual_clip", dual_clip)
+        if not dual_clip > 1:
+            raise ValueError(f"{OP}: dual_clip must be > 1, got {dual_clip}")
+    if delta is not None:
+        delta = _checks.check_number(OP, "delta", delta, positive=True)
+    kl_coef = _checks.check_number(OP, "kl_coef", kl_coef)
+    entropy_coef = _checks.check_number(OP, "entropy_coef", entropy_coef)
+    norm_tensor, norm_const = normalizer_args(OP, normalizer, logp.device)
+    chosen = resolve_backend(OP, backend, logp.device)
+    total, metrics, _, _ = _policy_loss_fwd(
+        flat(logp), flat(old_logp), adv, flat(mask), layout.cu_seqlens, flat(ref_logp), flat(entropy), isw,
+        norm_tensor, loss, clip_low, clip_high, dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef,
+        aggregation, norm_const, layout.seq_len, chosen,
+    )
+    given = {"kl": ref_logp is not None, "entropy": entropy is not None}
+    return total, {name: value for name, value in zip(METRICS, metrics.unbind(0)) if given.get(name, True)}

@@ -1,0 +1,242 @@
+"""Policy-gradient losses (ALGORITHMS.md section 3) and their training metrics.
+
+Notation: ``lp`` policy logprob of the sampled token, ``old`` the same under the rollout
+policy, ``A`` advantage, ``m`` mask, ``delta_t = lp - old``, ``r = exp(clamp(delta, -20,
+20))`` (verl's clamp; the gradient is zero where it is active).
+
+* ``ppo`` (Schulman et al. 2017): ``l = max(-A r', -A clip(r, 1-eps_low, 1+eps_high))``
+  with ``r' = min(r, delta)`` when the two-sided bound ``delta`` is set (INTELLECT-2) and
+  ``r' = r`` otherwise; ``eps_high > eps_low`` is DAPO's clip-higher. Dual clip (Ye et
+  al. 2020), for ``A < 0`` only: ``l = min(l, -A c)``.
+* ``gspo`` (Zheng et al. 2025): the same clipped objective on the sequence ratio
+  ``s_b = exp(sum_t delta m / sum_t m)``, per token ``log s_bt = sg(log s_b) + lp - sg(lp)``
+  (value ``s_b``, gradient ``s_b`` w.r.t. each ``lp_t``), clamped like ``r``.
+* ``cispo`` (MiniMax-M1 2025, verl): ``l = -sg(w) A lp``, ``w = clip(r, 1-eps_low,
+  1+eps_high)`` (``clip_low``, ``clip_high`` are relative, as in PPO).
+* ``cispo-trl`` (TRL): ``l = -sg(w) A lp``, ``w = min(r, clip_high)``: ``clip_high`` is
+  the raw upper bound on the weight (e.g. 5.0) and must be given; ``clip_low`` is unused.
+* ``sapo`` (Qwen 2025): ``l = -A sigmoid(tau (r - 1)) 4 / tau``, ``tau = 1`` if ``A > 0``
+  else ``1.05``.
+* ``reinforce`` (REINFORCE / GPG): ``l = -A lp``.
+
+Then, per token: ``l <- is_w * l`` (truncated importance weights, on the policy-gradient
+term only, as TRL and verl apply them), ``l += beta KL(lp, ref)`` (``kl_estimator``, see
+``reference/kl.py``), ``l -= c_H H``. Aggregation: ``reference/aggregation.py``.
+
+Metrics are masked token means (mask-weighted for a float mask) over the whole batch:
+``clipfrac`` (ppo/gspo: ``L2 > L1``; cispo: the weight was truncated; 0 for sapo and
+reinforce), ``clipfrac_lower`` (the dual clip is active), ``approx_kl`` (``delta^2 / 2``),
+``ratio_mean``/``ratio_min``/``ratio_max`` (of ``r``, or ``s_b`` for gspo, min/max over
+tokens with ``m != 0``), ``kl`` and ``entropy`` means when given. An all-masked batch gives
+0 for every metric.
+
+Two implementations live here: :func:`policy_loss_ref` (the spec, written for autograd
+and clarity; packed batches loop over sequences in Python) and
+:func:`policy_loss_partials` (the torch backend: the same math with the derivative
+written out, vectorized, returning what the fused kernel returns).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_engine.reference.aggregation import Segments, aggregate_ref
+from rlhf_engine.reference.kl import kl_estimate_and_grad, kl_penalty_ref
+
+LOSSES = ("ppo", "gspo", "cispo", "cispo-trl", "sapo", "reinforce")
+LOG_RATIO_CLAMP = 20.0
+SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05
+METRICS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "kl", "entropy")
+# Columns of the per-sequence partial sums both backends produce (kernels/policy_loss.py
+# writes them in this order): masked sums, except the ratio min / max over active tokens.
+PARTIALS = ("loss", "count", "clipped", "clipped_lower", "approx_kl", "ratio", "ratio_min", "ratio_max", "kl", "entropy")
+
+
+def sequence_bounds(num_tokens: int, batch_shape, cu_seqlens) -> list:
+    """``(start, end)`` of each sequence on the flat token axis (Python ints: spec only)."""
+    if cu_seqlens is not None:
+        cu = [int(c) for c in cu_seqlens]
+        return list(zip(cu[:-1], cu[1:]))
+    rows, cols = (batch_shape[0], batch_shape[1]) if len(batch_shape) == 2 else (1, num_tokens)
+    return [(b * cols, (b + 1) * cols) for b in range(rows)]
+
+
+def per_token(x, shape, bounds):
+    """Flatten a per-token tensor (``shape`` of logp), or broadcast a per-sequence one over
+    its sequence's tokens."""
+    if x is None or x.shape == shape:
+        return None if x is None else x.reshape(-1)
+    lengths = torch.tensor([e - s for s, e in bounds], device=x.device)
+    return torch.repeat_interleave(x.reshape(-1), lengths)
+
+
+def _clip(x, low, high):
+    return torch.minimum(torch.maximum(x, torch.full_like(x, low)), torch.full_like(x, high))
+
+
+def policy_loss_ref(
+    logp, old_logp, advantages, mask, *, loss="ppo", clip_low=0.2, clip_high=None, dual_clip=None, delta=None,
+    ref_logp=None, kl_coef=0.0, kl_estimator="k3", kl_clamp=False, entropy=None, entropy_coef=0.0, is_weights=None,
+    aggregation="token-mean", normalizer=None, cu_seqlens=None,
+):
+    """The spec. Same arguments as ``ops.policy_loss``; returns ``(loss, metrics dict)`` in
+    the inputs' dtype, differentiable w.r.t. ``logp`` and ``entropy``."""
+    clip_high = clip_low if clip_high is None else clip_high
+    n = logp.numel()
+    bounds = sequence_bounds(n, logp.shape, cu_seqlens)
+    lp = logp.reshape(-1)
+    old = old_logp.reshape(-1).to(lp.dtype)
+    adv = per_token(advantages, logp.shape, bounds).to(lp.dtype)
+    m = mask.reshape(-1).to(lp.dtype)
+    active = mask.reshape(-1) != 0
+    zero = torch.zeros_like(lp)
+
+    log_ratio = lp - old.detach()
+    if loss == "gspo":
+        seq_log_ratio = torch.cat([
+            (torch.where(active[s:e], log_ratio[s:e] * m[s:e], zero[s:e]).sum() / m[s:e].sum()).expand(e - s)
+            if m[s:e].sum() > 0 else zero[s:e]
+            for s, e in bounds
+        ]) if bounds else zero
+        log_ratio = seq_log_ratio.detach() + lp - lp.detach()
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+    clipped = lower = torch.zeros_like(active)
+    if loss in ("ppo", "gspo"):
+        bounded = ratio if delta is None else torch.minimum(ratio, torch.full_like(ratio, delta))
+        loss1 = -adv * bounded
+        loss2 = -adv * _clip(ratio, 1 - clip_low, 1 + clip_high)
+        clipped = loss2 > loss1
+        loss_tok = torch.maximum(loss1, loss2)
+        if dual_clip is not None:
+            loss3 = -adv * dual_clip
+            lower = (adv < 0) & (loss_tok > loss3)
+            loss_tok = torch.where(adv < 0, torch.minimum(loss_tok, loss3), loss_tok)
+    elif loss in ("cispo", "cispo-trl"):
+        if loss == "cispo":
+            weight = _clip(ratio, 1 - clip_low, 1 + clip_high)
+        else:
+            weight = torch.minimum(ratio, torch.full_like(ratio, clip_high))
+        clipped = weight != ratio
+        loss_tok = -weight.detach() * adv * lp
+    elif loss == "sapo":
+        tau = torch.where(adv > 0, SAPO_TAU_POS, SAPO_TAU_NEG).to(lp.dtype)
+        loss_tok = -adv * torch.sigmoid(tau * (ratio - 1)) * 4 / tau
+    else:
+        loss_tok = -adv * lp
+    if is_weights is not None:
+        loss_tok = loss_tok * per_token(is_weights, logp.shape, bounds).to(lp.dtype)
+    kl = None
+    if ref_logp is not None:
+        kl = kl_penalty_ref(lp, ref_logp.reshape(-1).to(lp.dtype).detach(), kl_estimator, kl_clamp)
+        loss_tok = loss_tok + kl_coef * kl
+    ent = None
+    if entropy is not None:
+        ent = entropy.reshape(-1).to(lp.dtype)
+        loss_tok = loss_tok - entropy_coef * ent
+    max_len = logp.shape[1] if (cu_seqlens is None and logp.dim() == 2) else None
+    total = aggregate_ref(loss_tok, m, bounds, aggregation, normalizer, max_len)
+
+    with torch.no_grad():
+        count = m[active].sum()
+
+        def mean(x):
+            return (x.to(lp.dtype) * m)[active].sum() / count if count > 0 else lp.new_zeros(())
+
+        r = ratio.detach()
+        metrics = {
+            "clipfrac": mean(clipped),
+            "clipfrac_lower": mean(lower),
+            "approx_kl": mean(0.5 * (lp - old) ** 2),
+            "ratio_mean": mean(r),
+            "ratio_min": r[active].min() if count > 0 else lp.new_zeros(()),
+            "ratio_max": r[active].max() if count > 0 else lp.new_zeros(()),
+        }
+        if kl is not None:
+            metrics["kl"] = mean(kl)
+        if ent is not None:
+            metrics["entropy"] = mean(ent)
+    return total, metrics
+
+
+def policy_loss_partials(
+    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, *, loss, clip_low, clip_high,
+    dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, seq_len,
+):
+    """Torch backend: flat ``[N]`` inputs (``advantages`` / ``is_weights`` ``[N]`` or ``[S]``)
+    -> ``(g [N] fp32, partials [S, len(PARTIALS)] fp32)`` with ``g = m dl/dlp``.
+
+    ``seq_len``: the padded length, 0 when packed (see ``Segments``).
+    """
+    n = logp.numel()
+    seg = Segments(cu_seqlens, n, seq_len)
+    f32 = torch.float32
+    lp, old = logp.to(f32), old_logp.to(f32)
+    m = mask.to(f32)
+    active = mask != 0
+    adv = advantages.to(f32) if advantages.numel() == n else seg.expand(advantages.to(f32))
+    log_ratio = lp - old
+    if loss == "gspo":
+        seq_sum = seg.sum(torch.where(active, log_ratio * m, 0.0))
+        seq_count = seg.sum(m)
+        seq_mean = torch.where(seq_count > 0, seq_sum / torch.where(seq_count > 0, seq_count, 1.0), 0.0)
+        ratio_arg = seg.expand(seq_mean)
+    else:
+        ratio_arg = log_ratio
+    ratio = torch.exp(ratio_arg.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    dratio = torch.where(ratio_arg.abs() <= LOG_RATIO_CLAMP, ratio, 0.0)
+
+    clipped = lower = None
+    if loss in ("ppo", "gspo"):
+        if delta is None:
+            bounded, dbounded = ratio, dratio
+        else:
+            bounded, dbounded = ratio.clamp(max=delta), torch.where(ratio <= delta, dratio, 0.0)
+        low, high = 1 - clip_low, 1 + clip_high
+        loss1, loss2 = -adv * bounded, -adv * ratio.clamp(low, high)
+        clipped = loss2 > loss1
+        loss_tok = torch.where(clipped, loss2, loss1)
+        grad = -adv * torch.where(clipped, torch.where((ratio >= low) & (ratio <= high), dratio, 0.0), dbounded)
+        if dual_clip is not None:
+            loss3 = -adv * dual_clip
+            lower = (adv < 0) & (loss_tok > loss3)
+            loss_tok = torch.where(lower, loss3, loss_tok)
+            grad = torch.where(lower, 0.0, grad)
+    elif loss in ("cispo", "cispo-trl"):
+        weight = ratio.clamp(1 - clip_low, 1 + clip_high) if loss == "cispo" else ratio.clamp(max=clip_high)
+        clipped = weight != ratio
+        loss_tok = -weight * adv * lp
+        grad = -weight * adv
+    elif loss == "sapo":
+        tau = torch.where(adv > 0, SAPO_TAU_POS, SAPO_TAU_NEG)
+        gate = torch.sigmoid(tau * (ratio - 1))
+        loss_tok = -adv * gate * (4 / tau)
+        grad = -adv * 4 * gate * (1 - gate) * dratio
+    else:
+        loss_tok, grad = -adv * lp, -adv
+    if is_weights is not None:
+        isw = is_weights.to(f32) if is_weights.numel() == n else seg.expand(is_weights.to(f32))
+        loss_tok, grad = loss_tok * isw, grad * isw
+    zeros = torch.zeros_like(m)
+    kl_sum = ent_sum = zeros
+    if ref_logp is not None:
+        kl, dkl = kl_estimate_and_grad(lp, ref_logp.to(f32), kl_estimator, kl_clamp)
+        loss_tok, grad = loss_tok + kl_coef * kl, grad + kl_coef * dkl
+        kl_sum = torch.where(active, kl * m, 0.0)
+    if entropy is not None:
+        ent = entropy.to(f32)
+        loss_tok = loss_tok - entropy_coef * ent
+        ent_sum = torch.where(active, ent * m, 0.0)
+
+    def masked(x):
+        return zeros if x is None else torch.where(active, x * m, 0.0)
+
+    g = masked(grad)
+    columns = [
+        masked(loss_tok), m, masked(clipped), masked(lower), masked(0.5 * log_ratio.square()), masked(ratio),
+    ]
+    partial_sums = [seg.sum(c) for c in columns]
+    ratio_min = seg.amin(torch.where(active, ratio, float("inf")))
+    ratio_max = seg.amax(torch.where(active, ratio, float("-inf")))
+    partial = torch.stack(partial_sums + [ratio_min, ratio_max, seg.sum(kl_sum), seg.sum(ent_sum)], 1)
+    return g, partial

@@ -1,0 +1,409 @@
+"""policy_loss: every backend against the float64 reference (loss, metrics, gradients) over
+every loss / aggregation / KL estimator and awkward layouts; hand-computed cases pinning
+the semantics; gradcheck of the reference; torch.compile; input validation."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_engine import ops
+from rlhf_engine.reference.aggregation import AGGREGATIONS
+from rlhf_engine.reference.policy_loss import LOSSES, policy_loss_ref
+from tolerance import assert_within_tolerance
+
+# Options that switch on every term of the per-token loss, per loss.
+LOSS_OPTIONS = {
+    "ppo": dict(clip_high=0.28, dual_clip=3.0, delta=1.5),
+    "gspo": dict(clip_low=0.02, clip_high=0.03, dual_clip=1.01),
+    "cispo": dict(clip_high=0.28),
+    "cispo-trl": dict(clip_high=1.3),
+    "sapo": {},
+    "reinforce": {},
+}
+
+
+def make_batch(device, *, shape=None, lengths=None, per_seq=False, float_mask=False, all_masked_row=None):
+    """Random inputs, padded ``[B, T]`` (``shape``) or packed (``lengths``)."""
+    if lengths is not None:
+        n = sum(lengths)
+        cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
+        token_shape, num_seqs = (n,), len(lengths)
+    else:
+        cu, token_shape, num_seqs = None, shape, shape[0]
+    lp = -torch.rand(token_shape, device=device) * 2 - 0.1
+    batch = dict(
+        logp=lp,
+        old_logp=lp + torch.randn(token_shape, device=device) * 0.3,  # ratios on both sides of the clip range
+        advantages=torch.randn(num_seqs if per_seq else token_shape, device=device),
+        mask=torch.rand(token_shape, device=device) > 0.25,
+        ref_logp=lp + torch.randn(token_shape, device=device) * 0.2,
+        entropy=torch.rand(token_shape, device=device) * 2,
+        is_weights=torch.rand(num_seqs if per_seq else token_shape, device=device) + 0.5,
+        cu_seqlens=cu,
+    )
+    if float_mask:
+        batch["mask"] = batch["mask"] * torch.rand(token_shape, device=device)
+    if all_masked_row is not None:
+        batch["mask"][all_masked_row] = 0
+    return batch
+
+
+def _cast(v, dtype):
+    """A fresh copy of a float tensor in ``dtype``; masks, indices and None unchanged."""
+    return v.detach().to(dtype).clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def run_ours(batch, dtype, backend, **kw):
+    args = {k: (_cast(v, dtype) if k != "mask" else v) for k, v in batch.items()}
+    lp, ent = args["logp"].requires_grad_(), args["entropy"].requires_grad_()
+    loss, metrics = ops.policy_loss(**args, **kw, backend=backend)
+    loss.backward()
+    return loss, metrics, lp.grad, ent.grad
+
+
+def run_ref(batch, dtype, **kw):
+    """The reference on the inputs rounded to ``dtype``, evaluated in ``compute`` dtype."""
+    out = {}
+    for name, compute in (("ref64", torch.float64), ("baseline", dtype)):
+        args = {k: (_cast(_cast(v, dtype), compute) if k != "mask" else v) for k, v in batch.items()}
+        args["logp"] = args["logp"].requires_grad_()
+        args["entropy"] = args["entropy"].requires_grad_()
+        loss, metrics = policy_loss_ref(**args, **kw)
+        loss.backward()
+        out[name] = (loss, metrics, args["logp"].grad, args["entropy"].grad)
+    return out
+
+
+def assert_matches(backend, batch, dtype=torch.float32, **kw):
+    loss, metrics, dlp, dent = run_ours(batch, dtype, backend, **kw)
+    ref = run_ref(batch, dtype, **kw)
+    (r_loss, r_metrics, r_dlp, r_dent), (b_loss, b_metrics, b_dlp, b_dent) = ref["ref64"], ref["baseline"]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert set(metrics) == set(r_metrics)
+    assert_within_tolerance(loss, r_loss, b_loss, dtype, "loss")
+    for name in metrics:
+        assert metrics[name].dtype == torch.float32 and metrics[name].dim() == 0
+        assert_within_tolerance(metrics[name], r_metrics[name], b_metrics[name], dtype, name)
+    assert dlp.dtype == dtype and dent.dtype == dtype
+    assert_within_tolerance(dlp, r_dlp, b_dlp, dtype, "d/d logp")
+    assert_within_tolerance(dent, r_dent, b_dent, dtype, "d/d entropy")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_losses_match_reference(backend, device, loss, dtype):
+    # T = 37 is off every block size; row 1 fully masked; every term (KL, entropy, IS) on.
+    batch = make_batch(device, shape=(3, 37), all_masked_row=1)
+    assert_matches(backend, batch, dtype, loss=loss, kl_coef=0.1, entropy_coef=0.01, **LOSS_OPTIONS[loss])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_aggregations_match_reference(backend, device, aggregation, packed):
+    # Per-sequence advantages / IS weights; packed has an empty sequence and float mask
+    # weights; padded has a fully masked row (both must contribute nothing).
+    if packed:
+        batch = make_batch(device, lengths=[5, 0, 23, 9], per_seq=True, float_mask=True)
+    else:
+        batch = make_batch(device, shape=(4, 19), per_seq=True, all_masked_row=2)
+    assert_matches(backend, batch, loss="ppo", entropy_coef=0.02, kl_coef=0.05, aggregation=aggregation)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(shape=(1, 1)),  # B = 1, T = 1: one program, one token
+        dict(shape=(5, 1)),  # T = 1 with B > 1 (N == S: per-token and per-sequence coincide)
+        dict(shape=(2, 1100)),  # rows longer than the 1024-token block: the per-sequence loop runs twice
+        dict(lengths=[0, 3, 70, 1]),  # packed: empty first sequence; one 5x longer than the average block
+        dict(lengths=[4, 4, 4]),  # packed with every sequence the same length (no empty one)
+    ],
+    ids=["B1T1", "T1", "T1100", "packed-empty-long", "packed-even"],
+)
+@pytest.mark.parametrize("loss", ["ppo", "gspo"])
+def test_awkward_layouts_match_reference(backend, device, layout, loss):
+    batch = make_batch(device, **layout)
+    assert_matches(backend, batch, loss=loss, kl_coef=0.1, entropy_coef=0.01, aggregation="seq-mean-token-mean")
+
+
+@pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3", "k1+", "k3+"])
+@pytest.mark.parametrize("kl_clamp", [False, True])
+def test_kl_estimators_in_the_loss(backend, device, estimator, kl_clamp):
+    batch = make_batch(device, shape=(2, 21))
+    batch["ref_logp"][0, :5] -= 25.0  # verl's clamps active on a few tokens
+    assert_matches(backend, batch, loss="ppo", kl_coef=0.3, kl_estimator=estimator, kl_clamp=kl_clamp)
+
+
+def test_all_masked_batch_gives_zero_loss_and_finite_metrics(backend, device):
+    batch = make_batch(device, shape=(3, 8))
+    batch["mask"][:] = False
+    for aggregation in AGGREGATIONS:
+        loss, metrics, dlp, dent = run_ours(batch, torch.float32, backend, loss="gspo", aggregation=aggregation, entropy_coef=0.1)
+        assert loss.item() == 0.0, aggregation
+        assert all(torch.isfinite(v) and v.item() == 0.0 for v in metrics.values()), metrics
+        assert not dlp.any() and not dent.any()
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_masked_sequence_contributes_nothing(backend, device, aggregation):
+    # Appending a fully masked sequence (packed) changes neither the loss nor the gradients
+    # of the other tokens; its own tokens get zero gradient.
+    batch = make_batch(device, lengths=[6, 9], per_seq=True)
+    longer = {k: v for k, v in make_batch(device, lengths=[6, 9, 7], per_seq=True).items()}
+    for name in ("logp", "old_logp", "mask", "ref_logp", "entropy"):
+        longer[name] = torch.cat([batch[name], longer[name][15:]])
+    for name in ("advantages", "is_weights"):
+        longer[name] = torch.cat([batch[name], longer[name][2:]])
+    longer["mask"][15:] = False
+    kw = dict(loss="ppo", aggregation=aggregation, kl_coef=0.1, entropy_coef=0.01)
+    if aggregation == "seq-mean-token-sum-norm":
+        kw["normalizer"] = 20.0  # S * L_max depends on the batch by definition
+    loss, _, dlp, _ = run_ours(batch, torch.float32, backend, **kw)
+    loss2, _, dlp2, _ = run_ours(longer, torch.float32, backend, **kw)
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(dlp2[:15], dlp)
+    assert not dlp2[15:].any()
+
+
+def _one_seq(device, lp, old, adv, mask=None):
+    lp = torch.tensor([lp], device=device, dtype=torch.float32).requires_grad_()
+    old = torch.tensor([old], device=device, dtype=torch.float32)
+    adv = torch.tensor([adv], device=device, dtype=torch.float32)
+    mask = torch.ones_like(old, dtype=torch.bool) if mask is None else torch.tensor([mask], device=device)
+    return lp, old, adv, mask
+
+
+def test_hand_clipped_token(backend, device):
+    # token 0: r = 1.5, A = 1: L1 = -1.5 < L2 = -1.2 -> clipped, loss -1.2, zero gradient.
+    # token 1: r = 1, A = 1: loss -1, gradient -A r = -1; token-mean over 2 tokens.
+    lp, old, adv, mask = _one_seq(device, [math.log(1.5), 0.0], [0.0, 0.0], [1.0, 1.0])
+    loss, m = ops.policy_loss(lp, old, adv, mask, clip_low=0.2, backend=backend)
+    loss.backward()
+    assert loss.item() == pytest.approx((-1.2 - 1.0) / 2, abs=1e-6)
+    assert lp.grad[0].tolist() == pytest.approx([0.0, -0.5], abs=1e-6)
+    assert m["clipfrac"].item() == pytest.approx(0.5) and m["clipfrac_lower"].item() == 0.0
+    assert m["ratio_max"].item() == pytest.approx(1.5) and m["ratio_min"].item() == pytest.approx(1.0)
+    assert m["approx_kl"].item() == pytest.approx(0.25 * math.log(1.5) ** 2, rel=1e-5)
+
+
+def test_hand_dual_clipped_token(backend, device):
+    # r = e^2, A = -1: L1 = e^2 > L2 = 1.2, so l = e^2; dual clip c = 3: min(e^2, 3) = 3,
+    # counted in clipfrac_lower (not clipfrac), zero gradient. Without the dual clip the
+    # gradient is -A r = e^2.
+    lp, old, adv, mask = _one_seq(device, [2.0], [0.0], [-1.0])
+    loss, m = ops.policy_loss(lp, old, adv, mask, dual_clip=3.0, backend=backend)
+    loss.backward()
+    assert loss.item() == pytest.approx(3.0)
+    assert lp.grad.item() == 0.0
+    assert m["clipfrac_lower"].item() == 1.0 and m["clipfrac"].item() == 0.0
+    lp.grad = None
+    loss, _ = ops.policy_loss(lp, old, adv, mask, backend=backend)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.exp(2), rel=1e-6)
+    assert lp.grad.item() == pytest.approx(math.exp(2), rel=1e-6)
+
+
+def test_hand_delta_bound(backend, device):
+    # INTELLECT-2: r = 3, A = 1, delta = 2: L1 = -min(r, 2) = -2 < L2 = -1.2 -> loss -1.2;
+    # with A = -1: L1 = min(r, 2) = 2 > L2 = -1.2 -> loss 2, gradient 0 (bound active).
+    lp, old, adv, mask = _one_seq(device, [math.log(3.0)], [0.0], [-1.0])
+    loss, _ = ops.policy_loss(lp, old, adv, mask, delta=2.0, backend=backend)
+    loss.backward()
+    assert loss.item() == pytest.approx(2.0) and lp.grad.item() == 0.0
+
+
+def test_hand_gspo_sequence_ratio(backend, device):
+    # delta = [0.1, 0.3, masked 5.0]: s = exp(mean(0.1, 0.3)) = exp(0.2) for every token.
+    # A = 1, wide clip: l_t = -s; token-mean -> -s; d/dlp_t = -s / 2 on valid tokens.
+    lp, old, adv, mask = _one_seq(device, [0.1, 0.3, 5.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [True, True, False])
+    loss, m = ops.policy_loss(lp, old, adv, mask, loss="gspo", clip_low=0.5, backend=backend)
+    loss.backward()
+    s = math.exp(0.2)
+    assert loss.item() == pytest.approx(-s, rel=1e-6)
+    assert m["ratio_mean"].item() == pytest.approx(s, rel=1e-6) == m["ratio_max"].item()
+    assert lp.grad[0].tolist() == pytest.approx([-s / 2, -s / 2, 0.0], rel=1e-6)
+    # a clip range below s clips every token of the sequence at once
+    loss, m = ops.policy_loss(lp, old, adv, mask, loss="gspo", clip_low=0.1, backend=backend)
+    assert loss.item() == pytest.approx(-1.1, rel=1e-6) and m["clipfrac"].item() == 1.0
+
+
+@pytest.mark.parametrize(
+    "loss, clip_high, weight, clipfrac",
+    [
+        ("cispo", 0.28, 1.28, 1.0),  # verl: w = clip(r, 1 - 0.2, 1 + 0.28) = 1.28
+        ("cispo-trl", 5.0, 2.0, 0.0),  # TRL: w = min(r, 5) = 2 (raw bound, not 1 + eps)
+        ("cispo-trl", 1.5, 1.5, 1.0),
+    ],
+)
+def test_hand_cispo_modes(backend, device, loss, clip_high, weight, clipfrac):
+    # r = 2, A = 1, lp = -1 + log 2: l = -sg(w) A lp, d l / d lp = -w (w is a constant).
+    lp0 = -1.0 + math.log(2.0)
+    lp, old, adv, mask = _one_seq(device, [lp0], [-1.0], [1.0])
+    out, m = ops.policy_loss(lp, old, adv, mask, loss=loss, clip_high=clip_high, backend=backend)
+    out.backward()
+    assert out.item() == pytest.approx(-weight * lp0, rel=1e-6)
+    assert lp.grad.item() == pytest.approx(-weight, rel=1e-6)
+    assert m["clipfrac"].item() == clipfrac
+
+
+def test_hand_sapo_and_reinforce(backend, device):
+    # SAPO at r = 1: sigmoid(0) = 1/2, l = -A * 2 (tau = 1 for A > 0), dl/dlp = -A * 4 * 1/4.
+    lp, old, adv, mask = _one_seq(device, [-0.5], [-0.5], [2.0])
+    out, _ = ops.policy_loss(lp, old, adv, mask, loss="sapo", backend=backend)
+    out.backward()
+    assert out.item() == pytest.approx(-4.0) and lp.grad.item() == pytest.approx(-2.0)
+    # A < 0 uses tau = 1.05: l = -A * 0.5 * 4 / 1.05, same gradient -A.
+    out, _ = ops.policy_loss(lp, old, -adv, mask, loss="sapo", backend=backend)
+    assert out.item() == pytest.approx(4.0 / 1.05, rel=1e-6)
+    # REINFORCE with an IS weight of 0.5: l = -0.5 A lp.
+    lp.grad = None
+    out, _ = ops.policy_loss(lp, old, adv, mask, loss="reinforce", is_weights=torch.tensor([0.5], device=device), backend=backend)
+    out.backward()
+    assert out.item() == pytest.approx(0.5) and lp.grad.item() == pytest.approx(-1.0)
+
+
+def test_normalizer_replaces_the_denominator(backend, device):
+    batch = make_batch(device, shape=(3, 10), per_seq=True, all_masked_row=0)
+    kw = dict(loss="ppo", backend=backend)
+    base = {k: v for k, v in batch.items() if k in ("logp", "old_logp", "advantages", "mask")}
+    tokens = batch["mask"].sum()
+    token_sum, _ = ops.policy_loss(**base, aggregation="token-sum", **kw)
+    for normalizer in (40.0, torch.tensor(40.0, device=device)):
+        loss, _ = ops.policy_loss(**base, aggregation="token-mean", normalizer=normalizer, **kw)
+        torch.testing.assert_close(loss, token_sum / 40)
+    local, _ = ops.policy_loss(**base, aggregation="token-mean", **kw)
+    torch.testing.assert_close(local, token_sum / tokens)
+    # seq-mean-token-mean: by default the empty row is not counted (2 sequences); TRL's
+    # grpo divides by B = 3, which normalizer=3 gives.
+    verl, _ = ops.policy_loss(**base, aggregation="seq-mean-token-mean", **kw)
+    trl, _ = ops.policy_loss(**base, aggregation="seq-mean-token-mean", normalizer=3, **kw)
+    torch.testing.assert_close(trl, verl * 2 / 3)
+
+
+def test_constants_get_no_gradient(backend, device):
+    batch = make_batch(device, shape=(2, 5))
+    old = batch["old_logp"].requires_grad_()
+    adv = batch["advantages"].requires_grad_()
+    lp = batch["logp"].requires_grad_()
+    loss, metrics = ops.policy_loss(lp, old, adv, batch["mask"], ref_logp=batch["ref_logp"], kl_coef=0.1, backend=backend)
+    loss.backward()
+    assert lp.grad is not None and old.grad is None and adv.grad is None
+    assert not metrics["clipfrac"].requires_grad
+
+
+@pytest.mark.parametrize("loss", ["ppo", "sapo", "reinforce"])
+def test_reference_gradcheck(loss):
+    lp = (-torch.rand(2, 5, dtype=torch.float64) - 0.1).requires_grad_()
+    ent = torch.rand(2, 5, dtype=torch.float64, requires_grad=True)
+    old = lp.detach() + torch.randn(2, 5, dtype=torch.float64) * 0.3
+    adv = torch.randn(2, 5, dtype=torch.float64)
+    ref = lp.detach() + 0.1
+    mask = torch.rand(2, 5) > 0.3
+
+    def f(a, h):
+        return policy_loss_ref(a, old, adv, mask, loss=loss, ref_logp=ref, kl_coef=0.1, entropy=h, entropy_coef=0.1,
+                               dual_clip=3.0, aggregation="seq-mean-token-mean")[0]
+
+    assert torch.autograd.gradcheck(f, (lp, ent))
+
+
+def test_reference_gradcheck_gspo_equals_the_sequence_objective():
+    # With per-sequence advantages, no clipping and seq-mean-token-mean, the sg trick's
+    # gradient is the gradient of the sequence-level objective -A s_b (GSPO paper).
+    lp = (-torch.rand(2, 4, dtype=torch.float64) - 0.1).requires_grad_()
+    old = lp.detach() + torch.randn(2, 4, dtype=torch.float64) * 0.1
+    adv = torch.randn(2, dtype=torch.float64)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+
+    def f(a):
+        return policy_loss_ref(a, old, adv, mask, loss="gspo", clip_low=10.0, aggregation="seq-mean-token-mean")[0]
+
+    assert torch.autograd.gradcheck(f, (lp,))
+
+
+def test_compile_fullgraph(backend, device):
+    batch = make_batch(device, shape=(3, 12), per_seq=True)
+    lp = batch["logp"].requires_grad_()
+
+    def f(a):
+        loss, metrics = ops.policy_loss(a, batch["old_logp"], batch["advantages"], batch["mask"], loss="ppo",
+                                        ref_logp=batch["ref_logp"], kl_coef=0.1, dual_clip=3.0, backend=backend)
+        return loss, metrics["clipfrac"]
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss, clipfrac = compiled(lp)
+    loss.backward()
+    grad = lp.grad.clone()
+    lp.grad = None
+    eager_loss, eager_clipfrac = f(lp)
+    eager_loss.backward()
+    torch.testing.assert_close(loss, eager_loss)
+    torch.testing.assert_close(clipfrac, eager_clipfrac)
+    torch.testing.assert_close(grad, lp.grad)
+
+
+def test_bad_inputs_name_the_argument(device):
+    b = make_batch(device, shape=(2, 5))
+    lp, old, adv, mask = b["logp"], b["old_logp"], b["advantages"], b["mask"]
+    cases = [
+        (ValueError, "old_logp must have the shape of logp", dict(old_logp=old[:, :4])),
+        (ValueError, "mask must have the shape of logp", dict(mask=mask[:1])),
+        (TypeError, "logp must have dtype", dict(logp=lp.long())),
+        (TypeError, "mask must have dtype", dict(mask=mask.to(torch.complex64))),
+        (ValueError, "advantages must have the shape of the tokens", dict(advantages=adv[:, :3])),
+        (ValueError, "is_weights must have the shape of the tokens", dict(is_weights=torch.ones(3, device=device))),
+        (ValueError, "loss must be one of", dict(loss="trpo")),
+        (ValueError, "aggregation must be one of", dict(aggregation="mean")),
+        (ValueError, "kl_estimator must be one of", dict(kl_estimator="k4", ref_logp=lp)),
+        (ValueError, "old_logp is on meta", dict(old_logp=torch.empty(2, 5, device="meta"))),
+        (ValueError, "logp must be \\[B, T\\]", dict(logp=lp.reshape(-1), old_logp=old.reshape(-1), mask=mask.reshape(-1))),
+        (ValueError, "cispo-trl' needs clip_high", dict(loss="cispo-trl")),
+        (ValueError, "dual_clip must be > 1", dict(dual_clip=0.5)),
+        (ValueError, "clip_low must be >= 0", dict(clip_low=-0.1)),
+        (TypeError, "kl_coef must be a number", dict(kl_coef="0.1")),
+        (ValueError, "normalizer must be > 0", dict(normalizer=0)),
+        (ValueError, "normalizer must hold one value", dict(normalizer=torch.ones(2, device=device))),
+        (ValueError, "backend must be one of", dict(backend="cuda-magic")),
+    ]
+    for error, message, override in cases:
+        args = {**dict(logp=lp, old_logp=old, advantages=adv, mask=mask), **override}
+        with pytest.raises(error, match=message):
+            ops.policy_loss(**args)
+    flat = dict(logp=lp.reshape(-1), old_logp=old.reshape(-1), advantages=adv.reshape(-1), mask=mask.reshape(-1))
+    for cu, message in (
+        (torch.tensor([0, 6, 4, 10], dtype=torch.int32), "cu_seqlens must rise from 0"),
+        (torch.tensor([0, 6, 9], dtype=torch.int32), "cu_seqlens must rise from 0"),
+        (torch.tensor([0, 10.0]), "cu_seqlens must have dtype"),
+        (torch.tensor([[0, 10]]), "cu_seqlens must be 1-D"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=message):
+            ops.policy_loss(**flat, cu_seqlens=cu.to(device))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_forward_backward():
+    # Capturable only if nothing on the op path syncs with the host.
+    device = torch.device("cuda")
+    batch = make_batch(device, lengths=[100, 0, 300, 57], per_seq=True)
+    lp = batch["logp"].requires_grad_()
+    kw = dict(cu_seqlens=batch["cu_seqlens"], loss="gspo", ref_logp=batch["ref_logp"], kl_coef=0.1,
+              aggregation="seq-mean-token-mean", normalizer=torch.tensor(4.0, device=device), backend="triton")
+    args = (lp, batch["old_logp"], batch["advantages"], batch["mask"])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles the kernels) outside the capture
+        loss, _ = ops.policy_loss(*args, **kw)
+        loss.backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    lp.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, metrics = ops.policy_loss(*args, **kw)
+        loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    expected, _ = policy_loss_ref(*(a.detach().double() if a.is_floating_point() else a for a in args),
+                                  **{k: v for k, v in kw.items() if k != "backend"})
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert torch.isfinite(lp.grad).all() and torch.isfinite(metrics["ratio_mean"])
