@@ -1,0 +1,109 @@
+"""``value_loss``: fused clipped value (critic) loss with aggregation and metrics."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from rlhf_engine import _checks
+from rlhf_engine._backend import lazy, resolve_backend
+from rlhf_engine.ops._seq_loss import flat, normalizer_args, seq_loss_bwd, token_layout
+from rlhf_engine.reference.aggregation import AGGREGATIONS, aggregate_partials
+from rlhf_engine.reference.value_loss import METRICS, PARTIALS, value_loss_partials
+
+OP = "value_loss"
+
+_FWD = {"torch": value_loss_partials, "triton": lazy("rlhf_engine.kernels.value_loss", "value_loss_fwd")}
+_METRIC_COLUMNS = [PARTIALS.index(column) for column in ("clipped", "values")]  # METRICS order
+
+
+@torch.library.custom_op("rlhf_engine::value_loss_fwd", mutates_args=())
+def _value_loss_fwd(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    cu_seqlens: torch.Tensor, normalizer: Optional[torch.Tensor], clip: Optional[float], aggregation: str,
+    normalizer_const: float, seq_len: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ``(loss 0-d, metrics [len(METRICS)], g [N], w [S])``, all fp32."""
+    g, partials = _FWD[backend](values, old_values, returns, mask, cu_seqlens, clip=clip, seq_len=seq_len)
+    loss_sums, counts = partials[:, PARTIALS.index("loss")], partials[:, PARTIALS.index("count")]
+    total, w = aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
+    totals = partials.sum(0)
+    count = totals[PARTIALS.index("count")]
+    # stack of scalar selects, not totals[list]: list indexing copies an index from the host
+    sums = torch.stack([totals[column] for column in _METRIC_COLUMNS])
+    metrics = torch.where(count > 0, sums / torch.where(count > 0, count, 1.0), 0.0)
+    return total, metrics, g, w
+
+
+@_value_loss_fwd.register_fake
+def _(values, old_values, returns, mask, cu_seqlens, *args):
+    f32 = torch.float32
+    return (
+        values.new_empty((), dtype=f32), values.new_empty(len(METRICS), dtype=f32),
+        values.new_empty(values.shape, dtype=f32), values.new_empty(cu_seqlens.shape[0] - 1, dtype=f32),
+    )
+
+
+_NUM_INPUTS = 11
+
+
+def _setup_context(ctx, inputs, output):
+    _, metrics, g, w = output
+    ctx.mark_non_differentiable(metrics, g, w)
+    ctx.save_for_backward(g, w, inputs[4])
+    ctx.dtype, ctx.seq_len, ctx.backend = inputs[0].dtype, inputs[9], inputs[10]
+
+
+def _backward(ctx, grad_loss, *unused):
+    g, w, cu_seqlens = ctx.saved_tensors
+    grads = [None] * _NUM_INPUTS
+    if ctx.needs_input_grad[0]:
+        grads[0] = seq_loss_bwd(grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtype, ctx.backend)
+    return tuple(grads)
+
+
+_value_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
+    clip: float | None = 0.2, aggregation: str = "token-mean", normalizer=None, cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss (PPO), fused: per-token loss, aggregation and metrics in one kernel.
+
+    ``l_t = 1/2 max((V - R)^2, (clip(V, V_old - clip, V_old + clip) - R)^2)``; ``clip=None``
+    drops the clipped term. Aggregation, ``normalizer`` and the treatment of masked
+    sequences are those of :func:`policy_loss` (``reference/aggregation.py``).
+
+    Args:
+        values: ``[B, T]`` (padded) or ``[N]`` with ``cu_seqlens`` (packed), any float
+            dtype: the critic's values. The only input that receives a gradient.
+        old_values, returns: same shape, any float dtype: values at rollout time and the
+            returns (e.g. ``A + V_old`` from GAE); constants.
+        mask: same shape, bool or float weights.
+        cu_seqlens: int32/int64 ``[S+1]`` sequence boundaries of a packed batch.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` 0-d fp32; ``metrics`` a dict of 0-d fp32 tensors
+        (no host sync): ``clipfrac`` (fraction of valid tokens where the clipped term is
+        larger) and ``values_mean`` (masked mean of ``V``); 0 when every token is masked.
+    """
+    _checks.check_tensor(OP, "values", values)
+    layout = token_layout(OP, "values", values, cu_seqlens)
+    _checks.check_tensor(OP, "old_values", old_values)
+    _checks.check_tensor(OP, "returns", returns)
+    _checks.check_tensor(OP, "mask", mask, _checks.MASK_DTYPES)
+    _checks.check_same_shape(OP, "values", values, old_values=old_values, returns=returns, mask=mask)
+    _checks.check_same_device(OP, "values", values, old_values=old_values, returns=returns, mask=mask)
+    if clip is not None:
+        clip = _checks.check_number(OP, "clip", clip, nonnegative=True)
+    _checks.check_choice(OP, "aggregation", aggregation, AGGREGATIONS)
+    norm_tensor, norm_const = normalizer_args(OP, normalizer, values.device)
+    chosen = resolve_backend(OP, backend, values.device)
+    total, metrics, _, _ = _value_loss_fwd(
+        flat(values), flat(old_values), flat(returns), flat(mask), layout.cu_seqlens, norm_tensor, clip, aggregation,
+        norm_const, layout.seq_len, chosen,
+    )
+    return total, dict(zip(METRICS, metrics.unbind(0)))
