@@ -35,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
+_LOG2E_HOST = math.log2(math.e)
+_LOG2E = tl.constexpr(_LOG2E_HOST)
+_LN2 = tl.constexpr(math.log(2.0))
 
 # Largest vocabulary tile. 4096 elements over 8 warps is 16 elements per thread: wide
 # enough vector loads to stream at bandwidth, few enough registers for several resident
@@ -73,7 +74,6 @@ def _token_logprobs_fwd_kernel(
     WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    LN2: tl.constexpr = 0.6931471805599453
     row = tl.program_id(0).to(tl.int64)
     x_ptr = _row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner)
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -105,14 +105,14 @@ def _token_logprobs_fwd_kernel(
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
 
-    lse = (m + tl.log2(s)) * LN2
+    lse = (m + tl.log2(s)) * _LN2
     # NaN marks an out-of-range label; it flows into logp, entropy and the gradient row.
     lse = tl.where(out_of_range, float("nan"), lse)
     z_label = tl.load(x_ptr + label, mask=(read_cols > 0), other=0.0).to(tl.float32) * inv_t
     tl.store(logp_ptr + row, tl.where(ignored, 0.0, z_label - lse))
     tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
     if WITH_ENTROPY:
-        entropy = (tl.log2(s) - t / s) * LN2
+        entropy = (tl.log2(s) - t / s) * _LN2
         entropy = tl.where(out_of_range, float("nan"), entropy)
         tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))
 
@@ -141,8 +141,6 @@ def _token_logprobs_bwd_kernel(
     WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    LN2: tl.constexpr = 0.6931471805599453
-    LOG2E: tl.constexpr = 1.4426950408889634
     row = tl.program_id(0).to(tl.int64)
     x_ptr = _row_pointer(logits_ptr, row, rows_inner, stride_outer, stride_inner)
     dx_ptr = _row_pointer(dlogits_ptr, row, d_rows_inner, d_stride_outer, d_stride_inner)
@@ -150,7 +148,7 @@ def _token_logprobs_bwd_kernel(
     ignored = label == ignore_index
     # Ignored rows read nothing: u = -inf gives p = 0 and, with c = c_h = 0, a zero row.
     read_cols = tl.where(ignored, 0, V)
-    lse2 = tl.load(lse_ptr + row) * LOG2E
+    lse2 = tl.load(lse_ptr + row) * _LOG2E
     # d logp / d z = onehot - p, and d z / d logits = 1 / temperature.
     c = tl.where(ignored, 0.0, -tl.load(grad_logp_ptr + row * grad_logp_stride) * inv_t)
     if WITH_ENTROPY:
@@ -166,7 +164,7 @@ def _token_logprobs_bwd_kernel(
         g = p * c - tl.where(cols == label, c, 0.0)
         if WITH_ENTROPY:
             # dH/dz = -p * (z - E_p[z]) and z - E_p[z] = log p + H; p == 0 terms are 0.
-            g += tl.where(p > 0, p * (log2p * LN2 + h), 0.0) * c_h
+            g += tl.where(p > 0, p * (log2p * _LN2 + h), 0.0) * c_h
         tl.store(dx_ptr + cols, g.to(dlogits_ptr.dtype.element_ty), mask=cols < V)
 
 
@@ -196,7 +194,7 @@ def token_logprobs_fwd(
     _token_logprobs_fwd_kernel[(n,)](
         logits, labels, logp, entropy, lse,
         d1, logits.stride(0), logits.stride(1), vocab,
-        _LOG2E / temperature, 1.0 / temperature, ignore_index,
+        _LOG2E_HOST / temperature, 1.0 / temperature, ignore_index,
         WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip
     return logp, entropy, lse
@@ -233,6 +231,6 @@ def token_logprobs_bwd(
         d1, logits.stride(0), logits.stride(1),
         dlogits.shape[1], dlogits.stride(0), dlogits.stride(1),
         grad_logp.stride(0), grad_entropy.stride(0), vocab,
-        _LOG2E / temperature, 1.0 / temperature, ignore_index,
+        _LOG2E_HOST / temperature, 1.0 / temperature, ignore_index,
         WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip

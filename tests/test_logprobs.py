@@ -130,6 +130,25 @@ def test_matches_reference(backend, device, case, dtype, with_entropy):
     assert (grad[ignored] == 0).all()
 
 
+@pytest.mark.parametrize("rows_per_chunk", [2, 7, 12])
+def test_torch_backend_chunk_boundaries(device, monkeypatch, rows_per_chunk):
+    # The torch backend walks rows in chunks: within one d1 run (2 rows: chunks of 2, 2, 1
+    # per run of 5), or whole runs (7 rows: one run; 12 rows: two runs, then one).
+    from rlhf_engine.reference import logprobs as reference
+
+    vocab = 21
+    monkeypatch.setitem(reference.CHUNK_BYTES, device.type, rows_per_chunk * 4 * vocab)
+    logits = _logits((3, 5), vocab, torch.float32, device, "shifted")
+    labels = _labels((3, 5), vocab, device)
+    grads = [torch.randn(3, 5, dtype=torch.float64, device=device) for _ in range(2)]
+    for inplace in (False, True):
+        outs, grad = _forward_backward(_ours("torch", inplace), logits, labels, grads, 1.0, True)
+        ref_outs, ref_grad = _forward_backward(_ref, logits.double(), labels, grads, 1.0, True)
+        for out, ref in zip(outs, ref_outs):
+            assert torch.allclose(out.double(), ref, atol=1e-5)
+        assert torch.allclose(grad.double(), ref_grad, atol=1e-5)
+
+
 def test_reference_gradcheck():
     logits = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 6, (3, 4))
@@ -269,6 +288,13 @@ def test_custom_op_registration():
     torch.library.opcheck(
         torch.ops.rlhf_engine.token_logprobs_fwd.default, (logits, labels, 0.7, -100, True, False, "torch")
     )
+    logp, entropy, lse = torch.ops.rlhf_engine.token_logprobs_fwd(logits.detach(), labels, 0.7, -100, True, False, "torch")
+    grad = torch.randn(3)
+    dlogits = torch.empty(3, 11)
+    torch.library.opcheck(
+        torch.ops.rlhf_engine.token_logprobs_bwd.default,
+        (grad, grad, logits.detach(), labels, lse, entropy, dlogits, 0.7, -100, "torch"),
+    )
 
 
 @pytest.mark.parametrize("launcher", ["torch", "triton"])
@@ -377,6 +403,6 @@ def test_no_fp32_copy_of_logits_on_gpu(backend_name, inplace):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
     gradient = 0 if inplace else n * vocab * 2
-    chunk = 4 * CHUNK_BYTES if backend_name == "torch" else 0
+    chunk = 4 * CHUNK_BYTES["cuda"] if backend_name == "torch" else 0
     assert peak <= gradient + chunk + (16 << 20), f"peak {peak / 2**20:.0f} MiB"
     assert peak < n * vocab * 4

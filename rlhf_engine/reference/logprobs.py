@@ -16,10 +16,11 @@ from typing import Iterator
 
 import torch
 
-# fp32 bytes one chunk of rows may occupy (each chunk holds two [rows, V] fp32 temporaries).
-# Small enough that a chunk's temporaries are reused from the allocator instead of being
-# freshly mapped (page faults dominate large fresh buffers on the CPU).
-CHUNK_BYTES = 16 << 20
+# Bytes of one fp32 [rows, V] temporary (a chunk holds two). On the CPU, small chunks stay
+# in cache and malloc reuses them (fresh large buffers cost page faults: 16-64 MiB chunks
+# measured 2-4x slower than 1-4 MiB). On CUDA, large chunks amortize kernel launches and
+# the caching allocator reuses them anyway.
+CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 64 << 20}
 
 # Where a probability is exactly 0 (a -inf logit), log p is -inf and p * log p must be 0,
 # not NaN. Clamping log p at this bound keeps the product 0 and exp() of it is still 0.
@@ -53,14 +54,14 @@ def token_logprobs_ref(
     return logp, torch.where(ignored, torch.zeros_like(entropy), entropy)
 
 
-def _row_chunks(d0: int, d1: int, vocab: int) -> Iterator[tuple[slice, slice, slice]]:
+def _row_chunks(d0: int, d1: int, vocab: int, device: torch.device) -> Iterator[tuple[slice, slice, slice]]:
     """Split rows of a ``[d0, d1, V]`` view into chunks of about ``CHUNK_BYTES`` of fp32.
 
     Yields ``(outer, inner, flat)``: the chunk is ``view[outer, inner]`` and its rows are
     ``flat`` in the flattened row order. A chunk is part of one ``d1`` run or whole ``d1``
     runs, so its flat rows are always one contiguous range.
     """
-    rows = max(1, CHUNK_BYTES // (4 * vocab))
+    rows = max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // (4 * vocab))
     if d1 >= rows:
         for a in range(d0):
             for c in range(0, d1, rows):
@@ -108,9 +109,9 @@ def token_logprobs_fwd_torch(
     logp = torch.empty(n, **f32)
     entropy = torch.empty(n if with_entropy else 0, **f32)
     lse = torch.empty(n, **f32)
-    nan = torch.tensor(float("nan"), **f32)
+    nan = torch.full((), float("nan"), **f32)  # a fill, not a host copy: CUDA-graph safe
     zero = torch.zeros((), **f32)
-    for outer, inner, flat in _row_chunks(d0, d1, vocab):
+    for outer, inner, flat in _row_chunks(d0, d1, vocab, logits.device):
         ignored, out_of_range, safe = _label_masks(labels[flat], vocab, ignore_index)
         z = _scaled_fp32(logits[outer, inner].reshape(-1, vocab), temperature)
         z_label = z.gather(1, safe[:, None]).squeeze(1)
@@ -154,7 +155,7 @@ def token_logprobs_bwd_torch(
     d0, d1, vocab = logits.shape
     inv_t = 1.0 / temperature
     zero = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for outer, inner, flat in _row_chunks(d0, d1, vocab):
+    for outer, inner, flat in _row_chunks(d0, d1, vocab, logits.device):
         ignored, _, safe = _label_masks(labels[flat], vocab, ignore_index)
         c = torch.where(ignored, zero, -grad_logp[flat] * inv_t)[:, None]
         logp = _scaled_fp32(logits[outer, inner].reshape(-1, vocab), temperature)
