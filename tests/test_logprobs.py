@@ -247,12 +247,17 @@ def test_inplace_backward_rejects_leaf(device):
         token_logprobs(x, torch.tensor([0, 1], device=device), inplace_backward=True)
 
 
-def test_torch_compile_fullgraph(backend, device):
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_torch_compile_fullgraph(backend, device, dynamic, inplace):
     # Dynamo must trace the wrapper (validation, backend choice) and both custom ops
-    # without a graph break; aot_eager checks the fake kernels and the autograd wiring
-    # without compiling C++ for the CPU (slow, and it adds nothing for opaque custom ops).
+    # without a graph break, with static and symbolic shapes (and temperature); aot_eager
+    # checks the fake kernels and the autograd wiring without compiling C++ for the CPU
+    # (slow, and it adds nothing for opaque custom ops).
     def step(x, labels):
-        logp, entropy = token_logprobs(x * 1, labels, temperature=0.8, return_entropy=True, backend=backend)
+        logp, entropy = token_logprobs(
+            x * 1, labels, temperature=0.8, return_entropy=True, inplace_backward=inplace, backend=backend
+        )
         return logp.sum() - 0.1 * entropy.sum()
 
     logits = torch.randn(2, 4, 61, device=device)
@@ -261,7 +266,7 @@ def test_torch_compile_fullgraph(backend, device):
     step(x_eager, labels).backward()
     x = logits.clone().requires_grad_(True)
     torch._dynamo.reset()
-    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x, labels)
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=dynamic)(x, labels)
     loss.backward()
     assert torch.allclose(loss, step(logits, labels), atol=1e-5)
     assert torch.allclose(x.grad, x_eager.grad, atol=1e-6)

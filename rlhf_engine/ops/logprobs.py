@@ -188,7 +188,7 @@ def _validate(logits, labels, temperature, ignore_index, return_entropy, inplace
         )
     check_same_device(OP, "logits", logits, labels=labels)
     temperature = check_number(OP, "temperature", temperature, positive=True)
-    if not math.isfinite(temperature):
+    if temperature == math.inf:  # not math.isfinite: Dynamo cannot trace it on a symbolic float
         raise ValueError(f"{OP}: temperature must be finite, got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
