@@ -27,10 +27,14 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "RLHF_ENGINE_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once, without importing triton (so importing rlhf_engine never pulls it in),
+# and kept as a plain value so torch.compile traces the dispatch without a cache wrapper.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    """True when the ``triton`` package can be imported (checked once, without importing)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the ``triton`` package can be imported."""
+    return _TRITON_FOUND
 
 
 def triton_interpreter_on() -> bool:

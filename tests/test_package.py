@@ -2,6 +2,7 @@
 ``rlhf_engine.kernels``, explicit backend selection with clear errors."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -46,8 +47,15 @@ def test_kernels_are_a_subpackage_not_a_top_level_module(tmp_path):
 
 def test_wheel_holds_only_the_rlhf_engine_package(tmp_path):
     # A real (non-editable) build: `pip install .` must install kernels/ as rlhf_engine/kernels/.
+    # Built from a copy so the in-tree build folder never lands in the checkout.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(os.path.join(REPO, name), src / name)
+    for name in ("rlhf_engine", "kernels", "benchmarks"):
+        shutil.copytree(os.path.join(REPO, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), REPO],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
