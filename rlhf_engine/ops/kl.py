@@ -6,7 +6,7 @@ import torch
 
 from rlhf_engine import _checks
 from rlhf_engine._backend import lazy, resolve_backend
-from rlhf_engine.reference.kl import ESTIMATORS, kl_estimate, kl_estimate_and_grad
+from rlhf_engine.reference.kl import ESTIMATORS, kl_estimate, kl_grad
 
 OP = "kl_penalty"
 
@@ -16,8 +16,7 @@ def _fwd_torch(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp
 
 
 def _bwd_torch(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    _, dvalue = kl_estimate_and_grad(logp.float(), ref_logp.float(), estimator, clamp)
-    return (grad * dvalue).to(out_dtype)
+    return kl_grad(logp, ref_logp, estimator, clamp, upstream=grad).to(out_dtype)
 
 
 def _bwd_triton(grad, logp, ref_logp, estimator, clamp, out_dtype):

@@ -19,9 +19,9 @@ active). It does not change ``k1``, ``abs`` or ``k2``. TRL does not clamp.
 
 Every estimator is a function of ``lp - ref``, so ``d/d ref = -d/d lp``.
 
-:func:`kl_penalty_ref` is the spec, written for autograd. :func:`kl_estimate` (the value)
-and :func:`kl_estimate_and_grad` (the value and the derivative written out) are the
-torch backend of ``ops.kl_penalty`` and the KL term of the torch policy loss.
+:func:`kl_penalty_ref` is the spec, written for autograd. :func:`kl_estimate` (the value),
+:func:`kl_grad` (the derivative written out) and :func:`kl_estimate_and_grad` (both) are
+the torch backend of ``ops.kl_penalty`` and the KL term of the torch policy loss.
 """
 
 from __future__ import annotations
@@ -50,18 +50,16 @@ K3_CLAMP = 10.0  # verl: clamp the k3 value
 def kl_estimate(lp: torch.Tensor, ref: torch.Tensor, estimator: str, clamp: bool) -> torch.Tensor:
     """Value of ``estimator`` elementwise, in the inputs' (promoted) dtype."""
     base = ESTIMATORS[estimator][0]
+    if base == "k3":
+        kappa = ref - lp
+        if clamp:
+            kappa = kappa.clamp(-KAPPA_CLAMP, KAPPA_CLAMP)
+        value = torch.expm1(kappa) - kappa  # exp(kappa) - kappa - 1, without the cancellation near 0
+        return value.clamp(-K3_CLAMP, K3_CLAMP) if clamp else value
     diff = lp - ref
     if base == "k1":
         return diff
-    if base == "abs":
-        return diff.abs()
-    if base == "k2":
-        return 0.5 * diff.square()
-    kappa = -diff
-    if clamp:
-        kappa = kappa.clamp(-KAPPA_CLAMP, KAPPA_CLAMP)
-    value = torch.exp(kappa) - kappa - 1
-    return value.clamp(-K3_CLAMP, K3_CLAMP) if clamp else value
+    return diff.abs() if base == "abs" else 0.5 * diff.square()
 
 
 def kl_penalty_ref(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3", clamp: bool = False) -> torch.Tensor:
@@ -73,29 +71,32 @@ def kl_penalty_ref(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = 
     return value
 
 
+def kl_grad(lp: torch.Tensor, ref: torch.Tensor, estimator: str, clamp: bool, upstream=None) -> torch.Tensor:
+    """``upstream * d value / d lp`` (``upstream`` None: 1) elementwise, in fp32 (float64 for
+    float64 inputs). Runs outside autograd (the backends' backward), so it works in place."""
+    dtype = torch.promote_types(torch.promote_types(lp.dtype, ref.dtype), torch.float32)
+    lp, ref = lp.to(dtype), ref.to(dtype)
+    base, straight_through = ESTIMATORS[estimator]
+    if base == "k3" and not straight_through and not clamp:
+        e = torch.exp(ref - lp)
+        # 1 - e, times upstream in the same pass when there is one
+        return e.neg_().add_(1) if upstream is None else torch.addcmul(upstream, upstream, e, value=-1)
+    diff = lp - ref
+    if straight_through or base == "k2":
+        grad = diff
+    elif base == "k1":
+        grad = torch.ones_like(diff)
+    elif base == "abs":
+        grad = diff.sign_()
+    else:
+        kappa_c = diff.neg_().clamp(-KAPPA_CLAMP, KAPPA_CLAMP)
+        e = torch.exp(kappa_c)
+        live = ((ref - lp).abs() <= KAPPA_CLAMP) & ((e - kappa_c - 1).abs() <= K3_CLAMP)
+        grad = torch.where(live, 1 - e, 0.0)
+    return grad if upstream is None else grad.mul_(upstream)
+
+
 def kl_estimate_and_grad(lp: torch.Tensor, ref: torch.Tensor, estimator: str, clamp: bool):
     """``(value, d value / d lp)`` in fp32 (or float64 for float64 inputs), elementwise."""
     dtype = torch.promote_types(torch.promote_types(lp.dtype, ref.dtype), torch.float32)
-    diff = lp.to(dtype) - ref.to(dtype)
-    base, straight_through = ESTIMATORS[estimator]
-    if base == "k1":
-        value, grad = diff, torch.ones_like(diff)
-    elif base == "abs":
-        value, grad = diff.abs(), diff.sign()
-    elif base == "k2":
-        value, grad = 0.5 * diff.square(), diff
-    else:
-        kappa = -diff
-        if clamp:
-            kappa_c = kappa.clamp(-KAPPA_CLAMP, KAPPA_CLAMP)
-            e = torch.exp(kappa_c)
-            raw = e - kappa_c - 1
-            value = raw.clamp(-K3_CLAMP, K3_CLAMP)
-            live = (kappa.abs() <= KAPPA_CLAMP) & (raw.abs() <= K3_CLAMP)
-            grad = torch.where(live, 1 - e, torch.zeros_like(e))
-        else:
-            e = torch.exp(kappa)
-            value, grad = e - kappa - 1, 1 - e
-    if straight_through:
-        grad = diff
-    return value, grad
+    return kl_estimate(lp.to(dtype), ref.to(dtype), estimator, clamp), kl_grad(lp, ref, estimator, clamp)

@@ -1,0 +1,205 @@
+"""Benchmark: policy_loss, value_loss and kl_penalty, forward + backward.
+
+Compared on the same inputs: our backends (triton on CUDA, torch everywhere), eager
+PyTorch written the way verl / TRL write these losses (elementwise ratio / clip / max,
+mask-multiply reductions, metrics as masked means), and ``torch.compile`` of that eager
+code. Liger-Kernel has no standalone per-token loss on logprobs (its GRPO losses start
+from logits or hidden states and belong with the fused-linear benchmarks), so it has
+no row here.
+
+Every row times forward + backward (``torch.autograd.grad`` w.r.t. the logprobs / values,
+so no gradient accumulation pass is timed) and the metrics the trainer logs.
+
+Byte floor (each input read once, the loss' gradient written once), fp32 tensors, bool
+mask, per token:
+
+* policy_loss PPO (verl: per-token advantages, clip-higher, dual clip):
+  logp 4 + old_logp 4 + advantages 4 + mask 1 + d logp 4 = 17 B.
+* policy_loss GRPO + KL (TRL: per-sequence advantages, k3 in the loss):
+  logp 4 + old_logp 4 + ref_logp 4 + mask 1 + d logp 4 = 17 B (advantages: 4 B per sequence).
+* value_loss: values 4 + old_values 4 + returns 4 + mask 1 + d values 4 = 17 B.
+* kl_penalty k3: logp 4 + ref_logp 4 + kl 4 (out) + upstream grad 4 + d logp 4 = 20 B.
+
+The fused losses move 8 B per token more than the floor: the fp32 per-token derivative
+is written in the forward and read in the backward (the aggregation weight that scales
+it is known only after the whole batch is reduced).
+
+``python -m rlhf_engine.benchmarks.bench_policy_loss [--quick] [--out FILE.json]``
+"""
+
+import argparse
+
+import torch
+
+from rlhf_engine import ops
+from rlhf_engine.benchmarks.common import Result, compiled, format_table, measure, write_json
+
+CLIP_LOW, CLIP_HIGH, DUAL_CLIP, BETA = 0.2, 0.28, 3.0, 0.04
+
+
+# ----------------------------------------------------------- eager code, as trainers write it
+
+
+def _masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def eager_ppo(lp, old, adv, mask):
+    """verl-style vanilla PPO loss with clip-higher and dual clip, token-mean."""
+    mask = mask.to(lp.dtype)
+    log_ratio = torch.clamp(lp - old, min=-20.0, max=20.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - CLIP_LOW, 1 + CLIP_HIGH)
+    upper = torch.maximum(unclipped, clipped)
+    floor = -adv * DUAL_CLIP
+    lower = torch.minimum(floor, upper)
+    per_token = torch.where(adv < 0, lower, upper)
+    metrics = {
+        "clipfrac": _masked_mean(torch.gt(clipped, unclipped).float(), mask),
+        "clipfrac_lower": _masked_mean((torch.gt(upper, floor) & (adv < 0)).float(), mask),
+        "approx_kl": _masked_mean(0.5 * (lp - old) ** 2, mask),
+    }
+    return _masked_mean(per_token, mask), metrics
+
+
+def eager_grpo_kl(lp, old, ref, adv, mask):
+    """TRL-style GRPO loss: per-sequence advantages, k3 KL in the loss, per-sequence mean,
+    and the clip-ratio metrics TRL logs."""
+    mask = mask.to(lp.dtype)
+    per_token_kl = torch.exp(ref - lp) - (ref - lp) - 1
+    coef_1 = torch.exp(lp - old)
+    coef_2 = torch.clamp(coef_1, 1 - CLIP_LOW, 1 + CLIP_LOW)
+    adv = adv.unsqueeze(1)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv) + BETA * per_token_kl
+    loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    low = (coef_1 < 1 - CLIP_LOW) & (adv < 0)
+    high = (coef_1 > 1 + CLIP_LOW) & (adv > 0)
+    metrics = {
+        "kl": _masked_mean(per_token_kl, mask),
+        "clip_ratio/low_mean": _masked_mean(low.float(), mask),
+        "clip_ratio/high_mean": _masked_mean(high.float(), mask),
+        "clip_ratio/region_mean": _masked_mean((low | high).float(), mask),
+    }
+    return loss, metrics
+
+
+def eager_value_loss(values, old_values, returns, mask, clip=0.2):
+    """verl-style clipped value loss."""
+    mask = mask.to(values.dtype)
+    clipped_values = torch.clamp(values, old_values - clip, old_values + clip)
+    unclipped_sq = (values - returns) ** 2
+    clipped_sq = (clipped_values - returns) ** 2
+    loss = 0.5 * _masked_mean(torch.max(unclipped_sq, clipped_sq), mask)
+    return loss, {"clipfrac": _masked_mean(torch.gt(clipped_sq, unclipped_sq).float(), mask)}
+
+
+def eager_k3(lp, ref):
+    log_ratio = ref - lp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+# --------------------------------------------------------------------------------- runs
+
+
+def _ours(device):
+    """Our backends that run on ``device`` (the interpreter is for tests, not timing)."""
+    return ["triton", "torch"] if device.type == "cuda" else ["torch"]
+
+
+def _fwd_bwd(loss_fn, wrt):
+    """A zero-argument callable: forward, then the gradient of the loss w.r.t. ``wrt``."""
+    def step():
+        loss, _ = loss_fn()
+        return torch.autograd.grad(loss, wrt)
+    return step
+
+
+def _inputs(device, quick):
+    B, T = (512, 2048) if device.type == "cuda" and not quick else (16, 256)
+    lp = (-torch.rand(B, T, device=device) * 3).requires_grad_()
+    lengths = torch.randint(1, T + 1, (B, 1), device=device)
+    batch = dict(
+        lp=lp,
+        old=lp.detach() + torch.randn(B, T, device=device) * 0.2,
+        ref=lp.detach() + torch.randn(B, T, device=device) * 0.2,
+        adv=torch.randn(B, T, device=device),
+        adv_seq=torch.randn(B, device=device),
+        mask=torch.arange(T, device=device)[None, :] < lengths,  # right padding
+    )
+    return batch, f"B={B} T={T}", B * T
+
+
+def _policy(device, quick) -> list[Result]:
+    x, shape, n = _inputs(device, quick)
+    lp, old, ref, adv, adv_seq, mask = x["lp"], x["old"], x["ref"], x["adv"], x["adv_seq"], x["mask"]
+    impls = {
+        f"ours ({b})": _fwd_bwd(lambda b=b: ops.policy_loss(
+            lp, old, adv, mask, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=DUAL_CLIP, backend=b), lp)
+        for b in _ours(device)
+    }
+    impls["eager (verl)"] = _fwd_bwd(lambda: eager_ppo(lp, old, adv, mask), lp)
+    compiled_ppo = compiled(eager_ppo)
+    impls["torch.compile (verl)"] = _fwd_bwd(lambda: compiled_ppo(lp, old, adv, mask), lp)
+    results = measure("policy_loss ppo", shape, impls, device=device, bytes_moved=17 * n, quick=quick, dtype=torch.float32)
+
+    grpo_bytes = 17 * n + 4 * adv_seq.numel()
+    impls = {
+        f"ours ({b})": _fwd_bwd(lambda b=b: ops.policy_loss(
+            lp, old, adv_seq, mask, ref_logp=ref, kl_coef=BETA, aggregation="seq-mean-token-mean",
+            normalizer=lp.shape[0], backend=b), lp)
+        for b in _ours(device)
+    }
+    impls["eager (TRL)"] = _fwd_bwd(lambda: eager_grpo_kl(lp, old, ref, adv_seq, mask), lp)
+    compiled_grpo = compiled(eager_grpo_kl)
+    impls["torch.compile (TRL)"] = _fwd_bwd(lambda: compiled_grpo(lp, old, ref, adv_seq, mask), lp)
+    results += measure("policy_loss grpo+kl", shape, impls, device=device, bytes_moved=grpo_bytes, quick=quick, dtype=torch.float32)
+    return results
+
+
+def _value(device, quick) -> list[Result]:
+    x, shape, n = _inputs(device, quick)
+    values, old_values, returns, mask = x["lp"], x["old"], x["ref"], x["mask"]
+    impls = {
+        f"ours ({b})": _fwd_bwd(lambda b=b: ops.value_loss(values, old_values, returns, mask, backend=b), values)
+        for b in _ours(device)
+    }
+    impls["eager (verl)"] = _fwd_bwd(lambda: eager_value_loss(values, old_values, returns, mask), values)
+    compiled_value = compiled(eager_value_loss)
+    impls["torch.compile (verl)"] = _fwd_bwd(lambda: compiled_value(values, old_values, returns, mask), values)
+    return measure("value_loss", shape, impls, device=device, bytes_moved=17 * n, quick=quick, dtype=torch.float32)
+
+
+def _kl(device, quick) -> list[Result]:
+    x, shape, n = _inputs(device, quick)
+    lp, ref = x["lp"], x["ref"]
+    upstream = torch.randn_like(ref)
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(), lp, upstream)
+
+    impls = {f"ours ({b})": step(lambda b=b: ops.kl_penalty(lp, ref, estimator="k3", backend=b)) for b in _ours(device)}
+    impls["eager (k3)"] = step(lambda: eager_k3(lp, ref))
+    compiled_k3 = compiled(eager_k3)
+    impls["torch.compile (k3)"] = step(lambda: compiled_k3(lp, ref))
+    return measure("kl_penalty k3", shape, impls, device=device, bytes_moved=20 * n, quick=quick, dtype=torch.float32)
+
+
+def run(device: torch.device, quick: bool) -> list[Result]:
+    return _policy(device, quick) + _value(device, quick) + _kl(device, quick)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    parser.add_argument("--out", help="write the results as JSON to this file")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = run(device, args.quick)
+    print(format_table(results))
+    if args.out:
+        write_json(results, args.out, device, args.quick)
+
+
+if __name__ == "__main__":
+    main()
