@@ -19,9 +19,11 @@ def _bwd_torch(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, e
     return kl_grad(logp, ref_logp, estimator, clamp, upstream=grad).to(out_dtype)
 
 
+_triton_bwd = lazy("rlhf_engine.kernels.kl", "kl_penalty_bwd")
+
+
 def _bwd_triton(grad, logp, ref_logp, estimator, clamp, out_dtype):
-    dlp = lazy("rlhf_engine.kernels.kl", "kl_penalty_bwd")(grad, logp, ref_logp, estimator, clamp)
-    return dlp.to(out_dtype)
+    return _triton_bwd(grad, logp, ref_logp, estimator, clamp).to(out_dtype)
 
 
 _FWD = {"torch": _fwd_torch, "triton": lazy("rlhf_engine.kernels.kl", "kl_penalty_fwd")}
