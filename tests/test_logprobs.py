@@ -241,6 +241,14 @@ def test_inplace_backward(backend, device, layout):
     assert torch.equal(hidden.detach(), expected)  # the logits now hold their gradient
 
 
+def test_inplace_backward_is_caught_when_logits_are_needed_elsewhere(backend, device):
+    # exp() saves its output for its own backward; overwriting it must fail loudly.
+    x = torch.randn(3, 10, device=device, requires_grad=True)
+    logp = token_logprobs(x.exp(), torch.tensor([1, 2, 3], device=device), inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logp.sum().backward()
+
+
 def test_inplace_backward_rejects_leaf(device):
     x = torch.randn(2, 5, device=device, requires_grad=True)
     with pytest.raises(ValueError, match="inplace_backward"):

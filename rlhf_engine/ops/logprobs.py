@@ -209,7 +209,7 @@ def token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
-    backend: str | None = None,
+    backend: str | None = "auto",
 ):
     """Log-probability of each label token, and optionally the entropy of each row.
 
@@ -237,7 +237,7 @@ def token_logprobs(
             ``logits`` must not be a leaf tensor.
         backend: ``"auto"`` (triton for CUDA tensors, torch otherwise), ``"triton"``,
             ``"torch"``, or None (the ``RLHF_ENGINE_BACKEND`` environment variable, else
-            auto).
+            auto). A backend that cannot run here raises.
 
     Returns:
         ``logp`` fp32 ``[...]``, or ``(logp, entropy)`` (both fp32 ``[...]``) when
