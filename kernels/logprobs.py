@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+# The launchers fold log2(e) / temperature into one scalar argument; the kernels read the
+# constants as tl.constexpr globals (plain Python floats cannot be read inside @jit).
 _LOG2E_HOST = math.log2(math.e)
 _LOG2E = tl.constexpr(_LOG2E_HOST)
 _LN2 = tl.constexpr(math.log(2.0))
