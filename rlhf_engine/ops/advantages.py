@@ -212,8 +212,10 @@ def masked_whiten(
     ``n = Σw``: ``μ = Σ w·x / n``, ``var = Σ w·(x − μ)² / (n − 1)`` (unbiased, two-pass
     centered), ``out = (x − μ)·rsqrt(var + eps)``, plus ``μ`` when ``shift_mean=False``.
 
-    Edge cases: positions with ``w == 0`` get 0 (whatever ``x`` holds there, even NaN);
-    all positions masked gives all zeros; ``n ≤ 1`` (e.g. one valid token) leaves the
+    Edge cases: positions with ``w == 0`` get 0 and do not count; ``x`` must still be
+    finite there (the torch backend applies the mask by multiplication, as TRL and verl
+    do, so a NaN in the padding makes the whole result NaN, never a silent wrong
+    number); all positions masked gives all zeros; ``n ≤ 1`` (e.g. one valid token) leaves the
     unbiased variance undefined, so ``var = 0`` is used: the valid token gets 0
     (``x`` itself when ``shift_mean=False``).
 

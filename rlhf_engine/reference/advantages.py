@@ -21,7 +21,8 @@ Semantics (see ``rlhf_engine.ops.advantages`` for the user-facing docstring):
   ``"trl"`` and 1 under ``"verl"``, the same rule.
 * Whitening: weights ``w`` (a mask, or token counts), ``μ = Σwx/Σw``,
   ``var = Σw(x−μ)²/(Σw−1)`` (unbiased; 0 when ``Σw ≤ 1``), ``(x−μ)·rsqrt(var+ε)``,
-  and 0 wherever ``w == 0``.
+  and 0 wherever ``w == 0`` (``x`` must be finite there: the torch backend multiplies
+  by the mask, so NaN padding gives NaN).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ PRESETS = ("trl", "verl")
 def masked_whiten_ref(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Whiten ``x`` over the positions where ``mask != 0`` (``mask`` used as weights)."""
     w = mask.to(x.dtype)
-    xs = torch.where(w != 0, x, torch.zeros_like(x))  # padding may hold anything, even NaN
+    xs = torch.where(w != 0, x, torch.zeros_like(x))
     n = float(w.sum())
     mean = (w * xs).sum() / n if n > 0 else x.new_zeros(())
     var = (w * (xs - mean) ** 2).sum() / (n - 1) if n > 1 else x.new_zeros(())
@@ -101,34 +102,55 @@ def group_advantages_ref(
 
 
 # --------------------------------------------------------------------- torch backend
+#
+# Written for few full-size passes: statistics and the per-preset rules are computed
+# per group (or as 0-d tensors), and the per-sample work is one affine map
+# ``(s − base_g)·scale_g``. 0-d tensor arithmetic instead of Python branching keeps the
+# GPU path free of host syncs.
 
 
-def _weighted_stats(x: torch.Tensor, w: torch.Tensor):
-    """``(Σw, μ, unbiased var)`` of fp32 ``x`` under weights ``w``, without host syncs."""
-    n = w.sum()
-    mean = (w * x).sum() / torch.where(n > 0, n, torch.ones_like(n))
-    sq = (w * (x - mean) ** 2).sum()
-    var = torch.where(n > 1, sq / torch.where(n > 1, n - 1, torch.ones_like(n)), torch.zeros_like(sq))
-    return n, mean, var
+def _mean_var(total, sq_of, n):
+    """``μ = total/n`` (0 when n = 0), then unbiased ``var`` from ``sq_of(μ) = Σw(x−μ)²``
+    (0 when n ≤ 1, where it is undefined)."""
+    mean = total / n.clamp_min(1e-30)
+    var = sq_of(mean) / (n - 1).clamp_min(1e-30) * (n > 1)
+    return mean, var
 
 
 def masked_whiten_torch(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Vectorized :func:`masked_whiten_ref`; fp32 output of ``x``'s shape."""
-    w = mask.to(torch.float32)
-    valid = w != 0
-    xf = torch.where(valid, x.to(torch.float32), torch.zeros((), dtype=torch.float32, device=x.device))
-    _, mean, var = _weighted_stats(xf, w)
-    out = (xf - mean) * torch.rsqrt(var + eps)
+    """Vectorized :func:`masked_whiten_ref`; fp32 output of ``x``'s shape.
+
+    The mask is applied by multiplying with the weights (several times cheaper on the CPU
+    than ``where``/``masked_fill`` with a bool mask), so a non-finite value at a masked
+    position turns the result into NaN (loudly) instead of being ignored.
+    """
+    w = mask.reshape(-1).to(torch.float32)
+    xf = x.reshape(-1).to(torch.float32)
+    centered = torch.empty_like(xf)
+    weighted = torch.empty_like(xf)
+
+    # mul + sum rather than torch.dot: MKL's multithreaded sdot stalls for milliseconds
+    # on some inputs (seen with 0/1 vectors), the elementwise path never does.
+    def centered_sq(mean):
+        torch.sub(xf, mean, out=centered)
+        torch.mul(centered, w, out=weighted)
+        return (weighted * centered).sum()
+
+    mean, var = _mean_var(torch.mul(xf, w, out=weighted).sum(), centered_sq, w.sum())
+    if mask.dtype == torch.bool:
+        out = weighted.mul_(torch.rsqrt(var + eps))  # (x − μ)·w is already 0 where masked
+    else:
+        out = centered.mul_(torch.rsqrt(var + eps)).mul_(w != 0)
     if not shift_mean:
-        out = out + mean
-    return torch.where(valid, out, torch.zeros_like(out))
+        out = (out + mean).mul_(w != 0)
+    return out.view(x.shape)
 
 
 def _group_stats(s, group_ids, group_size, num_groups, lengths, need_lmean):
-    """Per-sample ``(n_g, μ_g, var_g, length-weighted μ_g)`` of its group, fp32 ``[S]``."""
+    """Per-group ``(n, μ, var, length-weighted μ or None)``, fp32 ``[num_groups]`` (or ``[num_groups, 1]``)."""
     if group_ids is None:
         sg = s.view(num_groups, group_size)
-        n = torch.full_like(s, float(group_size))
+        n = torch.full((num_groups, 1), float(group_size), device=s.device)
         mean = sg.mean(dim=1, keepdim=True)
         var = ((sg - mean) ** 2).sum(dim=1, keepdim=True) / max(group_size - 1, 1)
         lmean = None
@@ -136,25 +158,46 @@ def _group_stats(s, group_ids, group_size, num_groups, lengths, need_lmean):
             lg = lengths.to(torch.float32).view(num_groups, group_size)
             lsum = lg.sum(dim=1, keepdim=True)
             lmean = torch.where(lsum > 0, (lg * sg).sum(dim=1, keepdim=True) / lsum.clamp_min(1e-30), mean)
-            lmean = lmean.expand_as(sg).reshape(-1)
-        return n, mean.expand_as(sg).reshape(-1), var.expand_as(sg).reshape(-1), lmean
-
-    ids = group_ids.long()
+        return n, mean, var, lmean
 
     def segment_sum(values):
-        return torch.zeros(num_groups, dtype=torch.float32, device=s.device).index_add_(0, ids, values)
+        return torch.zeros(num_groups, dtype=torch.float32, device=s.device).index_add_(0, group_ids, values)
 
-    count = segment_sum(torch.ones_like(s))
-    safe_count = count.clamp_min(1.0)  # empty groups own no sample; avoid 0/0 there
-    mean = segment_sum(s) / safe_count
-    sq = segment_sum((s - mean[ids]) ** 2)
-    var = sq / (count - 1).clamp_min(1.0)
+    n = segment_sum(torch.ones_like(s))
+    mean = segment_sum(s) / n.clamp_min(1.0)  # empty groups own no sample; avoid 0/0 there
+    var = segment_sum((s - mean.index_select(0, group_ids)).square()) / (n - 1).clamp_min(1.0)
     lmean = None
     if need_lmean:
         lf = lengths.to(torch.float32)
         lsum = segment_sum(lf)
-        lmean = torch.where(lsum > 0, segment_sum(lf * s) / lsum.clamp_min(1e-30), mean)[ids]
-    return count[ids], mean[ids], var[ids], lmean
+        lmean = torch.where(lsum > 0, segment_sum(lf * s) / lsum.clamp_min(1e-30), mean)
+    return n, mean, var, lmean
+
+
+def _baseline_and_scale(s, n, mean, var, lmean, method, scale, eps, verl):
+    """Per-group ``(base, scale)`` with ``A = (s − base)·scale`` before any whitening.
+
+    Singletons: trl keeps ``base = μ = s`` and sets scale 0 (advantage 0); verl uses
+    base 0 and scale 1 (``1/(1+ε)`` for GRPO with group scaling).
+    """
+    single = n < 2
+    base = lmean if method == "opo" else mean
+    if method == "rloo":  # s − (n·μ − s)/(n − 1) = n/(n − 1)·(s − μ)
+        factor = n / (n - 1).clamp_min(1.0)
+    elif method == "grpo" and scale == "group":
+        factor = 1.0 / (var.sqrt() + eps)
+    elif method == "grpo" and scale == "batch":
+        count = torch.tensor(float(s.numel()), device=s.device)
+        batch_mean, batch_var = _mean_var(s.sum(), lambda m: ((s - m) ** 2).sum(), count)
+        fallback = 1.0 if verl else 0.0
+        factor = 1.0 / (torch.where(count < 2, fallback, batch_var.sqrt()) + eps)
+        factor = factor.expand_as(n)
+    else:
+        factor = torch.ones_like(n)
+    if verl:
+        lone_factor = 1.0 / (1.0 + eps) if method == "grpo" and scale == "group" else factor
+        return torch.where(single, 0.0, base), torch.where(single, lone_factor, factor)
+    return base, torch.where(single, 0.0, factor)
 
 
 def group_advantages_torch(
@@ -176,27 +219,14 @@ def group_advantages_torch(
     s = scores.to(torch.float32)
     if s.numel() == 0:
         return s.clone()
-    verl = preset == "verl"
-    n, mean, var, lmean = _group_stats(s, group_ids, group_size, num_groups, lengths, method == "opo")
-    single = n < 2
-    zero = torch.zeros((), dtype=torch.float32, device=s.device)
-    one = torch.ones((), dtype=torch.float32, device=s.device)
-
-    if method == "rloo":
-        # s − (n·μ − s)/(n − 1) = n/(n − 1)·(s − μ)
-        loo = n / (n - 1).clamp_min(1.0) * (s - mean)
-        return torch.where(single, s if verl else zero, loo)
-
-    center = lmean if method == "opo" else mean
-    adv = s - torch.where(single, zero if verl else s, center)
-    if method == "grpo" and scale == "group":
-        std = torch.where(single, one if verl else zero, var.sqrt())
-        adv = adv / (std + eps)
-    elif method == "grpo" and scale == "batch":
-        count, _, batch_var = _weighted_stats(s, torch.ones_like(s))
-        batch_std = torch.where(count < 2, one if verl else zero, batch_var.sqrt())
-        adv = adv / (batch_std + eps)
-    elif method == "reinforce_pp_baseline":
-        weights = torch.ones_like(s) if lengths is None else lengths
-        adv = masked_whiten_torch(adv, weights, True, eps)
+    ids = None if group_ids is None else group_ids.long()
+    stats = _group_stats(s, ids, group_size, num_groups, lengths, method == "opo")
+    base, factor = _baseline_and_scale(s, *stats, method, scale, eps, preset == "verl")
+    if ids is None:
+        adv = ((s.view(num_groups, group_size) - base) * factor).view(-1)
+    else:
+        base_factor = torch.stack(torch.broadcast_tensors(base, factor)).index_select(1, ids)
+        adv = (s - base_factor[0]) * base_factor[1]
+    if method == "reinforce_pp_baseline":
+        adv = masked_whiten_torch(adv, torch.ones_like(s) if lengths is None else lengths, True, eps)
     return adv

@@ -79,12 +79,22 @@ def _reverse_linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     maps ``h_{t+2d}`` to ``h_t``. ``ceil(log2 L)`` full-tensor steps instead of ``L``
     tiny ones: the whole batch advances together, which beats a Python loop over time
     on the CPU for large batches and by far on a GPU (a handful of launches, not ``L``).
+    Pairs whose span reaches past the end are left as they are: they are never read
+    again, because the state past the end is 0. Works in place on ``a`` and ``b`` (fresh
+    temporaries of the caller) with one scratch buffer, since fresh full-size
+    allocations per step cost more than the arithmetic.
     """
     length = a.shape[-1]
+    scratch = torch.empty_like(b)
     d = 1
     while d < length:
-        b = b + a * torch.nn.functional.pad(b[..., d:], (0, d))
-        a = a * torch.nn.functional.pad(a[..., d:], (0, d))
+        head = length - d
+        tmp = scratch[..., :head]
+        torch.mul(a[..., :head], b[..., d:], out=tmp)
+        b[..., :head].add_(tmp)
+        if 2 * d < length:  # a is read again only by a later step
+            torch.mul(a[..., :head], a[..., d:], out=tmp)
+            a[..., :head].copy_(tmp)
         d *= 2
     return b
 
@@ -119,7 +129,7 @@ def gae_torch(rewards, values, mask, gamma, lam, whiten, cu_seqlens):
     keep = (~ends).to(torch.float32)  # the state never crosses a sequence end
 
     # u_t = value of the first valid token at or after t; V_{n(t)} = u_{t+1}.
-    u = _reverse_linear_scan(torch.where(valid, zero, keep), v)
+    u = _reverse_linear_scan(torch.where(valid, zero, keep), v.clone())  # the scan works in place
     next_value = torch.nn.functional.pad(u[..., 1:], (0, 1)) * keep
     delta = torch.where(valid, r + gamma * next_value - v, zero)
     adv = _reverse_linear_scan(torch.where(valid, gamma * lam * keep, keep), delta)

@@ -1,0 +1,177 @@
+"""Benchmark: group_advantages, gae, discounted_returns, masked_whiten.
+
+Compared on the same inputs: our backends (triton on CUDA, torch everywhere), eager
+PyTorch written the way TRL / verl write it (``view(-1, G)`` statistics for GRPO, a
+scatter-based version for explicit group ids, the Python loop over time for GAE and
+REINFORCE++ returns, mask-multiply whitening), and ``torch.compile`` of that eager code.
+There is no Liger-Kernel equivalent of these ops.
+
+Byte floor (each input read once, each output written once), fp32 values, bool mask:
+
+* group_advantages: scores 4 B + (group ids 8 B) + advantages 4 B per sequence.
+* gae: rewards 4 + values 4 + mask 1 + advantages 4 + returns 4 = 17 B per token.
+* discounted_returns: rewards 4 + mask 1 + returns 4 = 9 B per token.
+* masked_whiten: x 4 + mask 1 + out 4 = 9 B per token.
+
+The compiled GAE / returns loops are unrolled over T by dynamo, so their first call
+compiles a graph of ~10·T ops (slow at T = 2048; that is what a user of the loop gets).
+
+``python -m rlhf_engine.benchmarks.bench_advantages [--quick] [--out FILE.json]``
+"""
+
+import argparse
+
+import torch
+
+from rlhf_engine import ops
+from rlhf_engine.benchmarks.common import Result, compiled, format_table, measure, write_json
+
+GAMMA, LAM = 1.0, 0.95
+
+
+# ----------------------------------------------------------- eager code, as trainers write it
+
+
+def eager_grpo(scores, group_size):
+    grouped = scores.view(-1, group_size)
+    mean = grouped.mean(dim=1).repeat_interleave(group_size)
+    std = grouped.std(dim=1).repeat_interleave(group_size)
+    return (scores - mean) / (std + 1e-4)
+
+
+def eager_grpo_ids(scores, group_ids, num_groups):
+    count = torch.zeros(num_groups, device=scores.device).index_add_(0, group_ids, torch.ones_like(scores))
+    mean = torch.zeros(num_groups, device=scores.device).index_add_(0, group_ids, scores) / count
+    centered = scores - mean[group_ids]
+    var = torch.zeros(num_groups, device=scores.device).index_add_(0, group_ids, centered**2) / (count - 1)
+    return centered / (var.sqrt()[group_ids] + 1e-4)
+
+
+def eager_masked_whiten(x, mask, eps=1e-8):
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    centered = x - mean
+    var = (centered**2 * mask).sum() / n * (n / (n - 1))
+    return centered * torch.rsqrt(var + eps)
+
+
+def eager_gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
+    # The loop over time with observation-token carry, then whitening.
+    mask = mask.to(values.dtype)
+    next_value = torch.zeros_like(values[:, 0])
+    last_adv = torch.zeros_like(values[:, 0])
+    reversed_adv = []
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = delta + gamma * lam * last_adv
+        next_value = values[:, t] * mask[:, t] + (1 - mask[:, t]) * next_value
+        last_adv = adv_t * mask[:, t] + (1 - mask[:, t]) * last_adv
+        reversed_adv.append(last_adv)
+    advantages = torch.stack(reversed_adv[::-1], dim=1)
+    returns = advantages + values
+    return eager_masked_whiten(advantages, mask) * mask, returns
+
+
+def eager_discounted_returns(rewards, mask, gamma=GAMMA):
+    mask = mask.to(rewards.dtype)
+    running = torch.zeros_like(rewards[:, 0])
+    returns = torch.zeros_like(rewards)
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+        running = running * mask[:, t]
+    return returns
+
+
+# --------------------------------------------------------------------------------- runs
+
+
+def _ours(device):
+    """Our backends that run on ``device`` (the interpreter is for tests, not timing)."""
+    return ["triton", "torch"] if device.type == "cuda" else ["torch"]
+
+
+def _group(device, quick) -> list[Result]:
+    group_size = 8
+    num_groups = 1024 if quick or device.type != "cuda" else 65536
+    S = num_groups * group_size
+    scores = torch.randn(S, device=device)
+    ids = torch.randperm(S, device=device) // group_size  # a shuffled batch
+    results = []
+    impls = {f"ours ({b})": (lambda b=b: ops.group_advantages(scores, group_size=group_size, backend=b)) for b in _ours(device)}
+    impls["eager (TRL view/std)"] = lambda: eager_grpo(scores, group_size)
+    compiled_grpo = compiled(eager_grpo)
+    impls["torch.compile (TRL)"] = lambda: compiled_grpo(scores, group_size)
+    results += measure("group_adv grpo G", f"S={S} G={group_size}", impls, device=device, bytes_moved=8 * S, quick=quick)
+
+    impls = {
+        f"ours ({b})": (lambda b=b: ops.group_advantages(scores, group_ids=ids, num_groups=num_groups, backend=b))
+        for b in _ours(device)
+    }
+    impls["eager (index_add)"] = lambda: eager_grpo_ids(scores, ids, num_groups)
+    compiled_ids = compiled(eager_grpo_ids)
+    impls["torch.compile (index_add)"] = lambda: compiled_ids(scores, ids, num_groups)
+    results += measure("group_adv grpo ids", f"S={S} groups={num_groups}", impls, device=device, bytes_moved=16 * S, quick=quick)
+    return results
+
+
+def _tokens(device, quick):
+    B, T = (512, 2048) if device.type == "cuda" and not quick else (16, 32)
+    rewards = torch.randn(B, T, device=device)
+    values = torch.randn(B, T, device=device)
+    lengths = torch.randint(1, T + 1, (B, 1), device=device)
+    mask = torch.arange(T, device=device)[None, :] < lengths  # right padding
+    return rewards, values, mask, f"B={B} T={T}"
+
+
+def _gae(device, quick) -> list[Result]:
+    rewards, values, mask, shape = _tokens(device, quick)
+    N = rewards.numel()
+    impls = {
+        f"ours ({b})": (lambda b=b: ops.gae(rewards, values, mask, gamma=GAMMA, lam=LAM, backend=b)) for b in _ours(device)
+    }
+    impls["eager (loop over T)"] = lambda: eager_gae(rewards, values, mask)
+    compiled_gae = compiled(eager_gae)
+    impls["torch.compile (loop)"] = lambda: compiled_gae(rewards, values, mask)
+    results = measure("gae", shape, impls, device=device, bytes_moved=17 * N, quick=quick)
+
+    impls = {
+        f"ours ({b})": (lambda b=b: ops.discounted_returns(rewards, mask, gamma=GAMMA, backend=b)) for b in _ours(device)
+    }
+    impls["eager (loop over T)"] = lambda: eager_discounted_returns(rewards, mask)
+    compiled_returns = compiled(eager_discounted_returns)
+    impls["torch.compile (loop)"] = lambda: compiled_returns(rewards, mask)
+    results += measure("discounted_returns", shape, impls, device=device, bytes_moved=9 * N, quick=quick)
+    return results
+
+
+def _whiten(device, quick) -> list[Result]:
+    N = (1 << 20) if device.type == "cuda" and not quick else (1 << 16)
+    x = torch.randn(N, device=device)
+    mask = torch.rand(N, device=device) > 0.2
+    impls = {f"ours ({b})": (lambda b=b: ops.masked_whiten(x, mask, backend=b)) for b in _ours(device)}
+    impls["eager (mask multiply)"] = lambda: eager_masked_whiten(x, mask)
+    compiled_whiten = compiled(eager_masked_whiten)
+    impls["torch.compile"] = lambda: compiled_whiten(x, mask)
+    return measure("masked_whiten", f"N={N}", impls, device=device, bytes_moved=9 * N, quick=quick)
+
+
+def run(device: torch.device, quick: bool) -> list[Result]:
+    return _group(device, quick) + _gae(device, quick) + _whiten(device, quick)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    parser.add_argument("--out", help="write the results as JSON to this file")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = run(device, args.quick)
+    print(format_table(results))
+    if args.out:
+        write_json(results, args.out, device, args.quick)
+
+
+if __name__ == "__main__":
+    main()
