@@ -6,8 +6,8 @@ Every op has implementations with identical semantics, named by backend:
   on CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``, for tests).
 * ``"torch"``: plain PyTorch; the CPU path.
 
-Selection: an explicit ``backend=`` argument, else the ``RLHF_ENGINE_BACKEND``
-environment variable, else ``"auto"`` (triton for CUDA tensors when it imports, torch
+Selection: an explicit ``backend="triton" | "torch"`` argument, else the
+``RLHF_ENGINE_BACKEND`` environment variable, else ``"auto"`` (triton for CUDA tensors when it imports, torch
 otherwise). A backend asked for by name that cannot run raises; it never silently falls
 back.
 """
@@ -56,9 +56,11 @@ def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` when the backend asked
     for by name cannot run here.
     """
-    requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    # "auto" (the ops' default) and None both mean "no preference": the env var decides.
+    from_env = backend in (None, "auto")
+    requested = os.environ.get(ENV_VAR, "auto") if from_env else backend
     if requested not in BACKEND_CHOICES:
-        source = "backend" if backend is not None else ENV_VAR
+        source = ENV_VAR if from_env else "backend"
         raise ValueError(f"{op}: {source} must be one of {BACKEND_CHOICES}, got {requested!r}")
     if requested == "auto":
         if device.type == "cuda" and triton_runs_on(device):

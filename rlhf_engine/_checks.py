@@ -66,15 +66,15 @@ def check_number(op: str, name: str, value, *, positive: bool = False, nonnegati
 def check_cu_seqlens(op: str, cu_seqlens, num_tokens: int, device: torch.device) -> torch.Tensor:
     """``cu_seqlens``: int32/int64 ``[num_seqs + 1]``, starting at 0 and ending at ``num_tokens``.
 
-    Only the shape, dtype and device are checked: checking the values would need a host
-    sync, which ops never do on the GPU path.
+    The values are checked on CPU tensors only, and not while torch.compile traces: on the
+    GPU reading them would be a host sync, which ops never do.
     """
     check_tensor(op, "cu_seqlens", cu_seqlens, INDEX_DTYPES)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{op}: cu_seqlens must be 1-D with num_seqs + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}")
-    if cu_seqlens.device.type == "cpu" and (
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling() and (
         int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != num_tokens or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any())
     ):
         raise ValueError(f"{op}: cu_seqlens must rise from 0 to the number of tokens ({num_tokens})")

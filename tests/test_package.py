@@ -78,6 +78,12 @@ def test_env_var_picks_the_backend_and_argument_wins(monkeypatch):
     with pytest.raises(ValueError, match="RLHF_ENGINE_BACKEND"):
         _backend.resolve_backend("op", None, torch.device("cpu"))
     assert _backend.resolve_backend("op", "torch", torch.device("cpu")) == "torch"
+    monkeypatch.setenv(_backend.ENV_VAR, "torch")
+    assert _backend.resolve_backend("op", "auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
+        _backend.resolve_backend("op", "auto", torch.device("cpu"))
 
 
 def test_unknown_backend_name_raises():
