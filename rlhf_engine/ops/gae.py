@@ -11,7 +11,6 @@ import torch
 from rlhf_engine._backend import lazy, resolve_backend
 from rlhf_engine._checks import (
     FLOAT_DTYPES,
-    INDEX_DTYPES,
     MASK_DTYPES,
     check_cu_seqlens,
     check_number,
@@ -73,12 +72,6 @@ def _check_tokens(op, rewards, mask, cu_seqlens, values=None):
         return None
     if rewards.dim() != 1:
         raise ValueError(f"{op}: with cu_seqlens, rewards must be packed [N], got shape {tuple(rewards.shape)}")
-    if torch.compiler.is_compiling():
-        # The value check inside check_cu_seqlens reads the tensor (a graph break).
-        check_tensor(op, "cu_seqlens", cu_seqlens, INDEX_DTYPES)
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.device != rewards.device:
-            raise ValueError(f"{op}: cu_seqlens must be 1-D [num_seqs + 1] on {rewards.device}")
-        return cu_seqlens.detach()
     return check_cu_seqlens(op, cu_seqlens, rewards.numel(), rewards.device).detach()
 
 
