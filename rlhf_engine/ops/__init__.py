@@ -5,11 +5,20 @@ anywhere; see ``rlhf_engine._backend``) and is registered with ``torch.library``
 composes with ``torch.compile(fullgraph=True)``.
 """
 
-from rlhf_engine.ops.kl import kl_penalty  # noqa: E402,F401
+from rlhf_engine.ops.advantages import group_advantages, masked_whiten
+from rlhf_engine.ops.gae import discounted_returns, gae
+from rlhf_engine.ops.kl import kl_penalty
+from rlhf_engine.ops.logprobs import token_logprobs
+from rlhf_engine.ops.policy_loss import policy_loss
+from rlhf_engine.ops.value_loss import value_loss
 
-from rlhf_engine.ops.logprobs import token_logprobs  # noqa: E402,F401
-
-from rlhf_engine.ops.advantages import group_advantages, masked_whiten  # noqa: E402,F401
-from rlhf_engine.ops.gae import discounted_returns, gae  # noqa: E402,F401
-from rlhf_engine.ops.policy_loss import policy_loss  # noqa: E402,F401
-from rlhf_engine.ops.value_loss import value_loss  # noqa: E402,F401
+__all__ = [
+    "discounted_returns",
+    "gae",
+    "group_advantages",
+    "kl_penalty",
+    "masked_whiten",
+    "policy_loss",
+    "token_logprobs",
+    "value_loss",
+]
