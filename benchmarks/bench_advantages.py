@@ -19,12 +19,11 @@ compiles a graph of ~10·T ops (slow at T = 2048; that is what a user of the loo
 ``python -m rlhf_engine.benchmarks.bench_advantages [--quick] [--out FILE.json]``
 """
 
-import argparse
 
 import torch
 
 from rlhf_engine import ops
-from rlhf_engine.benchmarks.common import Result, compiled, format_table, measure, write_json
+from rlhf_engine.benchmarks.common import Result, compiled, measure, script_main
 
 GAMMA, LAM = 1.0, 0.95
 
@@ -161,17 +160,5 @@ def run(device: torch.device, quick: bool) -> list[Result]:
     return _group(device, quick) + _gae(device, quick) + _whiten(device, quick)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
-    parser.add_argument("--out", help="write the results as JSON to this file")
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = run(device, args.quick)
-    print(format_table(results))
-    if args.out:
-        write_json(results, args.out, device, args.quick)
-
-
 if __name__ == "__main__":
-    main()
+    script_main(run, __doc__)

@@ -22,12 +22,11 @@ Run: ``python -m rlhf_engine.benchmarks.bench_logprobs [--quick] [--out results.
 
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 import torch
 
-from rlhf_engine.benchmarks.common import Result, compiled, format_table, liger_installed, measure, write_json
+from rlhf_engine.benchmarks.common import Result, compiled, liger_installed, measure, script_main
 from rlhf_engine.ops import token_logprobs
 from rlhf_engine._backend import triton_runs_on
 
@@ -141,18 +140,5 @@ def run(device: torch.device, quick: bool) -> list[Result]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shape, few repetitions")
-    parser.add_argument("--out", default=None, help="write the results as JSON to this path")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    results = run(device, args.quick)
-    print(format_table(results))
-    if args.out:
-        write_json(results, args.out, device, args.quick)
-
-
 if __name__ == "__main__":
-    main()
+    script_main(run, __doc__)

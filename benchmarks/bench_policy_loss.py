@@ -27,12 +27,11 @@ it is known only after the whole batch is reduced).
 ``python -m rlhf_engine.benchmarks.bench_policy_loss [--quick] [--out FILE.json]``
 """
 
-import argparse
 
 import torch
 
 from rlhf_engine import ops
-from rlhf_engine.benchmarks.common import Result, compiled, format_table, measure, write_json
+from rlhf_engine.benchmarks.common import Result, compiled, measure, script_main
 
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP, BETA = 0.2, 0.28, 3.0, 0.04
 
@@ -189,17 +188,5 @@ def run(device: torch.device, quick: bool) -> list[Result]:
     return _policy(device, quick) + _value(device, quick) + _kl(device, quick)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
-    parser.add_argument("--out", help="write the results as JSON to this file")
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = run(device, args.quick)
-    print(format_table(results))
-    if args.out:
-        write_json(results, args.out, device, args.quick)
-
-
 if __name__ == "__main__":
-    main()
+    script_main(run, __doc__)

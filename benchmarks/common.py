@@ -213,3 +213,20 @@ def _version_of(package: str) -> str | None:
         return importlib.import_module(package).__version__
     except ImportError:
         return None
+
+
+def script_main(run: Callable[[torch.device, bool], list[Result]], description: str) -> None:
+    """Command line of a ``bench_*.py`` module run as a script:
+    ``[--quick] [--out FILE.json] [--device DEV]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    parser.add_argument("--out", help="write the results as JSON to this file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    results = run(device, args.quick)
+    print(format_table(results))
+    if args.out:
+        write_json(results, args.out, device, args.quick)

@@ -140,6 +140,7 @@ def _token_logprobs_bwd_kernel(
     log2e_over_t,
     inv_t,
     ignore_index,
+    label_offset,
     WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -163,7 +164,7 @@ def _token_logprobs_bwd_kernel(
         u = tl.load(x_ptr + cols, mask=cols < read_cols, other=-float("inf")).to(tl.float32) * log2e_over_t
         log2p = u - lse2
         p = tl.exp2(log2p)
-        g = p * c - tl.where(cols == label, c, 0.0)
+        g = p * c - tl.where(cols == label - label_offset, c, 0.0)
         if WITH_ENTROPY:
             # dH/dz = -p * (z - E_p[z]) and z - E_p[z] = log p + H; p == 0 terms are 0.
             g += tl.where(p > 0, p * (log2p * _LN2 + h), 0.0) * c_h
@@ -212,6 +213,7 @@ def token_logprobs_bwd(
     dlogits: torch.Tensor,
     temperature: float,
     ignore_index: int,
+    label_offset: int = 0,
 ) -> None:
     """Backward launcher: writes the logits gradient into ``dlogits``.
 
@@ -219,6 +221,9 @@ def token_logprobs_bwd(
     stride for the two grads. logits, dlogits: ``[D0, D1, V]`` views with
     ``stride(-1) == 1`` (``dlogits`` may be ``logits`` itself: each tile is read before it
     is overwritten, by the same program). labels: ``[N]`` contiguous.
+    label_offset: the vocabulary id of column 0, for a slice of the vocabulary (the fused
+    lm_head backward works on vocabulary tiles with ``lse``/``entropy`` of whole rows);
+    a label outside ``[label_offset, label_offset + V)`` adds no one-hot term here.
     """
     d0, d1, vocab = logits.shape
     n = d0 * d1
@@ -233,6 +238,6 @@ def token_logprobs_bwd(
         d1, logits.stride(0), logits.stride(1),
         dlogits.shape[1], dlogits.stride(0), dlogits.stride(1),
         grad_logp.stride(0), grad_entropy.stride(0), vocab,
-        _LOG2E_HOST / temperature, 1.0 / temperature, ignore_index,
+        _LOG2E_HOST / temperature, 1.0 / temperature, ignore_index, label_offset,
         WITH_ENTROPY=with_entropy, BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip

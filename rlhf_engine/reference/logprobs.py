@@ -144,19 +144,23 @@ def token_logprobs_bwd_torch(
     dlogits: torch.Tensor,
     temperature: float,
     ignore_index: int,
+    label_offset: int = 0,
 ) -> None:
     """Backward of the torch backend; writes the logits gradient into ``dlogits``.
 
     ``dlogits = ((p - onehot) * (-grad_logp) - grad_entropy * p * (z - E_p[z])) / T``,
     with ``z - E_p[z] = log p + H``; zero rows where the label is ignored. ``dlogits``
     (a ``[D0, D1, V]`` view with the leading sizes of ``logits``) may be ``logits`` itself: each chunk is copied to fp32 before
-    its rows are overwritten.
+    its rows are overwritten. ``label_offset``: the vocabulary id of column 0 when
+    ``logits`` is a vocabulary slice (a label outside the slice adds no one-hot term).
     """
     d0, d1, vocab = logits.shape
     inv_t = 1.0 / temperature
     zero = torch.zeros((), dtype=torch.float32, device=logits.device)
     for outer, inner, flat in _row_chunks(d0, d1, vocab, logits.device):
-        ignored, _, safe = _label_masks(labels[flat], vocab, ignore_index)
+        chunk_labels = labels[flat]
+        ignored = chunk_labels == ignore_index
+        _, outside, safe = _label_masks(chunk_labels - label_offset, vocab, ignore_index - label_offset)
         c = torch.where(ignored, zero, -grad_logp[flat] * inv_t)[:, None]
         logp = _scaled_fp32(logits[outer, inner].reshape(-1, vocab), temperature)
         logp.sub_(lse[flat][:, None])
@@ -167,7 +171,7 @@ def token_logprobs_bwd_torch(
             p = logp.exp()
             # p * (c + c_h * (log p + H)), built in place in the log p buffer.
             g = logp.clamp_(min=_LOG_FLOOR).add_(entropy[flat][:, None]).mul_(c_h).add_(c).mul_(p)
-        g.scatter_add_(1, safe[:, None], -c)
+        g.scatter_add_(1, safe[:, None], torch.where(outside[:, None], zero, -c))
         # Ignored rows never read their logits in the Triton kernel; here they were read,
         # so zero them explicitly in case those logits were inf or NaN.
         g.masked_fill_(ignored[:, None], 0.0)
