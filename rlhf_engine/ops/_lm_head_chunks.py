@@ -1,0 +1,120 @@
+"""The chunk schedule of the fused lm_head + logprobs ops (both backends).
+
+Logits ``z = (hidden @ weight.T + bias) / temperature`` are never held in full:
+
+* forward, over token chunks: ``logits_c = hidden_c @ weight.T + bias`` ([C, V], model
+  dtype, a dense GEMM), then the token_logprobs epilogue of the chosen backend (one
+  online-logsumexp pass) gives ``logp``, ``entropy`` and the row ``lse`` (fp32 ``[N]``).
+* backward, over vocabulary tiles: ``logits_t = hidden @ weight_t.T + bias_t`` ([N, Vt]) is
+  recomputed, the token_logprobs backward epilogue turns it in place into
+  ``dz_t = d loss / d logits_t`` (fp32 math, the row ``lse``/``entropy`` make it exact for
+  a slice of the vocabulary), then two GEMMs: ``d weight_t = dz_t.T @ hidden`` (one GEMM
+  reduces over every token, so it accumulates in fp32 inside the GEMM and rounds once)
+  and ``d hidden += dz_t @ weight_t`` (accumulated across tiles in an fp32 ``[N, H]``
+  buffer). Vocabulary tiles rather than token chunks in backward so that ``d weight``
+  needs no fp32 ``[V, H]`` accumulator.
+
+A chunk holds at most ``chunk_size * V`` logits in both directions. FLOPs: forward
+``2·N·H·V``; backward ``6·N·H·V`` (recompute, d hidden, d weight).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# Logit bytes per chunk (model dtype) when the caller gives no chunk_size. On CUDA the
+# chunk GEMM must be large enough to run at full rate; on the CPU a smaller chunk stays
+# closer to cache and keeps peak memory low.
+DEFAULT_CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
+
+
+def default_chunk_rows(num_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    budget = DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cuda"])
+    rows = budget // (vocab * torch.finfo(dtype).bits // 8)
+    return max(1, min(num_tokens, rows))
+
+
+def vocab_tile(num_tokens: int, vocab: int, chunk_rows: int) -> int:
+    """Columns per backward tile, so a tile holds as many logits as a forward chunk."""
+    return max(1, min(vocab, chunk_rows * vocab // max(num_tokens, 1)))
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def chunked_logprobs_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    chunk_rows: int,
+    epilogue_fwd: Callable,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden ``[N, H]``, weight ``[V, H]``, bias ``[V]`` or None, labels ``[N]`` ->
+    fp32 ``(logp [N], entropy [N] or [0], lse [N])``.
+
+    ``epilogue_fwd`` has the signature of ``kernels.logprobs.token_logprobs_fwd``.
+    """
+    n = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    logp = torch.empty(n, **f32)
+    entropy = torch.empty(n if with_entropy else 0, **f32)
+    lse = torch.empty(n, **f32)
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        logits = _logits(hidden[start:stop], weight, bias)
+        lp, h, s = epilogue_fwd(logits[None], labels[start:stop], temperature, ignore_index, with_entropy)
+        logp[start:stop] = lp
+        lse[start:stop] = s
+        if with_entropy:
+            entropy[start:stop] = h
+    return logp, entropy, lse
+
+
+def chunked_logprobs_bwd(
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    chunk_rows: int,
+    epilogue_bwd: Callable,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients ``(d hidden [N, H], d weight [V, H], d bias [V] or None)`` in the dtypes
+    of ``hidden``, ``weight`` and ``bias``, for upstream fp32 ``grad_logp [N]`` (and
+    ``grad_entropy [N]`` with the forward's ``entropy``, or both None).
+
+    ``epilogue_bwd`` has the signature of ``kernels.logprobs.token_logprobs_bwd``.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    dhidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    dweight = torch.empty_like(weight)
+    dbias = None if bias is None else torch.empty_like(bias)
+    if n == 0:
+        dweight.zero_()
+        if dbias is not None:
+            dbias.zero_()
+        return dhidden.to(hidden.dtype), dweight, dbias
+    cols = vocab_tile(n, vocab, chunk_rows)
+    for start in range(0, vocab, cols):
+        stop = min(start + cols, vocab)
+        w = weight[start:stop]
+        dz = _logits(hidden, w, None if bias is None else bias[start:stop])
+        epilogue_bwd(grad_logp, grad_entropy, dz[None], labels, lse, entropy, dz[None], temperature, ignore_index, start)
+        torch.mm(dz.t(), hidden, out=dweight[start:stop])
+        # dz @ w rounds to the model dtype once per tile; the sum over tiles is fp32.
+        dhidden += dz @ w
+        if dbias is not None:
+            dbias[start:stop] = torch.sum(dz, dim=0, dtype=torch.float32)
+    return dhidden.to(hidden.dtype), dweight, dbias

@@ -1,0 +1,318 @@
+"""Public fused lm_head ops: logprobs, policy loss and sequence logprobs straight from
+hidden states, without ever holding the full ``[N, V]`` logits.
+
+Layers: validation and the public functions here; two ``torch.library`` custom ops
+(``rlhf_engine::fused_linear_logprobs_fwd`` / ``_bwd``) that run the chunk schedule of
+``rlhf_engine.ops._lm_head_chunks`` with the token_logprobs epilogue of the chosen
+backend (``"triton"`` kernels or ``"torch"``); the matmuls are dense GEMMs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from rlhf_engine._backend import resolve_backend
+from rlhf_engine._checks import INDEX_DTYPES, check_cu_seqlens, check_number, check_same_device, check_tensor
+from rlhf_engine.ops._lm_head_chunks import chunked_logprobs_bwd, chunked_logprobs_fwd, default_chunk_rows
+from rlhf_engine.ops.logprobs import _BWD as _EPILOGUE_BWD
+from rlhf_engine.ops.logprobs import _FWD as _EPILOGUE_FWD
+from rlhf_engine.ops.logprobs import LOGITS_DTYPES, _check_labels_in_range
+from rlhf_engine.ops.policy_loss import policy_loss
+
+OP = "fused_linear_logprobs"
+
+
+@torch.library.custom_op("rlhf_engine::fused_linear_logprobs_fwd", mutates_args=())
+def _fused_linear_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    chunk_rows: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden ``[N, H]``, labels ``[N]`` -> fp32 ``(logp [N], entropy [N] or [0], lse [N])``."""
+    if hidden.device.type == "cpu":
+        _check_labels_in_range(labels, weight.shape[0], ignore_index)
+    return chunked_logprobs_fwd(
+        hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_rows, _EPILOGUE_FWD[backend]
+    )
+
+
+@_fused_linear_fwd.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_rows, backend):
+    n = hidden.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return hidden.new_empty(n, **f32), hidden.new_empty(n if with_entropy else 0, **f32), hidden.new_empty(n, **f32)
+
+
+@torch.library.custom_op("rlhf_engine::fused_linear_logprobs_bwd", mutates_args=())
+def _fused_linear_bwd(
+    grad_logp: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    chunk_rows: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d hidden [N, H], d weight [V, H], d bias [V] or [0] without bias)``."""
+    dhidden, dweight, dbias = chunked_logprobs_bwd(
+        grad_logp.contiguous(),
+        None if grad_entropy is None else grad_entropy.contiguous(),
+        hidden,
+        weight,
+        bias,
+        labels,
+        lse,
+        entropy,
+        temperature,
+        ignore_index,
+        chunk_rows,
+        _EPILOGUE_BWD[backend],
+    )
+    return dhidden, dweight, weight.new_empty(0) if dbias is None else dbias
+
+
+@_fused_linear_bwd.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_rows, backend):
+    return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(0) if bias is None else torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_rows, backend = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    ctx.config = (temperature, ignore_index, with_entropy, chunk_rows, backend)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+    temperature, ignore_index, with_entropy, chunk_rows, backend = ctx.config
+    dhidden, dweight, dbias = _fused_linear_bwd(
+        grad_logp,
+        grad_entropy if with_entropy else None,
+        hidden,
+        weight,
+        bias,
+        labels,
+        lse,
+        entropy if with_entropy else None,
+        temperature,
+        ignore_index,
+        chunk_rows,
+        backend,
+    )
+    return dhidden, dweight, None if bias is None else dbias, None, None, None, None, None, None
+
+
+_fused_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(op, hidden, weight, labels, bias, temperature, ignore_index, chunk_size) -> float:
+    check_tensor(op, "hidden", hidden, LOGITS_DTYPES)
+    check_tensor(op, "weight", weight, LOGITS_DTYPES)
+    check_tensor(op, "labels", labels, INDEX_DTYPES)
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"{op}: hidden must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(
+            f"{op}: weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]} and V >= 1, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"{op}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if bias is not None:
+        check_tensor(op, "bias", bias, LOGITS_DTYPES)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{op}: bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{op}: bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
+    check_same_device(op, "hidden", hidden, weight=weight, labels=labels, bias=bias)
+    temperature = check_number(op, "temperature", temperature, positive=True)
+    if temperature == math.inf:
+        raise ValueError(f"{op}: temperature must be finite, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be None or a positive int (tokens per chunk), got {chunk_size!r}")
+    return temperature
+
+
+def _run(op, hidden, weight, labels, bias, temperature, ignore_index, with_entropy, chunk_size, backend):
+    temperature = _validate(op, hidden, weight, labels, bias, temperature, ignore_index, chunk_size)
+    resolved = resolve_backend(op, backend, hidden.device)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    labels1d = labels.reshape(-1)
+    n, vocab = hidden2d.shape[0], weight.shape[0]
+    chunk_rows = chunk_size or default_chunk_rows(n, vocab, hidden.dtype, hidden.device)
+    logp, entropy, _ = _fused_linear_fwd(
+        hidden2d, weight, bias, labels1d, temperature, ignore_index, with_entropy, chunk_rows, resolved
+    )
+    return logp.view(labels.shape), entropy.view(labels.shape) if with_entropy else None
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+):
+    """Per-token logprobs (and entropy) of ``labels`` under the lm_head ``weight``,
+    without materializing the ``[N, V]`` logits.
+
+    With ``z = (hidden @ weight.T + bias) / temperature`` (ALGORITHMS.md section 1)::
+
+        logp    = z[label] - logsumexp(z)
+        entropy = logsumexp(z) - sum(softmax(z) * z)
+
+    Args:
+        hidden: ``[..., H]`` float16 / bfloat16 / float32 (the last hidden states).
+        weight: ``[V, H]``, the lm_head weight, same dtype as ``hidden``.
+        labels: ``[...]`` = ``hidden.shape[:-1]``, int64 / int32, in ``[0, V)`` or equal to
+            ``ignore_index`` (those positions give 0 and no gradient).
+        bias: optional ``[V]``, same dtype.
+        temperature: ``> 0``; the sampling temperature, so training matches rollout.
+        return_entropy: also return the (differentiable) entropy.
+        chunk_size: tokens per forward chunk; the backward works on vocabulary tiles of
+            the same number of logits. At most ``chunk_size * V`` logits exist at once.
+            None: about 512 MiB of logits on CUDA, 16 MiB on the CPU.
+        backend: ``"auto"`` (triton on CUDA, torch otherwise), ``"triton"``, ``"torch"``.
+
+    Returns:
+        fp32 ``logp [...]``, or ``(logp, entropy)``. The backward gives ``d hidden``,
+        ``d weight`` and ``d bias`` in their own dtypes; ``d weight`` is one GEMM per
+        vocabulary tile over all tokens (fp32 accumulation inside the GEMM) and ``d
+        hidden`` is summed over tiles in fp32. FLOPs: ``2·N·H·V`` forward, ``6·N·H·V``
+        backward (the logits are recomputed).
+
+    Raises:
+        TypeError / ValueError naming the argument. Labels out of range raise on CPU
+        tensors; on CUDA they give NaN (no host sync).
+    """
+    logp, entropy = _run(
+        OP, hidden, weight, labels, bias, temperature, ignore_index, return_entropy, chunk_size, backend
+    )
+    return (logp, entropy) if return_entropy else logp
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Summed logprob of each sequence, ``Σ_t logp_t · mask_t`` (DPO, reward models).
+
+    Padded: ``hidden [B, T, H]``, ``labels``/``mask`` ``[B, T]`` -> fp32 ``[B]``. Packed:
+    ``hidden [N, H]``, ``labels``/``mask`` ``[N]`` and ``cu_seqlens`` (``[S + 1]``, from 0
+    to N) -> fp32 ``[S]``. ``mask`` is bool or float (weights). Other arguments and the
+    gradients as :func:`fused_linear_logprobs`.
+    """
+    op = "sequence_logprobs"
+    check_tensor(op, "mask", mask, (torch.bool,) + LOGITS_DTYPES + (torch.float64,))
+    if mask.shape != labels.shape:
+        raise ValueError(f"{op}: mask must have the shape of labels {tuple(labels.shape)}, got {tuple(mask.shape)}")
+    if cu_seqlens is None and labels.dim() != 2:
+        raise ValueError(f"{op}: padded inputs need labels [B, T] (or pass cu_seqlens), got {tuple(labels.shape)}")
+    if cu_seqlens is not None:
+        if labels.dim() != 1:
+            raise ValueError(f"{op}: packed inputs (cu_seqlens given) need labels [N], got {tuple(labels.shape)}")
+        check_cu_seqlens(op, cu_seqlens, labels.shape[0], labels.device)
+    logp, _ = _run(op, hidden, weight, labels, bias, temperature, ignore_index, False, chunk_size, backend)
+    weighted = logp * mask.to(torch.float32)
+    if cu_seqlens is None:
+        return weighted.sum(dim=-1)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    seq_of_token = torch.repeat_interleave(
+        torch.arange(lengths.shape[0], device=labels.device), lengths, output_size=labels.shape[0]
+    )
+    return torch.zeros(lengths.shape[0], dtype=torch.float32, device=labels.device).index_add(0, seq_of_token, weighted)
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    return_logprobs: bool = False,
+    loss: str = "ppo",
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    delta: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    kl_clamp: bool = False,
+    entropy_coef: float = 0.0,
+    is_weights: torch.Tensor | None = None,
+    aggregation: str = "token-mean",
+    normalizer=None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """The policy loss computed straight from hidden states.
+
+    Equal to ``policy_loss(fused_linear_logprobs(hidden, weight, labels, ...), old_logp,
+    advantages, mask, ...)`` with the entropy computed in the same pass when
+    ``entropy_coef`` is non-zero or ``return_logprobs`` is set. ``hidden`` is ``[B, T, H]``
+    (padded) or ``[N, H]`` (packed, with ``cu_seqlens``); every other per-token tensor has
+    the shape of ``labels``. All loss options are those of
+    :func:`rlhf_engine.ops.policy_loss`; the lm_head options those of
+    :func:`fused_linear_logprobs`. Only one chunk of logits exists at a time.
+
+    Returns:
+        ``(loss, metrics)``; with ``return_logprobs``, ``(loss, metrics, logp, entropy)``
+        where ``logp`` and ``entropy`` are detached fp32 per-token tensors for logging
+        (e.g. the rollout/training logprob gap).
+    """
+    with_entropy = entropy_coef != 0.0 or return_logprobs
+    logp, entropy = _run(
+        "fused_linear_policy_loss", hidden, weight, labels, bias, temperature, ignore_index, with_entropy,
+        chunk_size, backend,
+    )  # fmt: skip
+    value, metrics = policy_loss(
+        logp, old_logp, advantages, mask, loss=loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        delta=delta, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp,
+        entropy=entropy if entropy_coef != 0.0 else None, entropy_coef=entropy_coef, is_weights=is_weights,
+        aggregation=aggregation, normalizer=normalizer, cu_seqlens=cu_seqlens, backend=backend,
+    )  # fmt: skip
+    if return_logprobs:
+        return value, metrics, logp.detach(), entropy.detach()
+    return value, metrics
