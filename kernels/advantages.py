@@ -105,8 +105,10 @@ def _whiten_apply_kernel(
     SHIFT_MEAN: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    _, mean, var = _count_mean_var(part1_ptr, P1, part2_ptr, P, BLOCK_P)
-    inv_std = 1.0 / tl.sqrt(var + eps)
+    n, mean, var = _count_mean_var(part1_ptr, P1, part2_ptr, P, BLOCK_P)
+    # Σw ≤ 1: no spread is known, so every valid value maps to the mean (not to
+    # rounding noise times rsqrt(eps)).
+    inv_std = tl.where(n > 1, 1.0 / tl.sqrt(var + eps), 0.0)
     for start in range(pid * BLOCK, N, P * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x, w = _load_x_w(x_ptr, w_ptr, offs, N, HAS_W)

@@ -217,8 +217,8 @@ def masked_whiten(
     finite there (the torch backend applies the mask by multiplication, as TRL and verl
     do, so a NaN in the padding makes the whole result NaN, never a silent wrong
     number); all positions masked gives all zeros; ``n ≤ 1`` (e.g. one valid token) leaves the
-    unbiased variance undefined, so ``var = 0`` is used: the valid token gets 0
-    (``x`` itself when ``shift_mean=False``).
+    unbiased variance undefined, so no spread is known and every valid position gets 0
+    (``μ`` when ``shift_mean=False``: for one valid token, ``x`` itself).
 
     Args:
         x: any shape, any float dtype. mask: same shape, bool / int / float.

@@ -20,7 +20,7 @@ Semantics (see ``rlhf_engine.ops.advantages`` for the user-facing docstring):
 * A std over fewer than two values (``scale="batch"`` with one sequence) is 0 under
   ``"trl"`` and 1 under ``"verl"``, the same rule.
 * Whitening: weights ``w`` (a mask, or token counts), ``μ = Σwx/Σw``,
-  ``var = Σw(x−μ)²/(Σw−1)`` (unbiased; 0 when ``Σw ≤ 1``), ``(x−μ)·rsqrt(var+ε)``,
+  ``var = Σw(x−μ)²/(Σw−1)`` (unbiased), ``(x−μ)·rsqrt(var+ε)`` (0 when ``Σw ≤ 1``: no spread is known),
   and 0 wherever ``w == 0`` (``x`` must be finite there: the torch backend multiplies
   by the mask, so NaN padding gives NaN).
 """
@@ -44,7 +44,8 @@ def masked_whiten_ref(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = Tr
     n = float(w.sum())
     mean = (w * xs).sum() / n if n > 0 else x.new_zeros(())
     var = (w * (xs - mean) ** 2).sum() / (n - 1) if n > 1 else x.new_zeros(())
-    out = (xs - mean) * torch.rsqrt(var + eps)
+    # Σw ≤ 1: no spread is known, so every valid value maps to the mean.
+    out = (xs - mean) * (torch.rsqrt(var + eps) if n > 1 else 0.0)
     if not shift_mean:
         out = out + mean
     return torch.where(w != 0, out, torch.zeros_like(out))
@@ -136,11 +137,13 @@ def masked_whiten_torch(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = 
         torch.mul(centered, w, out=weighted)
         return (weighted * centered).sum()
 
-    mean, var = _mean_var(torch.mul(xf, w, out=weighted).sum(), centered_sq, w.sum())
+    n = w.sum()
+    mean, var = _mean_var(torch.mul(xf, w, out=weighted).sum(), centered_sq, n)
+    inv_std = torch.rsqrt(var + eps) * (n > 1)  # Σw ≤ 1: every valid value maps to the mean
     if mask.dtype == torch.bool:
-        out = weighted.mul_(torch.rsqrt(var + eps))  # (x − μ)·w is already 0 where masked
+        out = weighted.mul_(inv_std)  # (x − μ)·w is already 0 where masked
     else:
-        out = centered.mul_(torch.rsqrt(var + eps)).mul_(w != 0)
+        out = centered.mul_(inv_std).mul_(w != 0)
     if not shift_mean:
         out = (out + mean).mul_(w != 0)
     return out.view(x.shape)
