@@ -2,9 +2,15 @@
 hidden states, without ever holding the full ``[N, V]`` logits.
 
 Layers: validation and the public functions here; two ``torch.library`` custom ops
-(``rlhf_engine::fused_linear_logprobs_fwd`` / ``_bwd``) that run the chunk schedule of
-``rlhf_engine.ops._lm_head_chunks`` with the token_logprobs epilogue of the chosen
-backend (``"triton"`` kernels or ``"torch"``); the matmuls are dense GEMMs.
+(``rlhf_engine::fused_linear_logprobs_fwd`` / ``_bwd``) dispatching through ``_FWD`` /
+``_BWD``:
+
+* forward, ``"triton"``: one GEMM kernel with an online-logsumexp epilogue
+  (``rlhf_engine.kernels.fused_linear``): no logits in memory at all;
+  ``"torch"``: the chunk schedule of ``rlhf_engine.ops._lm_head_chunks`` (dense GEMM per
+  token chunk, then the torch token_logprobs epilogue);
+* backward, both: the chunk schedule over vocabulary tiles (recompute GEMM, the
+  backend's token_logprobs backward epilogue, then the d hidden / d weight GEMMs).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from rlhf_engine._backend import resolve_backend
+from rlhf_engine._backend import lazy, resolve_backend
 from rlhf_engine._checks import INDEX_DTYPES, check_cu_seqlens, check_number, check_same_device, check_tensor
 from rlhf_engine.ops._lm_head_chunks import chunked_logprobs_bwd, chunked_logprobs_fwd, default_chunk_rows
 from rlhf_engine.ops.logprobs import _BWD as _EPILOGUE_BWD
@@ -23,6 +29,23 @@ from rlhf_engine.ops.logprobs import LOGITS_DTYPES, _check_labels_in_range
 from rlhf_engine.ops.policy_loss import policy_loss
 
 OP = "fused_linear_logprobs"
+
+
+def _chunked_fwd_torch(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_rows):
+    return chunked_logprobs_fwd(
+        hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_rows, _EPILOGUE_FWD["torch"]
+    )
+
+
+_fused_gemm_fwd_triton = lazy("rlhf_engine.kernels.fused_linear", "fused_linear_logprobs_fwd")
+
+
+def _fused_fwd_triton(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_rows):
+    # The fused GEMM holds no logits, so it needs no chunking.
+    return _fused_gemm_fwd_triton(hidden, weight, bias, labels, temperature, ignore_index, with_entropy)
+
+
+_FWD = {"torch": _chunked_fwd_torch, "triton": _fused_fwd_triton}
 
 
 @torch.library.custom_op("rlhf_engine::fused_linear_logprobs_fwd", mutates_args=())
@@ -40,9 +63,7 @@ def _fused_linear_fwd(
     """hidden ``[N, H]``, labels ``[N]`` -> fp32 ``(logp [N], entropy [N] or [0], lse [N])``."""
     if hidden.device.type == "cpu":
         _check_labels_in_range(labels, weight.shape[0], ignore_index)
-    return chunked_logprobs_fwd(
-        hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_rows, _EPILOGUE_FWD[backend]
-    )
+    return _FWD[backend](hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_rows)
 
 
 @_fused_linear_fwd.register_fake
@@ -195,9 +216,10 @@ def fused_linear_logprobs(
         bias: optional ``[V]``, same dtype.
         temperature: ``> 0``; the sampling temperature, so training matches rollout.
         return_entropy: also return the (differentiable) entropy.
-        chunk_size: tokens per forward chunk; the backward works on vocabulary tiles of
-            the same number of logits. At most ``chunk_size * V`` logits exist at once.
-            None: about 512 MiB of logits on CUDA, 16 MiB on the CPU.
+        chunk_size: bounds the logits held at once to ``chunk_size * V``: the torch
+            forward runs ``chunk_size`` tokens at a time (the Triton forward holds no
+            logits at all), and both backwards work on vocabulary tiles of that many
+            logits. None: about 512 MiB of logits on CUDA, 16 MiB on the CPU.
         backend: ``"auto"`` (triton on CUDA, torch otherwise), ``"triton"``, ``"torch"``.
 
     Returns:
