@@ -41,7 +41,8 @@ def _fused_linear_logprobs_fwd_kernel(
     N, V, H, cols_per_split,
     stride_hn, stride_wv,
     log2e_over_t, ignore_index,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ROUND_LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -71,9 +72,19 @@ def _fused_linear_logprobs_fwd_kernel(
                 weight_ptr + cols[None, :].to(tl.int64) * stride_wv + (k0 + ks)[:, None],
                 mask=col_ok[None, :] & k_ok[:, None], other=0.0,
             )
+            if UPCAST_DOT:  # exact: a bf16 product fits in fp32
+                a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        # The backward recomputes the logits in the model dtype and uses this lse: round
+        # them the same way here, or its softmax does not sum to 1 (for V = 1, p != 1).
+        if ROUND_LOGITS == 1:  # bf16, round to nearest even in bits (the interpreter's cast truncates)
+            bits = acc.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            acc = bits.to(tl.float32, bitcast=True)
+        elif ROUND_LOGITS == 2:  # fp16
+            acc = acc.to(tl.float16).to(tl.float32)
         u = tl.where(col_ok[None, :], acc * log2e_over_t, -float("inf"))
         zlab += tl.sum(tl.where(cols[None, :] == labels[:, None], u, 0.0), axis=1)
 
@@ -165,6 +176,9 @@ def fused_linear_logprobs_fwd(
     cols_per_split = cfg.pop("cols_per_split")
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m, s, t, zlab = (torch.empty(splits, n, **f32) for _ in range(4))
+    # The Triton interpreter's tl.dot multiplies the raw bit patterns of bf16 operands
+    # (triton-lang/triton#11584), so under it bf16 tiles go to the dot as fp32.
+    upcast = hidden.dtype == torch.bfloat16 and triton_interpreter_on()
     if n > 0:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), splits)
         _fused_linear_logprobs_fwd_kernel[grid](
@@ -175,6 +189,7 @@ def fused_linear_logprobs_fwd(
             _LOG2E / temperature, ignore_index,
             HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
             # fp32 inputs get full-precision products, as torch.matmul gives them by default.
-            DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32", **cfg,
+            DOT_PRECISION="ieee" if hidden.dtype == torch.float32 or upcast else "tf32", UPCAST_DOT=upcast,
+            ROUND_LOGITS={torch.bfloat16: 1, torch.float16: 2}.get(hidden.dtype, 0), **cfg,
         )  # fmt: skip
     return _combine_splits(m, s, t, zlab, labels, vocab, temperature, ignore_index, with_entropy)
