@@ -31,7 +31,9 @@ def token_layout(op: str, name: str, x: torch.Tensor, cu_seqlens) -> Layout:
         if x.dim() != 2 or x.shape[0] == 0:
             raise ValueError(f"{op}: {name} must be [B, T] with B >= 1 (or [N] with cu_seqlens), got shape {tuple(x.shape)}")
         rows, cols = x.shape
-        cu = torch.arange(rows + 1, device=x.device, dtype=torch.int32) * cols
+        index = dict(device=x.device, dtype=torch.int32)
+        # One op, not arange * cols; the step must be nonzero
+        cu = torch.arange(0, (rows + 1) * cols, cols, **index) if cols else torch.zeros(rows + 1, **index)
         return Layout(cu, rows, cols)
     if x.dim() != 1:
         raise ValueError(f"{op}: {name} must be 1-D [N] when cu_seqlens is given, got shape {tuple(x.shape)}")

@@ -15,7 +15,9 @@ from rlhf_engine.reference.value_loss import METRICS, PARTIALS, value_loss_parti
 OP = "value_loss"
 
 _FWD = {"torch": value_loss_partials, "triton": lazy("rlhf_engine.kernels.value_loss", "value_loss_fwd")}
-_METRIC_COLUMNS = [PARTIALS.index(column) for column in ("clipped", "values")]  # METRICS order
+# The METRICS are the masked means of these (adjacent) columns, a slice: no index tensor.
+_METRIC_COLUMNS = slice(PARTIALS.index("clipped"), PARTIALS.index("values") + 1)
+assert PARTIALS[_METRIC_COLUMNS] == ("clipped", "values") and METRICS == ("clipfrac", "values_mean")
 
 
 @torch.library.custom_op("rlhf_engine::value_loss_fwd", mutates_args=())
@@ -30,9 +32,7 @@ def _value_loss_fwd(
     total, w = aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
     totals = partials.sum(0)
     count = totals[PARTIALS.index("count")]
-    # stack of scalar selects, not totals[list]: list indexing copies an index from the host
-    sums = torch.stack([totals[column] for column in _METRIC_COLUMNS])
-    metrics = torch.where(count > 0, sums / torch.where(count > 0, count, 1.0), 0.0)
+    metrics = torch.where(count > 0, totals[_METRIC_COLUMNS] / count, 0.0)
     return total, metrics, g, w
 
 
@@ -46,24 +46,29 @@ def _(values, old_values, returns, mask, cu_seqlens, *args):
 
 
 _NUM_INPUTS = 11
+_VALUES, _CU, _SEQ_LEN, _BACKEND = 0, 4, 9, 10
 
 
-def _setup_context(ctx, inputs, output):
-    _, metrics, g, w = output
-    ctx.mark_non_differentiable(metrics, g, w)
-    ctx.save_for_backward(g, w, inputs[4])
-    ctx.dtype, ctx.seq_len, ctx.backend = inputs[0].dtype, inputs[9], inputs[10]
+class _ValueLoss(torch.autograd.Function):
+    """Autograd around the custom op (``_NUM_INPUTS`` inputs -> ``(loss, metrics)``); a
+    Function rather than ``register_autograd`` for the reason given in ``ops/policy_loss.py``
+    (per-call schema re-reads, quadratic in the number of arguments)."""
 
+    @staticmethod
+    def forward(ctx, *inputs):
+        total, metrics, g, w = _value_loss_fwd(*inputs)
+        ctx.mark_non_differentiable(metrics)
+        ctx.save_for_backward(g, w, inputs[_CU])
+        ctx.dtype, ctx.seq_len, ctx.backend = inputs[_VALUES].dtype, inputs[_SEQ_LEN], inputs[_BACKEND]
+        return total, metrics
 
-def _backward(ctx, grad_loss, *unused):
-    g, w, cu_seqlens = ctx.saved_tensors
-    grads = [None] * _NUM_INPUTS
-    if ctx.needs_input_grad[0]:
-        grads[0] = seq_loss_bwd(grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtype, ctx.backend)
-    return tuple(grads)
-
-
-_value_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        g, w, cu_seqlens = ctx.saved_tensors
+        grads = [None] * _NUM_INPUTS
+        if ctx.needs_input_grad[_VALUES]:
+            grads[_VALUES] = seq_loss_bwd(grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtype, ctx.backend)
+        return tuple(grads)
 
 
 def value_loss(
@@ -102,7 +107,7 @@ def value_loss(
     _checks.check_choice(OP, "aggregation", aggregation, AGGREGATIONS)
     norm_tensor, norm_const = normalizer_args(OP, normalizer, values.device)
     chosen = resolve_backend(OP, backend, values.device)
-    total, metrics, _, _ = _value_loss_fwd(
+    total, metrics = _ValueLoss.apply(
         flat(values), flat(old_values), flat(returns), flat(mask), layout.cu_seqlens, norm_tensor, clip, aggregation,
         norm_const, layout.seq_len, chosen,
     )

@@ -22,10 +22,11 @@ global token or sequence count under data parallelism / gradient accumulation). 
 Every mode is linear in the per-sequence sums: ``loss = sum_b w_b L_b`` with ``w_b =
 d loss / d L_b``, which is what the fused ops save for backward.
 
-Three things live here: :func:`aggregate_ref` (the spec, per token, differentiable),
-:class:`Segments` (vectorized per-sequence sums over a flat token axis, for the torch
-backends) and :func:`aggregate_partials` (per-sequence sums -> loss and ``w``, shared by
-every backend).
+What lives here: :func:`aggregate_ref` (the spec, per token, differentiable);
+for the torch backends, :class:`Segments` (vectorized per-sequence sums over a flat
+token axis) and :class:`TokenMask` / :func:`keep` / :func:`select` (masking without
+``torch.where``); and :func:`aggregate_partials` (per-sequence sums -> loss and ``w``,
+shared by every backend).
 """
 
 from __future__ import annotations
@@ -62,44 +63,104 @@ def aggregate_ref(loss_tok: torch.Tensor, mask: torch.Tensor, bounds: list, aggr
 
 
 class Segments:
-    """Per-sequence reductions over a flat token axis ``[N]`` without Python loops.
+    """Per-sequence views and reductions over the flat token axis ``[N]``, without Python loops.
 
-    ``seq_len > 0``: a padded batch, ``N = S * seq_len`` (reshape-and-reduce, the fast
-    path). ``seq_len == 0``: packed, sequence b is ``[cu_seqlens[b], cu_seqlens[b+1])``.
+    ``seq_len > 0``: a padded batch, ``N = S * seq_len``: tokens are viewed as ``[S, T]``,
+    a per-sequence value broadcasts as ``[S, 1]`` and sums reduce the last axis (no copy,
+    no index). ``seq_len == 0``: packed, sequence b is ``[cu_seqlens[b], cu_seqlens[b+1])``;
+    tokens stay ``[N]`` and per-sequence values are gathered by sequence id.
     """
 
     def __init__(self, cu_seqlens: torch.Tensor, num_tokens: int, seq_len: int):
         self.num_seqs = cu_seqlens.numel() - 1
+        self.num_tokens = num_tokens
         self.seq_len = seq_len
+        self.shape = (self.num_seqs, seq_len) if seq_len else (num_tokens,)
         if not seq_len:
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
             seq_ids = torch.arange(self.num_seqs, device=cu_seqlens.device)
             self.ids = torch.repeat_interleave(seq_ids, lengths, output_size=num_tokens)
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(self.num_seqs, self.seq_len)
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat ``[N]`` -> ``[S, T]`` (padded) or ``[N]`` (packed), a view."""
+        return x.view(self.shape)
+
+    def expand(self, per_seq: torch.Tensor) -> torch.Tensor:
+        """``[S]`` -> each sequence's value on its tokens, broadcasting against :meth:`tokens`
+        (``[S, 1]`` when padded, gathered ``[N]`` when packed)."""
+        return per_seq[:, None] if self.seq_len else per_seq.index_select(0, self.ids)
+
+    def per_token(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N]`` (per token; wins when ``N == S``) or ``[S]`` (per sequence), as :meth:`tokens`
+        or :meth:`expand` give it."""
+        return self.tokens(x) if x.numel() == self.num_tokens else self.expand(x)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sequence sums of ``[..., *shape]`` -> ``[..., S]``."""
         if self.seq_len:
-            return self._rows(x).sum(1)
-        return x.new_zeros(self.num_seqs).index_add_(0, self.ids, x)
+            return x.sum(-1)
+        return x.new_zeros(x.shape[:-1] + (self.num_seqs,)).index_add_(x.dim() - 1, self.ids, x)
 
     def amin(self, x: torch.Tensor) -> torch.Tensor:
         """Minimum per sequence; +inf for an empty one (callers mask with +inf)."""
         if self.seq_len:
-            return self._rows(x).amin(1)
+            return x.amin(-1)
         return x.new_full((self.num_seqs,), float("inf")).scatter_reduce_(0, self.ids, x, "amin")
 
     def amax(self, x: torch.Tensor) -> torch.Tensor:
         if self.seq_len:
-            return self._rows(x).amax(1)
+            return x.amax(-1)
         return x.new_full((self.num_seqs,), float("-inf")).scatter_reduce_(0, self.ids, x, "amax")
 
-    def expand(self, per_seq: torch.Tensor) -> torch.Tensor:
-        """``[S]`` -> ``[N]``: each sequence's value on each of its tokens."""
-        if self.seq_len:
-            return per_seq[:, None].expand(self.num_seqs, self.seq_len).reshape(-1)
-        return per_seq[self.ids]
+
+# Selecting without torch.where. On the CPU, torch.where (and masked_fill) is a scalar
+# loop: ~2 ms per 1M fp32 elements, 25x a vectorized elementwise op. A condition turned
+# once into int32 lanes (-1 where true, 0 where false) selects fp32 values exactly with
+# vectorized bitwise ops: NaN / inf where the condition is false still become +0.0 (or the
+# other operand), values where it holds are untouched bit for bit.
+
+
+def lanes(cond: torch.Tensor) -> torch.Tensor:
+    """int32 lanes of a bool tensor: -1 (all bits set) where true, 0 where false."""
+    return cond.to(torch.int32).neg_()
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32)
+
+
+def keep(x: torch.Tensor, cond_lanes: torch.Tensor) -> torch.Tensor:
+    """``torch.where(cond, x, 0.0)`` for fp32 ``x``."""
+    return (_bits(x) & cond_lanes).view(torch.float32)
+
+
+def select(cond_lanes: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.where(cond, a, b)`` for fp32 ``a``, ``b`` (``((a ^ b) & lanes) ^ b``)."""
+    b_bits = _bits(b)
+    return (((_bits(a) ^ b_bits) & cond_lanes) ^ b_bits).view(torch.float32)
+
+
+class TokenMask:
+    """A loss mask (bool, or float / int weights ``m``; ``m != 0`` is active) for the torch
+    backends: :meth:`apply` is ``where(m != 0, x * m, 0)``, so masked tokens contribute
+    exactly 0 even where their values are NaN or inf."""
+
+    def __init__(self, mask: torch.Tensor):
+        active = mask if mask.dtype == torch.bool else mask != 0
+        self.lanes = lanes(active)
+        # A bool mask weighs every active token 1: x * 1 is x, so no multiply.
+        self.weights = None if mask.dtype == torch.bool else mask.to(torch.float32)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Masked fp32 ``x`` (a new tensor unless ``x`` broadcasts to it)."""
+        return keep(x if self.weights is None else x * self.weights, self.lanes)
+
+    def apply_(self, x: torch.Tensor) -> torch.Tensor:
+        """In place on a fp32 ``[..., *token shape]`` buffer."""
+        if self.weights is not None:
+            x.mul_(self.weights)
+        _bits(x).bitwise_and_(self.lanes)
+        return x
 
 
 def aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const):

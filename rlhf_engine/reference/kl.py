@@ -99,4 +99,11 @@ def kl_grad(lp: torch.Tensor, ref: torch.Tensor, estimator: str, clamp: bool, up
 def kl_estimate_and_grad(lp: torch.Tensor, ref: torch.Tensor, estimator: str, clamp: bool):
     """``(value, d value / d lp)`` in fp32 (or float64 for float64 inputs), elementwise."""
     dtype = torch.promote_types(torch.promote_types(lp.dtype, ref.dtype), torch.float32)
-    return kl_estimate(lp.to(dtype), ref.to(dtype), estimator, clamp), kl_grad(lp, ref, estimator, clamp)
+    lp, ref = lp.to(dtype), ref.to(dtype)
+    if ESTIMATORS[estimator] == ("k3", False) and not clamp:
+        # Both from one expm1: value expm1(kappa) - kappa, gradient 1 - exp(kappa) = -expm1(kappa).
+        kappa = ref - lp
+        em1 = torch.expm1(kappa)
+        value = em1 - kappa
+        return value, em1.neg_()
+    return kl_estimate(lp, ref, estimator, clamp), kl_grad(lp, ref, estimator, clamp)

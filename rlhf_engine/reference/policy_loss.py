@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_engine.reference.aggregation import Segments, aggregate_ref
+from rlhf_engine.reference.aggregation import Segments, TokenMask, aggregate_ref, keep, lanes, select
 from rlhf_engine.reference.kl import kl_estimate_and_grad, kl_penalty_ref
 
 LOSSES = ("ppo", "gspo", "cispo", "cispo-trl", "sapo", "reinforce")
@@ -159,6 +159,11 @@ def policy_loss_ref(
     return total, metrics
 
 
+# Rows of the masked per-sequence sums the torch backend reduces in one pass (PARTIALS
+# without ratio_min / ratio_max, which are extremes; kl / entropy only when given).
+_SUM_ROWS = ("loss", "count", "clipped", "clipped_lower", "approx_kl", "ratio", "kl", "entropy")
+
+
 def policy_loss_partials(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, *, loss, clip_low, clip_high,
     dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, seq_len,
@@ -167,76 +172,96 @@ def policy_loss_partials(
     -> ``(g [N] fp32, partials [S, len(PARTIALS)] fp32)`` with ``g = m dl/dlp``.
 
     ``seq_len``: the padded length, 0 when packed (see ``Segments``).
+
+    This is the CPU path, timed against eager code at a few thousand tokens as much as at
+    millions, so it is written for few ops and few passes: a padded batch is computed as
+    ``[S, T]`` with per-sequence inputs broadcast (never expanded), selections go through
+    int32 lanes (``keep`` / ``select``: ``torch.where`` is a scalar loop on the CPU), and
+    the masked per-sequence sums are one reduction of a ``[rows, tokens]`` buffer.
     """
-    n = logp.numel()
-    seg = Segments(cu_seqlens, n, seq_len)
+    seg = Segments(cu_seqlens, logp.numel(), seq_len)
     f32 = torch.float32
-    lp, old = logp.to(f32), old_logp.to(f32)
-    m = mask.to(f32)
-    active = mask != 0
-    adv = advantages.to(f32) if advantages.numel() == n else seg.expand(advantages.to(f32))
+    lp, old = seg.tokens(logp.to(f32)), seg.tokens(old_logp.to(f32))
+    token_mask = TokenMask(seg.tokens(mask))
+    adv = seg.per_token(advantages.to(f32))
     log_ratio = lp - old
     if loss == "gspo":
-        seq_sum = seg.sum(torch.where(active, log_ratio * m, 0.0))
-        seq_count = seg.sum(m)
+        seq_sum = seg.sum(token_mask.apply(log_ratio))
+        seq_count = seg.sum(seg.tokens(mask).to(f32))
         seq_mean = torch.where(seq_count > 0, seq_sum / torch.where(seq_count > 0, seq_count, 1.0), 0.0)
         ratio_arg = seg.expand(seq_mean)
     else:
         ratio_arg = log_ratio
     ratio = torch.exp(ratio_arg.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    dratio = torch.where(ratio_arg.abs() <= LOG_RATIO_CLAMP, ratio, 0.0)
+    dratio = keep(ratio, lanes(ratio_arg.abs() <= LOG_RATIO_CLAMP))
 
     clipped = lower = None
     if loss in ("ppo", "gspo"):
         if delta is None:
             bounded, dbounded = ratio, dratio
         else:
-            bounded, dbounded = ratio.clamp(max=delta), torch.where(ratio <= delta, dratio, 0.0)
-        low, high = 1 - clip_low, 1 + clip_high
-        loss1, loss2 = -adv * bounded, -adv * ratio.clamp(low, high)
+            bounded, dbounded = ratio.clamp(max=delta), keep(dratio, lanes(ratio <= delta))
+        clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
+        neg_adv = -adv
+        loss1, loss2 = neg_adv * bounded, neg_adv * clipped_ratio
         clipped = loss2 > loss1
-        loss_tok = torch.where(clipped, loss2, loss1)
-        grad = -adv * torch.where(clipped, torch.where((ratio >= low) & (ratio <= high), dratio, 0.0), dbounded)
+        loss_tok = torch.maximum(loss1, loss2)  # where(clipped, loss2, loss1): a NaN is in both
+        clipped_lanes = lanes(clipped)
+        if delta is None:
+            # clipped implies clip(r) != r (equal ratios give equal losses): no gradient there
+            dloss = keep(dbounded, ~clipped_lanes)
+        else:
+            dclipped = keep(dratio, lanes(clipped_ratio == ratio))  # d clip(r) / d lp
+            dloss = select(clipped_lanes, dclipped, dbounded)
+        grad = neg_adv * dloss
         if dual_clip is not None:
-            loss3 = -adv * dual_clip
+            loss3 = neg_adv * dual_clip
             lower = (adv < 0) & (loss_tok > loss3)
-            loss_tok = torch.where(lower, loss3, loss_tok)
-            grad = torch.where(lower, 0.0, grad)
+            lower_lanes = lanes(lower)
+            loss_tok = select(lower_lanes, loss3, loss_tok)
+            grad = keep(grad, ~lower_lanes)
     elif loss in ("cispo", "cispo-trl"):
         weight = ratio.clamp(1 - clip_low, 1 + clip_high) if loss == "cispo" else ratio.clamp(max=clip_high)
         clipped = weight != ratio
-        loss_tok = -weight * adv * lp
         grad = -weight * adv
+        loss_tok = grad * lp
     elif loss == "sapo":
-        tau = torch.where(adv > 0, SAPO_TAU_POS, SAPO_TAU_NEG)
+        positive = lanes(adv > 0)
+        tau = select(positive, adv.new_full((), SAPO_TAU_POS), adv.new_full((), SAPO_TAU_NEG))
         gate = torch.sigmoid(tau * (ratio - 1))
         loss_tok = -adv * gate * (4 / tau)
         grad = -adv * 4 * gate * (1 - gate) * dratio
     else:
         loss_tok, grad = -adv * lp, -adv
     if is_weights is not None:
-        isw = is_weights.to(f32) if is_weights.numel() == n else seg.expand(is_weights.to(f32))
+        isw = seg.per_token(is_weights.to(f32))
         loss_tok, grad = loss_tok * isw, grad * isw
-    zeros = torch.zeros_like(m)
-    kl_sum = ent_sum = zeros
+    columns = {"loss": loss_tok, "clipped": clipped, "clipped_lower": lower, "approx_kl": log_ratio.square(), "ratio": ratio}
     if ref_logp is not None:
-        kl, dkl = kl_estimate_and_grad(lp, ref_logp.to(f32), kl_estimator, kl_clamp)
+        kl, dkl = kl_estimate_and_grad(lp, seg.tokens(ref_logp.to(f32)), kl_estimator, kl_clamp)
         loss_tok, grad = loss_tok + kl_coef * kl, grad + kl_coef * dkl
-        kl_sum = torch.where(active, kl * m, 0.0)
+        columns.update(loss=loss_tok, kl=kl)
     if entropy is not None:
-        ent = entropy.to(f32)
-        loss_tok = loss_tok - entropy_coef * ent
-        ent_sum = torch.where(active, ent * m, 0.0)
+        ent = seg.tokens(entropy.to(f32))
+        columns.update(loss=loss_tok - entropy_coef * ent, entropy=ent)
 
-    def masked(x):
-        return zeros if x is None else torch.where(active, x * m, 0.0)
-
-    g = masked(grad)
-    columns = [
-        masked(loss_tok), m, masked(clipped), masked(lower), masked(0.5 * log_ratio.square()), masked(ratio),
-    ]
-    partial_sums = [seg.sum(c) for c in columns]
-    ratio_min = seg.amin(torch.where(active, ratio, float("inf")))
-    ratio_max = seg.amax(torch.where(active, ratio, float("-inf")))
-    partial = torch.stack(partial_sums + [ratio_min, ratio_max, seg.sum(kl_sum), seg.sum(ent_sum)], 1)
-    return g, partial
+    rows = [name for name in _SUM_ROWS if name in columns or name == "count"]
+    buf = torch.empty((len(rows),) + seg.shape, dtype=f32, device=lp.device)
+    for row, name in zip(buf, rows):
+        if name == "count":
+            continue
+        if columns[name] is None:
+            row.zero_()
+        else:
+            row.copy_(columns[name])
+    token_mask.apply_(buf)
+    buf[rows.index("count")].copy_(seg.tokens(mask))  # the weights themselves, after masking
+    sums = seg.sum(buf)
+    sums[rows.index("approx_kl")] *= 0.5  # delta^2 / 2, halved once per sequence (exact)
+    partial = sums.new_zeros(len(PARTIALS), seg.num_seqs)
+    for row, name in zip(sums, rows):
+        partial[PARTIALS.index(name)] = row
+    inf = ratio.new_full((), float("inf"))
+    partial[PARTIALS.index("ratio_min")] = seg.amin(select(token_mask.lanes, ratio, inf))
+    partial[PARTIALS.index("ratio_max")] = seg.amax(select(token_mask.lanes, ratio, -inf))
+    return token_mask.apply(grad).reshape(-1), partial.T

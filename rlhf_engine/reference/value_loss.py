@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_engine.reference.aggregation import Segments, aggregate_ref
+from rlhf_engine.reference.aggregation import Segments, TokenMask, aggregate_ref, keep, lanes
 from rlhf_engine.reference.policy_loss import sequence_bounds
 
 METRICS = ("clipfrac", "values_mean")
@@ -57,26 +57,36 @@ def value_loss_ref(values, old_values, returns, mask, *, clip=0.2, aggregation="
 
 def value_loss_partials(values, old_values, returns, mask, cu_seqlens, *, clip, seq_len):
     """Torch backend: flat ``[N]`` inputs -> ``(g [N] fp32, partials [S, len(PARTIALS)] fp32)``
-    with ``g = m dl/dV``. ``seq_len``: the padded length, 0 when packed."""
+    with ``g = m dl/dV``. ``seq_len``: the padded length, 0 when packed.
+
+    Written for few ops and passes like ``policy_loss_partials``: ``[S, T]`` views when
+    padded, int32 lanes instead of ``torch.where``, one reduction for every column.
+    """
     seg = Segments(cu_seqlens, values.numel(), seq_len)
     f32 = torch.float32
-    v, ret = values.to(f32), returns.to(f32)
-    m = mask.to(f32)
-    active = mask != 0
+    v, ret = seg.tokens(values.to(f32)), seg.tokens(returns.to(f32))
+    token_mask = TokenMask(seg.tokens(mask))
     err = v - ret
+    sq_err = err.square()
+    # Rows in PARTIALS order: the loss is summed as 2 l (halved once per sequence, exactly).
+    buf = torch.empty((len(PARTIALS),) + seg.shape, dtype=f32, device=v.device)
+    loss_row, count_row, clipped_row, values_row = buf
     if clip is None:
-        loss_tok, grad, clipped = 0.5 * err.square(), err, torch.zeros_like(m)
+        loss_row.copy_(sq_err)
+        clipped_row.zero_()
+        grad = err
     else:
-        old = old_values.to(f32)
-        low, high = old - clip, old + clip
-        clipped_err = torch.minimum(torch.maximum(v, low), high) - ret
-        is_clipped = clipped_err.square() > err.square()
-        loss_tok = 0.5 * torch.where(is_clipped, clipped_err.square(), err.square())
-        grad = torch.where(is_clipped, torch.where((v >= low) & (v <= high), clipped_err, 0.0), err)
-        clipped = is_clipped.to(f32)
-
-    def masked(x):
-        return torch.where(active, x * m, 0.0)
-
-    partial = torch.stack([seg.sum(masked(loss_tok)), seg.sum(m), seg.sum(masked(clipped)), seg.sum(masked(v))], 1)
-    return masked(grad), partial
+        old = seg.tokens(old_values.to(f32))
+        clipped_err = torch.clamp(v, old - clip, old + clip) - ret
+        sq_clipped = clipped_err.square()
+        torch.maximum(sq_err, sq_clipped, out=loss_row)
+        is_clipped = torch.gt(sq_clipped, sq_err, out=clipped_row)  # 1.0 / 0.0
+        # The clipped term wins only where clip(V) != V (equal values give equal terms), so
+        # its gradient there is 0: the gradient is err where not clipped.
+        grad = keep(err, lanes(is_clipped == 0))
+    values_row.copy_(v)
+    token_mask.apply_(buf)
+    count_row.copy_(seg.tokens(mask))  # the weights themselves, after masking
+    sums = seg.sum(buf)
+    sums[0] *= 0.5
+    return token_mask.apply(grad).reshape(-1), sums.T
