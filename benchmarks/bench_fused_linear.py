@@ -33,6 +33,7 @@ Run: ``python -m rlhf_engine.benchmarks.bench_fused_linear [--quick] [--out resu
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -106,28 +107,35 @@ def ours_grpo_loss(backend: str) -> Callable:
     return fn
 
 
+@functools.lru_cache(maxsize=None)
+def _liger_module(name: str, **kwargs):
+    """A Liger loss module, built once (imported here: Liger is optional)."""
+    if name == "flce":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        return LigerFusedLinearCrossEntropyLoss(**kwargs)
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    return LigerFusedLinearGRPOLoss(**kwargs)
+
+
 def liger_logprobs(hidden, weight, labels):
     """``-`` Liger's fused-linear cross entropy per token (forward only)."""
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    loss = LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
+    loss = _liger_module("flce", reduction="none")(weight, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
     return -loss.view(labels.shape)
 
 
 def liger_logprob_sum(hidden, weight, labels):
     """``Σ logp`` through Liger's fused-linear cross entropy (it computes the gradients in
     its forward, for a scalar loss)."""
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    return -LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
+    return -_liger_module("flce", reduction="sum")(weight, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
 
 
 def liger_grpo_loss(hidden, weight, labels, old_logp, ref_logp, advantages, mask):
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-    loss_fn = LigerFusedLinearGRPOLoss(
-        beta=BETA, epsilon_low=CLIP, epsilon_high=CLIP, temperature=TEMPERATURE, use_ref_model=True, loss_type="grpo"
-    )
+    loss_fn = _liger_module(
+        "grpo", beta=BETA, epsilon_low=CLIP, epsilon_high=CLIP, temperature=TEMPERATURE, use_ref_model=True,
+        loss_type="grpo",
+    )  # fmt: skip
     out = loss_fn(hidden, weight, labels, mask, advantages, ref_per_token_logps=ref_logp, old_per_token_logps=old_logp)
     return out[0] if isinstance(out, tuple) else out
 
