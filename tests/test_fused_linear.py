@@ -14,9 +14,16 @@ import pytest
 import torch
 
 from rlhf_engine._backend import triton_interpreter_on, triton_runs_on
-from rlhf_engine.ops import fused_linear_logprobs, fused_linear_policy_loss, policy_loss, sequence_logprobs, token_logprobs
+from rlhf_engine.ops import (
+    fused_linear_logprobs,
+    fused_linear_policy_loss,
+    policy_loss,
+    sequence_logprobs,
+    token_logprobs,
+)
 from rlhf_engine.reference.aggregation import AGGREGATIONS
 from rlhf_engine.reference.fused_linear import fused_linear_logprobs_ref, sequence_logprobs_ref
+from rlhf_engine.reference.logprobs import token_logprobs_ref
 from rlhf_engine.reference.policy_loss import LOSSES
 from tests.tolerance import ATOL, assert_within_tolerance, max_abs_error
 
@@ -79,7 +86,7 @@ def _assert_within_tolerance(out, ref64, baseline, dtype, what, factor=2.0):
     assert torch.isfinite(out.detach()).all(), f"{what}: non-finite values"
     budget = factor * max_abs_error(baseline, ref64) + ATOL[dtype] * scale
     err = max_abs_error(out, ref64)
-    assert err <= budget, f"{what}: max |error| {err:.3e} exceeds budget {budget:.3e} ({dtype}, {factor}x the plain error)"
+    assert err <= budget, f"{what}: max |error| {err:.3e} > budget {budget:.3e} ({dtype}, {factor}x the plain error)"
 
 
 def _assert_grad_within_tolerance(grad, ref64, baseline, dtype, what):
@@ -99,8 +106,9 @@ def _fwd_bwd(fn, leaves, grads):
     return outs, [None if x is None else next(got) for x in leaves]
 
 
-def _truncating_bf16_baseline(fn):
-    """``fn`` with the logits gradient rounded to bf16 toward zero instead of to nearest.
+def _truncating_bf16_baseline(hidden, weight, labels, bias, temperature, ignore_index, with_entropy):
+    """The plain computation with the logits gradient rounded to bf16 toward zero instead
+    of to nearest.
 
     The Triton interpreter converts fp32 to bf16 by truncation (the GPU rounds to nearest),
     so for a bf16 triton backend under the interpreter the fair baseline truncates the
@@ -108,22 +116,8 @@ def _truncating_bf16_baseline(fn):
     def truncate(g):
         return (g.float().view(torch.int32) & -65536).view(torch.float32).to(g.dtype)
 
-    def wrapped(hidden, weight, labels, bias, temperature, ignore_index, with_entropy):
-        logits = torch.nn.functional.linear(hidden, weight, bias)
-        z = logits.float()
-        z.register_hook(truncate)
-        return fn(z, labels, temperature, ignore_index, with_entropy)
-
-    return wrapped
-
-
-def _ref_logprobs(hidden, weight, labels, bias, temperature, ignore_index, with_entropy):
-    return fused_linear_logprobs_ref(hidden, weight, labels, bias, temperature, ignore_index, with_entropy)
-
-
-def _baseline_logits_to_logprobs(z, labels, temperature, ignore_index, with_entropy):
-    from rlhf_engine.reference.logprobs import token_logprobs_ref
-
+    z = torch.nn.functional.linear(hidden, weight, bias).float()
+    z.register_hook(truncate)
     return token_logprobs_ref(z, labels, temperature, ignore_index, with_entropy)
 
 
@@ -167,10 +161,11 @@ def test_matches_reference(backend, device, case, dtype, with_entropy):
         return lambda base, weight, bias: fn(view(base), weight, labels, bias, temperature, -100, with_entropy)
 
     outs, dleaves = _fwd_bwd(ours, leaves, grads)
-    ref_outs, ref_dleaves = _fwd_bwd(spec(_ref_logprobs), [None if x is None else x.double() for x in leaves], grads)
-    base_outs, base_dleaves = _fwd_bwd(spec(_ref_logprobs), leaves, grads)
+    leaves64 = [None if x is None else x.double() for x in leaves]
+    ref_outs, ref_dleaves = _fwd_bwd(spec(fused_linear_logprobs_ref), leaves64, grads)
+    base_outs, base_dleaves = _fwd_bwd(spec(fused_linear_logprobs_ref), leaves, grads)
     if backend == "triton" and dtype == torch.bfloat16 and triton_interpreter_on():
-        _, base_dleaves = _fwd_bwd(spec(_truncating_bf16_baseline(_baseline_logits_to_logprobs)), leaves, grads)
+        _, base_dleaves = _fwd_bwd(spec(_truncating_bf16_baseline), leaves, grads)
 
     for name, out, ref, base in zip(("logp", "entropy"), outs, ref_outs, base_outs):
         assert out.dtype == torch.float32 and out.shape == lead
