@@ -10,7 +10,7 @@ Logits ``z = (hidden @ weight.T + bias) / temperature`` are never held in full:
   ``dz_t = d loss / d logits_t`` (fp32 math, the row ``lse``/``entropy`` make it exact for
   a slice of the vocabulary), then two GEMMs: ``d weight_t = dz_t.T @ hidden`` (one GEMM
   reduces over every token, so it accumulates in fp32 inside the GEMM and rounds once)
-  and ``d hidden += dz_t @ weight_t`` (accumulated across tiles in an fp32 ``[N, H]``
+  and ``d hidden += dz_t @ weight_t`` (product and sum over tiles in an fp32 ``[N, H]``
   buffer). Vocabulary tiles rather than token chunks in backward so that ``d weight``
   needs no fp32 ``[V, H]`` accumulator.
 
@@ -43,6 +43,21 @@ def vocab_tile(num_tokens: int, vocab: int, chunk_rows: int) -> int:
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with the product never rounded to the model dtype (fp32 ``acc``):
+    rounding each vocabulary tile's part of d hidden would add one rounding per tile."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:  # bf16/fp16 GEMM with fp32 output (torch >= 2.8 on CUDA)
+            acc += torch.mm(a, b, out_dtype=torch.float32)
+            return
+        except (TypeError, RuntimeError):
+            pass
+    acc.addmm_(a.float(), b.float())
 
 
 def chunked_logprobs_fwd(
@@ -113,8 +128,7 @@ def chunked_logprobs_bwd(
         dz = _logits(hidden, w, None if bias is None else bias[start:stop])
         epilogue_bwd(grad_logp, grad_entropy, dz[None], labels, lse, entropy, dz[None], temperature, ignore_index, start)
         torch.mm(dz.t(), hidden, out=dweight[start:stop])
-        # dz @ w rounds to the model dtype once per tile; the sum over tiles is fp32.
-        dhidden += dz @ w
+        _add_product_fp32(dhidden, dz, w)
         if dbias is not None:
             dbias[start:stop] = torch.sum(dz, dim=0, dtype=torch.float32)
     return dhidden.to(hidden.dtype), dweight, dbias
