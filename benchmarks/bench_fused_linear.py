@@ -206,6 +206,15 @@ def _resolve(impls: dict, reason: str | None) -> dict:
     return {k: (_skipped(reason) if v is None else v) for k, v in impls.items()}
 
 
+def _chunked_triton_logprobs(hidden, weight, labels):
+    from rlhf_engine.kernels.logprobs import token_logprobs_fwd
+    from rlhf_engine.ops._lm_head_chunks import chunked_logprobs_fwd, default_chunk_rows
+
+    h2, y1 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    rows = default_chunk_rows(h2.shape[0], weight.shape[0], h2.dtype, h2.device)
+    return chunked_logprobs_fwd(h2, weight, None, y1, 1.0, -100, False, rows, token_logprobs_fwd)[0]
+
+
 def _lm_head_inputs(batch, seq, hdim, vocab, device, dtype, gen):
     """Hidden states, lm_head weight (logits with a spread of a few units) and labels."""
     hidden = torch.randn(batch, seq, hdim, generator=gen, device=device).to(dtype)
@@ -232,6 +241,10 @@ def _logprobs_rows(device, quick, dtype, gen) -> list[Result]:
     results: list[Result] = []
 
     impls = {f"ours-{b}": _forward(ours_logprobs(b), hidden, weight, labels) for b in _backends(device)}
+    if "triton" in _backends(device):
+        # The other forward schedule, to choose between them by measurement: a dense GEMM
+        # per token chunk, then the Triton token_logprobs epilogue (what the backward does).
+        impls["ours-chunked-gemm+triton-epilogue"] = _forward(_chunked_triton_logprobs, hidden, weight, labels)
     reason = _fits(device, _unfused_bytes(n, vocab, False))
     impls["eager"] = _forward(eager_logprobs, hidden, weight, labels) if reason is None else None
     impls["compiled"] = _forward(compiled(eager_logprobs), hidden, weight, labels) if reason is None else None
