@@ -199,8 +199,8 @@ def test_triton_forward_several_tiles_per_split(device, monkeypatch):
 
     original, calls = kernel._launch_config, []
 
-    def two_splits(n, vocab):
-        cfg = original(n, vocab)
+    def two_splits(n, vocab, dtype):
+        cfg = original(n, vocab, dtype)
         block = cfg["BLOCK_V"]
         cfg["cols_per_split"] = math.ceil(vocab / 2 / block) * block
         cfg["splits"] = math.ceil(vocab / cfg["cols_per_split"])
