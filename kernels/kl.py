@@ -1,12 +1,11 @@
 """Triton kernels for the per-token KL estimators (ALGORITHMS.md section 2).
 
 :func:`kl_estimate` is the shared ``@triton.jit`` helper: the value of an estimator and
-its derivative w.r.t. ``lp``, chosen by constexpr switches. The ``kl_penalty`` kernels
+its derivative w.r.t. ``lp``, chosen by constexpr switches. The ``kl_penalty`` kernel
 below and the policy-loss kernel (``kernels/policy_loss.py``) both call it.
 
-The backward recomputes the derivative from ``lp`` and ``ref`` instead of saving it:
-that reads two inputs instead of one saved fp32 buffer but keeps no [N] tensor alive
-between forward and backward.
+When a gradient is needed, the forward kernel also writes the derivative (fp32), which
+autograd saves: the backward is then one multiply, with no second read of ``lp`` and ``ref``.
 """
 
 from __future__ import annotations
@@ -63,26 +62,16 @@ def kl_estimate(lp, ref, BASE: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr, CLA
 
 
 @triton.jit
-def _kl_penalty_fwd_kernel(lp_ptr, ref_ptr, out_ptr, n, BASE: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
-                           CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+def _kl_penalty_fwd_kernel(lp_ptr, ref_ptr, out_ptr, dlp_ptr, n, BASE: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
+                           CLAMP: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
     lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    value, _ = kl_estimate(lp, ref, BASE, STRAIGHT_THROUGH, CLAMP)
+    value, grad = kl_estimate(lp, ref, BASE, STRAIGHT_THROUGH, CLAMP)
     tl.store(out_ptr + offs, value, mask=inb)
-
-
-@triton.jit
-def _kl_penalty_bwd_kernel(grad_ptr, lp_ptr, ref_ptr, dlp_ptr, n, BASE: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
-                           CLAMP: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
-    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    grad_out = tl.load(grad_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    _, grad = kl_estimate(lp, ref, BASE, STRAIGHT_THROUGH, CLAMP)
-    tl.store(dlp_ptr + offs, (grad_out * grad).to(dlp_ptr.dtype.element_ty), mask=inb)
+    if NEED_GRAD:
+        tl.store(dlp_ptr + offs, grad, mask=inb)
 
 
 def store_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -97,27 +86,17 @@ def store_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 BLOCK = 1024  # elementwise: one block of 1024 tokens per program saturates bandwidth
 
 
-def kl_penalty_fwd(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: bool) -> torch.Tensor:
-    """Contiguous ``logp``, ``ref_logp`` (any float dtype, same shape) -> fp32 KL, same shape."""
+def kl_penalty_fwd(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: bool, need_grad: bool):
+    """Contiguous ``logp``, ``ref_logp`` (any float dtype, same shape) -> ``(fp32 KL, fp32
+    d KL / d logp)``, both of that shape; the second is an empty ``[0]`` tensor unless ``need_grad``."""
     out = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+    dlp = torch.empty(logp.shape if need_grad else 0, dtype=torch.float32, device=logp.device)
     n = logp.numel()
     if n == 0:
-        return out
+        return out, dlp
     base, straight_through = estimator_codes(estimator)
     _kl_penalty_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-        logp, ref_logp, out, n, BASE=base, STRAIGHT_THROUGH=straight_through, CLAMP=clamp, BLOCK=BLOCK
+        logp, ref_logp, out, dlp, n, BASE=base, STRAIGHT_THROUGH=straight_through, CLAMP=clamp, NEED_GRAD=need_grad,
+        BLOCK=BLOCK,
     )
-    return out
-
-
-def kl_penalty_bwd(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: bool) -> torch.Tensor:
-    """``grad * d KL / d logp`` in ``logp``'s dtype (the ref gradient is its negation)."""
-    dlp = torch.empty(logp.shape, dtype=store_dtype(logp.dtype, logp.device), device=logp.device)
-    n = logp.numel()
-    if n == 0:
-        return dlp.to(logp.dtype)
-    base, straight_through = estimator_codes(estimator)
-    _kl_penalty_bwd_kernel[(triton.cdiv(n, BLOCK),)](
-        grad, logp, ref_logp, dlp, n, BASE=base, STRAIGHT_THROUGH=straight_through, CLAMP=clamp, BLOCK=BLOCK
-    )
-    return dlp.to(logp.dtype)
+    return out, dlp

@@ -6,72 +6,70 @@ import torch
 
 from rlhf_engine import _checks
 from rlhf_engine._backend import lazy, resolve_backend
-from rlhf_engine.reference.kl import ESTIMATORS, kl_estimate, kl_grad
+from rlhf_engine.reference.kl import ESTIMATORS, kl_estimate, kl_estimate_and_grad
 
 OP = "kl_penalty"
 
 
-def _fwd_torch(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: bool) -> torch.Tensor:
-    return kl_estimate(logp.float(), ref_logp.float(), estimator, clamp)
-
-
-def _bwd_torch(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    return kl_grad(logp, ref_logp, estimator, clamp, upstream=grad).to(out_dtype)
-
-
-_triton_bwd = lazy("rlhf_engine.kernels.kl", "kl_penalty_bwd")
-
-
-def _bwd_triton(grad, logp, ref_logp, estimator, clamp, out_dtype):
-    return _triton_bwd(grad, logp, ref_logp, estimator, clamp).to(out_dtype)
+def _fwd_torch(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: bool, need_grad: bool):
+    lp, ref = logp.float(), ref_logp.float()
+    if not need_grad:
+        return kl_estimate(lp, ref, estimator, clamp), lp.new_empty(0)
+    if torch.float64 in (logp.dtype, ref_logp.dtype):
+        # the value in fp32 as always, the derivative in float64 from the float64 inputs
+        return kl_estimate(lp, ref, estimator, clamp), kl_estimate_and_grad(logp, ref_logp, estimator, clamp)[1]
+    return kl_estimate_and_grad(lp, ref, estimator, clamp)
 
 
 _FWD = {"torch": _fwd_torch, "triton": lazy("rlhf_engine.kernels.kl", "kl_penalty_fwd")}
-_BWD = {"torch": _bwd_torch, "triton": _bwd_triton}
+
+
+def _grad_dtype(logp: torch.Tensor, ref_logp: torch.Tensor, backend: str) -> torch.dtype:
+    """dtype of the forward's derivative output: fp32, but float64 from the torch backend
+    for float64 inputs (the Triton kernel computes in fp32 whatever the input dtype)."""
+    if backend == "torch" and torch.float64 in (logp.dtype, ref_logp.dtype):
+        return torch.float64
+    return torch.float32
 
 
 @torch.library.custom_op("rlhf_engine::kl_penalty_fwd", mutates_args=())
-def _kl_penalty_fwd(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: bool, backend: str) -> torch.Tensor:
-    return _FWD[backend](logp, ref_logp, estimator, clamp)
+def _kl_penalty_fwd(
+    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: bool, backend: str, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fp32 value, d value / d logp)``; the second output is computed in the same pass
+    when ``need_grad``, else an empty ``[0]`` tensor (then the backward, if any, takes the
+    derivative as 1: ``kl_penalty`` passes ``need_grad=False`` for k1)."""
+    return _FWD[backend](logp, ref_logp, estimator, clamp, need_grad)
 
 
 @_kl_penalty_fwd.register_fake
-def _(logp, ref_logp, estimator, clamp, backend):
-    return logp.new_empty(logp.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("rlhf_engine::kl_penalty_bwd", mutates_args=())
-def _kl_penalty_bwd(
-    grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: bool, out_dtype: torch.dtype, backend: str
-) -> torch.Tensor:
-    return _BWD[backend](grad, logp, ref_logp, estimator, clamp, out_dtype)
-
-
-@_kl_penalty_bwd.register_fake
-def _(grad, logp, ref_logp, estimator, clamp, out_dtype, backend):
-    return logp.new_empty(logp.shape, dtype=out_dtype)
+def _(logp, ref_logp, estimator, clamp, backend, need_grad):
+    value = logp.new_empty(logp.shape, dtype=torch.float32)
+    if not need_grad:
+        return value, logp.new_empty(0, dtype=torch.float32)
+    return value, logp.new_empty(logp.shape, dtype=_grad_dtype(logp, ref_logp, backend))
 
 
 def _setup_context(ctx, inputs, output):
-    logp, ref_logp, estimator, clamp, backend = inputs
-    ctx.save_for_backward(logp, ref_logp)
-    ctx.args = (estimator, clamp, backend)
+    logp, ref_logp = inputs[:2]
+    dvalue = output[1]
+    ctx.mark_non_differentiable(dvalue)
+    ctx.set_materialize_grads(False)  # no zeros for the derivative output, which has no gradient
+    ctx.save_for_backward(dvalue)
+    ctx.dtypes = (logp.dtype, ref_logp.dtype)
 
 
-def _backward(ctx, grad):
-    logp, ref_logp = ctx.saved_tensors
-    estimator, clamp, backend = ctx.args
+def _backward(ctx, grad, _):
+    (dvalue,) = ctx.saved_tensors
+    lp_dtype, ref_dtype = ctx.dtypes
     need_lp, need_ref = ctx.needs_input_grad[:2]
-    # One kernel gives d/d lp; d/d ref is its negation. Compute in fp32 only when the two
-    # gradients are wanted in different dtypes, so neither is rounded twice.
-    if need_lp and need_ref and logp.dtype != ref_logp.dtype:
-        out_dtype = torch.float32
-    else:
-        out_dtype = logp.dtype if need_lp else ref_logp.dtype
-    dlp = _kl_penalty_bwd(grad.contiguous(), logp, ref_logp, estimator, clamp, out_dtype, backend)
+    # One multiply (it handles the stride-0 gradient of a .sum()), none for k1 (derivative 1);
+    # d/d ref is its negation. Rounded once to each input's dtype.
+    dlp = torch.mul(grad, dvalue) if dvalue.numel() else grad
     return (
-        dlp.to(logp.dtype) if need_lp else None,
-        (-dlp).to(ref_logp.dtype) if need_ref else None,
+        dlp.to(lp_dtype) if need_lp else None,
+        (dlp.neg() if need_lp or not dvalue.numel() else dlp.neg_()).to(ref_dtype) if need_ref else None,
+        None,
         None,
         None,
         None,
@@ -108,4 +106,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
     if not isinstance(clamp, bool):
         raise TypeError(f"{OP}: clamp must be a bool, got {type(clamp).__name__}")
     chosen = resolve_backend(OP, backend, logp.device)
-    return _kl_penalty_fwd(logp.contiguous(), ref_logp.contiguous(), estimator, clamp, chosen)
+    # k1's derivative is 1: its backward needs no second output
+    need_grad = (
+        torch.is_grad_enabled() and (logp.requires_grad or ref_logp.requires_grad) and ESTIMATORS[estimator] != ("k1", False)
+    )
+    return _kl_penalty_fwd(logp.contiguous(), ref_logp.contiguous(), estimator, clamp, chosen, need_grad)[0]

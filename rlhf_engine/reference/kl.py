@@ -19,8 +19,8 @@ active). It does not change ``k1``, ``abs`` or ``k2``. TRL does not clamp.
 
 Every estimator is a function of ``lp - ref``, so ``d/d ref = -d/d lp``.
 
-:func:`kl_penalty_ref` is the spec, written for autograd. :func:`kl_estimate` (the value),
-:func:`kl_grad` (the derivative written out) and :func:`kl_estimate_and_grad` (both) are
+:func:`kl_penalty_ref` is the spec, written for autograd. :func:`kl_estimate` (the value)
+and :func:`kl_estimate_and_grad` (the value and the derivative written out) are
 the torch backend of ``ops.kl_penalty`` and the KL term of the torch policy loss.
 """
 
@@ -71,39 +71,32 @@ def kl_penalty_ref(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = 
     return value
 
 
-def kl_grad(lp: torch.Tensor, ref: torch.Tensor, estimator: str, clamp: bool, upstream=None) -> torch.Tensor:
-    """``upstream * d value / d lp`` (``upstream`` None: 1) elementwise, in fp32 (float64 for
-    float64 inputs). Runs outside autograd (the backends' backward), so it works in place."""
+def kl_estimate_and_grad(lp: torch.Tensor, ref: torch.Tensor, estimator: str, clamp: bool):
+    """``(value, d value / d lp)`` in fp32 (or float64 for float64 inputs), elementwise, sharing
+    the intermediates (one ``expm1`` for k3: the gradient ``1 - exp(kappa)`` is ``-expm1(kappa)``)."""
     dtype = torch.promote_types(torch.promote_types(lp.dtype, ref.dtype), torch.float32)
     lp, ref = lp.to(dtype), ref.to(dtype)
     base, straight_through = ESTIMATORS[estimator]
-    if base == "k3" and not straight_through and not clamp:
-        e = torch.exp(ref - lp)
-        # 1 - e, times upstream in the same pass when there is one
-        return e.neg_().add_(1) if upstream is None else torch.addcmul(upstream, upstream, e, value=-1)
-    diff = lp - ref
-    if straight_through or base == "k2":
-        grad = diff
-    elif base == "k1":
-        grad = torch.ones_like(diff)
-    elif base == "abs":
-        grad = diff.sign_()
-    else:
-        kappa_c = diff.neg_().clamp(-KAPPA_CLAMP, KAPPA_CLAMP)
-        e = torch.exp(kappa_c)
-        live = ((ref - lp).abs() <= KAPPA_CLAMP) & ((e - kappa_c - 1).abs() <= K3_CLAMP)
-        grad = torch.where(live, 1 - e, 0.0)
-    return grad if upstream is None else grad.mul_(upstream)
-
-
-def kl_estimate_and_grad(lp: torch.Tensor, ref: torch.Tensor, estimator: str, clamp: bool):
-    """``(value, d value / d lp)`` in fp32 (or float64 for float64 inputs), elementwise."""
-    dtype = torch.promote_types(torch.promote_types(lp.dtype, ref.dtype), torch.float32)
-    lp, ref = lp.to(dtype), ref.to(dtype)
-    if ESTIMATORS[estimator] == ("k3", False) and not clamp:
-        # Both from one expm1: value expm1(kappa) - kappa, gradient 1 - exp(kappa) = -expm1(kappa).
+    if base == "k3":
         kappa = ref - lp
+        if clamp:
+            kappa_c = kappa.clamp(-KAPPA_CLAMP, KAPPA_CLAMP)
+            em1 = torch.expm1(kappa_c)
+            raw = em1 - kappa_c
+            value = raw.clamp(-K3_CLAMP, K3_CLAMP)
+            if straight_through:
+                return value, kappa.neg_()
+            # a clamp is active exactly where it changed its input (NaN compares unequal, as
+            # |NaN| <= bound is false): zero gradient there
+            dead = (kappa_c != kappa).logical_or_(value != raw)
+            return value, em1.neg_().masked_fill_(dead, 0.0)
         em1 = torch.expm1(kappa)
-        value = em1 - kappa
-        return value, em1.neg_()
-    return kl_estimate(lp, ref, estimator, clamp), kl_grad(lp, ref, estimator, clamp)
+        if straight_through:
+            return em1.sub_(kappa), kappa.neg_()
+        return kappa.neg_().add_(em1), em1.neg_()  # in place: kappa and em1 are fresh
+    diff = lp - ref
+    if base == "k1":
+        return diff, (diff.clone() if straight_through else torch.ones_like(diff))
+    if base == "abs":
+        return diff.abs(), diff.sign_()
+    return diff.square().mul_(0.5), diff
