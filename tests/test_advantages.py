@@ -6,6 +6,7 @@ import torch
 
 from rlhf_engine import ops
 from rlhf_engine.reference.advantages import group_advantages_ref, masked_whiten_ref
+from tests.graphs import assert_replay_matches_eager
 from tests.tolerance import assert_within_tolerance
 
 GRPO_EPS = {"trl": 1e-4, "verl": 1e-6}
@@ -291,12 +292,4 @@ def test_group_advantages_and_whiten_capture_in_cuda_graph():
             ops.masked_whiten(scores, mask),
         )
 
-    eager = step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    for got, want in zip(captured, eager):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_replay_matches_eager(step)

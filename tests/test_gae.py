@@ -6,6 +6,7 @@ import torch
 
 from rlhf_engine import ops
 from rlhf_engine.reference.gae import discounted_returns_ref, gae_ref
+from tests.graphs import assert_replay_matches_eager
 from tests.tolerance import assert_within_tolerance
 
 # (B, T) padded shapes, and why each is there:
@@ -201,12 +202,4 @@ def test_gae_captures_in_cuda_graph():
         packed, _ = ops.gae(rewards.view(-1), values.view(-1), mask.view(-1), cu_seqlens=cu)
         return adv, ret, packed, ops.discounted_returns(rewards, mask, gamma=0.99)
 
-    eager = step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    for got, want in zip(captured, eager):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_replay_matches_eager(step)
