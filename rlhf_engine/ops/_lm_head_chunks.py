@@ -114,8 +114,9 @@ def chunked_logprobs_bwd(
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     dhidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    dweight = torch.empty_like(weight)
-    dbias = None if bias is None else torch.empty_like(bias)
+    # Contiguous whatever the weight's layout, so each tile's rows are a valid GEMM output.
+    dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    dbias = None if bias is None else torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
     if n == 0:
         dweight.zero_()
         if dbias is not None:
