@@ -67,6 +67,10 @@ def _flat_labels(labels: torch.Tensor) -> torch.Tensor:
 def _check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """CPU tensors only: reading the values is free there. On CUDA this would be a host
     sync, so the kernels give NaN rows instead."""
+    if labels.numel():
+        lo, hi = torch.aminmax(labels)  # one pass; the common all-in-range case stops here
+        if int(lo) >= 0 and int(hi) < vocab:
+            return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         first = labels[bad][0].item()

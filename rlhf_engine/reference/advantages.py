@@ -166,7 +166,10 @@ def _group_stats(s, group_ids, group_size, num_groups, lengths, need_lmean):
     def segment_sum(values):
         return torch.zeros(num_groups, dtype=torch.float32, device=s.device).index_add_(0, group_ids, values)
 
-    n = segment_sum(torch.ones_like(s))
+    if s.device.type == "cpu":  # one counting pass (bincount would sync on CUDA: it reads the max)
+        n = torch.bincount(group_ids, minlength=num_groups).to(torch.float32)
+    else:
+        n = segment_sum(torch.ones_like(s))
     mean = segment_sum(s) / n.clamp_min(1.0)  # empty groups own no sample; avoid 0/0 there
     var = segment_sum((s - mean.index_select(0, group_ids)).square()) / (n - 1).clamp_min(1.0)
     lmean = None
@@ -228,8 +231,8 @@ def group_advantages_torch(
     if ids is None:
         adv = ((s.view(num_groups, group_size) - base) * factor).view(-1)
     else:
-        base_factor = torch.stack(torch.broadcast_tensors(base, factor)).index_select(1, ids)
-        adv = (s - base_factor[0]) * base_factor[1]
+        base, factor = torch.broadcast_tensors(base, factor)
+        adv = (s - base.index_select(0, ids)).mul_(factor.index_select(0, ids))
     if method == "reinforce_pp_baseline":
         adv = masked_whiten_torch(adv, torch.ones_like(s) if lengths is None else lengths, True, eps)
     return adv
