@@ -1,7 +1,10 @@
 """The tolerance rule of DESIGN.md "Testing".
 
 A backend's error against the float64 reference may be at most twice the error of the
-plain PyTorch computation done in the same input dtype, plus a small absolute slack.
+plain PyTorch computation done in the same input dtype, plus a small absolute slack and
+half an ulp of the largest reference value in the output's dtype: the output's own
+rounding, which at large magnitudes (k3 of a 25-nat gap is ~1e11, fp32 ulp 8192) makes
+"twice the baseline error" a coin flip between two roundings.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ def assert_within_tolerance(out, ref64, baseline, dtype: torch.dtype, what: str 
     plain PyTorch computation on inputs of ``dtype`` (its error sets the budget)."""
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
     assert torch.isfinite(out.detach().double().cpu()[torch.isfinite(ref64.cpu())]).all(), f"{what}: non-finite values"
-    budget = 2.0 * max_abs_error(baseline, ref64) + ATOL[dtype]
+    finite = ref64.detach()[torch.isfinite(ref64)]
+    largest = finite.abs().max().item() if finite.numel() else 0.0
+    budget = 2.0 * max_abs_error(baseline, ref64) + ATOL[dtype] + 0.5 * torch.finfo(out.dtype).eps * largest
     err = max_abs_error(out, ref64)
     assert err <= budget, f"{what}: max |error| {err:.3e} exceeds budget {budget:.3e} ({dtype})"
