@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from rlhf_engine._backend import triton_interpreter_on
+from rlhf_engine.kernels.logprobs import online_lse_rescale
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -88,15 +89,10 @@ def _fused_linear_logprobs_fwd_kernel(
         u = tl.where(col_ok[None, :], acc * log2e_over_t, -float("inf"))
         zlab += tl.sum(tl.where(cols[None, :] == labels[:, None], u, 0.0), axis=1)
 
-        m_new = tl.maximum(m, tl.max(u, axis=1))
-        # While a row has seen only -inf, shift by 0 so that -inf - -inf never makes NaN.
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp2(m - shift)
+        m_new, shift, alpha, t = online_lse_rescale(m, s, t, tl.max(u, axis=1))
         d = u - shift[:, None]
         e = tl.exp2(d)
         if WITH_ENTROPY:
-            # Re-centre the running Σ e·(u − m) on the new shift, then add this tile.
-            t = tl.where(s > 0, alpha * (t + (m - shift) * s), 0.0)
             t += tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new

@@ -55,6 +55,25 @@ def _launch_config(vocab: int) -> tuple[int, int]:
 
 
 @triton.jit
+def online_lse_rescale(m, s, t, tile_max):
+    """One step of the online logsumexp in base 2, shared by the token_logprobs and the
+    fused lm_head kernels (elementwise: scalars or per-row vectors).
+
+    Running state: ``m`` (max of ``u``), ``s = Σ 2^(u − m)``, ``t = Σ 2^(u − m)·(u − m)``
+    (centred, so the entropy does not cancel two large numbers). Returns ``(m_new, shift,
+    alpha, t)``: the new max, the shift to subtract from this tile's ``u`` (0 while every
+    value seen is -inf, so -inf - -inf never makes NaN), ``alpha`` that rescales ``s`` to
+    it, and ``t`` already re-centred on it. The caller adds the tile's ``Σ e`` and
+    ``Σ e·d`` (``d = u − shift``, ``e = 2^d``).
+    """
+    m_new = tl.maximum(m, tile_max)
+    shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+    alpha = tl.exp2(m - shift)
+    t = tl.where(s > 0, alpha * (t + (m - shift) * s), 0.0)
+    return m_new, shift, alpha, t
+
+
+@triton.jit
 def _row_pointer(base_ptr, row, rows_inner, stride_outer, stride_inner):
     return base_ptr + (row // rows_inner) * stride_outer + (row % rows_inner) * stride_inner
 
@@ -93,15 +112,10 @@ def _token_logprobs_fwd_kernel(
         cols = start + offs
         # Columns past V (and unread rows) load -inf, so they add exactly 0 below.
         u = tl.load(x_ptr + cols, mask=cols < read_cols, other=-float("inf")).to(tl.float32) * log2e_over_t
-        m_new = tl.maximum(m, tl.max(u, axis=0))
-        # While every logit seen is -inf, shift by 0 so exp2(-inf - (-inf)) never makes NaN.
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp2(m - shift)
+        m_new, shift, alpha, t = online_lse_rescale(m, s, t, tl.max(u, axis=0))
         d = u - shift
         e = tl.exp2(d)
         if WITH_ENTROPY:
-            # Rescale the running sum to the new shift: sum e*(u - m) -> sum e*(u - shift).
-            t = tl.where(s > 0, alpha * (t + (m - shift) * s), 0.0)
             # e == 0 exactly where u == -inf: those terms are 0, not 0 * inf.
             t += tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
         s = s * alpha + tl.sum(e, axis=0)
