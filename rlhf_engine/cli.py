@@ -1,6 +1,10 @@
-"""Command line: ``rlhf-engine bench [--quick] [--only NAME ...] [--out DIR] [--device DEV]``.
+"""Command line: ``rlhf-engine demo | train | bench``.
 
-``bench`` runs every benchmark module in ``rlhf_engine.benchmarks`` (the top-level
+* ``demo [--out DIR] [--seed S]``: the embedded pipeline (SFT, reward model, PPO, GRPO)
+  on the built-in sorting task; see ``rlhf_engine.demo``.
+* ``train --algo A --model PATH|tiny --data FILE.jsonl [--config FILE.yaml] [--resume]``:
+  one algorithm on a local model and data; see ``rlhf_engine.train``.
+* ``bench [--quick] [--only NAME ...] [--out DIR] [--device DEV]`` runs every benchmark module in ``rlhf_engine.benchmarks`` (the top-level
 ``benchmarks/`` folder, one ``bench_*.py`` per op family) on the device at hand, prints
 one table and writes one JSON file per family under ``--out``.
 """
@@ -57,9 +61,51 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from rlhf_engine.demo import DemoConfig, format_summary, run_demo
+
+    summary = run_demo(args.out, DemoConfig(seed=args.seed), quiet=args.quiet)
+    print(format_summary(summary))
+    print(f"metrics, checkpoints, curves.png and summary.json written under {args.out}/")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rlhf_engine.train import run_train
+
+    try:
+        history = run_train(
+            args.algo, args.model, args.data, args.out, config_path=args.config, resume=args.resume,
+            reward_model_path=args.reward_model, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as error:
+        print(f"rlhf-engine train: {error}", file=sys.stderr)
+        return 2
+    last = history[-1] if history else {}
+    print(f"{args.algo}: {len(history)} steps run; last step: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
+    print(f"model written to {args.out}/model, metrics to {args.out}/metrics.jsonl")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-engine", description="rlhf_engine: fused RLHF ops and benchmarks")
     commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="SFT -> reward model -> PPO and GRPO on the built-in task (CPU, minutes)")
+    demo.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(handler=_demo)
+    train = commands.add_parser("train", help="train one algorithm on a local model and JSONL data")
+    train.add_argument("--algo", required=True, choices=["sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo"])
+    train.add_argument("--model", required=True, help="a local model folder, or a built-in size: tiny, small")
+    train.add_argument("--data", required=True, metavar="FILE.jsonl")
+    train.add_argument("--config", metavar="FILE.yaml", help="fields of the algorithm's config dataclass")
+    train.add_argument("--reward-model", metavar="DIR", help="reward model folder (saved by --algo rm) for RL algorithms")
+    train.add_argument("--out", default="train-out", metavar="DIR", help="output folder (default: train-out)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="steps between checkpoints")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_train)
     bench = commands.add_parser("bench", help="benchmark every op family against eager PyTorch, torch.compile and Liger")
     bench.add_argument("--quick", action="store_true", help="small shapes and few repetitions (a smoke run)")
     bench.add_argument("--only", nargs="+", metavar="FAMILY", help="run only these families (default: all)")

@@ -1,0 +1,91 @@
+"""Pieces every trainer shares: token batches, optimizer steps, per-step random streams.
+
+Resumable runs: every random choice of step ``k`` (which examples, which samples) comes
+from ``step_generator(seed, k, stream)``, a generator seeded from the run seed, the step
+and a stream name. A run resumed from the checkpoint after step ``k`` therefore draws
+exactly what the uninterrupted run drew, with no RNG state to carry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_engine.tasks.data import left_pad, right_pad
+
+
+@dataclass
+class SequenceBatch:
+    """Prompts (left-padded) followed by responses (right-padded), as one token batch.
+
+    ``input_ids``/``attention_mask`` ``[B, P + R]``; the response starts at column
+    ``response_start = P``; ``response_mask`` ``[B, R]`` bool marks response tokens.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_start: int
+    response_mask: torch.Tensor
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.response_start :]
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SequenceBatch:
+    """One ``SequenceBatch`` from token lists (responses must be non-empty)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"collate: {len(prompts)} prompts but {len(responses)} responses")
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    response_ids, response_mask = right_pad(responses, pad_id)
+    return SequenceBatch(
+        input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
+        response_start=prompt_ids.shape[1],
+        response_mask=response_mask,
+    )
+
+
+def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, step, stream)`` (independent streams per step)."""
+    digest = hashlib.sha256(f"{seed}/{step}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def minibatch_indices(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A random partition of ``range(n)`` into ``ceil(n / size)`` index tensors."""
+    order = torch.randperm(n, generator=generator)
+    return list(order.split(size))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters of ``model``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float | None) -> float:
+    """Backward, clip the global gradient norm to ``grad_clip``, step, zero. Returns the norm."""
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with no parameter requiring a gradient (reference models)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of ``x`` over ``mask`` (0.0 when the mask is empty)."""
+    count = mask.sum()
+    return float((x * mask).sum() / count) if count > 0 else 0.0

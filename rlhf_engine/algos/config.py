@@ -1,0 +1,71 @@
+"""Configuration dataclasses built from YAML / dicts, with errors that name the field.
+
+Every trainer's configuration is a dataclass whose defaults work on the embedded task.
+``config_from_dict`` builds one from a plain mapping (a parsed YAML file), rejecting
+unknown keys and values of the wrong type with a ``ValueError`` that names the field;
+each dataclass's ``__post_init__`` checks value ranges the same way (``check_field``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def check_field(config: object, name: str, ok: bool, expected: str) -> None:
+    """Raise ``ValueError("<Config>.<name> must be <expected>, got <value>")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{type(config).__name__}.{name} must be {expected}, got {getattr(config, name)!r}")
+
+
+def _coerce(cls_name: str, name: str, annotation: Any, value: Any) -> Any:
+    """``value`` checked against a field annotation (bool, int, float, str, Optional of those)."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (bool, int, float, str) and not (
+        isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+    ):
+        raise ValueError(f"{cls_name}.{name} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(cls: type[T], values: dict[str, Any], *, source: str = "config") -> T:
+    """Build the dataclass ``cls`` from ``values`` (missing keys keep their defaults).
+
+    Raises ``ValueError`` naming ``source`` and the field for an unknown key, a value of
+    the wrong type, or a value out of range.
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: expected a mapping of {cls.__name__} fields, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(fields)}")
+    try:
+        coerced = {k: _coerce(cls.__name__, k, hints[k], v) for k, v in values.items()}
+        return cls(**coerced)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
+def load_yaml_config(cls: type[T], path: str | Path | None) -> T:
+    """``cls`` from a YAML file of ``field: value`` lines (``None``: the defaults)."""
+    if path is None:
+        return cls()
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    return config_from_dict(cls, values, source=str(path))

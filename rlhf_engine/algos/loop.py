@@ -1,0 +1,65 @@
+"""The outer loop shared by every trainer: steps, logging, checkpoints, resume.
+
+A trainer is any object with ``models`` and ``optimizers`` (dicts by role),
+``step(k) -> metrics`` and optionally ``state_dict()`` / ``load_state_dict(d)`` for
+small JSON state (e.g. the adaptive KL coefficient). Because each step draws its
+randomness from ``step_generator(seed, k, ...)``, restoring weights, optimizer state and
+that small state is all a resume needs to reproduce the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from rlhf_engine.models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_engine.runlog import RunLog
+
+
+def run_steps(
+    trainer,
+    *,
+    steps: int,
+    phase: str,
+    log: RunLog | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    stop_after: int | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> list[dict[str, float]]:
+    """Run ``trainer.step(k)`` for ``k`` in ``[start, steps)`` and return the metrics.
+
+    ``start`` is 0, or with ``resume`` one past the step of the latest checkpoint in
+    ``checkpoint_dir``. A checkpoint is written every ``checkpoint_every`` steps (0: only
+    at the end) when ``checkpoint_dir`` is given. ``stop_after`` ends the run after that
+    many steps of this call (used to test resume). ``on_step(k, metrics)`` may add to the
+    metrics before they are logged.
+    """
+    start = 0
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError(f"{phase}: resume needs a checkpoint directory")
+        path = latest_checkpoint(checkpoint_dir)
+        if path is not None:
+            state = load_checkpoint(path, models=trainer.models, optimizers=trainer.optimizers)
+            if hasattr(trainer, "load_state_dict"):
+                trainer.load_state_dict(state.get("trainer", {}))
+            start = int(state["step"]) + 1
+    history = []
+    for k in range(start, steps):
+        metrics = trainer.step(k)
+        if on_step is not None:
+            on_step(k, metrics)
+        history.append(metrics)
+        if log is not None:
+            log.log(phase, k, metrics)
+        last = k == steps - 1 or (stop_after is not None and len(history) == stop_after)
+        if checkpoint_dir is not None and (last or (checkpoint_every and (k + 1) % checkpoint_every == 0)):
+            state = {"step": k, "phase": phase}
+            if hasattr(trainer, "state_dict"):
+                state["trainer"] = trainer.state_dict()
+            save_checkpoint(checkpoint_dir, k, models=trainer.models, optimizers=trainer.optimizers, state=state)
+        if stop_after is not None and len(history) == stop_after:
+            break
+    return history

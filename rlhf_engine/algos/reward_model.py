@@ -1,0 +1,136 @@
+"""Reward-model training on human preferences (InstructGPT's second stage).
+
+Records are pairs ``{"prompt", "chosen", "rejected"}`` (optionally ``"margin"``: Llama 2's
+margin loss) or rankings ``{"prompt", "responses"}`` listing K responses best first. The
+reward is the scalar head read at the last non-pad token. Losses
+(``algos/preference_losses.py``): Bradley-Terry on pairs; on rankings either InstructGPT's
+K-choose-2 (every pair of a prompt, weighted ``1/C(K,2)``) or Plackett-Luce.
+Evaluation: held-out pairwise accuracy and expected calibration error, before and after
+fitting a temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_engine.algos.common import collate, make_optimizer, optimizer_step, step_generator
+from rlhf_engine.algos.config import check_field
+from rlhf_engine.algos.eval_metrics import expected_calibration_error, fit_temperature, pairwise_accuracy
+from rlhf_engine.algos.preference_losses import bradley_terry_loss, k_choose_2_pairs, plackett_luce_loss
+from rlhf_engine.models import ScalarHeadModel
+
+RANKING_LOSSES = ("k_choose_2", "plackett_luce")
+
+
+@dataclass
+class RewardModelConfig:
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ranking_loss: str = "k_choose_2"
+    center_coef: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        check_field(self, "steps", self.steps >= 0, ">= 0")
+        check_field(self, "batch_size", self.batch_size >= 1, ">= 1")
+        check_field(self, "lr", self.lr > 0, "> 0")
+        check_field(self, "weight_decay", self.weight_decay >= 0, ">= 0")
+        check_field(self, "grad_clip", self.grad_clip >= 0, ">= 0 (0: no clipping)")
+        check_field(self, "ranking_loss", self.ranking_loss in RANKING_LOSSES, f"one of {RANKING_LOSSES}")
+        check_field(self, "center_coef", self.center_coef >= 0, ">= 0")
+
+
+def sequence_rewards(model: ScalarHeadModel, prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> torch.Tensor:
+    """fp32 ``[B]``: the reward of each (prompt, response) pair."""
+    batch = collate(prompts, responses, pad_id)
+    return model.rewards(batch.input_ids, batch.attention_mask)
+
+
+def _is_ranking(record: dict) -> bool:
+    return "responses" in record
+
+
+class RewardModelTrainer:
+    """Trains a ``ScalarHeadModel`` on pair or ranking records (all of one kind)."""
+
+    def __init__(self, model: ScalarHeadModel, records: list[dict], config: RewardModelConfig, *, pad_id: int):
+        if not records:
+            raise ValueError("RewardModelTrainer: records is empty")
+        kinds = {_is_ranking(r) for r in records}
+        if len(kinds) != 1:
+            raise ValueError("RewardModelTrainer: records mix pairs (chosen/rejected) and rankings (responses)")
+        self.rankings = kinds.pop()
+        self.model, self.records, self.config, self.pad_id = model, records, config, pad_id
+        self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
+
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"reward_model": self.model}
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"reward_model": self.optimizer}
+
+    def _pair_loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict]:
+        prompts = [r["prompt"] for r in batch]
+        rewards = sequence_rewards(self.model, prompts + prompts, [r["chosen"] for r in batch] + [r["rejected"] for r in batch], self.pad_id)
+        chosen, rejected = rewards.split(len(batch))
+        margin = torch.tensor([float(r.get("margin", 0.0)) for r in batch]) if any("margin" in r for r in batch) else None
+        return bradley_terry_loss(chosen, rejected, margin=margin, center_coef=self.config.center_coef)
+
+    def _ranking_loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict]:
+        prompts, responses, rankings = [], [], []
+        width = max(len(r["responses"]) for r in batch)
+        for record in batch:
+            first = len(responses)
+            for response in record["responses"]:
+                prompts.append(record["prompt"])
+                responses.append(response)
+            count = len(record["responses"])
+            rankings.append(list(range(first, first + count)) + [-1] * (width - count))
+        rewards = sequence_rewards(self.model, prompts, responses, self.pad_id)
+        rankings = torch.tensor(rankings)
+        if self.config.ranking_loss == "plackett_luce":
+            valid = rankings >= 0
+            loss = plackett_luce_loss(rewards[rankings.clamp(min=0)], mask=valid)
+            return loss, {}
+        pairs = k_choose_2_pairs(rankings)
+        return bradley_terry_loss(
+            rewards[pairs.chosen_index], rewards[pairs.rejected_index], weights=pairs.weight,
+            center_coef=self.config.center_coef,
+        )  # fmt: skip
+
+    def step(self, step: int) -> dict[str, float]:
+        generator = step_generator(self.config.seed, step, "reward_model")
+        index = torch.randint(len(self.records), (self.config.batch_size,), generator=generator).tolist()
+        batch = [self.records[i] for i in index]
+        self.model.train()
+        loss, metrics = (self._ranking_loss if self.rankings else self._pair_loss)(batch)
+        out = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+        out["grad_norm"] = optimizer_step(self.optimizer, loss, self.config.grad_clip)
+        return out
+
+
+def evaluate_reward_model(model: ScalarHeadModel, pairs: list[dict], *, pad_id: int, batch_size: int = 256) -> dict[str, float]:
+    """Held-out ``accuracy``, ``ece`` (of ``σ(r_c − r_r)``), and ``ece_scaled`` with the fitted ``temperature``."""
+    model.eval()
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            part = pairs[start : start + batch_size]
+            prompts = [r["prompt"] for r in part]
+            chosen.append(sequence_rewards(model, prompts, [r["chosen"] for r in part], pad_id))
+            rejected.append(sequence_rewards(model, prompts, [r["rejected"] for r in part], pad_id))
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    temperature = fit_temperature(chosen, rejected)
+    return {
+        "accuracy": pairwise_accuracy(chosen, rejected),
+        "ece": expected_calibration_error(chosen, rejected),
+        "temperature": float(temperature),
+        "ece_scaled": expected_calibration_error(chosen, rejected, temperature=float(temperature)),
+    }

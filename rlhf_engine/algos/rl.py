@@ -1,0 +1,295 @@
+"""One on-policy RL trainer for PPO, GRPO (and its variants), RLOO and REINFORCE++.
+
+Each step is four explicit phases, so a memory planner can move models between devices
+at the boundaries and every model is reachable by role (``roles``):
+
+1. ``generate``: sample ``group_size`` responses for each of ``prompts_per_step`` prompts
+   (KV-cached sampling; fp32 sampling logprobs kept for the rollout/training gap metric).
+2. ``score``: recompute the policy's logprobs (the ``old`` logprobs of the ratio), the
+   reference logprobs, the critic's values, and the scores (reward model or function).
+3. ``update_policy``: advantages, then ``epochs`` passes of minibatches of the clipped
+   policy loss computed from hidden states by ``ops.fused_linear_policy_loss``.
+4. ``update_critic`` (PPO only): clipped value loss on the GAE returns.
+
+The algorithms differ only in the advantage estimator and where the KL goes
+(ALGORITHMS.md sections 2 and 5):
+
+* ``advantage="gae"`` (PPO, InstructGPT): token rewards ``r_t = −β·(lp_t − ref_t) +
+  [t = last]·score``, GAE with the critic's values, advantages whitened.
+* ``"reinforce_pp"`` (REINFORCE++): the same token rewards, discounted returns, whitened.
+* ``"grpo"``, ``"dr_grpo"``, ``"rloo"``, ``"reinforce_pp_baseline"``, ``"opo"``: the
+  per-sequence score relative to its group (``ops.group_advantages``), broadcast over
+  the tokens.
+
+``kl_in_reward=True`` puts ``−β·KL`` into the reward (per token for ``gae`` /
+``reinforce_pp``, summed per sequence for group estimators); otherwise ``β·KL`` (estimator
+``kl_estimator``) is added to the loss, as GRPO does. β is fixed or adaptive
+(``kl_target``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from rlhf_engine import ops
+from rlhf_engine.algos.common import freeze, make_optimizer, masked_mean, minibatch_indices, optimizer_step, step_generator
+from rlhf_engine.algos.config import check_field
+from rlhf_engine.algos.eval_metrics import explained_variance
+from rlhf_engine.algos.kl_control import KLController
+from rlhf_engine.models import PolicyModel, ScalarHeadModel
+from rlhf_engine.rollout import Rollout, SamplingConfig, generate, score_rollout
+from rlhf_engine.tasks.data import left_pad
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo")
+TOKEN_ESTIMATORS = ("gae", "reinforce_pp")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+LOSSES = ("ppo", "gspo", "cispo", "cispo-trl", "sapo", "reinforce")
+
+# (prompts, responses) as token-id lists without padding -> fp32 [B] scores
+ScoreFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
+PromptFn = Callable[[int, torch.Generator], list[list[int]]]
+
+
+@dataclass
+class RLConfig:
+    """Hyperparameters of one RL run; the algorithm presets (``ppo_config`` etc.) set the rest."""
+
+    steps: int = 40
+    prompts_per_step: int = 16
+    group_size: int = 4
+    max_new_tokens: int = 12
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    epochs: int = 1
+    minibatch_size: int = 64
+    advantage: str = "grpo"
+    preset: str = "trl"
+    scale: str = "group"
+    gamma: float = 1.0
+    lam: float = 0.95
+    loss: str = "ppo"
+    clip_low: float = 0.2
+    clip_high: Optional[float] = None
+    dual_clip: Optional[float] = None
+    aggregation: str = "token-mean"
+    kl_coef: float = 0.05
+    kl_estimator: str = "k3"
+    kl_in_reward: bool = False
+    kl_target: Optional[float] = None
+    kl_horizon: int = 10000
+    entropy_coef: float = 0.0
+    critic_lr: float = 1e-3
+    value_clip: Optional[float] = 0.2
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatch_size", "kl_horizon"):
+            check_field(self, name, getattr(self, name) >= (0 if name == "steps" else 1), ">= 1" if name != "steps" else ">= 0")
+        check_field(self, "temperature", self.temperature > 0, "> 0")
+        check_field(self, "top_k", self.top_k >= 0, ">= 0 (0: off)")
+        check_field(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
+        for name in ("lr", "critic_lr"):
+            check_field(self, name, getattr(self, name) > 0, "> 0")
+        for name in ("weight_decay", "grad_clip", "kl_coef", "entropy_coef", "clip_low"):
+            check_field(self, name, getattr(self, name) >= 0, ">= 0")
+        check_field(self, "advantage", self.advantage in GROUP_ESTIMATORS + TOKEN_ESTIMATORS, f"one of {GROUP_ESTIMATORS + TOKEN_ESTIMATORS}")
+        check_field(self, "loss", self.loss in LOSSES, f"one of {LOSSES}")
+        check_field(self, "aggregation", self.aggregation in AGGREGATIONS, f"one of {AGGREGATIONS}")
+        check_field(self, "preset", self.preset in ("trl", "verl"), "'trl' or 'verl'")
+        check_field(self, "scale", self.scale in ("group", "batch", "none"), "'group', 'batch' or 'none'")
+        check_field(self, "gamma", 0 <= self.gamma <= 1, "in [0, 1]")
+        check_field(self, "lam", 0 <= self.lam <= 1, "in [0, 1]")
+        check_field(self, "kl_target", self.kl_target is None or self.kl_target > 0, "> 0 or null")
+        check_field(self, "value_clip", self.value_clip is None or self.value_clip > 0, "> 0 or null")
+        if self.advantage in GROUP_ESTIMATORS and self.group_size < 2 and self.preset == "trl":
+            check_field(self, "group_size", False, ">= 2 for group advantages under preset 'trl' (a singleton group gets advantage 0)")
+
+
+class RLTrainer:
+    """On-policy RL on a ``PolicyModel`` with a frozen reference (see the module docstring).
+
+    Args:
+        policy: trained in place. reference: frozen copy of the starting policy.
+        prompts: ``prompts(n, generator)`` -> ``n`` prompts as token-id lists.
+        reward_fn / reward_model: exactly one; the sequence score.
+        critic: required for ``advantage="gae"`` and only then.
+        gold_fn: optional hidden gold score, logged as ``gold`` (never trained on).
+    """
+
+    def __init__(
+        self,
+        config: RLConfig,
+        *,
+        policy: PolicyModel,
+        reference: PolicyModel,
+        prompts: PromptFn,
+        pad_token_id: int,
+        eos_token_id: int,
+        reward_fn: ScoreFn | None = None,
+        reward_model: ScalarHeadModel | None = None,
+        critic: ScalarHeadModel | None = None,
+        gold_fn: ScoreFn | None = None,
+    ):
+        if (reward_fn is None) == (reward_model is None):
+            raise ValueError("RLTrainer: pass exactly one of reward_fn and reward_model")
+        if (critic is not None) != (config.advantage == "gae"):
+            raise ValueError(f"RLTrainer: a critic is needed for advantage 'gae' and only for it (advantage={config.advantage!r})")
+        self.config, self.policy, self.prompts = config, policy, prompts
+        self.reference = freeze(reference)
+        self.reward_model = freeze(reward_model) if reward_model is not None else None
+        self.reward_fn, self.critic, self.gold_fn = reward_fn, critic, gold_fn
+        self.pad_token_id = pad_token_id
+        self.sampling = SamplingConfig(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+            top_p=config.top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )  # fmt: skip
+        self.optimizer = make_optimizer(policy, config.lr, config.weight_decay)
+        self.critic_optimizer = make_optimizer(critic, config.critic_lr) if critic is not None else None
+        self.kl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
+
+    # -- roles, checkpoint state ---------------------------------------------------------
+    @property
+    def roles(self) -> dict[str, torch.nn.Module]:
+        """Every model by role (``policy``, ``reference``, ``critic``, ``reward_model``)."""
+        named = {"policy": self.policy, "reference": self.reference, "critic": self.critic, "reward_model": self.reward_model}
+        return {role: model for role, model in named.items() if model is not None}
+
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        """The trained models (what a checkpoint holds)."""
+        return {role: m for role, m in self.roles.items() if role in ("policy", "critic")}
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        named = {"policy": self.optimizer, "critic": self.critic_optimizer}
+        return {role: opt for role, opt in named.items() if opt is not None}
+
+    def state_dict(self) -> dict:
+        return {"kl": self.kl.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "kl" in state:
+            self.kl.load_state_dict(state["kl"])
+
+    # -- phases --------------------------------------------------------------------------
+    def generate(self, step: int) -> Rollout:
+        """Phase 1: ``group_size`` samples for each prompt of step ``step``."""
+        cfg = self.config
+        prompts = self.prompts(cfg.prompts_per_step, step_generator(cfg.seed, step, "prompts"))
+        repeated = [p for p in prompts for _ in range(cfg.group_size)]
+        prompt_ids, prompt_mask = left_pad(repeated, self.pad_token_id)
+        self.policy.eval()
+        with torch.no_grad():
+            rollout = generate(self.policy, prompt_ids, prompt_mask, self.sampling, generator=step_generator(cfg.seed, step, "sample"))
+        rollout.group_ids = torch.arange(len(prompts)).repeat_interleave(cfg.group_size)
+        return rollout
+
+    def score(self, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
+        """Phase 2: old and reference logprobs, values, scores (and gold when known)."""
+        with torch.no_grad():
+            rollout, metrics = score_rollout(
+                rollout, temperature=self.config.temperature, policy=self.policy, reference=self.reference,
+                critic=self.critic, reward_model=self.reward_model, reward_fn=self.reward_fn,
+            )  # fmt: skip
+        metrics = dict(metrics)
+        if self.gold_fn is not None:
+            metrics["gold"] = float(self.gold_fn(*rollout.token_lists()).mean())
+        return rollout, metrics
+
+    def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Advantages (``[B, R]`` per token, or ``[B]`` per sequence) and, for GAE, returns."""
+        cfg, mask = self.config, rollout.response_mask
+        token_kl = (rollout.old_logprobs - rollout.ref_logprobs) * mask  # k1, the reward-side KL
+        beta = self.kl.value if cfg.kl_in_reward else 0.0
+        if cfg.advantage in TOKEN_ESTIMATORS:
+            rewards = -beta * token_kl
+            last = (rollout.response_lengths - 1).clamp(min=0)
+            rewards[torch.arange(rewards.shape[0]), last] += rollout.scores * (rollout.response_lengths > 0)
+            if cfg.advantage == "gae":
+                return ops.gae(rewards, rollout.values, mask, gamma=cfg.gamma, lam=cfg.lam)
+            returns = ops.discounted_returns(rewards, mask, gamma=cfg.gamma)
+            return ops.masked_whiten(returns, mask), None
+        scores = rollout.scores - beta * token_kl.sum(dim=1)
+        lengths = rollout.response_lengths if cfg.advantage in ("opo", "reinforce_pp_baseline") else None
+        advantages = ops.group_advantages(
+            scores, group_size=cfg.group_size, method=cfg.advantage, scale=cfg.scale if cfg.advantage == "grpo" else "group",
+            preset=cfg.preset, lengths=lengths,
+        )  # fmt: skip
+        return advantages, None
+
+    def update_policy(self, rollout: Rollout, advantages: torch.Tensor, step: int) -> dict[str, float]:
+        """Phase 3: ``epochs`` x minibatches of the fused clipped policy loss."""
+        cfg, start = self.config, rollout.response_start
+        kl_in_loss = not cfg.kl_in_reward and self.kl.value > 0
+        # Dr. GRPO's constant normalizer: the generation budget, not the batch's longest response.
+        norm_per_seq = cfg.max_new_tokens if cfg.aggregation == "seq-mean-token-sum-norm" else None
+        self.policy.train()
+        sums: dict[str, float] = {}
+        count = 0
+        generator = step_generator(cfg.seed, step, "minibatches")
+        for _ in range(cfg.epochs):
+            for index in minibatch_indices(rollout.response_ids.shape[0], cfg.minibatch_size, generator):
+                mb = rollout.select(index)
+                hidden = self.policy.response_hidden(mb.input_ids, mb.attention_mask, start)
+                loss, metrics, _, entropy = ops.fused_linear_policy_loss(
+                    hidden, self.policy.lm_head_weight, mb.response_ids, mb.old_logprobs, advantages[index],
+                    mb.response_mask, bias=self.policy.lm_head_bias, temperature=cfg.temperature,
+                    return_logprobs=True, loss=cfg.loss, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                    dual_clip=cfg.dual_clip, ref_logp=mb.ref_logprobs if kl_in_loss else None,
+                    kl_coef=self.kl.value if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator,
+                    entropy_coef=cfg.entropy_coef, aggregation=cfg.aggregation,
+                    normalizer=None if norm_per_seq is None else norm_per_seq * len(index),
+                )  # fmt: skip
+                grad_norm = optimizer_step(self.optimizer, loss, cfg.grad_clip)
+                values = {"policy_loss": float(loss), "grad_norm": grad_norm, "entropy": masked_mean(entropy, mb.response_mask)}
+                values.update({k: float(metrics[k]) for k in ("clipfrac", "approx_kl", "ratio_mean")})
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    def update_critic(self, rollout: Rollout, returns: torch.Tensor, step: int) -> dict[str, float]:
+        """Phase 4 (PPO): ``epochs`` x minibatches of the clipped value loss."""
+        cfg, start = self.config, rollout.response_start
+        self.critic.train()
+        losses = []
+        generator = step_generator(cfg.seed, step, "critic_minibatches")
+        for _ in range(cfg.epochs):
+            for index in minibatch_indices(returns.shape[0], cfg.minibatch_size, generator):
+                mb = rollout.select(index)
+                values = self.critic.values(mb.input_ids, mb.attention_mask)[:, start - 1 : -1]
+                loss, _ = ops.value_loss(values, mb.values, returns[index], mb.response_mask, clip=cfg.value_clip)
+                optimizer_step(self.critic_optimizer, loss, cfg.grad_clip)
+                losses.append(float(loss))
+        return {
+            "value_loss": sum(losses) / len(losses),
+            "explained_variance": float(explained_variance(rollout.values, returns, rollout.response_mask)),
+        }
+
+    def step(self, step: int) -> dict[str, float]:
+        """One RL step (all four phases); returns the logged metrics."""
+        start_time = time.perf_counter()
+        rollout = self.generate(step)
+        rollout, metrics = self.score(rollout)
+        advantages, returns = self.advantages(rollout)
+        metrics.update(self.update_policy(rollout, advantages, step))
+        if self.critic is not None:
+            metrics.update(self.update_critic(rollout, returns, step))
+        mask = rollout.response_mask
+        sequence_kl = ((rollout.old_logprobs - rollout.ref_logprobs) * mask).sum(dim=1)
+        metrics["kl"] = float(sequence_kl.mean())
+        metrics["kl_coef"] = self.kl.value
+        self.kl.update(metrics["kl"], mask.shape[0])
+        metrics["reward_mean"] = float(rollout.scores.mean())
+        metrics["reward_std"] = float(rollout.scores.std()) if rollout.scores.numel() > 1 else 0.0
+        metrics["response_length"] = float(rollout.response_lengths.float().mean())
+        metrics["tokens_per_s"] = float(rollout.attention_mask.sum()) / (time.perf_counter() - start_time)
+        return metrics

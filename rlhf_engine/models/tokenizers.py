@@ -1,0 +1,61 @@
+"""Tokenizers for ``rlhf-engine train``: bytes for the built-in configs, the model's own
+(Hugging Face, from its local folder) otherwise.
+
+Both expose ``encode(text) -> list[int]`` (no special tokens), ``decode(ids) -> str`` and
+``pad_token_id`` / ``bos_token_id`` / ``eos_token_id`` / ``vocab_size``. A prompt is
+``[bos] + encode(prompt)``; a response is ``encode(response) + [eos]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted past three special tokens: pad 0, bos 1, eos 2; vocab 259."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer; pad falls back to eos when the model has none."""
+
+    def __init__(self, path: str | Path):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"model {path}: its tokenizer has no eos token")
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_id
+        self.bos_token_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_token_id
+        self.vocab_size = len(self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(model: str) -> ByteTokenizer | HFTokenizer:
+    """``ByteTokenizer`` for a built-in size name (``tiny``, ``small``), else the tokenizer in
+    the local folder ``model`` (ValueError when there is none)."""
+    from rlhf_engine.models.configs import MODEL_SIZES
+
+    if model in MODEL_SIZES:
+        return ByteTokenizer()
+    path = Path(model)
+    if not path.is_dir():
+        raise ValueError(f"--model must be one of {sorted(MODEL_SIZES)} or a local model folder, got {model!r}")
+    try:
+        return HFTokenizer(path)
+    except OSError as error:
+        raise ValueError(f"model {model}: no tokenizer found in the folder ({error})") from None

@@ -1,0 +1,185 @@
+"""``rlhf-engine train``: the trainers on a user's local model and JSONL data.
+
+Data, one JSON object per line (text fields are tokenized with the model's tokenizer;
+a prompt is ``[bos] + prompt``, a response ``response + [eos]``):
+
+* ``sft``: ``{"prompt": str, "response": str}``
+* ``rm``: ``{"prompt", "chosen", "rejected"}`` (optional number ``"margin"``), or rankings
+  ``{"prompt", "responses": [str, ...]}`` best first
+* ``dpo``: ``{"prompt", "chosen", "rejected"}``
+* ``ppo``, ``grpo``, ``rloo``, ``reinforce_pp``: ``{"prompt"}``, scored by
+  ``--reward-model DIR`` (a reward model saved by ``train --algo rm``), or
+  ``{"prompt", "answer"}``: reward 1 when the response text equals the answer (stripped),
+  else 0. PPO always needs a reward model (and trains a critic initialised from it).
+
+``--config FILE.yaml`` sets fields of the algorithm's config dataclass (``SFTConfig``,
+``RewardModelConfig``, ``DPOConfig``, or ``RLConfig`` on top of the algorithm's preset;
+for ``grpo`` also ``variant``). The output folder gets ``metrics.jsonl``, checkpoints
+every ``checkpoint_every`` steps and the final model in ``model/``; ``--resume``
+continues from the latest checkpoint there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_engine.algos.config import config_from_dict
+from rlhf_engine.algos.dpo import DPOConfig, DPOTrainer
+from rlhf_engine.algos.grpo import GRPO_DEFAULTS, GRPO_VARIANTS
+from rlhf_engine.algos.loop import run_steps
+from rlhf_engine.algos.ppo import PPO_DEFAULTS
+from rlhf_engine.algos.reinforce_pp import REINFORCE_PP_DEFAULTS
+from rlhf_engine.algos.reward_model import RewardModelConfig, RewardModelTrainer
+from rlhf_engine.algos.rl import RLConfig, RLTrainer
+from rlhf_engine.algos.rloo import RLOO_DEFAULTS
+from rlhf_engine.algos.sft import SFTConfig, SFTTrainer
+from rlhf_engine.models import PolicyModel, ScalarHeadModel, llama_config
+from rlhf_engine.models.configs import MODEL_SIZES
+from rlhf_engine.models.tokenizers import load_tokenizer
+from rlhf_engine.runlog import RunLog
+from rlhf_engine.tasks.data import read_jsonl
+
+ALGOS = ("sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo")
+RL_PRESETS = {"ppo": PPO_DEFAULTS, "grpo": GRPO_DEFAULTS, "rloo": RLOO_DEFAULTS, "reinforce_pp": REINFORCE_PP_DEFAULTS}
+PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
+
+
+def load_config(algo: str, path: str | Path | None):
+    """The algorithm's config: YAML fields over its defaults (errors name file and field)."""
+    values: dict[str, Any] = {}
+    source = str(path) if path is not None else "config"
+    if path is not None:
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
+    if algo in RL_PRESETS:
+        preset = dict(RL_PRESETS[algo])
+        if algo == "grpo":
+            variant = values.pop("variant", "grpo")
+            if variant not in GRPO_VARIANTS:
+                raise ValueError(f"{source}: variant must be one of {sorted(GRPO_VARIANTS)}, got {variant!r}")
+            preset.update(GRPO_VARIANTS[variant])
+        return config_from_dict(RLConfig, {**preset, **values}, source=source)
+    cls = {"sft": SFTConfig, "rm": RewardModelConfig, "dpo": DPOConfig}[algo]
+    return config_from_dict(cls, values, source=source)
+
+
+def load_records(algo: str, path: str | Path, tokenizer) -> list:
+    """Read and tokenize the JSONL data for ``algo`` (ValueError naming file and line)."""
+    prompt = lambda text: [tokenizer.bos_token_id] + tokenizer.encode(text)  # noqa: E731
+    response = lambda text: tokenizer.encode(text) + [tokenizer.eos_token_id]  # noqa: E731
+    if algo == "sft":
+        return [(prompt(r["prompt"]), response(r["response"])) for r in read_jsonl(path, {"prompt": str, "response": str})]
+    if algo == "dpo" or algo == "rm":
+        first = _first_record(path)
+        if algo == "rm" and "responses" in first:
+            rows = read_jsonl(path, {"prompt": str, "responses": list})
+            for line, r in enumerate(rows, 1):
+                if len(r["responses"]) < 2 or not all(isinstance(x, str) for x in r["responses"]):
+                    raise ValueError(f"{path}:{line}: 'responses' must be a list of at least two strings")
+            return [{"prompt": prompt(r["prompt"]), "responses": [response(x) for x in r["responses"]]} for r in rows]
+        rows = read_jsonl(path, PAIR_FIELDS)
+        records = []
+        for line, r in enumerate(rows, 1):
+            record = {"prompt": prompt(r["prompt"]), "chosen": response(r["chosen"]), "rejected": response(r["rejected"])}
+            if "margin" in r:
+                if not isinstance(r["margin"], (int, float)) or isinstance(r["margin"], bool):
+                    raise ValueError(f"{path}:{line}: 'margin' must be a number, got {r['margin']!r}")
+                record["margin"] = float(r["margin"])
+            records.append(record)
+        return records
+    return [{"prompt": prompt(r["prompt"]), "answer": r.get("answer")} for r in read_jsonl(path, {"prompt": str})]
+
+
+def _first_record(path) -> dict:
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    return {}
+    raise ValueError(f"{path}: no records")
+
+
+def load_policy(model: str, vocab_size: int, tokenizer, seed: int) -> PolicyModel:
+    if model in MODEL_SIZES:
+        config = llama_config(model, vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        return PolicyModel.from_config(config, seed=seed)
+    return PolicyModel.from_pretrained(model)
+
+
+def _answer_reward(tokenizer, answers: dict[tuple[int, ...], str]):
+    def reward(prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(
+            [float(tokenizer.decode(r).strip() == answers[tuple(p)].strip()) for p, r in zip(prompts, responses)]
+        )
+
+    return reward
+
+
+def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokenizer, reward_model_path: str | None):
+    pad = tokenizer.pad_token_id
+    if algo == "sft":
+        return SFTTrainer(policy, records, config, pad_id=pad)
+    if algo == "rm":
+        return RewardModelTrainer(ScalarHeadModel.from_policy(policy), records, config, pad_id=pad)
+    if algo == "dpo":
+        return DPOTrainer(policy, copy.deepcopy(policy), records, config, pad_id=pad)
+    prompts = [r["prompt"] for r in records]
+
+    def sample_prompts(n: int, generator: torch.Generator) -> list[list[int]]:
+        return [prompts[i] for i in torch.randint(len(prompts), (n,), generator=generator).tolist()]
+
+    scoring: dict[str, Any] = {}
+    if reward_model_path is not None:
+        scoring["reward_model"] = ScalarHeadModel.load(reward_model_path)
+    elif all(r["answer"] is not None for r in records) and algo != "ppo":
+        scoring["reward_fn"] = _answer_reward(tokenizer, {tuple(r["prompt"]): r["answer"] for r in records})
+    else:
+        raise ValueError(f"--algo {algo} needs --reward-model DIR" + ("" if algo == "ppo" else " or an 'answer' in every record"))
+    if algo == "ppo":
+        scoring["critic"] = copy.deepcopy(scoring["reward_model"])
+    return RLTrainer(
+        config, policy=policy, reference=copy.deepcopy(policy), prompts=sample_prompts, pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id, **scoring,
+    )  # fmt: skip
+
+
+def run_train(
+    algo: str, model: str, data: str | Path, out: str | Path, *, config_path: str | Path | None = None,
+    resume: bool = False, reward_model_path: str | None = None, checkpoint_every: int = 10,
+    stop_after: int | None = None, quiet: bool = False,
+) -> list[dict]:  # fmt: skip
+    """Train ``algo`` and return the per-step metrics of this call (see the module docstring)."""
+    if algo not in ALGOS:
+        raise ValueError(f"--algo must be one of {ALGOS}, got {algo!r}")
+    if checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+    config = load_config(algo, config_path)
+    tokenizer = load_tokenizer(model)
+    records = load_records(algo, data, tokenizer)
+    torch.manual_seed(config.seed)
+    policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed)
+    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLog(out / "metrics.jsonl", total=config.steps, desc=algo, quiet=quiet) as log:
+        history = run_steps(
+            trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
+            checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after,
+        )  # fmt: skip
+    final = trainer.models["reward_model" if algo == "rm" else "policy"]
+    final.save(out / "model")
+    return history
