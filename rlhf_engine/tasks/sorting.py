@@ -238,7 +238,7 @@ class SortingTask:
                 gold_a, gold_b = self.gold_score(prompt, a), self.gold_score(prompt, b)
                 if gold_a != gold_b:
                     break
-            p_a = 1.0 / (1.0 + math.exp(-(gold_a - gold_b) / self.label_temperature))
+            p_a = 0.5 * (1.0 + math.tanh(0.5 * (gold_a - gold_b) / self.label_temperature))  # sigmoid, no overflow
             chosen, rejected = (a, b) if draws.uniform() < p_a else (b, a)
             out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
         return out
