@@ -79,6 +79,25 @@ def _backward(ctx, grad, _):
 _kl_penalty_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerKLPenalty(torch.autograd.Function):
+    """The torch backend outside torch.compile: the custom op's forward and backward
+    without its dispatch. The op, and a Function with ``setup_context``, each cost ~20 us a
+    call, as much as the whole eager k3 forward + backward at a few thousand tokens; this
+    classic Function (one output, ``ctx`` in ``forward``) costs a few. torch.compile sees
+    the custom op."""
+
+    @staticmethod
+    def forward(ctx, logp, ref_logp, estimator, clamp, backend, need_grad):
+        value, dvalue = _fwd_torch(logp, ref_logp, estimator, clamp, need_grad)
+        ctx.save_for_backward(dvalue)
+        ctx.dtypes = (logp.dtype, ref_logp.dtype)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, None)
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k3", clamp: bool = False, backend: str = "auto") -> torch.Tensor:
     """Per-token KL estimate between the policy and the reference (ALGORITHMS.md section 2).
 
@@ -108,15 +127,17 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
     chosen = resolve_backend(OP, backend, logp.device)
     logp, ref_logp = logp.contiguous(), ref_logp.contiguous()
     differentiable = torch.is_grad_enabled() and (logp.requires_grad or ref_logp.requires_grad)
-    if chosen == "torch" and not torch.compiler.is_compiling():
-        # Eager torch backend: skip the custom op's dispatch and autograd setup (~20 us a
-        # call) where plain differentiable ops give the same value and gradient: no
-        # gradient needed, or k1 / abs (autograd's own backward is the same one multiply,
-        # ``grad`` or ``grad * sign(lp - ref)``, rounded once to each input's dtype).
+    eager_torch = chosen == "torch" and not torch.compiler.is_compiling()
+    if eager_torch:
+        # Eager torch backend: plain differentiable ops where they give the same value and
+        # gradient: no gradient needed, or k1 / abs (autograd's own backward is the same one
+        # multiply, ``grad`` or ``grad * sign(lp - ref)``, rounded once to each input's dtype).
         if not differentiable:
             return kl_estimate(logp.float(), ref_logp.float(), estimator, clamp)
         if ESTIMATORS[estimator] in (("k1", False), ("abs", False)) and torch.float64 not in (logp.dtype, ref_logp.dtype):
             return kl_estimate(logp.float(), ref_logp.float(), estimator, clamp)
     # k1's derivative is 1: its backward needs no second output
     need_grad = differentiable and ESTIMATORS[estimator] != ("k1", False)
+    if eager_torch:
+        return _EagerKLPenalty.apply(logp, ref_logp, estimator, clamp, chosen, need_grad)
     return _kl_penalty_fwd(logp, ref_logp, estimator, clamp, chosen, need_grad)[0]

@@ -93,7 +93,7 @@ def kl_estimate_and_grad(lp: torch.Tensor, ref: torch.Tensor, estimator: str, cl
         em1 = torch.expm1(kappa)
         if straight_through:
             return em1.sub_(kappa), kappa.neg_()
-        return kappa.neg_().add_(em1), em1.neg_()  # in place: kappa and em1 are fresh
+        return torch.sub(em1, kappa, out=kappa), em1.neg_()  # in place: kappa and em1 are fresh
     diff = lp - ref
     if base == "k1":
         return diff, (diff.clone() if straight_through else torch.ones_like(diff))
