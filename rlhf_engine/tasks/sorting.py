@@ -155,15 +155,15 @@ class SortingTask:
         ids, i = [], 0
         while i < len(text):
             ch = text[i]
+            tag = text[i : text.find(">", i) + 1] if ch == "<" else ""
             if ch.isspace():
                 i += 1
             elif ch in "0123456789":
                 ids.append(DIGIT0 + int(ch))
                 i += 1
-            elif ch == "<" and text.find(">", i) > 0 and text[i : text.find(">", i) + 1] in _SPECIAL_IDS:
-                end = text.find(">", i) + 1
-                ids.append(_SPECIAL_IDS[text[i:end]])
-                i = end
+            elif tag in _SPECIAL_IDS:
+                ids.append(_SPECIAL_IDS[tag])
+                i += len(tag)
             else:
                 raise ValueError(f"text: cannot encode {text[i:i + 6]!r} at position {i} (digits and <pad> <bos> <eos> <sep> only)")
         return ids
