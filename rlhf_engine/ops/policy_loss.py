@@ -8,14 +8,16 @@ import torch
 
 from rlhf_engine import _checks
 from rlhf_engine._backend import lazy, resolve_backend
-from rlhf_engine.ops._seq_loss import flat, normalizer_args, per_token_or_seq, seq_loss_bwd, token_layout
+from rlhf_engine.ops._seq_loss import (
+    eager_torch, flat, normalizer_args, per_token_or_seq, seq_loss_backward, token_layout,
+)
 from rlhf_engine.reference.aggregation import AGGREGATIONS, aggregate_partials
 from rlhf_engine.reference.kl import ESTIMATORS
-from rlhf_engine.reference.policy_loss import LOSSES, METRICS, PARTIALS, policy_loss_partials
+from rlhf_engine.reference.policy_loss import LOSSES, METRICS, PARTIALS, policy_loss_torch
 
 OP = "policy_loss"
 
-_FWD = {"torch": policy_loss_partials, "triton": lazy("rlhf_engine.kernels.policy_loss", "policy_loss_fwd")}
+_TRITON_FWD = lazy("rlhf_engine.kernels.policy_loss", "policy_loss_fwd")
 
 _RATIO_MIN, _RATIO_MAX = PARTIALS.index("ratio_min"), PARTIALS.index("ratio_max")
 # METRICS[i] comes from PARTIALS[2 + i]: the masked mean of a sum, or ratio_min / ratio_max.
@@ -23,8 +25,8 @@ assert len(METRICS) == len(PARTIALS) - 2 and METRICS[_RATIO_MIN - 2:_RATIO_MAX -
 
 
 def _metrics(partials: torch.Tensor) -> torch.Tensor:
-    """``[S, len(PARTIALS)]`` -> fp32 ``[len(METRICS)]`` masked token means over the batch
-    (0 for an all-masked batch), without a host sync.
+    """The kernel's ``[S, len(PARTIALS)]`` -> fp32 ``[len(METRICS)]`` masked token means
+    over the batch (0 for an all-masked batch), without a host sync.
 
     Built from slices of the column totals (a handful of tiny ops): ratio_min / ratio_max
     are the extremes over sequences, every other metric a total over the token count.
@@ -37,8 +39,7 @@ def _metrics(partials: torch.Tensor) -> torch.Tensor:
     return torch.cat([means[2:_RATIO_MIN], torch.where(valid, extremes, 0.0), means[_RATIO_MAX + 1:]])
 
 
-@torch.library.custom_op("rlhf_engine::policy_loss_fwd", mutates_args=())
-def _policy_loss_fwd(
+def _policy_loss_forward(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor,
     ref_logp: Optional[torch.Tensor], entropy: Optional[torch.Tensor], is_weights: Optional[torch.Tensor],
     normalizer: Optional[torch.Tensor], loss: str, clip_low: float, clip_high: float, dual_clip: Optional[float],
@@ -46,17 +47,25 @@ def _policy_loss_fwd(
     normalizer_const: float, seq_len: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``(loss 0-d, metrics [len(METRICS)], g [N], w [S])``, all fp32; ``g``, ``w`` are
-    saved for backward."""
-    g, partials = _FWD[backend](
-        logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, loss=loss, clip_low=clip_low,
-        clip_high=clip_high, dual_clip=dual_clip, delta=delta, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        kl_clamp=kl_clamp, entropy_coef=entropy_coef, seq_len=seq_len,
+    saved for backward. The body of ``rlhf_engine::policy_loss_fwd``."""
+    options = dict(
+        loss=loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy_coef=entropy_coef, seq_len=seq_len,
     )
+    if backend == "torch":
+        return policy_loss_torch(
+            logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, normalizer,
+            aggregation=aggregation, normalizer_const=normalizer_const, **options,
+        )
+    g, partials = _TRITON_FWD(logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, **options)
     total, w = aggregate_partials(
         partials[:, PARTIALS.index("loss")], partials[:, PARTIALS.index("count")], aggregation, cu_seqlens, seq_len,
         normalizer, normalizer_const,
     )
     return total, _metrics(partials), g, w
+
+
+_policy_loss_fwd = torch.library.custom_op("rlhf_engine::policy_loss_fwd", _policy_loss_forward, mutates_args=())
 
 
 @_policy_loss_fwd.register_fake
@@ -78,12 +87,14 @@ class _PolicyLoss(torch.autograd.Function):
     A Function rather than the op's ``register_autograd``: that path re-reads the op's
     schema once per argument on every call (quadratic in its 22 arguments: ~0.09 ms of
     Python, about half of what the whole eager loss takes at a few thousand tokens).
-    torch.compile traces the Function and still sees the op as one opaque node.
+    torch.compile traces the Function and still sees the op as one opaque node; the eager
+    torch backend calls the op's body directly (``eager_torch``).
     """
 
     @staticmethod
     def forward(ctx, *inputs):
-        total, metrics, g, w = _policy_loss_fwd(*inputs)
+        forward = _policy_loss_forward if eager_torch(inputs[_BACKEND]) else _policy_loss_fwd
+        total, metrics, g, w = forward(*inputs)
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(g, w, inputs[_CU], inputs[_MASK])
         entropy = inputs[_ENTROPY]
@@ -96,10 +107,10 @@ class _PolicyLoss(torch.autograd.Function):
         g, w, cu_seqlens, mask = ctx.saved_tensors
         grads = [None] * _NUM_INPUTS
         if ctx.needs_input_grad[_LOGP]:
-            grads[_LOGP] = seq_loss_bwd(grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtypes[0], ctx.backend)
+            grads[_LOGP] = seq_loss_backward(grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtypes[0], ctx.backend)
         if ctx.needs_input_grad[_ENTROPY]:
             # l -= c_H H: d loss / d H_t = -c_H w_b m_t
-            grads[_ENTROPY] = seq_loss_bwd(
+            grads[_ENTROPY] = seq_loss_backward(
                 grad_loss, w, mask, cu_seqlens, -ctx.entropy_coef, ctx.seq_len, ctx.dtypes[1], ctx.backend
             )
         return tuple(grads)

@@ -8,32 +8,40 @@ import torch
 
 from rlhf_engine import _checks
 from rlhf_engine._backend import lazy, resolve_backend
-from rlhf_engine.ops._seq_loss import flat, normalizer_args, seq_loss_bwd, token_layout
+from rlhf_engine.ops._seq_loss import eager_torch, flat, normalizer_args, seq_loss_backward, token_layout
 from rlhf_engine.reference.aggregation import AGGREGATIONS, aggregate_partials
-from rlhf_engine.reference.value_loss import METRICS, PARTIALS, value_loss_partials
+from rlhf_engine.reference.value_loss import METRICS, PARTIALS, value_loss_torch
 
 OP = "value_loss"
 
-_FWD = {"torch": value_loss_partials, "triton": lazy("rlhf_engine.kernels.value_loss", "value_loss_fwd")}
+_TRITON_FWD = lazy("rlhf_engine.kernels.value_loss", "value_loss_fwd")
 # The METRICS are the masked means of these (adjacent) columns, a slice: no index tensor.
 _METRIC_COLUMNS = slice(PARTIALS.index("clipped"), PARTIALS.index("values") + 1)
 assert PARTIALS[_METRIC_COLUMNS] == ("clipped", "values") and METRICS == ("clipfrac", "values_mean")
 
 
-@torch.library.custom_op("rlhf_engine::value_loss_fwd", mutates_args=())
-def _value_loss_fwd(
+def _value_loss_forward(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
     cu_seqlens: torch.Tensor, normalizer: Optional[torch.Tensor], clip: Optional[float], aggregation: str,
     normalizer_const: float, seq_len: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> ``(loss 0-d, metrics [len(METRICS)], g [N], w [S])``, all fp32."""
-    g, partials = _FWD[backend](values, old_values, returns, mask, cu_seqlens, clip=clip, seq_len=seq_len)
+    """-> ``(loss 0-d, metrics [len(METRICS)], g [N], w [S])``, all fp32. The body of
+    ``rlhf_engine::value_loss_fwd``."""
+    if backend == "torch":
+        return value_loss_torch(
+            values, old_values, returns, mask, cu_seqlens, normalizer, clip=clip, aggregation=aggregation,
+            normalizer_const=normalizer_const, seq_len=seq_len,
+        )
+    g, partials = _TRITON_FWD(values, old_values, returns, mask, cu_seqlens, clip=clip, seq_len=seq_len)
     loss_sums, counts = partials[:, PARTIALS.index("loss")], partials[:, PARTIALS.index("count")]
     total, w = aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
     totals = partials.sum(0)
     count = totals[PARTIALS.index("count")]
     metrics = torch.where(count > 0, totals[_METRIC_COLUMNS] / count, 0.0)
     return total, metrics, g, w
+
+
+_value_loss_fwd = torch.library.custom_op("rlhf_engine::value_loss_fwd", _value_loss_forward, mutates_args=())
 
 
 @_value_loss_fwd.register_fake
@@ -52,11 +60,13 @@ _VALUES, _CU, _SEQ_LEN, _BACKEND = 0, 4, 9, 10
 class _ValueLoss(torch.autograd.Function):
     """Autograd around the custom op (``_NUM_INPUTS`` inputs -> ``(loss, metrics)``); a
     Function rather than ``register_autograd`` for the reason given in ``ops/policy_loss.py``
-    (per-call schema re-reads, quadratic in the number of arguments)."""
+    (per-call schema re-reads, quadratic in the number of arguments). The eager torch
+    backend calls the op's body directly (``eager_torch``)."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        total, metrics, g, w = _value_loss_fwd(*inputs)
+        forward = _value_loss_forward if eager_torch(inputs[_BACKEND]) else _value_loss_fwd
+        total, metrics, g, w = forward(*inputs)
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(g, w, inputs[_CU])
         ctx.dtype, ctx.seq_len, ctx.backend = inputs[_VALUES].dtype, inputs[_SEQ_LEN], inputs[_BACKEND]
@@ -67,7 +77,7 @@ class _ValueLoss(torch.autograd.Function):
         g, w, cu_seqlens = ctx.saved_tensors
         grads = [None] * _NUM_INPUTS
         if ctx.needs_input_grad[_VALUES]:
-            grads[_VALUES] = seq_loss_bwd(grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtype, ctx.backend)
+            grads[_VALUES] = seq_loss_backward(grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtype, ctx.backend)
         return tuple(grads)
 
 

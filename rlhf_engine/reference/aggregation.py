@@ -24,9 +24,9 @@ d loss / d L_b``, which is what the fused ops save for backward.
 
 What lives here: :func:`aggregate_ref` (the spec, per token, differentiable);
 for the torch backends, :class:`Segments` (vectorized per-sequence sums over a flat
-token axis) and :class:`TokenMask` / :func:`keep` / :func:`select` (masking without
-``torch.where``); and :func:`aggregate_partials` (per-sequence sums -> loss and ``w``,
-shared by every backend).
+token axis) and :class:`TokenMask` / :class:`Where` (exact selects, without
+``torch.where``'s scalar loop on large CPU tensors); and :func:`aggregate_partials`
+(per-sequence sums -> loss and ``w``, shared by every backend).
 """
 
 from __future__ import annotations
@@ -113,31 +113,47 @@ class Segments:
         return x.new_full((self.num_seqs,), float("-inf")).scatter_reduce_(0, self.ids, x, "amax")
 
 
-# Selecting without torch.where. On the CPU, torch.where (and masked_fill) is a scalar
-# loop: ~2 ms per 1M fp32 elements, 25x a vectorized elementwise op. A condition turned
-# once into int32 lanes (-1 where true, 0 where false) selects fp32 values exactly with
-# vectorized bitwise ops: NaN / inf where the condition is false still become +0.0 (or the
-# other operand), values where it holds are untouched bit for bit.
+# Selecting without torch.where's cost. On the CPU, torch.where (and masked_fill) is a
+# scalar loop: ~3 ns an element, ~2 ms per 1M fp32 elements, 25x a vectorized elementwise
+# op. A condition turned once into int32 lanes (-1 where true, 0 where false) selects fp32
+# values exactly with vectorized bitwise ops: NaN / inf where the condition is false still
+# become +0.0 (or the other operand), values where it holds are untouched bit for bit. That
+# takes 2-5 ops where torch.where takes one, and at a few thousand tokens the number of ops
+# is the cost (each ~1-2 us), so small tensors, and every non-CPU tensor, use torch.where.
+WHERE_MAX_CPU = 8192  # elements; measured crossover 8K-16K fp32 on a 1-thread EPYC
 
 
-def lanes(cond: torch.Tensor) -> torch.Tensor:
-    """int32 lanes of a bool tensor: -1 (all bits set) where true, 0 where false."""
-    return cond.to(torch.int32).neg_()
+class Where:
+    """A bool condition selecting fp32 tensors exactly like ``torch.where``, as int32 lanes
+    on large CPU tensors (see above)."""
+
+    def __init__(self, cond: torch.Tensor):
+        self.cond = cond
+        big_cpu = cond.device.type == "cpu" and cond.numel() > WHERE_MAX_CPU
+        self.lanes = cond.to(torch.int32).neg_() if big_cpu else None
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """``torch.where(cond, x, 0.0)``."""
+        if self.lanes is None:
+            return torch.where(self.cond, x, 0.0)
+        return (_bits(x) & self.lanes).view(torch.float32)
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """``torch.where(cond, 0.0, x)``."""
+        if self.lanes is None:
+            return torch.where(self.cond, 0.0, x)
+        return (_bits(x) & ~self.lanes).view(torch.float32)
+
+    def select(self, a: torch.Tensor, b) -> torch.Tensor:
+        """``torch.where(cond, a, b)``; ``b`` a tensor or a number."""
+        if self.lanes is None:
+            return torch.where(self.cond, a, b)
+        b_bits = _bits(b if isinstance(b, torch.Tensor) else a.new_full((), b))
+        return (((_bits(a) ^ b_bits) & self.lanes) ^ b_bits).view(torch.float32)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int32)
-
-
-def keep(x: torch.Tensor, cond_lanes: torch.Tensor) -> torch.Tensor:
-    """``torch.where(cond, x, 0.0)`` for fp32 ``x``."""
-    return (_bits(x) & cond_lanes).view(torch.float32)
-
-
-def select(cond_lanes: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.where(cond, a, b)`` for fp32 ``a``, ``b`` (``((a ^ b) & lanes) ^ b``)."""
-    b_bits = _bits(b)
-    return (((_bits(a) ^ b_bits) & cond_lanes) ^ b_bits).view(torch.float32)
 
 
 class TokenMask:
@@ -146,20 +162,21 @@ class TokenMask:
     exactly 0 even where their values are NaN or inf."""
 
     def __init__(self, mask: torch.Tensor):
-        active = mask if mask.dtype == torch.bool else mask != 0
-        self.lanes = lanes(active)
+        self.active = Where(mask if mask.dtype == torch.bool else mask != 0)
         # A bool mask weighs every active token 1: x * 1 is x, so no multiply.
         self.weights = None if mask.dtype == torch.bool else mask.to(torch.float32)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Masked fp32 ``x`` (a new tensor unless ``x`` broadcasts to it)."""
-        return keep(x if self.weights is None else x * self.weights, self.lanes)
+        return self.active.keep(x if self.weights is None else x * self.weights)
 
     def apply_(self, x: torch.Tensor) -> torch.Tensor:
         """In place on a fp32 ``[..., *token shape]`` buffer."""
         if self.weights is not None:
             x.mul_(self.weights)
-        _bits(x).bitwise_and_(self.lanes)
+        if self.active.lanes is None:
+            return torch.where(self.active.cond, x, x.new_zeros(()), out=x)
+        _bits(x).bitwise_and_(self.active.lanes)
         return x
 
 

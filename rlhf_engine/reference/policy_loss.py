@@ -32,22 +32,22 @@ tokens with ``m != 0``), ``kl`` and ``entropy`` means when given. An all-masked 
 
 Two implementations live here: :func:`policy_loss_ref` (the spec, written for autograd
 and clarity; packed batches loop over sequences in Python) and
-:func:`policy_loss_partials` (the torch backend: the same math with the derivative
-written out, vectorized, returning what the fused kernel returns).
+:func:`policy_loss_torch` (the torch backend: the same math with the derivative
+written out, vectorized, returning what the custom op returns).
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlhf_engine.reference.aggregation import Segments, TokenMask, aggregate_ref, keep, lanes, select
+from rlhf_engine.reference.aggregation import Segments, TokenMask, Where, aggregate_partials, aggregate_ref
 from rlhf_engine.reference.kl import kl_estimate_and_grad, kl_penalty_ref
 
 LOSSES = ("ppo", "gspo", "cispo", "cispo-trl", "sapo", "reinforce")
 LOG_RATIO_CLAMP = 20.0
 SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05
 METRICS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "kl", "entropy")
-# Columns of the per-sequence partial sums both backends produce (kernels/policy_loss.py
+# Columns of the per-sequence partial sums the Triton kernel produces (kernels/policy_loss.py
 # writes them in this order): masked sums, except the ratio min / max over active tokens.
 PARTIALS = ("loss", "count", "clipped", "clipped_lower", "approx_kl", "ratio", "ratio_min", "ratio_max", "kl", "entropy")
 
@@ -159,25 +159,30 @@ def policy_loss_ref(
     return total, metrics
 
 
-# Rows of the masked per-sequence sums the torch backend reduces in one pass (PARTIALS
-# without ratio_min / ratio_max, which are extremes; kl / entropy only when given).
+# Rows of the masked per-sequence sums the torch backend reduces in one pass (kl / entropy
+# only when given).
 _SUM_ROWS = ("loss", "count", "clipped", "clipped_lower", "approx_kl", "ratio", "kl", "entropy")
 
 
-def policy_loss_partials(
-    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, *, loss, clip_low, clip_high,
-    dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, seq_len,
+def policy_loss_torch(
+    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, normalizer, *, loss, clip_low,
+    clip_high, dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, aggregation, normalizer_const,
+    seq_len,
 ):
     """Torch backend: flat ``[N]`` inputs (``advantages`` / ``is_weights`` ``[N]`` or ``[S]``)
-    -> ``(g [N] fp32, partials [S, len(PARTIALS)] fp32)`` with ``g = m dl/dlp``.
+    -> ``(loss 0-d, metrics [len(METRICS)], g [N], w [S])``, all fp32, with ``g = m dl/dlp``
+    and ``w = d loss / d L_b``: what ``rlhf_engine::policy_loss_fwd`` returns.
 
-    ``seq_len``: the padded length, 0 when packed (see ``Segments``).
+    ``seq_len``: the padded length, 0 when packed (see ``Segments``); ``normalizer`` /
+    ``normalizer_const``: as in ``aggregate_partials``.
 
     This is the CPU path, timed against eager code at a few thousand tokens as much as at
     millions, so it is written for few ops and few passes: a padded batch is computed as
     ``[S, T]`` with per-sequence inputs broadcast (never expanded), selections go through
-    int32 lanes (``keep`` / ``select``: ``torch.where`` is a scalar loop on the CPU), and
-    the masked per-sequence sums are one reduction of a ``[rows, tokens]`` buffer.
+    :class:`Where` (int32 lanes on large CPU tensors, where ``torch.where`` is a scalar
+    loop), the masked per-sequence sums are one reduction of a ``[rows, tokens]`` buffer,
+    and loss, weights and metrics come straight from those sums (the kernel's per-sequence
+    ratio extremes are not needed: the metrics take them over the whole batch).
     """
     seg = Segments(cu_seqlens, logp.numel(), seq_len)
     f32 = torch.float32
@@ -192,42 +197,42 @@ def policy_loss_partials(
         ratio_arg = seg.expand(seq_mean)
     else:
         ratio_arg = log_ratio
-    ratio = torch.exp(ratio_arg.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    dratio = keep(ratio, lanes(ratio_arg.abs() <= LOG_RATIO_CLAMP))
+    clamped = ratio_arg.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = clamped.exp()
+    dratio = Where(clamped == ratio_arg).keep(ratio)  # no gradient where the clamp is active (or NaN)
 
     clipped = lower = None
     if loss in ("ppo", "gspo"):
         if delta is None:
             bounded, dbounded = ratio, dratio
         else:
-            bounded, dbounded = ratio.clamp(max=delta), keep(dratio, lanes(ratio <= delta))
+            bounded, dbounded = ratio.clamp(max=delta), Where(ratio <= delta).keep(dratio)
         clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
         neg_adv = -adv
         loss1, loss2 = neg_adv * bounded, neg_adv * clipped_ratio
         clipped = loss2 > loss1
         loss_tok = torch.maximum(loss1, loss2)  # where(clipped, loss2, loss1): a NaN is in both
-        clipped_lanes = lanes(clipped)
+        is_clipped = Where(clipped)
         if delta is None:
             # clipped implies clip(r) != r (equal ratios give equal losses): no gradient there
-            dloss = keep(dbounded, ~clipped_lanes)
+            dloss = is_clipped.drop(dbounded)
         else:
-            dclipped = keep(dratio, lanes(clipped_ratio == ratio))  # d clip(r) / d lp
-            dloss = select(clipped_lanes, dclipped, dbounded)
+            dclipped = Where(clipped_ratio == ratio).keep(dratio)  # d clip(r) / d lp
+            dloss = is_clipped.select(dclipped, dbounded)
         grad = neg_adv * dloss
         if dual_clip is not None:
             loss3 = neg_adv * dual_clip
             lower = (adv < 0) & (loss_tok > loss3)
-            lower_lanes = lanes(lower)
-            loss_tok = select(lower_lanes, loss3, loss_tok)
-            grad = keep(grad, ~lower_lanes)
+            is_lower = Where(lower)
+            loss_tok = is_lower.select(loss3, loss_tok)
+            grad = is_lower.drop(grad)
     elif loss in ("cispo", "cispo-trl"):
         weight = ratio.clamp(1 - clip_low, 1 + clip_high) if loss == "cispo" else ratio.clamp(max=clip_high)
         clipped = weight != ratio
         grad = -weight * adv
         loss_tok = grad * lp
     elif loss == "sapo":
-        positive = lanes(adv > 0)
-        tau = select(positive, adv.new_full((), SAPO_TAU_POS), adv.new_full((), SAPO_TAU_NEG))
+        tau = Where(adv > 0).select(adv.new_full((), SAPO_TAU_POS), SAPO_TAU_NEG)
         gate = torch.sigmoid(tau * (ratio - 1))
         loss_tok = -adv * gate * (4 / tau)
         grad = -adv * 4 * gate * (1 - gate) * dratio
@@ -236,14 +241,16 @@ def policy_loss_partials(
     if is_weights is not None:
         isw = seg.per_token(is_weights.to(f32))
         loss_tok, grad = loss_tok * isw, grad * isw
-    columns = {"loss": loss_tok, "clipped": clipped, "clipped_lower": lower, "approx_kl": log_ratio.square(), "ratio": ratio}
+    columns = {"clipped": clipped, "clipped_lower": lower, "approx_kl": log_ratio.square(), "ratio": ratio}
     if ref_logp is not None:
         kl, dkl = kl_estimate_and_grad(lp, seg.tokens(ref_logp.to(f32)), kl_estimator, kl_clamp)
         loss_tok, grad = loss_tok + kl_coef * kl, grad + kl_coef * dkl
-        columns.update(loss=loss_tok, kl=kl)
+        columns["kl"] = kl
     if entropy is not None:
         ent = seg.tokens(entropy.to(f32))
-        columns.update(loss=loss_tok - entropy_coef * ent, entropy=ent)
+        columns["entropy"] = ent
+        loss_tok = loss_tok - entropy_coef * ent
+    columns["loss"] = loss_tok
 
     rows = [name for name in _SUM_ROWS if name in columns or name == "count"]
     buf = torch.empty((len(rows),) + seg.shape, dtype=f32, device=lp.device)
@@ -255,13 +262,21 @@ def policy_loss_partials(
         else:
             row.copy_(columns[name])
     token_mask.apply_(buf)
-    buf[rows.index("count")].copy_(seg.tokens(mask))  # the weights themselves, after masking
+    buf[1].copy_(seg.tokens(mask))  # the weights themselves, after masking
     sums = seg.sum(buf)
-    sums[rows.index("approx_kl")] *= 0.5  # delta^2 / 2, halved once per sequence (exact)
-    partial = sums.new_zeros(len(PARTIALS), seg.num_seqs)
-    for row, name in zip(sums, rows):
-        partial[PARTIALS.index(name)] = row
-    inf = ratio.new_full((), float("inf"))
-    partial[PARTIALS.index("ratio_min")] = seg.amin(select(token_mask.lanes, ratio, inf))
-    partial[PARTIALS.index("ratio_max")] = seg.amax(select(token_mask.lanes, ratio, -inf))
-    return token_mask.apply(grad).reshape(-1), partial.T
+    total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
+
+    totals = sums.sum(-1)
+    count = totals[1]
+    means = totals[2:] / count  # rows[2:]: clipped, clipped_lower, approx_kl, ratio, kl?, entropy?
+    if buf.shape[-1]:
+        # ratio > 0 (or NaN), so a masked 0 never wins the maximum of an active token
+        extremes = torch.stack([token_mask.active.select(ratio, float("inf")).amin(), token_mask.active.keep(ratio).amax()])
+    else:
+        extremes = totals.new_zeros(2)
+    zero = totals.new_zeros(1)
+    extra = [means[rows.index(name) - 2:rows.index(name) - 1] if name in rows else zero for name in ("kl", "entropy")]
+    metrics = torch.cat([means[:4], extremes, *extra])
+    metrics[2] *= 0.5  # approx_kl: delta^2 / 2, halved once (exact)
+    metrics = torch.where(count > 0, metrics, 0.0)
+    return total, metrics, token_mask.apply(grad).reshape(-1), w

@@ -10,19 +10,20 @@ return and ``c`` the clip range:
 tokens are masked): ``clipfrac`` (the clipped term is strictly larger, verl's
 ``vf_clipfrac``) and ``values_mean``.
 
-:func:`value_loss_ref` is the spec (autograd); :func:`value_loss_partials` is the torch
-backend, returning what the fused kernel returns.
+:func:`value_loss_ref` is the spec (autograd); :func:`value_loss_torch` is the torch
+backend, returning what the custom op returns.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlhf_engine.reference.aggregation import Segments, TokenMask, aggregate_ref, keep, lanes
+from rlhf_engine.reference.aggregation import Segments, TokenMask, Where, aggregate_partials, aggregate_ref
 from rlhf_engine.reference.policy_loss import sequence_bounds
 
 METRICS = ("clipfrac", "values_mean")
-# Per-sequence masked sums both backends produce, in this column order.
+# Per-sequence masked sums both backends reduce (the Triton kernel returns them), in this
+# column order.
 PARTIALS = ("loss", "count", "clipped", "values")
 
 
@@ -55,38 +56,44 @@ def value_loss_ref(values, old_values, returns, mask, *, clip=0.2, aggregation="
     return total, metrics
 
 
-def value_loss_partials(values, old_values, returns, mask, cu_seqlens, *, clip, seq_len):
-    """Torch backend: flat ``[N]`` inputs -> ``(g [N] fp32, partials [S, len(PARTIALS)] fp32)``
-    with ``g = m dl/dV``. ``seq_len``: the padded length, 0 when packed.
+def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, *, clip, aggregation, normalizer_const, seq_len):
+    """Torch backend: flat ``[N]`` inputs -> ``(loss 0-d, metrics [len(METRICS)], g [N], w [S])``,
+    all fp32, with ``g = m dl/dV`` and ``w = d loss / d L_b``: what
+    ``rlhf_engine::value_loss_fwd`` returns. ``seq_len``: the padded length, 0 when packed.
 
-    Written for few ops and passes like ``policy_loss_partials``: ``[S, T]`` views when
-    padded, int32 lanes instead of ``torch.where``, one reduction for every column.
+    Written for few ops and passes like ``policy_loss_torch``: ``[S, T]`` views when
+    padded, :class:`Where` selects, one reduction for every column, and loss, weights and
+    metrics straight from the per-sequence sums.
     """
     seg = Segments(cu_seqlens, values.numel(), seq_len)
     f32 = torch.float32
     v, ret = seg.tokens(values.to(f32)), seg.tokens(returns.to(f32))
     token_mask = TokenMask(seg.tokens(mask))
     err = v - ret
-    sq_err = err.square()
     # Rows in PARTIALS order: the loss is summed as 2 l (halved once per sequence, exactly).
     buf = torch.empty((len(PARTIALS),) + seg.shape, dtype=f32, device=v.device)
     loss_row, count_row, clipped_row, values_row = buf
     if clip is None:
-        loss_row.copy_(sq_err)
+        torch.square(err, out=loss_row)
         clipped_row.zero_()
         grad = err
     else:
         old = seg.tokens(old_values.to(f32))
         clipped_err = torch.clamp(v, old - clip, old + clip) - ret
-        sq_clipped = clipped_err.square()
+        sq_err, sq_clipped = err.square(), clipped_err.square()
         torch.maximum(sq_err, sq_clipped, out=loss_row)
-        is_clipped = torch.gt(sq_clipped, sq_err, out=clipped_row)  # 1.0 / 0.0
+        is_clipped = sq_clipped > sq_err
+        clipped_row.copy_(is_clipped)
         # The clipped term wins only where clip(V) != V (equal values give equal terms), so
         # its gradient there is 0: the gradient is err where not clipped.
-        grad = keep(err, lanes(is_clipped == 0))
+        grad = Where(is_clipped).drop(err)
     values_row.copy_(v)
     token_mask.apply_(buf)
     count_row.copy_(seg.tokens(mask))  # the weights themselves, after masking
     sums = seg.sum(buf)
     sums[0] *= 0.5
-    return token_mask.apply(grad).reshape(-1), sums.T
+    total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
+    totals = sums.sum(-1)
+    count = totals[1]
+    metrics = torch.where(count > 0, totals[2:] / count, 0.0)  # PARTIALS[2:] are the METRICS
+    return total, metrics, token_mask.apply(grad).reshape(-1), w
