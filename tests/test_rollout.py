@@ -152,6 +152,9 @@ def test_sample_tokens_distribution():
     torch.testing.assert_close(frequencies(z, 2, 1.0), kept, rtol=0, atol=0.04)
     nucleus = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.15]) / 0.85  # 0.5 + 0.2 < 0.8 <= 0.5 + 0.2 + 0.15
     torch.testing.assert_close(frequencies(z, 0, 0.8), nucleus, rtol=0, atol=0.04)
+    # top-k first, then top-p on the renormalized top-k mass: 0.5/0.85 + 0.2/0.85 >= 0.8.
+    both = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.0]) / 0.7
+    torch.testing.assert_close(frequencies(z, 3, 0.8), both, rtol=0, atol=0.04)
     assert torch.equal(frequencies(z, 0, 0.3), torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))  # one token always kept
     assert torch.equal(frequencies(z, 1, 1.0), frequencies(z, 0, 0.3))
 

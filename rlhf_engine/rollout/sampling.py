@@ -14,8 +14,9 @@ def sample_tokens(z: torch.Tensor, top_k: int, top_p: float, generator: torch.Ge
 
     Args:
         z: fp32 ``[B, V]`` tempered logits.
-        top_k: keep the ``top_k`` largest (0: all). top_p: keep the shortest prefix of the
-            sorted distribution whose mass reaches ``top_p`` (always at least one token).
+        top_k: keep the ``top_k`` largest (0: all). top_p: then keep the shortest prefix of
+            the sorted, renormalized distribution whose mass reaches ``top_p`` (always at
+            least one token).
         generator: draws one uniform per row (on its own device, so a CPU generator drives
             sampling on any device reproducibly).
 
@@ -26,6 +27,7 @@ def sample_tokens(z: torch.Tensor, top_k: int, top_p: float, generator: torch.Ge
     probs = torch.softmax(sorted_z, dim=-1)
     if top_k > 0:
         probs[:, top_k:] = 0
+        probs = probs / probs.sum(dim=-1, keepdim=True)
     if top_p < 1:
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0)
     cdf = probs.cumsum(dim=-1)
