@@ -109,8 +109,9 @@ def eager_torch(backend: str) -> bool:
     return backend == "torch" and not torch.compiler.is_compiling()
 
 
-def seq_loss_backward(grad, w, x, cu_seqlens, scale: float, seq_len: int, out_dtype: torch.dtype, backend: str):
-    """``rlhf_engine::seq_loss_bwd``, called directly when :func:`eager_torch`."""
-    if eager_torch(backend):
+def seq_loss_backward(grad, w, x, cu_seqlens, scale: float, seq_len: int, out_dtype: torch.dtype, backend: str, eager: bool):
+    """``rlhf_engine::seq_loss_bwd``, or its torch body when the forward ran :func:`eager_torch`
+    (decided there: torch.compile traces the backward outside Dynamo)."""
+    if eager:
         return _seq_scale_torch(grad, w, x, cu_seqlens, scale, seq_len, out_dtype)
     return seq_loss_bwd(grad, w, x, cu_seqlens, scale, seq_len, out_dtype, backend)

@@ -93,8 +93,8 @@ class _PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        forward = _policy_loss_forward if eager_torch(inputs[_BACKEND]) else _policy_loss_fwd
-        total, metrics, g, w = forward(*inputs)
+        ctx.eager = eager_torch(inputs[_BACKEND])
+        total, metrics, g, w = (_policy_loss_forward if ctx.eager else _policy_loss_fwd)(*inputs)
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(g, w, inputs[_CU], inputs[_MASK])
         entropy = inputs[_ENTROPY]
@@ -107,11 +107,13 @@ class _PolicyLoss(torch.autograd.Function):
         g, w, cu_seqlens, mask = ctx.saved_tensors
         grads = [None] * _NUM_INPUTS
         if ctx.needs_input_grad[_LOGP]:
-            grads[_LOGP] = seq_loss_backward(grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtypes[0], ctx.backend)
+            grads[_LOGP] = seq_loss_backward(
+                grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtypes[0], ctx.backend, ctx.eager
+            )
         if ctx.needs_input_grad[_ENTROPY]:
             # l -= c_H H: d loss / d H_t = -c_H w_b m_t
             grads[_ENTROPY] = seq_loss_backward(
-                grad_loss, w, mask, cu_seqlens, -ctx.entropy_coef, ctx.seq_len, ctx.dtypes[1], ctx.backend
+                grad_loss, w, mask, cu_seqlens, -ctx.entropy_coef, ctx.seq_len, ctx.dtypes[1], ctx.backend, ctx.eager
             )
         return tuple(grads)
 

@@ -65,8 +65,8 @@ class _ValueLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        forward = _value_loss_forward if eager_torch(inputs[_BACKEND]) else _value_loss_fwd
-        total, metrics, g, w = forward(*inputs)
+        ctx.eager = eager_torch(inputs[_BACKEND])
+        total, metrics, g, w = (_value_loss_forward if ctx.eager else _value_loss_fwd)(*inputs)
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(g, w, inputs[_CU])
         ctx.dtype, ctx.seq_len, ctx.backend = inputs[_VALUES].dtype, inputs[_SEQ_LEN], inputs[_BACKEND]
@@ -77,7 +77,9 @@ class _ValueLoss(torch.autograd.Function):
         g, w, cu_seqlens = ctx.saved_tensors
         grads = [None] * _NUM_INPUTS
         if ctx.needs_input_grad[_VALUES]:
-            grads[_VALUES] = seq_loss_backward(grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtype, ctx.backend)
+            grads[_VALUES] = seq_loss_backward(
+                grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtype, ctx.backend, ctx.eager
+            )
         return tuple(grads)
 
 
