@@ -24,7 +24,7 @@ test: $(STAMP)
 	TRITON_INTERPRET=$${TRITON_INTERPRET-1} $(PY) -m pytest -q -m "not gpu" tests
 
 demo: $(STAMP)
-	$(VENV)/bin/rlhf-engine bench --quick --out bench-out
+	$(VENV)/bin/rlhf-engine demo --out demo-out
 
 clean:
-	rm -rf $(VENV) build *.egg-info bench-out
+	rm -rf $(VENV) build *.egg-info bench-out demo-out

@@ -43,21 +43,32 @@ class DemoConfig:
 
     seed: int = 0
     model: str = "tiny"
+    # torch intra-op threads while the demo runs: the tiny models are overhead-bound, and
+    # extra threads mostly spin-wait (several times slower on a busy 2-core machine).
+    threads: int = 1
     demonstrations: int = 4000
-    preference_pairs: int = 3000
+    preference_pairs: int = 10000
     heldout_pairs: int = 1000
     eval_prompts: int = 512
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=400))
-    reward_model: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(steps=300))
-    ppo: RLConfig = field(default_factory=lambda: ppo_config(steps=40, prompts_per_step=64, lr=5e-4, kl_coef=0.02, critic_lr=1e-3))
+    reward_model: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(steps=1000))
+    ppo: RLConfig = field(default_factory=lambda: ppo_config(steps=40, prompts_per_step=64, lr=2e-4, kl_coef=0.1, critic_lr=1e-3))
     grpo: RLConfig = field(default_factory=lambda: grpo_config(steps=40, prompts_per_step=16, group_size=8, lr=5e-4, kl_coef=0.02))
 
 
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, quiet: bool = False) -> dict:
     """Run the whole pipeline, write ``out_dir`` (see the module docstring), return the summary."""
     config = config or DemoConfig()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run_demo(Path(out_dir), config, quiet)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: Path, config: DemoConfig, quiet: bool) -> dict:
     start = time.perf_counter()
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     task = SortingTask()
@@ -95,12 +106,12 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, quiet: bo
         for name, rl_config in (("ppo", config.ppo), ("grpo", config.grpo)):
             policy = copy.deepcopy(sft_policy)
             extra = (
-                {"reward_model": reward_model, "critic": ScalarHeadModel.from_policy(sft_policy)}
+                {"reward_model": reward_model, "critic": copy.deepcopy(reward_model)}  # InstructGPT: critic from the RM
                 if name == "ppo"
                 else {"reward_fn": task.gold_scores}
             )
             trainer = RLTrainer(
-                replace(rl_config, seed=config.seed), policy=policy, reference=copy.deepcopy(sft_policy),
+                replace(rl_config, seed=config.seed, max_new_tokens=task.max_response_len), policy=policy, reference=copy.deepcopy(sft_policy),
                 prompts=task.sample_prompts, pad_token_id=task.pad_token_id, eos_token_id=task.eos_token_id,
                 gold_fn=task.gold_scores, **extra,
             )  # fmt: skip

@@ -88,6 +88,6 @@ class DPOTrainer:
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss_type,
             label_smoothing=cfg.label_smoothing, nll_loss=nll, nll_coef=cfg.nll_coef,
         )  # fmt: skip
-        out = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+        out = {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
         out["grad_norm"] = optimizer_step(self.optimizer, loss, cfg.grad_clip)
         return out

@@ -111,7 +111,7 @@ class RewardModelTrainer:
         batch = [self.records[i] for i in index]
         self.model.train()
         loss, metrics = (self._ranking_loss if self.rankings else self._pair_loss)(batch)
-        out = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+        out = {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
         out["grad_norm"] = optimizer_step(self.optimizer, loss, self.config.grad_clip)
         return out
 

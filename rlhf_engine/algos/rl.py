@@ -249,7 +249,7 @@ class RLTrainer:
                     normalizer=None if norm_per_seq is None else norm_per_seq * len(index),
                 )  # fmt: skip
                 grad_norm = optimizer_step(self.optimizer, loss, cfg.grad_clip)
-                values = {"policy_loss": float(loss), "grad_norm": grad_norm, "entropy": masked_mean(entropy, mb.response_mask)}
+                values = {"policy_loss": loss.item(), "grad_norm": grad_norm, "entropy": masked_mean(entropy, mb.response_mask)}
                 values.update({k: float(metrics[k]) for k in ("clipfrac", "approx_kl", "ratio_mean")})
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -268,7 +268,7 @@ class RLTrainer:
                 values = self.critic.values(mb.input_ids, mb.attention_mask)[:, start - 1 : -1]
                 loss, _ = ops.value_loss(values, mb.values, returns[index], mb.response_mask, clip=cfg.value_clip)
                 optimizer_step(self.critic_optimizer, loss, cfg.grad_clip)
-                losses.append(float(loss))
+                losses.append(loss.item())
         return {
             "value_loss": sum(losses) / len(losses),
             "explained_variance": float(explained_variance(rollout.values, returns, rollout.response_mask)),

@@ -38,7 +38,7 @@ def sft_loss(policy: PolicyModel, batch: SequenceBatch) -> tuple[torch.Tensor, d
     logp = policy.response_logprobs(batch.input_ids, batch.attention_mask, batch.response_start)
     mask = batch.response_mask.to(logp.dtype)
     loss = -(logp * mask).sum() / mask.sum().clamp(min=1.0)
-    return loss, {"loss": float(loss), "tokens": float(mask.sum())}
+    return loss, {"loss": loss.item(), "tokens": float(mask.sum())}
 
 
 class SFTTrainer:
