@@ -6,7 +6,8 @@ reward. Variants (``GRPO_VARIANTS``), each a set of ``RLConfig`` fields:
 
 * ``grpo``: ``(s − μ_g)/(σ_g + ε)``, PPO clip, per-sequence token mean (TRL ``grpo``).
 * ``dr_grpo`` (Liu et al. 2025): ``s − μ_g``, token sum over ``B·max_new_tokens``.
-* ``dapo`` (Yu et al. 2025): clip-higher 0.2 / 0.28, token mean over the batch, no KL.
+* ``dapo`` (Yu et al. 2025): clip-higher 0.2 / 0.28, token mean over the batch, no KL
+  (DAPO's dynamic sampling and overlong shaping are not part of this preset).
 * ``gspo`` (Zheng et al. 2025): the sequence-level ratio, clip 3e-4 / 4e-4.
 * ``cispo`` (MiniMax 2025): ``−sg(clip(r))·A·lp`` (verl's bounds), token mean.
 """
