@@ -15,8 +15,9 @@ a prompt is ``[bos] + prompt``, a response ``response + [eos]``):
 ``--config FILE.yaml`` sets fields of the algorithm's config dataclass (``SFTConfig``,
 ``RewardModelConfig``, ``DPOConfig``, or ``RLConfig`` on top of the algorithm's preset;
 for ``grpo`` also ``variant``). The output folder gets ``metrics.jsonl``, checkpoints
-every ``checkpoint_every`` steps and the final model in ``model/``; ``--resume``
-continues from the latest checkpoint there.
+every ``checkpoint_every`` steps and the final model with its tokenizer in ``model/`` (so
+that folder can be the ``--model`` of a later run); ``--resume`` continues from the latest
+checkpoint there, first dropping the log lines of steps after it (they are run again).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from rlhf_engine.algos.rl import RLConfig, RLTrainer
 from rlhf_engine.algos.rloo import RLOO_DEFAULTS
 from rlhf_engine.algos.sft import SFTConfig, SFTTrainer
 from rlhf_engine.models import PolicyModel, ScalarHeadModel, llama_config
+from rlhf_engine.models.checkpoint import atomic_write_bytes, latest_checkpoint
 from rlhf_engine.models.configs import MODEL_SIZES
 from rlhf_engine.models.tokenizers import load_tokenizer
 from rlhf_engine.runlog import RunLog
@@ -66,7 +68,7 @@ def load_config(algo: str, path: str | Path | None):
         preset = dict(RL_PRESETS[algo])
         if algo == "grpo":
             variant = values.pop("variant", "grpo")
-            if variant not in GRPO_VARIANTS:
+            if not isinstance(variant, str) or variant not in GRPO_VARIANTS:
                 raise ValueError(f"{source}: variant must be one of {sorted(GRPO_VARIANTS)}, got {variant!r}")
             preset.update(GRPO_VARIANTS[variant])
         return config_from_dict(RLConfig, {**preset, **values}, source=source)
@@ -78,19 +80,19 @@ def load_records(algo: str, path: str | Path, tokenizer) -> list:
     """Read and tokenize the JSONL data for ``algo`` (ValueError naming file and line)."""
     prompt = lambda text: [tokenizer.bos_token_id] + tokenizer.encode(text)  # noqa: E731
     response = lambda text: tokenizer.encode(text) + [tokenizer.eos_token_id]  # noqa: E731
+    first = _first_record(path)
     if algo == "sft":
         return [(prompt(r["prompt"]), response(r["response"])) for r in read_jsonl(path, {"prompt": str, "response": str})]
+    if algo == "rm" and "responses" in first:
+        rows = read_jsonl(path, {"prompt": str, "responses": list})
+        for line, r in zip(_record_lines(path), rows):
+            if len(r["responses"]) < 2 or not all(isinstance(x, str) for x in r["responses"]):
+                raise ValueError(f"{path}:{line}: 'responses' must be a list of at least two strings")
+        return [{"prompt": prompt(r["prompt"]), "responses": [response(x) for x in r["responses"]]} for r in rows]
     if algo == "dpo" or algo == "rm":
-        first = _first_record(path)
-        if algo == "rm" and "responses" in first:
-            rows = read_jsonl(path, {"prompt": str, "responses": list})
-            for line, r in enumerate(rows, 1):
-                if len(r["responses"]) < 2 or not all(isinstance(x, str) for x in r["responses"]):
-                    raise ValueError(f"{path}:{line}: 'responses' must be a list of at least two strings")
-            return [{"prompt": prompt(r["prompt"]), "responses": [response(x) for x in r["responses"]]} for r in rows]
         rows = read_jsonl(path, PAIR_FIELDS)
         records = []
-        for line, r in enumerate(rows, 1):
+        for line, r in zip(_record_lines(path), rows):
             record = {"prompt": prompt(r["prompt"]), "chosen": response(r["chosen"]), "rejected": response(r["rejected"])}
             if "margin" in r:
                 if not isinstance(r["margin"], (int, float)) or isinstance(r["margin"], bool):
@@ -98,18 +100,30 @@ def load_records(algo: str, path: str | Path, tokenizer) -> list:
                 record["margin"] = float(r["margin"])
             records.append(record)
         return records
-    return [{"prompt": prompt(r["prompt"]), "answer": r.get("answer")} for r in read_jsonl(path, {"prompt": str})]
+    rows = read_jsonl(path, {"prompt": str})
+    for line, r in zip(_record_lines(path), rows):
+        if "answer" in r and not isinstance(r["answer"], str):
+            raise ValueError(f"{path}:{line}: field 'answer' must be str, got {type(r['answer']).__name__}")
+    return [{"prompt": prompt(r["prompt"]), "answer": r.get("answer")} for r in rows]
 
 
 def _first_record(path) -> dict:
-    with open(path) as f:
+    """The first record ({} when its line is not a JSON object: read_jsonl then names the line)."""
+    with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 try:
-                    return json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     return {}
-    raise ValueError(f"{path}: no records")
+                return record if isinstance(record, dict) else {}
+    raise ValueError(f"{path}: no records (the file is empty)")
+
+
+def _record_lines(path) -> list[int]:
+    """The 1-based line number of each record (read_jsonl skips blank lines)."""
+    with open(path, encoding="utf-8") as f:
+        return [number for number, line in enumerate(f, 1) if line.strip()]
 
 
 def load_policy(model: str, vocab_size: int, tokenizer, seed: int) -> PolicyModel:
@@ -157,6 +171,27 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
     )  # fmt: skip
 
 
+def _drop_lines_after_checkpoint(log: Path, checkpoint_dir: Path) -> None:
+    """Keep only the log lines of steps up to the latest checkpoint (all of them without one).
+
+    A run killed between checkpoints logged steps that the resumed run does again; without
+    this they would appear twice in ``metrics.jsonl``. A torn last line is dropped too.
+    """
+    if not log.is_file():
+        return
+    latest = latest_checkpoint(checkpoint_dir)
+    last = json.loads((latest / "state.json").read_text())["step"] if latest is not None else -1
+    kept = []
+    for line in log.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_bytes(log, "".join(kept).encode())
+
+
 def run_train(
     algo: str, model: str, data: str | Path, out: str | Path, *, config_path: str | Path | None = None,
     resume: bool = False, reward_model_path: str | None = None, checkpoint_every: int = 10,
@@ -175,6 +210,8 @@ def run_train(
     trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
     with RunLog(out / "metrics.jsonl", total=config.steps, desc=algo, quiet=quiet) as log:
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
@@ -182,4 +219,5 @@ def run_train(
         )  # fmt: skip
     final = trainer.models["reward_model" if algo == "rm" else "policy"]
     final.save(out / "model")
+    tokenizer.save(out / "model")  # so the folder can be the --model of a later run
     return history

@@ -1,14 +1,23 @@
 """Tokenizers for ``rlhf-engine train``: bytes for the built-in configs, the model's own
 (Hugging Face, from its local folder) otherwise.
 
-Both expose ``encode(text) -> list[int]`` (no special tokens), ``decode(ids) -> str`` and
-``pad_token_id`` / ``bos_token_id`` / ``eos_token_id`` / ``vocab_size``. A prompt is
-``[bos] + encode(prompt)``; a response is ``encode(response) + [eos]``.
+Both expose ``encode(text) -> list[int]`` (no special tokens), ``decode(ids) -> str``,
+``pad_token_id`` / ``bos_token_id`` / ``eos_token_id`` / ``vocab_size`` and ``save(directory)``.
+A prompt is ``[bos] + encode(prompt)``; a response is ``encode(response) + [eos]``.
+
+``rlhf-engine train`` saves the tokenizer next to the model it writes, so that folder can be
+the ``--model`` of a later run: the Hugging Face files, or for a byte-level model the small
+marker file ``BYTE_TOKENIZER_FILE`` (a byte model has no Hugging Face tokenizer to save).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from rlhf_engine.models.checkpoint import atomic_write_bytes
+
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 
 
 class ByteTokenizer:
@@ -22,6 +31,11 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+    def save(self, directory: str | Path) -> None:
+        """Write the marker ``directory/byte_tokenizer.json`` that :func:`load_tokenizer` reads."""
+        ids = {"pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+        atomic_write_bytes(Path(directory) / BYTE_TOKENIZER_FILE, json.dumps({"vocab_size": self.vocab_size, **ids}).encode())
 
 
 class HFTokenizer:
@@ -44,10 +58,14 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def save(self, directory: str | Path) -> None:
+        self.tokenizer.save_pretrained(str(directory))
+
 
 def load_tokenizer(model: str) -> ByteTokenizer | HFTokenizer:
-    """``ByteTokenizer`` for a built-in size name (``tiny``, ``small``), else the tokenizer in
-    the local folder ``model`` (ValueError when there is none)."""
+    """``ByteTokenizer`` for a built-in size name (``tiny``, ``small``) or a folder holding
+    ``byte_tokenizer.json``, else the Hugging Face tokenizer in the local folder ``model``
+    (ValueError when there is none)."""
     from rlhf_engine.models.configs import MODEL_SIZES
 
     if model in MODEL_SIZES:
@@ -55,7 +73,9 @@ def load_tokenizer(model: str) -> ByteTokenizer | HFTokenizer:
     path = Path(model)
     if not path.is_dir():
         raise ValueError(f"--model must be one of {sorted(MODEL_SIZES)} or a local model folder, got {model!r}")
+    if (path / BYTE_TOKENIZER_FILE).is_file():
+        return ByteTokenizer()
     try:
         return HFTokenizer(path)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # transformers raises either for a folder without tokenizer files
         raise ValueError(f"model {model}: no tokenizer found in the folder ({error})") from None
