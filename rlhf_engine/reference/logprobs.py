@@ -26,6 +26,16 @@ CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 64 << 20}
 # not NaN. Clamping log p at this bound keeps the product 0 and exp() of it is still 0.
 _LOG_FLOOR = -1.0e4
 
+_LOG2E = 1.4426950408889634
+
+
+def _exp_(t: torch.Tensor) -> torch.Tensor:
+    """``t = exp(t)`` in place, as ``exp2(t * log2(e))``: on the CPU torch's exp2 runs ~4x
+    faster than its exp (torch 2.13, AVX512: 0.15 vs 0.64 ns a float), and exp was most of
+    this backend's time. The extra rounding of ``t * log2(e)`` is one fp32 ulp of the
+    argument, the accuracy of exp itself."""
+    return t.mul_(_LOG2E).exp2_()
+
 
 def token_logprobs_ref(
     logits: torch.Tensor,
@@ -119,7 +129,7 @@ def token_logprobs_fwd_torch(
         # A row of only -inf logits: shift by 0 so that z - shift stays -inf, not NaN.
         shift = torch.where(row_max == float("-inf"), zero, row_max)
         z.sub_(shift[:, None])
-        e = z.exp()
+        e = _exp_(z.clone()) if with_entropy else _exp_(z)
         s = e.sum(dim=1)
         log_s = s.log()
         row_lse = torch.where(out_of_range, nan, shift + log_s)
@@ -165,10 +175,10 @@ def token_logprobs_bwd_torch(
         logp = _scaled_fp32(logits[outer, inner].reshape(-1, vocab), temperature)
         logp.sub_(lse[flat][:, None])
         if grad_entropy is None:
-            g = logp.exp_().mul_(c)
+            g = _exp_(logp).mul_(c)
         else:
             c_h = torch.where(ignored, zero, -grad_entropy[flat] * inv_t)[:, None]
-            p = logp.exp()
+            p = _exp_(logp.clone())
             # p * (c + c_h * (log p + H)), built in place in the log p buffer.
             g = logp.clamp_(min=_LOG_FLOOR).add_(entropy[flat][:, None]).mul_(c_h).add_(c).mul_(p)
         g.scatter_add_(1, safe[:, None], torch.where(outside[:, None], zero, -c))
