@@ -22,19 +22,16 @@ import torch
 # the caching allocator reuses them anyway.
 CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 64 << 20}
 
-# Where a probability is exactly 0 (a -inf logit), log p is -inf and p * log p must be 0,
-# not NaN. Clamping log p at this bound keeps the product 0 and exp() of it is still 0.
-_LOG_FLOOR = -1.0e4
-
+# exp(x) is computed as exp2(x * log2(e)): on the CPU torch's exp2 runs ~4x faster than
+# its exp (torch 2.13, AVX512: 0.15 vs 0.64 ns a float), and exp was most of this backend's
+# time. As in the Triton kernels, the exponent ``x * log2(e) / T - shift`` comes from one
+# fused multiply-add over the chunk, its rounding one fp32 ulp of ``x * log2(e) / T``.
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
-
-def _exp_(t: torch.Tensor) -> torch.Tensor:
-    """``t = exp(t)`` in place, as ``exp2(t * log2(e))``: on the CPU torch's exp2 runs ~4x
-    faster than its exp (torch 2.13, AVX512: 0.15 vs 0.64 ns a float), and exp was most of
-    this backend's time. The extra rounding of ``t * log2(e)`` is one fp32 ulp of the
-    argument, the accuracy of exp itself."""
-    return t.mul_(_LOG2E).exp2_()
+# Where a probability is exactly 0 (a -inf logit), log2 p is -inf and p * log2 p must be
+# 0, not NaN. Clamping log2 p at this bound keeps the product 0 and exp2 of it is still 0.
+_LOG_FLOOR = -1.0e4
 
 
 def token_logprobs_ref(
@@ -64,14 +61,18 @@ def token_logprobs_ref(
     return logp, torch.where(ignored, torch.zeros_like(entropy), entropy)
 
 
+def _chunk_rows(vocab: int, device: torch.device) -> int:
+    return max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // (4 * vocab))
+
+
 def _row_chunks(d0: int, d1: int, vocab: int, device: torch.device) -> Iterator[tuple[slice, slice, slice]]:
-    """Split rows of a ``[d0, d1, V]`` view into chunks of about ``CHUNK_BYTES`` of fp32.
+    """Split rows of a ``[d0, d1, V]`` view into chunks of at most ``_chunk_rows`` rows.
 
     Yields ``(outer, inner, flat)``: the chunk is ``view[outer, inner]`` and its rows are
     ``flat`` in the flattened row order. A chunk is part of one ``d1`` run or whole ``d1``
     runs, so its flat rows are always one contiguous range.
     """
-    rows = max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // (4 * vocab))
+    rows = _chunk_rows(vocab, device)
     if d1 >= rows:
         for a in range(d0):
             for c in range(0, d1, rows):
@@ -84,12 +85,20 @@ def _row_chunks(d0: int, d1: int, vocab: int, device: torch.device) -> Iterator[
             yield slice(a, b), slice(0, d1), slice(a * d1, b * d1)
 
 
-def _scaled_fp32(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A fresh fp32 copy of a ``[rows, V]`` chunk divided by the temperature."""
-    z = x.to(torch.float32, copy=True)
-    if temperature != 1.0:
-        z.mul_(1.0 / temperature)
-    return z
+def _scratch(logits: torch.Tensor) -> torch.Tensor:
+    """One fp32 ``[rows, V]`` buffer that every chunk of ``logits [D0, D1, V]`` reuses: on
+    the CPU a fresh buffer per chunk (or per call, when the allocator has just returned
+    memory to the OS) costs a page fault per 4 KiB, as much as the math on it."""
+    d0, d1, vocab = logits.shape
+    rows = min(_chunk_rows(vocab, logits.device), d0 * d1)
+    return torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)
+
+
+def _load(buf: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """``chunk [a, b, V]`` as fp32 ``[a*b, V]``, copied into the first ``a*b`` rows of ``buf``."""
+    x = buf[: chunk.shape[0] * chunk.shape[1]]
+    x.view(chunk.shape).copy_(chunk)
+    return x
 
 
 def _label_masks(labels: torch.Tensor, vocab: int, ignore_index: int):
@@ -98,6 +107,18 @@ def _label_masks(labels: torch.Tensor, vocab: int, ignore_index: int):
     # Out-of-range labels are never used as indices (no device-side assert, no sync).
     safe = torch.where(ignored | out_of_range, torch.zeros_like(labels), labels).long()
     return ignored, out_of_range, safe
+
+
+def _zero_rows(t: torch.Tensor, rows: torch.Tensor) -> None:
+    """Zero ``t[i, j, :]`` (``t [D0, D1, V]``) wherever ``rows.view(D0, D1)`` is True."""
+    if t.device.type == "cpu":
+        # masked_fill_ over all of t costs as much as the rest of the backward on the CPU;
+        # index only the selected rows (reading the mask is free there).
+        flat = rows.nonzero().view(-1)
+        if flat.numel():
+            t[flat // t.shape[1], flat % t.shape[1]] = 0.0
+    else:
+        t.masked_fill_(rows.view(t.shape[0], t.shape[1], 1), 0.0)
 
 
 def token_logprobs_fwd_torch(
@@ -116,31 +137,42 @@ def token_logprobs_fwd_torch(
     d0, d1, vocab = logits.shape
     n = d0 * d1
     f32 = dict(dtype=torch.float32, device=logits.device)
-    logp = torch.empty(n, **f32)
-    entropy = torch.empty(n if with_entropy else 0, **f32)
-    lse = torch.empty(n, **f32)
+    ignored, out_of_range, safe = _label_masks(labels, vocab, ignore_index)
+    scale = _LOG2E / temperature
+    # Per row, from the chunk loop: the label's logit x_y, the row max m, and with
+    # u = (x - m) * log2(e) / T (log2 of the unnormalized probability): s = sum(2^u) and
+    # sum(2^u * u). The rest is per-row math after the loop.
+    x_label = torch.empty(n, 1, **f32)
+    row_max = torch.empty(n, **f32)
+    sum_e = torch.empty(n, **f32)
+    sum_eu = torch.empty(n if with_entropy else 0, **f32)
+    buf = _scratch(logits)
+    e_buf = torch.empty_like(buf) if with_entropy else None
+    for outer, inner, flat in _row_chunks(d0, d1, vocab, logits.device):
+        x = _load(buf, logits[outer, inner])
+        torch.gather(x, 1, safe[flat, None], out=x_label[flat])
+        # A row of only -inf logits: a finite max keeps u at -inf, not NaN.
+        m = torch.amax(x, dim=1, out=row_max[flat]).clamp_(min=torch.finfo(torch.float32).min)
+        u = torch.add(m[:, None] * -scale, x, alpha=scale, out=x)
+        if with_entropy:
+            e = torch.exp2(u, out=e_buf[: u.shape[0]])
+            torch.sum(e, dim=1, out=sum_e[flat])
+            # Centred on the row max so H does not cancel two large numbers; mul + sum
+            # rather than bmm: sum() adds pairwise, bmm's dot loses ~1e-5 here.
+            torch.sum(u.clamp_(min=_LOG_FLOOR).mul_(e), dim=1, out=sum_eu[flat])
+        else:
+            torch.sum(u.exp2_(), dim=1, out=sum_e[flat])
     nan = torch.full((), float("nan"), **f32)  # a fill, not a host copy: CUDA-graph safe
     zero = torch.zeros((), **f32)
-    for outer, inner, flat in _row_chunks(d0, d1, vocab, logits.device):
-        ignored, out_of_range, safe = _label_masks(labels[flat], vocab, ignore_index)
-        z = _scaled_fp32(logits[outer, inner].reshape(-1, vocab), temperature)
-        z_label = z.gather(1, safe[:, None]).squeeze(1)
-        row_max = z.amax(dim=1)
-        # A row of only -inf logits: shift by 0 so that z - shift stays -inf, not NaN.
-        shift = torch.where(row_max == float("-inf"), zero, row_max)
-        z.sub_(shift[:, None])
-        e = _exp_(z.clone()) if with_entropy else _exp_(z)
-        s = e.sum(dim=1)
-        log_s = s.log()
-        row_lse = torch.where(out_of_range, nan, shift + log_s)
-        logp[flat] = torch.where(ignored, zero, z_label - row_lse)
-        lse[flat] = torch.where(ignored, zero, row_lse)
-        if with_entropy:
-            # H = log s - sum(e * (z - shift)) / s, centred on the row max. In place, and
-            # mul + sum rather than bmm: sum() adds pairwise, bmm's dot loses ~1e-5 here.
-            centred_mean = z.clamp_(min=_LOG_FLOOR).mul_(e).sum(dim=1) / s
-            h = torch.where(out_of_range, nan, log_s - centred_mean)
-            entropy[flat] = torch.where(ignored, zero, h)
+    log_s = sum_e.log()
+    row_lse = torch.where(out_of_range, nan, row_max * (1.0 / temperature) + log_s)
+    logp = torch.where(ignored, zero, x_label.view(n) * (1.0 / temperature) - row_lse)
+    lse = torch.where(ignored, zero, row_lse)
+    entropy = sum_eu
+    if with_entropy:
+        # H = log s - sum(e * (z - max z)) / s, and z - max z = u * ln 2.
+        h = torch.where(out_of_range, nan, log_s - sum_eu / sum_e * _LN2)
+        entropy = torch.where(ignored, zero, h)
     return logp, entropy, lse
 
 
@@ -160,36 +192,38 @@ def token_logprobs_bwd_torch(
 
     ``dlogits = ((p - onehot) * (-grad_logp) - grad_entropy * p * (z - E_p[z])) / T``,
     with ``z - E_p[z] = log p + H``; zero rows where the label is ignored. ``dlogits``
-    (a ``[D0, D1, V]`` view with the leading sizes of ``logits``) may be ``logits`` itself: each chunk is copied to fp32 before
-    its rows are overwritten. ``label_offset``: the vocabulary id of column 0 when
-    ``logits`` is a vocabulary slice (a label outside the slice adds no one-hot term).
+    (a ``[D0, D1, V]`` view with the leading sizes of ``logits``) may be ``logits`` itself:
+    each chunk is copied to fp32 before its rows are overwritten. ``label_offset``: the
+    vocabulary id of column 0 when ``logits`` is a vocabulary slice (a label outside the
+    slice adds no one-hot term).
     """
     d0, d1, vocab = logits.shape
-    inv_t = 1.0 / temperature
+    scale = _LOG2E / temperature
     zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    ignored = labels == ignore_index
+    _, outside, safe = _label_masks(labels - label_offset, vocab, ignore_index - label_offset)
+    # Per row: g = p * (c + c_h * (log p + H)) - c * onehot, with log p = u * ln 2 and
+    # u = x * log2(e) / T - lse * log2(e).
+    c = torch.where(ignored, zero, grad_logp * (-1.0 / temperature))[:, None]
+    onehot_c = torch.where(outside[:, None], zero, -c)
+    neg_lse2 = (lse * -_LOG2E)[:, None]
+    if grad_entropy is not None:
+        c_h = torch.where(ignored, zero, grad_entropy * (-1.0 / temperature))[:, None]
+        u_coef = c_h * _LN2
+        const = c_h * entropy[:, None] + c
+    buf = _scratch(logits)
+    p_buf = torch.empty_like(buf) if grad_entropy is not None else None
     for outer, inner, flat in _row_chunks(d0, d1, vocab, logits.device):
-        chunk_labels = labels[flat]
-        ignored = chunk_labels == ignore_index
-        _, outside, safe = _label_masks(chunk_labels - label_offset, vocab, ignore_index - label_offset)
-        c = torch.where(ignored, zero, -grad_logp[flat] * inv_t)[:, None]
-        logp = _scaled_fp32(logits[outer, inner].reshape(-1, vocab), temperature)
-        logp.sub_(lse[flat][:, None])
+        x = _load(buf, logits[outer, inner])
+        u = torch.add(neg_lse2[flat], x, alpha=scale, out=x)
         if grad_entropy is None:
-            g = _exp_(logp).mul_(c)
+            g = u.exp2_().mul_(c[flat])
         else:
-            c_h = torch.where(ignored, zero, -grad_entropy[flat] * inv_t)[:, None]
-            p = _exp_(logp.clone())
-            # p * (c + c_h * (log p + H)), built in place in the log p buffer.
-            g = logp.clamp_(min=_LOG_FLOOR).add_(entropy[flat][:, None]).mul_(c_h).add_(c).mul_(p)
-        g.scatter_add_(1, safe[:, None], torch.where(outside[:, None], zero, -c))
-        # Ignored rows never read their logits in the Triton kernel; here they were read,
-        # so zero them explicitly in case those logits were inf or NaN.
-        if logits.device.type == "cpu":
-            # masked_fill_ over the whole [rows, V] chunk costs as much as the rest of the
-            # backward on the CPU; zero only the ignored rows (reading the mask is free there).
-            rows_ignored = ignored.nonzero().view(-1)
-            if rows_ignored.numel():
-                g.index_fill_(0, rows_ignored, 0.0)
-        else:
-            g.masked_fill_(ignored[:, None], 0.0)
-        dlogits[outer, inner].copy_(g.view(outer.stop - outer.start, inner.stop - inner.start, vocab))
+            p = torch.exp2(u, out=p_buf[: u.shape[0]])
+            g = u.clamp_(min=_LOG_FLOOR).mul_(u_coef[flat]).add_(const[flat]).mul_(p)
+        g.scatter_add_(1, safe[flat, None], onehot_c[flat])
+        chunk = dlogits[outer, inner]
+        chunk.copy_(g.view(chunk.shape))
+    # Ignored rows never read their logits in the Triton kernel; here they were read, so
+    # zero them explicitly in case those logits were inf or NaN.
+    _zero_rows(dlogits, ignored)
