@@ -101,12 +101,12 @@ def _load(buf: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _label_masks(labels: torch.Tensor, vocab: int, ignore_index: int):
-    ignored = labels == ignore_index
-    out_of_range = ~ignored & ((labels < 0) | (labels >= vocab))
-    # Out-of-range labels are never used as indices (no device-side assert, no sync).
-    safe = torch.where(ignored | out_of_range, torch.zeros_like(labels), labels).long()
-    return ignored, out_of_range, safe
+def _clamped_labels(labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(safe, outside)``: the labels clamped into ``[0, V)`` as int64, so they can index
+    the logits with no device-side assert and no sync, and where that changed them (an
+    out-of-range label, or ``ignore_index`` when it lies outside ``[0, V)``)."""
+    safe = labels.clamp(0, vocab - 1).long()
+    return safe, safe != labels
 
 
 def _zero_rows(t: torch.Tensor, rows: torch.Tensor) -> None:
@@ -137,7 +137,9 @@ def token_logprobs_fwd_torch(
     d0, d1, vocab = logits.shape
     n = d0 * d1
     f32 = dict(dtype=torch.float32, device=logits.device)
-    ignored, out_of_range, safe = _label_masks(labels, vocab, ignore_index)
+    ignored = labels == ignore_index
+    safe, outside = _clamped_labels(labels, vocab)
+    safe = safe[:, None]
     scale = _LOG2E / temperature
     # Per row, from the chunk loop: the label's logit x_y, the row max m, and with
     # u = (x - m) * log2(e) / T (log2 of the unnormalized probability): s = sum(2^u) and
@@ -150,7 +152,7 @@ def token_logprobs_fwd_torch(
     e_buf = torch.empty_like(buf) if with_entropy else None
     for outer, inner, flat in _row_chunks(d0, d1, vocab, logits.device):
         x = _load(buf, logits[outer, inner])
-        torch.gather(x, 1, safe[flat, None], out=x_label[flat])
+        torch.gather(x, 1, safe[flat], out=x_label[flat])
         # A row of only -inf logits: a finite max keeps u at -inf, not NaN.
         m = torch.amax(x, dim=1, out=row_max[flat]).clamp_(min=torch.finfo(torch.float32).min)
         u = torch.add(m[:, None] * -scale, x, alpha=scale, out=x)
@@ -162,17 +164,15 @@ def token_logprobs_fwd_torch(
             torch.sum(u.clamp_(min=_LOG_FLOOR).mul_(e), dim=1, out=sum_eu[flat])
         else:
             torch.sum(u.exp2_(), dim=1, out=sum_e[flat])
-    nan = torch.full((), float("nan"), **f32)  # a fill, not a host copy: CUDA-graph safe
-    zero = torch.zeros((), **f32)
-    log_s = sum_e.log()
-    row_lse = torch.where(out_of_range, nan, row_max * (1.0 / temperature) + log_s)
-    logp = torch.where(ignored, zero, x_label.view(n) * (1.0 / temperature) - row_lse)
-    lse = torch.where(ignored, zero, row_lse)
+    # Out-of-range labels: NaN rows (and ignored rows, zeroed next, when ignore_index is
+    # outside [0, V)).
+    log_s = sum_e.masked_fill_(outside, float("nan")).log()
+    lse = torch.add(log_s, row_max, alpha=1.0 / temperature).masked_fill_(ignored, 0.0)
+    logp = torch.mul(x_label.view(n), 1.0 / temperature).sub_(lse).masked_fill_(ignored, 0.0)
     entropy = sum_eu
     if with_entropy:
         # H = log s - sum(e * (z - max z)) / s, and z - max z = u * ln 2.
-        h = torch.where(out_of_range, nan, log_s - sum_eu / sum_e * _LN2)
-        entropy = torch.where(ignored, zero, h)
+        entropy = sum_eu.div_(sum_e).mul_(-_LN2).add_(log_s).masked_fill_(ignored, 0.0)
     return logp, entropy, lse
 
 
@@ -199,18 +199,19 @@ def token_logprobs_bwd_torch(
     """
     d0, d1, vocab = logits.shape
     scale = _LOG2E / temperature
-    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
     ignored = labels == ignore_index
-    _, outside, safe = _label_masks(labels - label_offset, vocab, ignore_index - label_offset)
+    safe, outside = _clamped_labels(labels - label_offset if label_offset else labels, vocab)
+    safe = safe[:, None]
     # Per row: g = p * (c + c_h * (log p + H)) - c * onehot, with log p = u * ln 2 and
-    # u = x * log2(e) / T - lse * log2(e).
-    c = torch.where(ignored, zero, grad_logp * (-1.0 / temperature))[:, None]
-    onehot_c = torch.where(outside[:, None], zero, -c)
+    # u = x * log2(e) / T - lse * log2(e). Ignored rows are zeroed at the end, so c needs no
+    # masking; out-of-range labels have a NaN lse, so their rows are NaN whatever is added.
+    c = (grad_logp * (-1.0 / temperature))[:, None]
+    onehot_c = torch.where(outside[:, None], 0.0, -c)  # a label outside a vocabulary slice adds no one-hot
     neg_lse2 = (lse * -_LOG2E)[:, None]
     if grad_entropy is not None:
-        c_h = torch.where(ignored, zero, grad_entropy * (-1.0 / temperature))[:, None]
+        c_h = (grad_entropy * (-1.0 / temperature))[:, None]
         u_coef = c_h * _LN2
-        const = c_h * entropy[:, None] + c
+        const = torch.addcmul(c, c_h, entropy[:, None])
     buf = _scratch(logits)
     p_buf = torch.empty_like(buf) if grad_entropy is not None else None
     for outer, inner, flat in _row_chunks(d0, d1, vocab, logits.device):
@@ -221,7 +222,7 @@ def token_logprobs_bwd_torch(
         else:
             p = torch.exp2(u, out=p_buf[: u.shape[0]])
             g = u.clamp_(min=_LOG_FLOOR).mul_(u_coef[flat]).add_(const[flat]).mul_(p)
-        g.scatter_add_(1, safe[flat, None], onehot_c[flat])
+        g.scatter_add_(1, safe[flat], onehot_c[flat])
         chunk = dlogits[outer, inner]
         chunk.copy_(g.view(chunk.shape))
     # Ignored rows never read their logits in the Triton kernel; here they were read, so
