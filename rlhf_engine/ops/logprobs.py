@@ -203,18 +203,22 @@ def _eager_torch(backend: str) -> bool:
 
 class _EagerTokenLogprobs(torch.autograd.Function):
     """The custom op's body, context and backward as a classic Function (see ``_eager_torch``).
-    In place, the backward's write into the logits bumps their version counter, so autograd
-    still raises if another node saved them."""
+    It returns only what the caller gets (``logp``, and ``entropy`` when asked for): every
+    output autograd tracks costs it time. In place, the backward's write into the logits
+    bumps their version counter, so autograd still raises if another node saved them."""
 
     @staticmethod
     def forward(ctx, *inputs):
         output = _token_logprobs_forward(*inputs)
-        ctx.mark_non_differentiable(output[2])
         _setup_context(ctx, inputs, output)
-        return output
+        ctx.set_materialize_grads(False)
+        logp, entropy, _ = output
+        return (logp, entropy) if inputs[4] else logp
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    def backward(ctx, grad_logp, grad_entropy=None):
+        if grad_logp is None:  # only the entropy was used
+            grad_logp = torch.zeros_like(ctx.saved_tensors[2])
         return _run_backward(ctx, grad_logp, grad_entropy, _token_logprobs_backward)
 
 
@@ -295,6 +299,8 @@ def token_logprobs(
     """
     temperature = _validate(logits, labels, temperature, ignore_index, return_entropy, inplace_backward)
     resolved = resolve_backend(OP, backend, logits.device)
-    forward = _EagerTokenLogprobs.apply if _eager_torch(resolved) else _token_logprobs_fwd
-    logp, entropy, _ = forward(logits, labels, temperature, ignore_index, return_entropy, inplace_backward, resolved)
+    args = (logits, labels, temperature, ignore_index, return_entropy, inplace_backward, resolved)
+    if _eager_torch(resolved):
+        return _EagerTokenLogprobs.apply(*args)
+    logp, entropy, _ = _token_logprobs_fwd(*args)
     return (logp, entropy) if return_entropy else logp
