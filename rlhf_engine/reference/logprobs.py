@@ -65,24 +65,24 @@ def _chunk_rows(vocab: int, device: torch.device) -> int:
     return max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // (4 * vocab))
 
 
-def _row_chunks(d0: int, d1: int, vocab: int, device: torch.device) -> Iterator[tuple[slice, slice, slice]]:
+def _row_chunks(d0: int, d1: int, vocab: int, device: torch.device) -> Iterator[tuple[tuple, slice]]:
     """Split rows of a ``[d0, d1, V]`` view into chunks of at most ``_chunk_rows`` rows.
 
-    Yields ``(outer, inner, flat)``: the chunk is ``view[outer, inner]`` and its rows are
-    ``flat`` in the flattened row order. A chunk is part of one ``d1`` run or whole ``d1``
-    runs, so its flat rows are always one contiguous range.
+    Yields ``(index, flat)``: the chunk is ``view[index]``, ``[rows, V]`` when it lies in
+    one ``d1`` run and ``[runs, d1, V]`` when it spans several, and its rows are ``flat``
+    in the flattened row order (always one contiguous range).
     """
     rows = _chunk_rows(vocab, device)
     if d1 >= rows:
         for a in range(d0):
             for c in range(0, d1, rows):
                 e = min(c + rows, d1)
-                yield slice(a, a + 1), slice(c, e), slice(a * d1 + c, a * d1 + e)
+                yield (a, slice(c, e)), slice(a * d1 + c, a * d1 + e)
     else:
         step = rows // d1
         for a in range(0, d0, step):
             b = min(a + step, d0)
-            yield slice(a, b), slice(0, d1), slice(a * d1, b * d1)
+            yield (a if b == a + 1 else slice(a, b),), slice(a * d1, b * d1)
 
 
 def _scratch(logits: torch.Tensor) -> torch.Tensor:
@@ -94,10 +94,15 @@ def _scratch(logits: torch.Tensor) -> torch.Tensor:
     return torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)
 
 
+def _shaped_like(rows: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """``rows [r, V]`` viewed with the shape of ``chunk`` (``[r, V]`` or ``[runs, d1, V]``)."""
+    return rows if chunk.dim() == 2 else rows.view(chunk.shape)
+
+
 def _load(buf: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
-    """``chunk [a, b, V]`` as fp32 ``[a*b, V]``, copied into the first ``a*b`` rows of ``buf``."""
-    x = buf[: chunk.shape[0] * chunk.shape[1]]
-    x.view(chunk.shape).copy_(chunk)
+    """``chunk`` as fp32 ``[rows, V]``, copied into the first rows of ``buf``."""
+    x = buf[: chunk.numel() // chunk.shape[-1]]
+    _shaped_like(x, chunk).copy_(chunk)
     return x
 
 
@@ -139,23 +144,22 @@ def token_logprobs_fwd_torch(
     f32 = dict(dtype=torch.float32, device=logits.device)
     ignored = labels == ignore_index
     safe, outside = _clamped_labels(labels, vocab)
-    safe = safe[:, None]
     scale = _LOG2E / temperature
     # Per row, from the chunk loop: the label's logit x_y, the row max m, and with
     # u = (x - m) * log2(e) / T (log2 of the unnormalized probability): s = sum(2^u) and
     # sum(2^u * u). The rest is per-row math after the loop.
-    x_label = torch.empty(n, 1, **f32)
+    x_label = torch.empty(n, **f32)
     row_max = torch.empty(n, **f32)
     sum_e = torch.empty(n, **f32)
     sum_eu = torch.empty(n if with_entropy else 0, **f32)
     buf = _scratch(logits)
     e_buf = torch.empty_like(buf) if with_entropy else None
-    for outer, inner, flat in _row_chunks(d0, d1, vocab, logits.device):
-        x = _load(buf, logits[outer, inner])
-        torch.gather(x, 1, safe[flat], out=x_label[flat])
-        # A row of only -inf logits: a finite max keeps u at -inf, not NaN.
-        m = torch.amax(x, dim=1, out=row_max[flat]).clamp_(min=torch.finfo(torch.float32).min)
-        u = torch.add(m[:, None] * -scale, x, alpha=scale, out=x)
+    for index, flat in _row_chunks(d0, d1, vocab, logits.device):
+        x = _load(buf, logits[index])
+        torch.gather(x, 1, safe[flat, None], out=x_label[flat, None])
+        # (A row of only -inf logits gives u = NaN: its logp and entropy are NaN anyway.)
+        m = torch.amax(x, dim=1, keepdim=True, out=row_max[flat, None])
+        u = torch.add(m * -scale, x, alpha=scale, out=x)
         if with_entropy:
             e = torch.exp2(u, out=e_buf[: u.shape[0]])
             torch.sum(e, dim=1, out=sum_e[flat])
@@ -168,7 +172,7 @@ def token_logprobs_fwd_torch(
     # outside [0, V)).
     log_s = sum_e.masked_fill_(outside, float("nan")).log()
     lse = torch.add(log_s, row_max, alpha=1.0 / temperature).masked_fill_(ignored, 0.0)
-    logp = torch.mul(x_label.view(n), 1.0 / temperature).sub_(lse).masked_fill_(ignored, 0.0)
+    logp = torch.sub(lse, x_label, alpha=1.0 / temperature).neg_().masked_fill_(ignored, 0.0)
     entropy = sum_eu
     if with_entropy:
         # H = log s - sum(e * (z - max z)) / s, and z - max z = u * ln 2.
@@ -201,30 +205,29 @@ def token_logprobs_bwd_torch(
     scale = _LOG2E / temperature
     ignored = labels == ignore_index
     safe, outside = _clamped_labels(labels - label_offset if label_offset else labels, vocab)
-    safe = safe[:, None]
     # Per row: g = p * (c + c_h * (log p + H)) - c * onehot, with log p = u * ln 2 and
     # u = x * log2(e) / T - lse * log2(e). Ignored rows are zeroed at the end, so c needs no
     # masking; out-of-range labels have a NaN lse, so their rows are NaN whatever is added.
-    c = (grad_logp * (-1.0 / temperature))[:, None]
-    onehot_c = torch.where(outside[:, None], 0.0, -c)  # a label outside a vocabulary slice adds no one-hot
-    neg_lse2 = (lse * -_LOG2E)[:, None]
+    c = grad_logp * (-1.0 / temperature)
+    onehot_c = torch.neg(c).masked_fill_(outside, 0.0)  # a label outside a vocabulary slice adds no one-hot
+    neg_lse2 = lse * -_LOG2E
     if grad_entropy is not None:
-        c_h = (grad_entropy * (-1.0 / temperature))[:, None]
+        c_h = grad_entropy * (-1.0 / temperature)
         u_coef = c_h * _LN2
-        const = torch.addcmul(c, c_h, entropy[:, None])
+        const = torch.addcmul(c, c_h, entropy)
     buf = _scratch(logits)
     p_buf = torch.empty_like(buf) if grad_entropy is not None else None
-    for outer, inner, flat in _row_chunks(d0, d1, vocab, logits.device):
-        x = _load(buf, logits[outer, inner])
-        u = torch.add(neg_lse2[flat], x, alpha=scale, out=x)
+    for index, flat in _row_chunks(d0, d1, vocab, logits.device):
+        x = _load(buf, logits[index])
+        u = torch.add(neg_lse2[flat, None], x, alpha=scale, out=x)
         if grad_entropy is None:
-            g = u.exp2_().mul_(c[flat])
+            g = u.exp2_().mul_(c[flat, None])
         else:
             p = torch.exp2(u, out=p_buf[: u.shape[0]])
-            g = u.clamp_(min=_LOG_FLOOR).mul_(u_coef[flat]).add_(const[flat]).mul_(p)
-        g.scatter_add_(1, safe[flat], onehot_c[flat])
-        chunk = dlogits[outer, inner]
-        chunk.copy_(g.view(chunk.shape))
+            g = u.clamp_(min=_LOG_FLOOR).mul_(u_coef[flat, None]).add_(const[flat, None]).mul_(p)
+        g.scatter_add_(1, safe[flat, None], onehot_c[flat, None])
+        chunk = dlogits[index]
+        chunk.copy_(_shaped_like(g, chunk))
     # Ignored rows never read their logits in the Triton kernel; here they were read, so
     # zero them explicitly in case those logits were inf or NaN.
     _zero_rows(dlogits, ignored)
