@@ -9,6 +9,9 @@ Compared on the same inputs, in one run:
 * "verl-eager": the verl habit: ``log_softmax`` + gather on fp32 logits, entropy as
   ``logsumexp - sum(softmax * logits)``;
 * both of those under ``torch.compile``;
+* logp only (no entropy), for training steps that need no entropy: ours, and TRL's
+  ``selective_log_softmax`` habit (per-sequence ``log_softmax`` + gather for half
+  precision, ``gathered logit - logsumexp`` for fp32);
 * Liger-Kernel's cross entropy with ``reduction="none"`` (``-logp`` only, no entropy) when
   installed.
 
@@ -52,6 +55,16 @@ def trl_eager(logits: torch.Tensor, labels: torch.Tensor):
     return logp.float(), entropy.float()
 
 
+def trl_selective_logp(logits: torch.Tensor, labels: torch.Tensor):
+    """logp alone the way TRL's ``selective_log_softmax`` computes it; logits ``[B, T, V]``."""
+    logits = logits / TEMPERATURE
+    if logits.dtype in (torch.float32, torch.float64):
+        label_logits = logits.gather(-1, labels[..., None]).squeeze(-1)
+        return (label_logits - torch.stack([torch.logsumexp(seq, dim=-1) for seq in logits]),)
+    rows = [torch.log_softmax(seq, dim=-1).gather(-1, lab[:, None]).squeeze(-1) for seq, lab in zip(logits, labels)]
+    return (torch.stack(rows).float(),)
+
+
 def verl_eager(logits: torch.Tensor, labels: torch.Tensor):
     """logp and entropy the way verl computes them; logits ``[B, T, V]``."""
     logits = logits.float() / TEMPERATURE
@@ -70,6 +83,13 @@ def ours(backend: str, inplace: bool = False) -> Callable:
     return fn
 
 
+def ours_logp(backend: str) -> Callable:
+    def fn(logits, labels):
+        return (token_logprobs(logits, labels, temperature=TEMPERATURE, backend=backend),)
+
+    return fn
+
+
 def liger_logp(logits: torch.Tensor, labels: torch.Tensor):
     from liger_kernel.transformers import LigerCrossEntropyLoss
 
@@ -83,6 +103,8 @@ def _implementations(device: torch.device) -> dict[str, Callable]:
     impls["trl-compiled"] = compiled(trl_eager)
     impls["verl-eager"] = verl_eager
     impls["verl-compiled"] = compiled(verl_eager)
+    impls.update({f"ours-{b} (logp only)": ours_logp(b) for b in ("triton", "torch") if f"ours-{b}" in impls})
+    impls["trl-selective (logp only)"] = trl_selective_logp
     if liger_installed() and device.type == "cuda":
         impls["liger-ce (logp only)"] = liger_logp
     return impls
