@@ -118,38 +118,53 @@ class Segments:
 # op. A condition turned once into int32 lanes (-1 where true, 0 where false) selects fp32
 # values exactly with vectorized bitwise ops: NaN / inf where the condition is false still
 # become +0.0 (or the other operand), values where it holds are untouched bit for bit. That
-# takes 2-5 ops where torch.where takes one, and at a few thousand tokens the number of ops
-# is the cost (each ~1-2 us), so small tensors, and every non-CPU tensor, use torch.where.
+# takes 2-5 ops where torch.where takes one, and at a few thousand elements the number of
+# ops is the cost (each ~1-2 us), so small selections, and every non-CPU one, use
+# torch.where. The size that decides is the selection's (the condition broadcast against
+# its operands): one mask of a few thousand tokens applied to a [rows, tokens] buffer is
+# a large selection.
 WHERE_MAX_CPU = 8192  # elements; measured crossover 8K-16K fp32 on a 1-thread EPYC
 
 
 class Where:
     """A bool condition selecting fp32 tensors exactly like ``torch.where``, as int32 lanes
-    on large CPU tensors (see above)."""
+    on large CPU selections (see above)."""
 
     def __init__(self, cond: torch.Tensor):
         self.cond = cond
-        big_cpu = cond.device.type == "cpu" and cond.numel() > WHERE_MAX_CPU
-        self.lanes = cond.to(torch.int32).neg_() if big_cpu else None
+        self._lanes = None
+
+    def lanes(self, *operands) -> torch.Tensor | None:
+        """The condition's int32 lanes (built once) when selecting among ``operands`` is a
+        large CPU selection, else None."""
+        if self.cond.device.type != "cpu" or max(t.numel() for t in (self.cond,) + operands) <= WHERE_MAX_CPU:
+            return None
+        if self._lanes is None:
+            self._lanes = self.cond.to(torch.int32).neg_()
+        return self._lanes
 
     def keep(self, x: torch.Tensor) -> torch.Tensor:
         """``torch.where(cond, x, 0.0)``."""
-        if self.lanes is None:
+        lanes = self.lanes(x)
+        if lanes is None:
             return torch.where(self.cond, x, 0.0)
-        return (_bits(x) & self.lanes).view(torch.float32)
+        return (_bits(x) & lanes).view(torch.float32)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """``torch.where(cond, 0.0, x)``."""
-        if self.lanes is None:
+        lanes = self.lanes(x)
+        if lanes is None:
             return torch.where(self.cond, 0.0, x)
-        return (_bits(x) & ~self.lanes).view(torch.float32)
+        return (_bits(x) & ~lanes).view(torch.float32)
 
     def select(self, a: torch.Tensor, b) -> torch.Tensor:
         """``torch.where(cond, a, b)``; ``b`` a tensor or a number."""
-        if self.lanes is None:
+        b = b if isinstance(b, torch.Tensor) else a.new_full((), b)
+        lanes = self.lanes(a, b)
+        if lanes is None:
             return torch.where(self.cond, a, b)
-        b_bits = _bits(b if isinstance(b, torch.Tensor) else a.new_full((), b))
-        return (((_bits(a) ^ b_bits) & self.lanes) ^ b_bits).view(torch.float32)
+        b_bits = _bits(b)
+        return (((_bits(a) ^ b_bits) & lanes) ^ b_bits).view(torch.float32)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -174,9 +189,10 @@ class TokenMask:
         """In place on a fp32 ``[..., *token shape]`` buffer."""
         if self.weights is not None:
             x.mul_(self.weights)
-        if self.active.lanes is None:
+        lanes = self.active.lanes(x)
+        if lanes is None:
             return torch.where(self.active.cond, x, x.new_zeros(()), out=x)
-        _bits(x).bitwise_and_(self.active.lanes)
+        _bits(x).bitwise_and_(lanes)
         return x
 
 
