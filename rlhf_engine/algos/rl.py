@@ -41,6 +41,7 @@ from rlhf_engine.algos.config import check_field
 from rlhf_engine.algos.eval_metrics import explained_variance
 from rlhf_engine.algos.kl_control import KLController
 from rlhf_engine.models import PolicyModel, ScalarHeadModel
+from rlhf_engine.reference.kl import ESTIMATORS as KL_ESTIMATORS
 from rlhf_engine.rollout import Rollout, SamplingConfig, generate, score_rollout
 from rlhf_engine.tasks.data import left_pad
 
@@ -109,6 +110,12 @@ class RLConfig:
         check_field(self, "lam", 0 <= self.lam <= 1, "in [0, 1]")
         check_field(self, "kl_target", self.kl_target is None or self.kl_target > 0, "> 0 or null")
         check_field(self, "value_clip", self.value_clip is None or self.value_clip > 0, "> 0 or null")
+        # The loss op checks these too, but only at the first update, after a whole rollout.
+        check_field(self, "clip_high", self.clip_high is None or self.clip_high >= 0, ">= 0 or null")
+        if self.loss == "cispo-trl":
+            check_field(self, "clip_high", self.clip_high is not None, "set for loss 'cispo-trl' (the raw bound on the IS weight, e.g. 5)")
+        check_field(self, "dual_clip", self.dual_clip is None or self.dual_clip > 1, "> 1 or null")
+        check_field(self, "kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {sorted(KL_ESTIMATORS)}")
         if self.advantage in GROUP_ESTIMATORS and self.group_size < 2 and self.preset == "trl":
             check_field(self, "group_size", False, ">= 2 for group advantages under preset 'trl' (a singleton group gets advantage 0)")
 
