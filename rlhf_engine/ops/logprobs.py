@@ -175,7 +175,9 @@ def _run_backward(ctx, grad_logp, grad_entropy, bwd):
         dlogits = logits
     else:
         dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    # Autograd passes zeros for an entropy nobody used; the term then adds exactly 0.
+    # For an entropy nobody used, the custom op's autograd passes zeros (the term adds
+    # exactly 0) and the eager Function, which does not materialize gradients, None (the
+    # term is skipped).
     bwd(
         grad_logp,
         grad_entropy if with_entropy else None,
@@ -213,7 +215,8 @@ class _EagerTokenLogprobs(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
         ctx.set_materialize_grads(False)
         logp, entropy, _ = output
-        return (logp, entropy) if inputs[4] else logp
+        with_entropy = ctx.config[2]
+        return (logp, entropy) if with_entropy else logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
