@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from rlhf_engine.algos.config import config_from_dict
+from rlhf_engine.algos.config import config_from_dict, read_yaml_mapping
 from rlhf_engine.algos.dpo import DPOConfig, DPOTrainer
 from rlhf_engine.algos.grpo import GRPO_DEFAULTS, GRPO_VARIANTS
 from rlhf_engine.algos.loop import run_steps
@@ -53,17 +53,8 @@ PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
 
 def load_config(algo: str, path: str | Path | None):
     """The algorithm's config: YAML fields over its defaults (errors name file and field)."""
-    values: dict[str, Any] = {}
+    values = read_yaml_mapping(path) if path is not None else {}
     source = str(path) if path is not None else "config"
-    if path is not None:
-        import yaml
-
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML: {error}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
     if algo in RL_PRESETS:
         preset = dict(RL_PRESETS[algo])
         if algo == "grpo":

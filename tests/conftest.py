@@ -56,3 +56,14 @@ def device():
 def _seed(request):
     # Each test its own stream, from the run seed and the test's name.
     torch.manual_seed((RUN_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**31))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-model tests (restored after it): tiny matmuls
+    gain nothing from threads, and on a busy machine OpenMP spin-waiting made each one
+    ~100x slower. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

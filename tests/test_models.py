@@ -24,14 +24,7 @@ from rlhf_engine.models import checkpoint as ckpt
 VOCAB = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy machine OpenMP spin-waiting
-    made each one ~100x slower; restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_policy(seed=0, *, tied=True, bias=False) -> PolicyModel:

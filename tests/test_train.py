@@ -33,13 +33,7 @@ GROUPED = "steps: 3\nprompts_per_step: 4\ngroup_size: 8\nmax_new_tokens: 1\nmini
 SINGLE = "steps: 3\nprompts_per_step: 16\ngroup_size: 1\nmax_new_tokens: 1\nminibatch_size: 8\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one thread is faster and keeps the runs deterministic."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_jsonl(path: Path, records: list) -> str:

@@ -67,6 +67,25 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
 
 
+class SingleModelTrainer:
+    """Base of the trainers that train one model: it and its AdamW optimizer under ``role``
+    (what ``run_steps`` checkpoints and restores)."""
+
+    role = "policy"
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0):
+        self.trained_model = model
+        self.optimizer = make_optimizer(model, lr, weight_decay)
+
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {self.role: self.trained_model}
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {self.role: self.optimizer}
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float | None) -> float:
     """Backward, clip the global gradient norm to ``grad_clip``, step, zero. Returns the norm."""
     loss.backward()

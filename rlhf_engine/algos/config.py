@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,14 +59,40 @@ def config_from_dict(cls: type[T], values: dict[str, Any], *, source: str = "con
         raise ValueError(f"{source}: {error}") from None
 
 
-def load_yaml_config(cls: type[T], path: str | Path | None) -> T:
-    """``cls`` from a YAML file of ``field: value`` lines (``None``: the defaults)."""
-    if path is None:
-        return cls()
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file (an empty file is ``{}``); ValueError naming the file otherwise."""
     import yaml
 
     try:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML: {error}") from None
-    return config_from_dict(cls, values, source=str(path))
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
+    return values
+
+
+def load_yaml_config(cls: type[T], path: str | Path | None) -> T:
+    """``cls`` from a YAML file of ``field: value`` lines (``None``: the defaults)."""
+    if path is None:
+        return cls()
+    return config_from_dict(cls, read_yaml_mapping(path), source=str(path))
+
+
+@dataclass
+class OptimConfig:
+    """The fields of every single-model trainer's config (subclasses change the defaults)."""
+
+    steps: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        check_field(self, "steps", self.steps >= 0, ">= 0")
+        check_field(self, "batch_size", self.batch_size >= 1, ">= 1")
+        check_field(self, "lr", self.lr > 0, "> 0")
+        check_field(self, "weight_decay", self.weight_decay >= 0, ">= 0")
+        check_field(self, "grad_clip", self.grad_clip >= 0, ">= 0 (0: no clipping)")

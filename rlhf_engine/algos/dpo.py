@@ -16,31 +16,24 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_engine import ops
-from rlhf_engine.algos.common import SequenceBatch, collate, freeze, make_optimizer, optimizer_step, step_generator
-from rlhf_engine.algos.config import check_field
+from rlhf_engine.algos.common import SequenceBatch, SingleModelTrainer, collate, freeze, optimizer_step, step_generator
+from rlhf_engine.algos.config import OptimConfig, check_field
 from rlhf_engine.algos.preference_losses import DPO_LOSS_TYPES, dpo_loss
 from rlhf_engine.models import PolicyModel
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(OptimConfig):
     steps: int = 200
     batch_size: int = 32
     lr: float = 5e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     nll_coef: float = 0.0
-    seed: int = 0
 
     def __post_init__(self):
-        check_field(self, "steps", self.steps >= 0, ">= 0")
-        check_field(self, "batch_size", self.batch_size >= 1, ">= 1")
-        check_field(self, "lr", self.lr > 0, "> 0")
-        check_field(self, "weight_decay", self.weight_decay >= 0, ">= 0")
-        check_field(self, "grad_clip", self.grad_clip >= 0, ">= 0 (0: no clipping)")
+        super().__post_init__()
         check_field(self, "beta", self.beta > 0, "> 0")
         check_field(self, "loss_type", self.loss_type in DPO_LOSS_TYPES, f"one of {DPO_LOSS_TYPES}")
         check_field(self, "label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)")
@@ -53,22 +46,14 @@ def response_logprob_sums(policy: PolicyModel, batch: SequenceBatch) -> torch.Te
     return ops.sequence_logprobs(hidden, policy.lm_head_weight, batch.response_ids, batch.response_mask, bias=policy.lm_head_bias)
 
 
-class DPOTrainer:
+class DPOTrainer(SingleModelTrainer):
     """DPO on ``{"prompt", "chosen", "rejected"}`` records against a frozen reference."""
 
     def __init__(self, policy: PolicyModel, reference: PolicyModel, pairs: list[dict], config: DPOConfig, *, pad_id: int):
         if not pairs:
             raise ValueError("DPOTrainer: pairs is empty")
+        super().__init__(policy, config.lr, config.weight_decay)
         self.policy, self.reference, self.pairs, self.config, self.pad_id = policy, freeze(reference), pairs, config, pad_id
-        self.optimizer = make_optimizer(policy, config.lr, config.weight_decay)
-
-    @property
-    def models(self) -> dict[str, torch.nn.Module]:
-        return {"policy": self.policy}
-
-    @property
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"policy": self.optimizer}
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.config

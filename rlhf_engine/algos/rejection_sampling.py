@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from rlhf_engine.algos.common import collate, make_optimizer, optimizer_step, step_generator
+from rlhf_engine.algos.common import SingleModelTrainer, collate, optimizer_step, step_generator
 from rlhf_engine.algos.config import check_field
 from rlhf_engine.algos.rl import PromptFn, ScoreFn
 from rlhf_engine.algos.sft import sft_loss
@@ -69,27 +69,19 @@ def best_of_n(
     return [responses[i] for i in best.tolist()]
 
 
-class RejectionSamplingTrainer:
+class RejectionSamplingTrainer(SingleModelTrainer):
     """Best-of-N fine-tuning of ``policy`` (see the module docstring)."""
 
     def __init__(
         self, policy: PolicyModel, config: RejectionSamplingConfig, *, prompts: PromptFn, score_fn: ScoreFn,
         pad_token_id: int, eos_token_id: int,
     ):  # fmt: skip
+        super().__init__(policy, config.lr)
         self.policy, self.config, self.prompts, self.score_fn = policy, config, prompts, score_fn
         self.sampling = SamplingConfig(
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
         )  # fmt: skip
-        self.optimizer = make_optimizer(policy, config.lr)
-
-    @property
-    def models(self) -> dict[str, torch.nn.Module]:
-        return {"policy": self.policy}
-
-    @property
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"policy": self.optimizer}
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.config

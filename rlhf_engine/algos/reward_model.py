@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_engine.algos.common import collate, make_optimizer, optimizer_step, step_generator
-from rlhf_engine.algos.config import check_field
+from rlhf_engine.algos.common import SingleModelTrainer, collate, optimizer_step, step_generator
+from rlhf_engine.algos.config import OptimConfig, check_field
 from rlhf_engine.algos.eval_metrics import expected_calibration_error, fit_temperature, pairwise_accuracy
 from rlhf_engine.algos.preference_losses import bradley_terry_loss, k_choose_2_pairs, plackett_luce_loss
 from rlhf_engine.models import ScalarHeadModel
@@ -25,22 +25,13 @@ RANKING_LOSSES = ("k_choose_2", "plackett_luce")
 
 
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(OptimConfig):
     steps: int = 300
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     ranking_loss: str = "k_choose_2"
     center_coef: float = 0.0
-    seed: int = 0
 
     def __post_init__(self):
-        check_field(self, "steps", self.steps >= 0, ">= 0")
-        check_field(self, "batch_size", self.batch_size >= 1, ">= 1")
-        check_field(self, "lr", self.lr > 0, "> 0")
-        check_field(self, "weight_decay", self.weight_decay >= 0, ">= 0")
-        check_field(self, "grad_clip", self.grad_clip >= 0, ">= 0 (0: no clipping)")
+        super().__post_init__()
         check_field(self, "ranking_loss", self.ranking_loss in RANKING_LOSSES, f"one of {RANKING_LOSSES}")
         check_field(self, "center_coef", self.center_coef >= 0, ">= 0")
 
@@ -55,8 +46,10 @@ def _is_ranking(record: dict) -> bool:
     return "responses" in record
 
 
-class RewardModelTrainer:
+class RewardModelTrainer(SingleModelTrainer):
     """Trains a ``ScalarHeadModel`` on pair or ranking records (all of one kind)."""
+
+    role = "reward_model"
 
     def __init__(self, model: ScalarHeadModel, records: list[dict], config: RewardModelConfig, *, pad_id: int):
         if not records:
@@ -65,16 +58,8 @@ class RewardModelTrainer:
         if len(kinds) != 1:
             raise ValueError("RewardModelTrainer: records mix pairs (chosen/rejected) and rankings (responses)")
         self.rankings = kinds.pop()
+        super().__init__(model, config.lr, config.weight_decay)
         self.model, self.records, self.config, self.pad_id = model, records, config, pad_id
-        self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
-
-    @property
-    def models(self) -> dict[str, torch.nn.Module]:
-        return {"reward_model": self.model}
-
-    @property
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"reward_model": self.optimizer}
 
     def _pair_loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict]:
         prompts = [r["prompt"] for r in batch]

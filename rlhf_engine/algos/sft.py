@@ -7,30 +7,18 @@ logprobs from hidden states through the fused lm_head op (no full logits).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from rlhf_engine.algos.common import SequenceBatch, collate, make_optimizer, optimizer_step, step_generator
-from rlhf_engine.algos.config import check_field
+from rlhf_engine.algos.common import SequenceBatch, SingleModelTrainer, collate, optimizer_step, step_generator
+from rlhf_engine.algos.config import OptimConfig
 from rlhf_engine.models import PolicyModel
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(OptimConfig):
     steps: int = 400
-    batch_size: int = 64
     lr: float = 3e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        check_field(self, "steps", self.steps >= 0, ">= 0")
-        check_field(self, "batch_size", self.batch_size >= 1, ">= 1")
-        check_field(self, "lr", self.lr > 0, "> 0")
-        check_field(self, "weight_decay", self.weight_decay >= 0, ">= 0")
-        check_field(self, "grad_clip", self.grad_clip >= 0, ">= 0 (0: no clipping)")
 
 
 def sft_loss(policy: PolicyModel, batch: SequenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -41,7 +29,7 @@ def sft_loss(policy: PolicyModel, batch: SequenceBatch) -> tuple[torch.Tensor, d
     return loss, {"loss": loss.item(), "tokens": float(mask.sum())}
 
 
-class SFTTrainer:
+class SFTTrainer(SingleModelTrainer):
     """SFT over a fixed list of ``(prompt, response)`` token lists.
 
     Step ``k`` trains on ``batch_size`` examples drawn (with replacement) by
@@ -51,16 +39,8 @@ class SFTTrainer:
     def __init__(self, policy: PolicyModel, examples: list[tuple[list[int], list[int]]], config: SFTConfig, *, pad_id: int):
         if not examples:
             raise ValueError("SFTTrainer: examples is empty")
+        super().__init__(policy, config.lr, config.weight_decay)
         self.policy, self.examples, self.config, self.pad_id = policy, examples, config, pad_id
-        self.optimizer = make_optimizer(policy, config.lr, config.weight_decay)
-
-    @property
-    def models(self) -> dict[str, torch.nn.Module]:
-        return {"policy": self.policy}
-
-    @property
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"policy": self.optimizer}
 
     def step(self, step: int) -> dict[str, float]:
         generator = step_generator(self.config.seed, step, "sft")
