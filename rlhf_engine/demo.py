@@ -138,7 +138,8 @@ def _run_demo(out: Path, config: DemoConfig, quiet: bool) -> dict:
 
 
 def _total_steps(config: DemoConfig) -> int:
-    return config.sft.steps + config.reward_model.steps + config.ppo.steps + config.grpo.steps
+    """Log calls of the demo (the progress bar's length): every step, plus the RM evaluation."""
+    return config.sft.steps + config.reward_model.steps + 1 + config.ppo.steps + config.grpo.steps
 
 
 def _gap_closed(before: float, after: float) -> float:
