@@ -12,14 +12,16 @@ Two things live here:
 
 from __future__ import annotations
 
+import threading
 from typing import Iterator
 
 import torch
 
-# Bytes of one fp32 [rows, V] temporary (a chunk holds two). On the CPU, small chunks stay
-# in cache and malloc reuses them (fresh large buffers cost page faults: 16-64 MiB chunks
-# measured 2-4x slower than 1-4 MiB). On CUDA, large chunks amortize kernel launches and
-# the caching allocator reuses them anyway.
+# Bytes of one fp32 [rows, V] temporary (with entropy a chunk holds two). On the CPU a
+# chunk is a trade: each costs ~15 small ops (~15 us), so 0.25-1 MiB chunks measured
+# slower than 4 MiB ones at [128..4096, 4096] logits, and buffers of 16-64 MiB are slower
+# again (out of cache). On CUDA, large chunks amortize kernel launches and the caching
+# allocator reuses them anyway.
 CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 64 << 20}
 
 # exp(x) is computed as exp2(x * log2(e)): on the CPU torch's exp2 runs ~4x faster than
@@ -85,13 +87,29 @@ def _row_chunks(d0: int, d1: int, vocab: int, device: torch.device) -> Iterator[
             yield (a if b == a + 1 else slice(a, b),), slice(a * d1, b * d1)
 
 
-def _scratch(logits: torch.Tensor) -> torch.Tensor:
-    """One fp32 ``[rows, V]`` buffer that every chunk of ``logits [D0, D1, V]`` reuses: on
-    the CPU a fresh buffer per chunk (or per call, when the allocator has just returned
-    memory to the OS) costs a page fault per 4 KiB, as much as the math on it."""
+# Per thread, the CPU scratch memory kept between calls (see _scratch).
+_CPU_WORKSPACE = threading.local()
+
+
+def _scratch(logits: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """``count`` fp32 ``[rows, V]`` buffers that every chunk of ``logits [D0, D1, V]`` reuses.
+
+    On the CPU they are views of a per-thread workspace kept between calls: glibc hands
+    the top of a freed heap back to the OS, so a fresh multi-MiB buffer page-faults on
+    every call (~250 faults, ~0.1 ms a call at ``[128, 4096]``, a fifth of the op). The
+    workspace only grows, to at most ``count * CHUNK_BYTES["cpu"]``, and no buffer outlives
+    the call that took it. On CUDA the caching allocator already reuses memory.
+    """
     d0, d1, vocab = logits.shape
     rows = min(_chunk_rows(vocab, logits.device), d0 * d1)
-    return torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)
+    numel = count * rows * vocab
+    if logits.device.type != "cpu":
+        memory = torch.empty(numel, dtype=torch.float32, device=logits.device)
+    else:
+        memory = getattr(_CPU_WORKSPACE, "memory", None)
+        if memory is None or memory.numel() < numel:
+            memory = _CPU_WORKSPACE.memory = torch.empty(numel, dtype=torch.float32)
+    return list(memory[:numel].view(count, rows, vocab))
 
 
 def _shaped_like(rows: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
@@ -152,8 +170,7 @@ def token_logprobs_fwd_torch(
     row_max = torch.empty(n, **f32)
     sum_e = torch.empty(n, **f32)
     sum_eu = torch.empty(n if with_entropy else 0, **f32)
-    buf = _scratch(logits)
-    e_buf = torch.empty_like(buf) if with_entropy else None
+    buf, *e_buf = _scratch(logits, 2 if with_entropy else 1)
     for index, flat in _row_chunks(d0, d1, vocab, logits.device):
         x = _load(buf, logits[index])
         torch.gather(x, 1, safe[flat, None], out=x_label[flat, None])
@@ -161,7 +178,7 @@ def token_logprobs_fwd_torch(
         m = torch.amax(x, dim=1, keepdim=True, out=row_max[flat, None])
         u = torch.add(m * -scale, x, alpha=scale, out=x)
         if with_entropy:
-            e = torch.exp2(u, out=e_buf[: u.shape[0]])
+            e = torch.exp2(u, out=e_buf[0][: u.shape[0]])
             torch.sum(e, dim=1, out=sum_e[flat])
             # Centred on the row max so H does not cancel two large numbers; mul + sum
             # rather than bmm: sum() adds pairwise, bmm's dot loses ~1e-5 here.
@@ -215,15 +232,14 @@ def token_logprobs_bwd_torch(
         c_h = grad_entropy * (-1.0 / temperature)
         u_coef = c_h * _LN2
         const = torch.addcmul(c, c_h, entropy)
-    buf = _scratch(logits)
-    p_buf = torch.empty_like(buf) if grad_entropy is not None else None
+    buf, *p_buf = _scratch(logits, 1 if grad_entropy is None else 2)
     for index, flat in _row_chunks(d0, d1, vocab, logits.device):
         x = _load(buf, logits[index])
         u = torch.add(neg_lse2[flat, None], x, alpha=scale, out=x)
         if grad_entropy is None:
             g = u.exp2_().mul_(c[flat, None])
         else:
-            p = torch.exp2(u, out=p_buf[: u.shape[0]])
+            p = torch.exp2(u, out=p_buf[0][: u.shape[0]])
             g = u.clamp_(min=_LOG_FLOOR).mul_(u_coef[flat, None]).add_(const[flat, None]).mul_(p)
         g.scatter_add_(1, safe[flat, None], onehot_c[flat, None])
         chunk = dlogits[index]
