@@ -282,21 +282,25 @@ class RLTrainer:
         }
 
     def step(self, step: int) -> dict[str, float]:
-        """One RL step (all four phases); returns the logged metrics."""
+        """One RL step (all four phases); returns the logged metrics (the headline ones first,
+        which the progress bar shows)."""
         start_time = time.perf_counter()
         rollout = self.generate(step)
-        rollout, metrics = self.score(rollout)
+        rollout, phase_metrics = self.score(rollout)
         advantages, returns = self.advantages(rollout)
-        metrics.update(self.update_policy(rollout, advantages, step))
+        phase_metrics.update(self.update_policy(rollout, advantages, step))
         if self.critic is not None:
-            metrics.update(self.update_critic(rollout, returns, step))
+            phase_metrics.update(self.update_critic(rollout, returns, step))
         mask = rollout.response_mask
         sequence_kl = ((rollout.old_logprobs - rollout.ref_logprobs) * mask).sum(dim=1)
+        metrics = {"reward_mean": float(rollout.scores.mean())}
+        if "gold" in phase_metrics:
+            metrics["gold"] = phase_metrics.pop("gold")
         metrics["kl"] = float(sequence_kl.mean())
+        metrics["reward_std"] = float(rollout.scores.std()) if rollout.scores.numel() > 1 else 0.0
+        metrics.update(phase_metrics)
         metrics["kl_coef"] = self.kl.value
         self.kl.update(metrics["kl"], mask.shape[0])
-        metrics["reward_mean"] = float(rollout.scores.mean())
-        metrics["reward_std"] = float(rollout.scores.std()) if rollout.scores.numel() > 1 else 0.0
         metrics["response_length"] = float(rollout.response_lengths.float().mean())
         metrics["tokens_per_s"] = float(rollout.attention_mask.sum()) / (time.perf_counter() - start_time)
         return metrics
