@@ -64,7 +64,11 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from rlhf_engine.demo import DemoConfig, format_summary, run_demo
 
-    summary = run_demo(args.out, DemoConfig(seed=args.seed), quiet=args.quiet)
+    try:
+        summary = run_demo(args.out, DemoConfig(seed=args.seed, device=args.device), quiet=args.quiet)
+    except ValueError as error:
+        print(f"rlhf-engine demo: {error}", file=sys.stderr)
+        return 2
     print(format_summary(summary))
     print(f"metrics, checkpoints, curves.png and summary.json written under {args.out}/")
     return 0
@@ -77,6 +81,7 @@ def _train(args: argparse.Namespace) -> int:
         history = run_train(
             args.algo, args.model, args.data, args.out, config_path=args.config, resume=args.resume,
             reward_model_path=args.reward_model, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         print(f"rlhf-engine train: {error}", file=sys.stderr)
@@ -94,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--device", default="cpu", help="where the models run (default: cpu, what the demo is sized for)")
     demo.set_defaults(handler=_demo)
     train = commands.add_parser("train", help="train one algorithm on a local model and JSONL data")
     train.add_argument("--algo", required=True, choices=["sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo"])
@@ -105,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="steps between checkpoints")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
     train.set_defaults(handler=_train)
     bench = commands.add_parser("bench", help="benchmark every op family against eager PyTorch, torch.compile and Liger")
     bench.add_argument("--quick", action="store_true", help="small shapes and few repetitions (a smoke run)")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_engine.algos.common import check_device
 from rlhf_engine.algos.evaluation import evaluate_policy
 from rlhf_engine.algos.grpo import grpo_config
 from rlhf_engine.algos.loop import run_steps
@@ -46,6 +47,8 @@ class DemoConfig:
     # torch intra-op threads while the demo runs: the tiny models are overhead-bound, and
     # extra threads mostly spin-wait (several times slower on a busy 2-core machine).
     threads: int = 1
+    # Where the models run. The demo is sized for the CPU; "cuda" works the same way.
+    device: str = "cpu"
     demonstrations: int = 4000
     preference_pairs: int = 10000
     heldout_pairs: int = 1000
@@ -59,6 +62,7 @@ class DemoConfig:
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, quiet: bool = False) -> dict:
     """Run the whole pipeline, write ``out_dir`` (see the module docstring), return the summary."""
     config = config or DemoConfig()
+    check_device(config.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
@@ -89,7 +93,7 @@ def _run_demo(out: Path, config: DemoConfig, quiet: bool) -> dict:
                                 bos_token_id=task.bos_token_id, eos_token_id=task.eos_token_id)  # fmt: skip
     checkpoints = out / "checkpoints"
     with RunLog(out / "metrics.jsonl", total=_total_steps(config), desc="demo", quiet=quiet) as log:
-        sft_policy = PolicyModel.from_config(model_config, seed=config.seed)
+        sft_policy = PolicyModel.from_config(model_config, seed=config.seed).to(config.device)
         run_steps(SFTTrainer(sft_policy, demonstrations, replace(config.sft, seed=config.seed), pad_id=task.pad_token_id),
                   steps=config.sft.steps, phase="sft", log=log)  # fmt: skip
         sft_policy.save(checkpoints / "sft")

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from rlhf_engine.algos.common import check_device, model_device
 from rlhf_engine.algos.config import config_from_dict, read_yaml_mapping
 from rlhf_engine.algos.dpo import DPOConfig, DPOTrainer
 from rlhf_engine.algos.grpo import GRPO_DEFAULTS, GRPO_VARIANTS
@@ -117,12 +118,12 @@ def _record_lines(path) -> list[int]:
         return [number for number, line in enumerate(f, 1) if line.strip()]
 
 
-def load_policy(model: str, vocab_size: int, tokenizer, seed: int) -> PolicyModel:
+def load_policy(model: str, vocab_size: int, tokenizer, seed: int, device: str) -> PolicyModel:
     if model in MODEL_SIZES:
         config = llama_config(model, vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-        return PolicyModel.from_config(config, seed=seed)
-    return PolicyModel.from_pretrained(model)
+        return PolicyModel.from_config(config, seed=seed).to(device)
+    return PolicyModel.from_pretrained(model).to(device)
 
 
 def _answer_reward(tokenizer, answers: dict[tuple[int, ...], str]):
@@ -149,7 +150,7 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
 
     scoring: dict[str, Any] = {}
     if reward_model_path is not None:
-        scoring["reward_model"] = ScalarHeadModel.load(reward_model_path)
+        scoring["reward_model"] = ScalarHeadModel.load(reward_model_path).to(model_device(policy))
     elif all(r["answer"] is not None for r in records) and algo != "ppo":
         scoring["reward_fn"] = _answer_reward(tokenizer, {tuple(r["prompt"]): r["answer"] for r in records})
     else:
@@ -186,18 +187,20 @@ def _drop_lines_after_checkpoint(log: Path, checkpoint_dir: Path) -> None:
 def run_train(
     algo: str, model: str, data: str | Path, out: str | Path, *, config_path: str | Path | None = None,
     resume: bool = False, reward_model_path: str | None = None, checkpoint_every: int = 10,
-    stop_after: int | None = None, quiet: bool = False,
+    stop_after: int | None = None, quiet: bool = False, device: str = "cpu",
 ) -> list[dict]:  # fmt: skip
-    """Train ``algo`` and return the per-step metrics of this call (see the module docstring)."""
+    """Train ``algo`` on ``device`` and return the per-step metrics of this call (see the module
+    docstring)."""
     if algo not in ALGOS:
         raise ValueError(f"--algo must be one of {ALGOS}, got {algo!r}")
     if checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+    device = check_device(device)
     config = load_config(algo, config_path)
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
     torch.manual_seed(config.seed)
-    policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed)
+    policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, device)
     trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,12 +35,37 @@ class SequenceBatch:
         return self.input_ids[:, self.response_start :]
 
 
-def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SequenceBatch:
-    """One ``SequenceBatch`` from token lists (responses must be non-empty)."""
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ValueError for an unknown name or a CUDA device
+    this machine does not have."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s parameters live: the trainers build their batches there."""
+    return next(model.parameters()).device
+
+
+def prompt_batch(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(prompt_ids, prompt_mask)`` ``[B, P]`` on ``device``."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    return prompt_ids.to(device), prompt_mask.to(device)
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device | None = None) -> SequenceBatch:
+    """One ``SequenceBatch`` from token lists (responses must be non-empty), on ``device``
+    (default: the CPU)."""
     if len(prompts) != len(responses):
         raise ValueError(f"collate: {len(prompts)} prompts but {len(responses)} responses")
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    response_ids, response_mask = right_pad(responses, pad_id)
+    device = device or torch.device("cpu")
+    prompt_ids, prompt_mask = prompt_batch(prompts, pad_id, device)
+    response_ids, response_mask = (t.to(device) for t in right_pad(responses, pad_id))
     return SequenceBatch(
         input_ids=torch.cat([prompt_ids, response_ids], dim=1),
         attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
@@ -55,9 +80,10 @@ def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def minibatch_indices(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A random partition of ``range(n)`` into ``ceil(n / size)`` index tensors."""
-    order = torch.randperm(n, generator=generator)
+def minibatch_indices(n: int, size: int, generator: torch.Generator, device: torch.device | None = None) -> list[torch.Tensor]:
+    """A random partition of ``range(n)`` into ``ceil(n / size)`` index tensors on ``device``
+    (drawn on the CPU ``generator``, so the partition does not depend on the device)."""
+    order = torch.randperm(n, generator=generator).to(device or torch.device("cpu"))
     return list(order.split(size))
 
 

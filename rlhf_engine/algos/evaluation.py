@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_engine.algos.common import model_device, prompt_batch
 from rlhf_engine.algos.rl import ScoreFn
 from rlhf_engine.models import PolicyModel
 from rlhf_engine.rollout import SamplingConfig, generate, response_logprobs
-from rlhf_engine.tasks.data import left_pad
 
 
 def evaluate_policy(
@@ -20,7 +20,7 @@ def evaluate_policy(
     samples of ``Σ_t (lp_t − ref_t)``, the Monte-Carlo estimate of KL(policy ‖ reference)
     per sequence.
     """
-    prompt_ids, prompt_mask = left_pad(prompts, sampling.pad_token_id)
+    prompt_ids, prompt_mask = prompt_batch(prompts, sampling.pad_token_id, model_device(policy))
     policy.eval()
     with torch.no_grad():
         rollout = generate(policy, prompt_ids, prompt_mask, sampling, generator=generator)

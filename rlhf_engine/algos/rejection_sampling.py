@@ -14,13 +14,12 @@ from typing import Optional
 
 import torch
 
-from rlhf_engine.algos.common import SingleModelTrainer, collate, optimizer_step, step_generator
+from rlhf_engine.algos.common import SingleModelTrainer, collate, model_device, optimizer_step, prompt_batch, step_generator
 from rlhf_engine.algos.config import check_field
 from rlhf_engine.algos.rl import PromptFn, ScoreFn
 from rlhf_engine.algos.sft import sft_loss
 from rlhf_engine.models import PolicyModel
 from rlhf_engine.rollout import Rollout, SamplingConfig, generate
-from rlhf_engine.tasks.data import left_pad
 
 
 @dataclass
@@ -51,7 +50,7 @@ def sample_and_score(
     generator: torch.Generator,
 ) -> tuple[Rollout, torch.Tensor]:  # fmt: skip
     """``n`` samples per prompt (grouped consecutively) and their fp32 ``[len(prompts)·n]`` scores."""
-    prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(n)], sampling.pad_token_id)
+    prompt_ids, prompt_mask = prompt_batch([p for p in prompts for _ in range(n)], sampling.pad_token_id, model_device(policy))
     policy.eval()
     with torch.no_grad():
         rollout = generate(policy, prompt_ids, prompt_mask, sampling, generator=generator)
@@ -64,7 +63,7 @@ def best_of_n(
 ) -> list[list[int]]:  # fmt: skip
     """For each prompt, the highest-scoring of ``n`` sampled responses (token lists)."""
     rollout, scores = sample_and_score(policy, prompts, n, score_fn, sampling, generator)
-    best = scores.view(len(prompts), n).argmax(dim=1) + torch.arange(len(prompts)) * n
+    best = scores.view(len(prompts), n).argmax(dim=1) + torch.arange(len(prompts), device=scores.device) * n
     responses = rollout.token_lists()[1]
     return [responses[i] for i in best.tolist()]
 
@@ -89,14 +88,15 @@ class RejectionSamplingTrainer(SingleModelTrainer):
         n = cfg.samples_per_prompt
         rollout, scores = sample_and_score(self.policy, prompts, n, self.score_fn, self.sampling, step_generator(cfg.seed, step, "sample"))
         top_scores, top = scores.view(len(prompts), n).topk(cfg.keep_top, dim=1)
-        keep = (top + torch.arange(len(prompts)).unsqueeze(1) * n).flatten()
+        keep = (top + torch.arange(len(prompts), device=top.device).unsqueeze(1) * n).flatten()
         if cfg.threshold is not None:
             keep = keep[top_scores.flatten() >= cfg.threshold]
         metrics = {"reward_mean": float(scores.mean()), "kept": float(keep.numel()), "kept_reward_mean": float(scores[keep].mean()) if keep.numel() else 0.0}
         if keep.numel() == 0:
             return metrics
         all_prompts, all_responses = rollout.token_lists()
-        batch = collate([all_prompts[i] for i in keep.tolist()], [all_responses[i] for i in keep.tolist()], self.sampling.pad_token_id)
+        batch = collate([all_prompts[i] for i in keep.tolist()], [all_responses[i] for i in keep.tolist()], self.sampling.pad_token_id,
+                        model_device(self.policy))  # fmt: skip
         self.policy.train()
         loss, sft_metrics = sft_loss(self.policy, batch)
         metrics["loss"] = sft_metrics["loss"]

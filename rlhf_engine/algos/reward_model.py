@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_engine.algos.common import SingleModelTrainer, collate, optimizer_step, step_generator
+from rlhf_engine.algos.common import SingleModelTrainer, collate, model_device, optimizer_step, step_generator
 from rlhf_engine.algos.config import OptimConfig, check_field
 from rlhf_engine.algos.eval_metrics import expected_calibration_error, fit_temperature, pairwise_accuracy
 from rlhf_engine.algos.preference_losses import bradley_terry_loss, k_choose_2_pairs, plackett_luce_loss
@@ -38,7 +38,7 @@ class RewardModelConfig(OptimConfig):
 
 def sequence_rewards(model: ScalarHeadModel, prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> torch.Tensor:
     """fp32 ``[B]``: the reward of each (prompt, response) pair."""
-    batch = collate(prompts, responses, pad_id)
+    batch = collate(prompts, responses, pad_id, model_device(model))
     return model.rewards(batch.input_ids, batch.attention_mask)
 
 
@@ -65,7 +65,9 @@ class RewardModelTrainer(SingleModelTrainer):
         prompts = [r["prompt"] for r in batch]
         rewards = sequence_rewards(self.model, prompts + prompts, [r["chosen"] for r in batch] + [r["rejected"] for r in batch], self.pad_id)
         chosen, rejected = rewards.split(len(batch))
-        margin = torch.tensor([float(r.get("margin", 0.0)) for r in batch]) if any("margin" in r for r in batch) else None
+        margin = None
+        if any("margin" in r for r in batch):
+            margin = torch.tensor([float(r.get("margin", 0.0)) for r in batch], device=chosen.device)
         return bradley_terry_loss(chosen, rejected, margin=margin, center_coef=self.config.center_coef)
 
     def _ranking_loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict]:
@@ -79,7 +81,7 @@ class RewardModelTrainer(SingleModelTrainer):
             count = len(record["responses"])
             rankings.append(list(range(first, first + count)) + [-1] * (width - count))
         rewards = sequence_rewards(self.model, prompts, responses, self.pad_id)
-        rankings = torch.tensor(rankings)
+        rankings = torch.tensor(rankings, device=rewards.device)
         if self.config.ranking_loss == "plackett_luce":
             valid = rankings >= 0
             loss = plackett_luce_loss(rewards[rankings.clamp(min=0)], mask=valid)

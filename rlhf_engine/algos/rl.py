@@ -36,14 +36,15 @@ from typing import Callable, Optional
 import torch
 
 from rlhf_engine import ops
-from rlhf_engine.algos.common import freeze, make_optimizer, masked_mean, minibatch_indices, optimizer_step, step_generator
+from rlhf_engine.algos.common import (
+    freeze, make_optimizer, masked_mean, minibatch_indices, model_device, optimizer_step, prompt_batch, step_generator,
+)  # fmt: skip
 from rlhf_engine.algos.config import check_field
 from rlhf_engine.algos.eval_metrics import explained_variance
 from rlhf_engine.algos.kl_control import KLController
 from rlhf_engine.models import PolicyModel, ScalarHeadModel
 from rlhf_engine.reference.kl import ESTIMATORS as KL_ESTIMATORS
 from rlhf_engine.rollout import Rollout, SamplingConfig, generate, score_rollout
-from rlhf_engine.tasks.data import left_pad
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo")
 TOKEN_ESTIMATORS = ("gae", "reinforce_pp")
@@ -192,11 +193,11 @@ class RLTrainer:
         cfg = self.config
         prompts = self.prompts(cfg.prompts_per_step, step_generator(cfg.seed, step, "prompts"))
         repeated = [p for p in prompts for _ in range(cfg.group_size)]
-        prompt_ids, prompt_mask = left_pad(repeated, self.pad_token_id)
+        prompt_ids, prompt_mask = prompt_batch(repeated, self.pad_token_id, model_device(self.policy))
         self.policy.eval()
         with torch.no_grad():
             rollout = generate(self.policy, prompt_ids, prompt_mask, self.sampling, generator=step_generator(cfg.seed, step, "sample"))
-        rollout.group_ids = torch.arange(len(prompts)).repeat_interleave(cfg.group_size)
+        rollout.group_ids = torch.arange(len(prompts), device=prompt_ids.device).repeat_interleave(cfg.group_size)
         return rollout
 
     def score(self, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
@@ -219,7 +220,7 @@ class RLTrainer:
         if cfg.advantage in TOKEN_ESTIMATORS:
             rewards = -beta * token_kl
             last = (rollout.response_lengths - 1).clamp(min=0)
-            rewards[torch.arange(rewards.shape[0]), last] += rollout.scores * (rollout.response_lengths > 0)
+            rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += rollout.scores * (rollout.response_lengths > 0)
             if cfg.advantage == "gae":
                 return ops.gae(rewards, rollout.values, mask, gamma=cfg.gamma, lam=cfg.lam)
             returns = ops.discounted_returns(rewards, mask, gamma=cfg.gamma)
@@ -243,7 +244,7 @@ class RLTrainer:
         count = 0
         generator = step_generator(cfg.seed, step, "minibatches")
         for _ in range(cfg.epochs):
-            for index in minibatch_indices(rollout.response_ids.shape[0], cfg.minibatch_size, generator):
+            for index in minibatch_indices(rollout.response_ids.shape[0], cfg.minibatch_size, generator, rollout.response_ids.device):
                 mb = rollout.select(index)
                 hidden = self.policy.response_hidden(mb.input_ids, mb.attention_mask, start)
                 loss, metrics, _, entropy = ops.fused_linear_policy_loss(
@@ -270,7 +271,7 @@ class RLTrainer:
         losses = []
         generator = step_generator(cfg.seed, step, "critic_minibatches")
         for _ in range(cfg.epochs):
-            for index in minibatch_indices(returns.shape[0], cfg.minibatch_size, generator):
+            for index in minibatch_indices(returns.shape[0], cfg.minibatch_size, generator, returns.device):
                 mb = rollout.select(index)
                 values = self.critic.values(mb.input_ids, mb.attention_mask)[:, start - 1 : -1]
                 loss, _ = ops.value_loss(values, mb.values, returns[index], mb.response_mask, clip=cfg.value_clip)

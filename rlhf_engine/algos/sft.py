@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_engine.algos.common import SequenceBatch, SingleModelTrainer, collate, optimizer_step, step_generator
+from rlhf_engine.algos.common import SequenceBatch, SingleModelTrainer, collate, model_device, optimizer_step, step_generator
 from rlhf_engine.algos.config import OptimConfig
 from rlhf_engine.models import PolicyModel
 
@@ -45,7 +45,9 @@ class SFTTrainer(SingleModelTrainer):
     def step(self, step: int) -> dict[str, float]:
         generator = step_generator(self.config.seed, step, "sft")
         index = torch.randint(len(self.examples), (self.config.batch_size,), generator=generator).tolist()
-        batch = collate([self.examples[i][0] for i in index], [self.examples[i][1] for i in index], self.pad_id)
+        batch = collate(
+            [self.examples[i][0] for i in index], [self.examples[i][1] for i in index], self.pad_id, model_device(self.policy)
+        )
         self.policy.train()
         loss, metrics = sft_loss(self.policy, batch)
         metrics["grad_norm"] = optimizer_step(self.optimizer, loss, self.config.grad_clip)
