@@ -132,9 +132,14 @@ def _run_demo(out: Path, config: DemoConfig, quiet: bool) -> dict:
         "seed": config.seed,
         "seconds": time.perf_counter() - start,
     }
+    titles = {  # PPO's reward is the reward model's score, GRPO's the gold score: different scales
+        "reward_mean": "reward per rl step (ppo: reward model / grpo: gold)",
+        "gold": "gold score of the samples",
+        "kl": "kl to the sft model (per sequence)",
+    }
     panels = {
-        metric: {name: [(i, h[metric]) for i, h in enumerate(r["history"])] for name, r in results.items()}
-        for metric in ("reward_mean", "gold", "kl")
+        title: {name: [(i, h[metric]) for i, h in enumerate(r["history"])] for name, r in results.items()}
+        for metric, title in titles.items()
     }
     write_line_plot_png(out / "curves.png", panels)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
