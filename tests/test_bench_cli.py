@@ -22,3 +22,15 @@ def test_bench_quick_writes_json_with_provenance(tmp_path, capsys):
 def test_bench_rejects_an_unknown_family(capsys):
     assert cli.main(["bench", "--quick", "--only", "no_such_family"]) == 2
     assert "no_such_family" in capsys.readouterr().err
+
+
+def test_bench_train_step_quick_checks_and_times_ours_and_eager(tmp_path, monkeypatch):
+    """The end-to-end step benchmark: ours and eager agree (asserted inside the run), then
+    both are timed on the same tiny model; the JSON rows carry tokens/s. The torch backend
+    only: timing Triton under the interpreter would take most of a minute."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert cli.main(["bench", "--quick", "--only", "train_step", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "bench_train_step.json").read_text())["results"]
+    timed = {row["impl"]: row for row in rows if row["error"] is None}
+    assert "ours-torch" in timed and "eager" in timed
+    assert all(row["ms"] > 0 and row["tokens_per_s"] > 0 and row["flops"] > 0 for row in timed.values())
