@@ -27,4 +27,4 @@ demo: $(STAMP)
 	$(VENV)/bin/rlhf-engine demo --out demo-out
 
 clean:
-	rm -rf $(VENV) build *.egg-info bench-out demo-out
+	rm -rf $(VENV) build *.egg-info bench-out demo-out train-out
