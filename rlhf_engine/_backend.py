@@ -93,3 +93,12 @@ def lazy(module: str, name: str) -> Callable:
 
     call.__name__ = name
     return call
+
+
+def eager_torch(backend: str) -> bool:
+    """True for the torch backend outside ``torch.compile``: the ops then run their bodies
+    directly (plain torch code or a classic ``autograd.Function``) instead of their
+    ``torch.library`` custom ops, whose dispatch costs 10-50 us a call, as much as the
+    whole eager computation at a few thousand tokens on the CPU. ``torch.compile`` still
+    traces the custom ops."""
+    return backend == "torch" and not torch.compiler.is_compiling()

@@ -8,7 +8,6 @@
 * ``rlhf_engine::seq_loss_bwd``: the backward of both losses, ``out_t = scale * grad *
   w_b(t) * x_t`` (``w_b = d loss / d L_b`` from ``reference/aggregation.py``), called
   through :func:`seq_loss_backward`.
-* :func:`eager_torch`: whether a loss skips its custom ops (torch backend, not compiling).
 """
 
 from __future__ import annotations
@@ -101,17 +100,10 @@ def _(grad, w, x, cu_seqlens, scale, seq_len, out_dtype, backend):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
-def eager_torch(backend: str) -> bool:
-    """The torch backend outside torch.compile calls the losses' functions directly: a
-    custom op's dispatch re-reads its schema on every call (~0.05 ms for the policy loss'
-    22 arguments, a fifth of the whole eager loss at a few thousand tokens). torch.compile
-    still sees the ops."""
-    return backend == "torch" and not torch.compiler.is_compiling()
-
-
 def seq_loss_backward(grad, w, x, cu_seqlens, scale: float, seq_len: int, out_dtype: torch.dtype, backend: str, eager: bool):
-    """``rlhf_engine::seq_loss_bwd``, or its torch body when the forward ran :func:`eager_torch`
-    (decided there: torch.compile traces the backward outside Dynamo)."""
+    """``rlhf_engine::seq_loss_bwd``, or its torch body when the forward ran eagerly
+    (``rlhf_engine._backend.eager_torch``, decided there: torch.compile traces the
+    backward outside Dynamo)."""
     if eager:
         return _seq_scale_torch(grad, w, x, cu_seqlens, scale, seq_len, out_dtype)
     return seq_loss_bwd(grad, w, x, cu_seqlens, scale, seq_len, out_dtype, backend)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from rlhf_engine._backend import lazy, resolve_backend
+from rlhf_engine._backend import eager_torch, lazy, resolve_backend
 from rlhf_engine._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -75,10 +75,6 @@ def _(x, mask, shift_mean, eps, backend):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def _check_group_layout(op, S, device, group_size, group_ids, num_groups):
     """Validate the grouping; returns ``(group_ids or None, group_size, num_groups)``."""
     if (group_size is None) == (group_ids is None):
@@ -96,7 +92,7 @@ def _check_group_layout(op, S, device, group_size, group_ids, num_groups):
         raise ValueError(f"{op}: group_ids must have shape ({S},) like scores, got {tuple(group_ids.shape)}")
     if group_ids.device != device:
         raise ValueError(f"{op}: group_ids is on {group_ids.device} but scores is on {device}")
-    on_host = device.type == "cpu" and not _compiling()
+    on_host = device.type == "cpu" and not torch.compiler.is_compiling()
     lo = hi = None
     if on_host and S:
         lo, hi = (int(v) for v in torch.aminmax(group_ids))  # one pass over the ids
@@ -200,7 +196,7 @@ def group_advantages(
     # the Triton kernel) only adds ~10 us of dispatch around the same function.
     args = (scores.detach(), None if group_ids is None else group_ids.detach(), lengths,
             group_size, num_groups, method, scale, eps, preset)
-    if backend == "torch" and not _compiling():
+    if eager_torch(backend):
         return group_advantages_torch(*args)
     return _group_advantages_op(*args, backend)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_engine import _checks
-from rlhf_engine._backend import lazy, resolve_backend
+from rlhf_engine._backend import eager_torch, lazy, resolve_backend
 from rlhf_engine.reference.kl import ESTIMATORS, kl_estimate, kl_estimate_and_grad
 
 OP = "kl_penalty"
@@ -127,8 +127,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
     chosen = resolve_backend(OP, backend, logp.device)
     logp, ref_logp = logp.contiguous(), ref_logp.contiguous()
     differentiable = torch.is_grad_enabled() and (logp.requires_grad or ref_logp.requires_grad)
-    eager_torch = chosen == "torch" and not torch.compiler.is_compiling()
-    if eager_torch:
+    eager = eager_torch(chosen)
+    if eager:
         # Eager torch backend: plain differentiable ops where they give the same value and
         # gradient: no gradient needed, or k1 / abs (autograd's own backward is the same one
         # multiply, ``grad`` or ``grad * sign(lp - ref)``, rounded once to each input's dtype).
@@ -138,6 +138,6 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
             return kl_estimate(logp.float(), ref_logp.float(), estimator, clamp)
     # k1's derivative is 1: its backward needs no second output
     need_grad = differentiable and ESTIMATORS[estimator] != ("k1", False)
-    if eager_torch:
+    if eager:
         return _EagerKLPenalty.apply(logp, ref_logp, estimator, clamp, chosen, need_grad)
     return _kl_penalty_fwd(logp, ref_logp, estimator, clamp, chosen, need_grad)[0]

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from rlhf_engine._backend import lazy, resolve_backend
+from rlhf_engine._backend import eager_torch, lazy, resolve_backend
 from rlhf_engine._checks import INDEX_DTYPES, check_number, check_same_device, check_tensor
 from rlhf_engine.reference.logprobs import token_logprobs_bwd_torch, token_logprobs_fwd_torch
 
@@ -168,7 +168,7 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
 
 
 def _run_backward(ctx, grad_logp, grad_entropy, bwd):
-    """The backward through ``bwd``: the custom op, or its body in eager (``_eager_torch``)."""
+    """The backward through ``bwd``: the custom op, or its body in eager (``eager_torch``)."""
     logits, labels, lse, entropy = ctx.saved_tensors
     temperature, ignore_index, with_entropy, inplace_backward, backend = ctx.config
     if inplace_backward:
@@ -196,15 +196,8 @@ def _run_backward(ctx, grad_logp, grad_entropy, bwd):
 _token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _eager_torch(backend: str) -> bool:
-    """The torch backend outside torch.compile skips the custom ops: their dispatch and
-    ``setup_context`` autograd cost ~0.05 ms a call, several percent of the eager code at
-    ``[128, 4096]`` logits. torch.compile still sees the ops."""
-    return backend == "torch" and not torch.compiler.is_compiling()
-
-
 class _EagerTokenLogprobs(torch.autograd.Function):
-    """The custom op's body, context and backward as a classic Function (see ``_eager_torch``).
+    """The custom op's body, context and backward as a classic Function (see ``eager_torch``).
     It returns only what the caller gets (``logp``, and ``entropy`` when asked for): every
     output autograd tracks costs it time. In place, the backward's write into the logits
     bumps their version counter, so autograd still raises if another node saved them."""
@@ -303,7 +296,7 @@ def token_logprobs(
     temperature = _validate(logits, labels, temperature, ignore_index, return_entropy, inplace_backward)
     resolved = resolve_backend(OP, backend, logits.device)
     args = (logits, labels, temperature, ignore_index, return_entropy, inplace_backward, resolved)
-    if _eager_torch(resolved):
+    if eager_torch(resolved):
         return _EagerTokenLogprobs.apply(*args)
     logp, entropy, _ = _token_logprobs_fwd(*args)
     return (logp, entropy) if return_entropy else logp

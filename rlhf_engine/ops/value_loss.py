@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 
 from rlhf_engine import _checks
-from rlhf_engine._backend import lazy, resolve_backend
-from rlhf_engine.ops._seq_loss import eager_torch, flat, normalizer_args, seq_loss_backward, token_layout
+from rlhf_engine._backend import eager_torch, lazy, resolve_backend
+from rlhf_engine.ops._seq_loss import flat, normalizer_args, seq_loss_backward, token_layout
 from rlhf_engine.reference.aggregation import AGGREGATIONS, aggregate_partials
 from rlhf_engine.reference.value_loss import METRICS, PARTIALS, value_loss_torch
 
