@@ -69,38 +69,57 @@ def load_config(algo: str, path: str | Path | None):
 
 
 def load_records(algo: str, path: str | Path, tokenizer) -> list:
-    """Read and tokenize the JSONL data for ``algo`` (ValueError naming file and line)."""
+    """Read and tokenize the JSONL data for ``algo`` (ValueError naming file and line, or
+    the file when it holds no record)."""
+    records = _read_records(algo, path, tokenizer)
+    if not records:
+        raise ValueError(f"{path}: no records (the file is empty)")
+    return records
+
+
+def _read_records(algo: str, path: str | Path, tokenizer) -> list:
     prompt = lambda text: [tokenizer.bos_token_id] + tokenizer.encode(text)  # noqa: E731
     response = lambda text: tokenizer.encode(text) + [tokenizer.eos_token_id]  # noqa: E731
-    first = _first_record(path)
     if algo == "sft":
         return [(prompt(r["prompt"]), response(r["response"])) for r in read_jsonl(path, {"prompt": str, "response": str})]
-    if algo == "rm" and "responses" in first:
-        rows = read_jsonl(path, {"prompt": str, "responses": list})
-        for line, r in zip(_record_lines(path), rows):
-            if len(r["responses"]) < 2 or not all(isinstance(x, str) for x in r["responses"]):
-                raise ValueError(f"{path}:{line}: 'responses' must be a list of at least two strings")
+    if algo == "rm" and "responses" in _first_record(path):
+        rows = read_jsonl(path, {"prompt": str, "responses": list}, check=_check_ranking)
         return [{"prompt": prompt(r["prompt"]), "responses": [response(x) for x in r["responses"]]} for r in rows]
     if algo == "dpo" or algo == "rm":
-        rows = read_jsonl(path, PAIR_FIELDS)
         records = []
-        for line, r in zip(_record_lines(path), rows):
+        for r in read_jsonl(path, PAIR_FIELDS, check=_check_margin):
             record = {"prompt": prompt(r["prompt"]), "chosen": response(r["chosen"]), "rejected": response(r["rejected"])}
             if "margin" in r:
-                if not isinstance(r["margin"], (int, float)) or isinstance(r["margin"], bool):
-                    raise ValueError(f"{path}:{line}: 'margin' must be a number, got {r['margin']!r}")
                 record["margin"] = float(r["margin"])
             records.append(record)
         return records
-    rows = read_jsonl(path, {"prompt": str})
-    for line, r in zip(_record_lines(path), rows):
-        if "answer" in r and not isinstance(r["answer"], str):
-            raise ValueError(f"{path}:{line}: field 'answer' must be str, got {type(r['answer']).__name__}")
+    rows = read_jsonl(path, {"prompt": str}, check=_check_answer)
     return [{"prompt": prompt(r["prompt"]), "answer": r.get("answer")} for r in rows]
 
 
+def _check_ranking(record: dict) -> str | None:
+    responses = record["responses"]
+    if len(responses) < 2 or not all(isinstance(x, str) for x in responses):
+        return "'responses' must be a list of at least two strings"
+    return None
+
+
+def _check_margin(record: dict) -> str | None:
+    margin = record.get("margin", 0.0)
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
+        return f"'margin' must be a number, got {margin!r}"
+    return None
+
+
+def _check_answer(record: dict) -> str | None:
+    if "answer" in record and not isinstance(record["answer"], str):
+        return f"field 'answer' must be str, got {type(record['answer']).__name__}"
+    return None
+
+
 def _first_record(path) -> dict:
-    """The first record ({} when its line is not a JSON object: read_jsonl then names the line)."""
+    """The first record, read alone to tell rankings from pairs ({} when there is none or
+    its line is not a JSON object: read_jsonl then names the line)."""
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
@@ -109,13 +128,7 @@ def _first_record(path) -> dict:
                 except json.JSONDecodeError:
                     return {}
                 return record if isinstance(record, dict) else {}
-    raise ValueError(f"{path}: no records (the file is empty)")
-
-
-def _record_lines(path) -> list[int]:
-    """The 1-based line number of each record (read_jsonl skips blank lines)."""
-    with open(path, encoding="utf-8") as f:
-        return [number for number, line in enumerate(f, 1) if line.strip()]
+    return {}
 
 
 def load_policy(model: str, vocab_size: int, tokenizer, seed: int, device: str) -> PolicyModel:

@@ -240,6 +240,18 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path, bad, message):
     assert f"{path}:3:" in str(info.value) and message in str(info.value)
 
 
+def test_read_jsonl_check_names_the_line_of_the_first_bad_record(tmp_path):
+    path = write_lines(tmp_path, [json.dumps({"prompt": "a", "score": 1, "n": 2}), "",
+                                  json.dumps({"prompt": "b", "score": -1, "n": 3})])
+
+    def nonnegative(record):
+        return None if record["score"] >= 0 else f"score must be >= 0, got {record['score']}"
+
+    with pytest.raises(ValueError, match=f"{path}:3: score must be >= 0, got -1"):
+        read_jsonl(path, REQUIRED, check=nonnegative)
+    assert len(read_jsonl(path, REQUIRED, check=lambda record: None)) == 2
+
+
 def test_read_jsonl_argument_errors(tmp_path):
     with pytest.raises(TypeError, match="required"):
         read_jsonl(tmp_path / "x.jsonl", {"prompt": "str"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -69,14 +69,16 @@ def _type_ok(value, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-def read_jsonl(path, required: dict[str, type]) -> list[dict]:
+def read_jsonl(path, required: dict[str, type], check: Callable[[dict], str | None] | None = None) -> list[dict]:
     """Read a JSON-lines file: one JSON object per non-blank line.
 
     ``required`` maps field name -> Python type (``str``, ``int``, ``float`` (ints
     accepted), ``bool``, ``list``, ``dict``); every record must have each field with that
-    type. Raises ``ValueError("<path>:<line>: ...")`` for malformed JSON, a non-object
-    line, a missing field or a mistyped one, and ``FileNotFoundError`` for a missing file.
-    Returns the records in file order.
+    type. ``check(record)``, when given, runs on each record after that and returns an
+    error message, or None when the record is fine. Raises
+    ``ValueError("<path>:<line>: ...")`` for malformed JSON, a non-object line, a missing
+    or mistyped field, or a message from ``check``, and ``FileNotFoundError`` for a
+    missing file. Returns the records in file order.
     """
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
@@ -102,5 +104,8 @@ def read_jsonl(path, required: dict[str, type]) -> list[dict]:
                         f"{path}:{lineno}: field {field!r} must be {expected.__name__}, "
                         f"got {type(record[field]).__name__}"
                     )
+            problem = check(record) if check is not None else None
+            if problem:
+                raise ValueError(f"{path}:{lineno}: {problem}")
             records.append(record)
     return records
