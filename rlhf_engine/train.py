@@ -32,7 +32,7 @@ import torch
 from rlhf_engine.algos.common import check_device, model_device
 from rlhf_engine.algos.config import config_from_dict, read_yaml_mapping
 from rlhf_engine.algos.dpo import DPOConfig, DPOTrainer
-from rlhf_engine.algos.grpo import GRPO_DEFAULTS, GRPO_VARIANTS
+from rlhf_engine.algos.grpo import grpo_preset
 from rlhf_engine.algos.loop import run_steps
 from rlhf_engine.algos.ppo import PPO_DEFAULTS
 from rlhf_engine.algos.reinforce_pp import REINFORCE_PP_DEFAULTS
@@ -48,7 +48,7 @@ from rlhf_engine.runlog import RunLog
 from rlhf_engine.tasks.data import read_jsonl
 
 ALGOS = ("sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo")
-RL_PRESETS = {"ppo": PPO_DEFAULTS, "grpo": GRPO_DEFAULTS, "rloo": RLOO_DEFAULTS, "reinforce_pp": REINFORCE_PP_DEFAULTS}
+RL_PRESETS = {"ppo": PPO_DEFAULTS, "rloo": RLOO_DEFAULTS, "reinforce_pp": REINFORCE_PP_DEFAULTS}  # grpo: grpo_preset
 PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
 
 
@@ -56,14 +56,14 @@ def load_config(algo: str, path: str | Path | None):
     """The algorithm's config: YAML fields over its defaults (errors name file and field)."""
     values = read_yaml_mapping(path) if path is not None else {}
     source = str(path) if path is not None else "config"
-    if algo in RL_PRESETS:
-        preset = dict(RL_PRESETS[algo])
-        if algo == "grpo":
-            variant = values.pop("variant", "grpo")
-            if not isinstance(variant, str) or variant not in GRPO_VARIANTS:
-                raise ValueError(f"{source}: variant must be one of {sorted(GRPO_VARIANTS)}, got {variant!r}")
-            preset.update(GRPO_VARIANTS[variant])
+    if algo == "grpo":
+        try:
+            preset = grpo_preset(values.pop("variant", "grpo"))
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
         return config_from_dict(RLConfig, {**preset, **values}, source=source)
+    if algo in RL_PRESETS:
+        return config_from_dict(RLConfig, {**RL_PRESETS[algo], **values}, source=source)
     cls = {"sft": SFTConfig, "rm": RewardModelConfig, "dpo": DPOConfig}[algo]
     return config_from_dict(cls, values, source=source)
 

@@ -27,8 +27,13 @@ GRPO_VARIANTS = {
 GRPO_DEFAULTS = dict(group_size=8, kl_in_reward=False, kl_coef=0.04, kl_estimator="k3")
 
 
+def grpo_preset(variant: str = "grpo") -> dict:
+    """The ``RLConfig`` fields of a GRPO ``variant`` (a key of ``GRPO_VARIANTS``)."""
+    if not isinstance(variant, str) or variant not in GRPO_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(GRPO_VARIANTS)}, got {variant!r}")
+    return {**GRPO_DEFAULTS, **GRPO_VARIANTS[variant]}
+
+
 def grpo_config(variant: str = "grpo", **overrides) -> RLConfig:
-    """``RLConfig`` for a GRPO ``variant`` (a key of ``GRPO_VARIANTS``), then ``overrides``."""
-    if variant not in GRPO_VARIANTS:
-        raise ValueError(f"grpo_config: variant must be one of {sorted(GRPO_VARIANTS)}, got {variant!r}")
-    return RLConfig(**{**GRPO_DEFAULTS, **GRPO_VARIANTS[variant], **overrides})
+    """``RLConfig`` for a GRPO ``variant`` (``grpo_preset``), then ``overrides``."""
+    return RLConfig(**{**grpo_preset(variant), **overrides})
