@@ -483,9 +483,12 @@ def test_kl_controller_adaptive_rule_and_clipping():
 def test_kl_controller_moves_kl_toward_target():
     # A policy whose KL falls as β rises (KL = 1/β): the controller settles where KL = target.
     kl = KLController(0.05, target=4.0, horizon=100)
+    observed = [1.0 / kl.value]
     for _ in range(300):
-        kl.update(1.0 / kl.value, 50)
-    assert 1.0 / kl.value == pytest.approx(4.0, rel=0.02)
+        kl.update(observed[-1], 50)
+        observed.append(1.0 / kl.value)
+    assert observed[0] == pytest.approx(20.0)  # starts 5x above the target
+    assert observed[-1] == pytest.approx(4.0, rel=0.02)
     state = kl.state_dict()
     other = KLController(1.0, target=4.0)
     other.load_state_dict(state)
