@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_engine.models import PolicyModel
+from rlhf_engine.rollout import Rollout, SamplingConfig, generate
 from rlhf_engine.tasks.data import left_pad, right_pad
 
 
@@ -56,6 +58,19 @@ def prompt_batch(prompts: list[list[int]], pad_id: int, device: torch.device) ->
     """Left-padded ``(prompt_ids, prompt_mask)`` ``[B, P]`` on ``device``."""
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     return prompt_ids.to(device), prompt_mask.to(device)
+
+
+def sample_responses(
+    policy: PolicyModel, prompts: list[list[int]], n: int, sampling: SamplingConfig, generator: torch.Generator | None
+) -> Rollout:
+    """``n`` samples per prompt, grouped consecutively (``group_ids`` = the prompt's index),
+    from ``policy`` in eval mode without gradients, on the policy's device."""
+    prompt_ids, prompt_mask = prompt_batch([p for p in prompts for _ in range(n)], sampling.pad_token_id, model_device(policy))
+    policy.eval()
+    with torch.no_grad():
+        rollout = generate(policy, prompt_ids, prompt_mask, sampling, generator=generator)
+    rollout.group_ids = torch.arange(len(prompts), device=prompt_ids.device).repeat_interleave(n)
+    return rollout
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device | None = None) -> SequenceBatch:

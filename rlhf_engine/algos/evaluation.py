@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_engine.algos.common import model_device, prompt_batch
+from rlhf_engine.algos.common import sample_responses
 from rlhf_engine.algos.rl import ScoreFn
 from rlhf_engine.models import PolicyModel
-from rlhf_engine.rollout import SamplingConfig, generate, response_logprobs
+from rlhf_engine.rollout import SamplingConfig, response_logprobs
 
 
 def evaluate_policy(
@@ -20,10 +20,8 @@ def evaluate_policy(
     samples of ``Σ_t (lp_t − ref_t)``, the Monte-Carlo estimate of KL(policy ‖ reference)
     per sequence.
     """
-    prompt_ids, prompt_mask = prompt_batch(prompts, sampling.pad_token_id, model_device(policy))
-    policy.eval()
+    rollout = sample_responses(policy, prompts, 1, sampling, generator)
     with torch.no_grad():
-        rollout = generate(policy, prompt_ids, prompt_mask, sampling, generator=generator)
         out = {"score": float(score_fn(*rollout.token_lists()).float().mean())}
         if reference is not None:
             reference.eval()

@@ -14,12 +14,14 @@ from typing import Optional
 
 import torch
 
-from rlhf_engine.algos.common import SingleModelTrainer, collate, model_device, optimizer_step, prompt_batch, step_generator
+from rlhf_engine.algos.common import (
+    SingleModelTrainer, collate, model_device, optimizer_step, sample_responses, step_generator,
+)  # fmt: skip
 from rlhf_engine.algos.config import check_field
 from rlhf_engine.algos.rl import PromptFn, ScoreFn
 from rlhf_engine.algos.sft import sft_loss
 from rlhf_engine.models import PolicyModel
-from rlhf_engine.rollout import Rollout, SamplingConfig, generate
+from rlhf_engine.rollout import Rollout, SamplingConfig
 
 
 @dataclass
@@ -50,10 +52,7 @@ def sample_and_score(
     generator: torch.Generator,
 ) -> tuple[Rollout, torch.Tensor]:  # fmt: skip
     """``n`` samples per prompt (grouped consecutively) and their fp32 ``[len(prompts)·n]`` scores."""
-    prompt_ids, prompt_mask = prompt_batch([p for p in prompts for _ in range(n)], sampling.pad_token_id, model_device(policy))
-    policy.eval()
-    with torch.no_grad():
-        rollout = generate(policy, prompt_ids, prompt_mask, sampling, generator=generator)
+    rollout = sample_responses(policy, prompts, n, sampling, generator)
     return rollout, score_fn(*rollout.token_lists()).to(torch.float32)
 
 

@@ -37,14 +37,14 @@ import torch
 
 from rlhf_engine import ops
 from rlhf_engine.algos.common import (
-    freeze, make_optimizer, masked_mean, minibatch_indices, model_device, optimizer_step, prompt_batch, step_generator,
+    freeze, make_optimizer, masked_mean, minibatch_indices, optimizer_step, sample_responses, step_generator,
 )  # fmt: skip
 from rlhf_engine.algos.config import check_field
 from rlhf_engine.algos.eval_metrics import explained_variance
 from rlhf_engine.algos.kl_control import KLController
 from rlhf_engine.models import PolicyModel, ScalarHeadModel
 from rlhf_engine.reference.kl import ESTIMATORS as KL_ESTIMATORS
-from rlhf_engine.rollout import Rollout, SamplingConfig, generate, score_rollout
+from rlhf_engine.rollout import Rollout, SamplingConfig, score_rollout
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo")
 TOKEN_ESTIMATORS = ("gae", "reinforce_pp")
@@ -192,13 +192,7 @@ class RLTrainer:
         """Phase 1: ``group_size`` samples for each prompt of step ``step``."""
         cfg = self.config
         prompts = self.prompts(cfg.prompts_per_step, step_generator(cfg.seed, step, "prompts"))
-        repeated = [p for p in prompts for _ in range(cfg.group_size)]
-        prompt_ids, prompt_mask = prompt_batch(repeated, self.pad_token_id, model_device(self.policy))
-        self.policy.eval()
-        with torch.no_grad():
-            rollout = generate(self.policy, prompt_ids, prompt_mask, self.sampling, generator=step_generator(cfg.seed, step, "sample"))
-        rollout.group_ids = torch.arange(len(prompts), device=prompt_ids.device).repeat_interleave(cfg.group_size)
-        return rollout
+        return sample_responses(self.policy, prompts, cfg.group_size, self.sampling, step_generator(cfg.seed, step, "sample"))
 
     def score(self, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
         """Phase 2: old and reference logprobs, values, scores (and gold when known)."""
