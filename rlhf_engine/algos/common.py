@@ -89,6 +89,13 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int, d
     )
 
 
+def pair_batch(records: list[dict], pad_id: int, device: torch.device) -> SequenceBatch:
+    """``{"prompt", "chosen", "rejected"}`` records as one batch: the chosen responses in rows
+    ``[0, B)``, the rejected ones in rows ``[B, 2B)``."""
+    prompts = [r["prompt"] for r in records]
+    return collate(prompts + prompts, [r["chosen"] for r in records] + [r["rejected"] for r in records], pad_id, device)
+
+
 def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
     """A CPU generator seeded from ``(seed, step, stream)`` (independent streams per step)."""
     digest = hashlib.sha256(f"{seed}/{step}/{stream}".encode()).digest()

@@ -17,7 +17,7 @@ import torch
 
 from rlhf_engine import ops
 from rlhf_engine.algos.common import (
-    SequenceBatch, SingleModelTrainer, collate, freeze, model_device, optimizer_step, step_generator,
+    SequenceBatch, SingleModelTrainer, freeze, model_device, optimizer_step, pair_batch, step_generator,
 )  # fmt: skip
 from rlhf_engine.algos.config import OptimConfig, check_field
 from rlhf_engine.algos.preference_losses import DPO_LOSS_TYPES, dpo_loss
@@ -61,9 +61,7 @@ class DPOTrainer(SingleModelTrainer):
         cfg = self.config
         index = torch.randint(len(self.pairs), (cfg.batch_size,), generator=step_generator(cfg.seed, step, "dpo")).tolist()
         records = [self.pairs[i] for i in index]
-        prompts = [r["prompt"] for r in records]
-        batch = collate(prompts + prompts, [r["chosen"] for r in records] + [r["rejected"] for r in records], self.pad_id,
-                        model_device(self.policy))  # fmt: skip
+        batch = pair_batch(records, self.pad_id, model_device(self.policy))
         self.policy.train()
         policy_chosen, policy_rejected = response_logprob_sums(self.policy, batch).split(len(records))
         with torch.no_grad():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_engine.algos.common import SingleModelTrainer, collate, model_device, optimizer_step, step_generator
+from rlhf_engine.algos.common import SingleModelTrainer, collate, model_device, optimizer_step, pair_batch, step_generator
 from rlhf_engine.algos.config import OptimConfig, check_field
 from rlhf_engine.algos.eval_metrics import expected_calibration_error, fit_temperature, pairwise_accuracy
 from rlhf_engine.algos.preference_losses import bradley_terry_loss, k_choose_2_pairs, plackett_luce_loss
@@ -42,6 +42,13 @@ def sequence_rewards(model: ScalarHeadModel, prompts: list[list[int]], responses
     return model.rewards(batch.input_ids, batch.attention_mask)
 
 
+def pair_rewards(model: ScalarHeadModel, records: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``[B]`` rewards of the chosen and of the rejected responses of pair records."""
+    batch = pair_batch(records, pad_id, model_device(model))
+    chosen, rejected = model.rewards(batch.input_ids, batch.attention_mask).split(len(records))
+    return chosen, rejected
+
+
 def _is_ranking(record: dict) -> bool:
     return "responses" in record
 
@@ -62,9 +69,7 @@ class RewardModelTrainer(SingleModelTrainer):
         self.model, self.records, self.config, self.pad_id = model, records, config, pad_id
 
     def _pair_loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict]:
-        prompts = [r["prompt"] for r in batch]
-        rewards = sequence_rewards(self.model, prompts + prompts, [r["chosen"] for r in batch] + [r["rejected"] for r in batch], self.pad_id)
-        chosen, rejected = rewards.split(len(batch))
+        chosen, rejected = pair_rewards(self.model, batch, self.pad_id)
         margin = None
         if any("margin" in r for r in batch):
             margin = torch.tensor([float(r.get("margin", 0.0)) for r in batch], device=chosen.device)
@@ -109,10 +114,9 @@ def evaluate_reward_model(model: ScalarHeadModel, pairs: list[dict], *, pad_id: 
     chosen, rejected = [], []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            part = pairs[start : start + batch_size]
-            prompts = [r["prompt"] for r in part]
-            chosen.append(sequence_rewards(model, prompts, [r["chosen"] for r in part], pad_id))
-            rejected.append(sequence_rewards(model, prompts, [r["rejected"] for r in part], pad_id))
+            part_chosen, part_rejected = pair_rewards(model, pairs[start : start + batch_size], pad_id)
+            chosen.append(part_chosen)
+            rejected.append(part_rejected)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
     temperature = fit_temperature(chosen, rejected)
     return {
