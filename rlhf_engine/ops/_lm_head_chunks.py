@@ -55,7 +55,9 @@ def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
         try:  # bf16/fp16 GEMM with fp32 output (torch >= 2.8 on CUDA)
             acc += torch.mm(a, b, out_dtype=torch.float32)
             return
-        except (TypeError, RuntimeError):
+        except torch.cuda.OutOfMemoryError:
+            raise  # a real failure: the upcast below would only need more memory
+        except (TypeError, RuntimeError):  # this torch has no fp32-output GEMM for a's dtype
             pass
     acc.addmm_(a.float(), b.float())
 
