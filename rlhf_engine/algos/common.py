@@ -134,14 +134,15 @@ class SingleModelTrainer:
         return {self.role: self.optimizer}
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float | None) -> float:
-    """Backward, clip the global gradient norm to ``grad_clip``, step, zero. Returns the norm."""
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float | None) -> torch.Tensor:
+    """Backward, clip the global gradient norm to ``grad_clip``, step, zero. Returns the norm
+    as a 0-d tensor (reading it is a host sync: callers do it once per step)."""
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm.detach()
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -152,7 +153,6 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of ``x`` over ``mask`` (0.0 when the mask is empty)."""
-    count = mask.sum()
-    return float((x * mask).sum() / count) if count > 0 else 0.0
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """0-d mean of ``x`` over ``mask`` (0 when the mask is empty), without a host sync."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)

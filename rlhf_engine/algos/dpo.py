@@ -75,5 +75,5 @@ class DPOTrainer(SingleModelTrainer):
             label_smoothing=cfg.label_smoothing, nll_loss=nll, nll_coef=cfg.nll_coef,
         )  # fmt: skip
         out = {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
-        out["grad_norm"] = optimizer_step(self.optimizer, loss, cfg.grad_clip)
+        out["grad_norm"] = float(optimizer_step(self.optimizer, loss, cfg.grad_clip))
         return out

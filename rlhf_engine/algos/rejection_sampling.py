@@ -99,5 +99,5 @@ class RejectionSamplingTrainer(SingleModelTrainer):
         self.policy.train()
         loss, sft_metrics = sft_loss(self.policy, batch)
         metrics["loss"] = sft_metrics["loss"]
-        metrics["grad_norm"] = optimizer_step(self.optimizer, loss, cfg.grad_clip)
+        metrics["grad_norm"] = float(optimizer_step(self.optimizer, loss, cfg.grad_clip))
         return metrics

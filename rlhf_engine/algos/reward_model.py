@@ -104,7 +104,7 @@ class RewardModelTrainer(SingleModelTrainer):
         self.model.train()
         loss, metrics = (self._ranking_loss if self.rankings else self._pair_loss)(batch)
         out = {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
-        out["grad_norm"] = optimizer_step(self.optimizer, loss, self.config.grad_clip)
+        out["grad_norm"] = float(optimizer_step(self.optimizer, loss, self.config.grad_clip))
         return out
 
 

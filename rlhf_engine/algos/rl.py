@@ -234,7 +234,7 @@ class RLTrainer:
         # Dr. GRPO's constant normalizer: the generation budget, not the batch's longest response.
         norm_per_seq = cfg.max_new_tokens if cfg.aggregation == "seq-mean-token-sum-norm" else None
         self.policy.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # summed on the device: one host sync per phase, not per minibatch
         count = 0
         generator = step_generator(cfg.seed, step, "minibatches")
         for _ in range(cfg.epochs):
@@ -251,18 +251,18 @@ class RLTrainer:
                     normalizer=None if norm_per_seq is None else norm_per_seq * len(index),
                 )  # fmt: skip
                 grad_norm = optimizer_step(self.optimizer, loss, cfg.grad_clip)
-                values = {"policy_loss": loss.item(), "grad_norm": grad_norm, "entropy": masked_mean(entropy, mb.response_mask)}
-                values.update({k: float(metrics[k]) for k in ("clipfrac", "approx_kl", "ratio_mean")})
+                values = {"policy_loss": loss.detach(), "grad_norm": grad_norm, "entropy": masked_mean(entropy, mb.response_mask)}
+                values.update({k: metrics[k] for k in ("clipfrac", "approx_kl", "ratio_mean")})
                 for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    sums[k] = sums[k] + v if k in sums else v
                 count += 1
-        return {k: v / count for k, v in sums.items()}
+        return {k: float(v) / count for k, v in sums.items()}
 
     def update_critic(self, rollout: Rollout, returns: torch.Tensor, step: int) -> dict[str, float]:
         """Phase 4 (PPO): ``epochs`` x minibatches of the clipped value loss."""
         cfg, start = self.config, rollout.response_start
         self.critic.train()
-        losses = []
+        losses = []  # 0-d tensors, read once at the end (no host sync per minibatch)
         generator = step_generator(cfg.seed, step, "critic_minibatches")
         for _ in range(cfg.epochs):
             for index in minibatch_indices(returns.shape[0], cfg.minibatch_size, generator, returns.device):
@@ -270,9 +270,9 @@ class RLTrainer:
                 values = self.critic.values(mb.input_ids, mb.attention_mask)[:, start - 1 : -1]
                 loss, _ = ops.value_loss(values, mb.values, returns[index], mb.response_mask, clip=cfg.value_clip)
                 optimizer_step(self.critic_optimizer, loss, cfg.grad_clip)
-                losses.append(loss.item())
+                losses.append(loss.detach())
         return {
-            "value_loss": sum(losses) / len(losses),
+            "value_loss": float(torch.stack(losses).mean()),
             "explained_variance": float(explained_variance(rollout.values, returns, rollout.response_mask)),
         }
 

@@ -50,5 +50,5 @@ class SFTTrainer(SingleModelTrainer):
         )
         self.policy.train()
         loss, metrics = sft_loss(self.policy, batch)
-        metrics["grad_norm"] = optimizer_step(self.optimizer, loss, self.config.grad_clip)
+        metrics["grad_norm"] = float(optimizer_step(self.optimizer, loss, self.config.grad_clip))
         return metrics
