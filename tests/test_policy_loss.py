@@ -145,6 +145,32 @@ def test_all_masked_batch_gives_zero_loss_and_finite_metrics(backend, device):
         assert not dlp.any() and not dent.any()
 
 
+@pytest.mark.parametrize("terms", ["pg", "pg+isw", "pg+isw+kl+entropy"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_non_finite_values_on_masked_tokens_change_nothing(backend, device, loss, terms):
+    # Padding often holds garbage (-inf logprobs, NaN advantages): a masked token must add
+    # exactly nothing to the loss, the metrics or any gradient, whatever its values. "pg"
+    # is where the torch backend folds the mask into the gradient's select.
+    batch = make_batch(device, shape=(3, 37), all_masked_row=1)
+    dirty = dict(batch)
+    masked = ~batch["mask"]
+    for name, bad in (("logp", float("-inf")), ("old_logp", float("nan")), ("advantages", float("inf")),
+                      ("ref_logp", float("nan")), ("entropy", float("inf")), ("is_weights", float("nan"))):
+        dirty[name] = batch[name].masked_fill(masked, bad)
+    kw = dict(loss=loss, **LOSS_OPTIONS[loss])
+    if "kl" in terms:
+        kw.update(kl_coef=0.1, entropy_coef=0.01)
+    for b in (batch, dirty):
+        b["ref_logp"] = b["ref_logp"] if "kl" in terms else None
+        b["is_weights"] = b["is_weights"] if "isw" in terms else None
+    clean_out, dirty_out = run_ours(batch, torch.float32, backend, **kw), run_ours(dirty, torch.float32, backend, **kw)
+    torch.testing.assert_close(dirty_out[0], clean_out[0])
+    torch.testing.assert_close(dirty_out[1], clean_out[1])
+    for clean_grad, dirty_grad in zip(clean_out[2:], dirty_out[2:]):
+        torch.testing.assert_close(dirty_grad, clean_grad)
+        assert not dirty_grad[masked].any()
+
+
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_masked_sequence_contributes_nothing(backend, device, aggregation):
     # Appending a fully masked sequence (packed) changes neither the loss nor the gradients

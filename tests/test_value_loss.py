@@ -52,6 +52,19 @@ def assert_matches(backend, batch, dtype=torch.float32, **kw):
     assert_within_tolerance(grad, r_grad, b_grad, dtype, "d/d values")
 
 
+@pytest.mark.parametrize("clip", [0.2, None])
+def test_non_finite_values_on_masked_tokens_change_nothing(backend, device, clip):
+    batch = make_batch(device, shape=(3, 37))
+    masked = ~batch["mask"]
+    dirty = dict(batch, values=batch["values"].masked_fill(masked, float("nan")),
+                 old_values=batch["old_values"].masked_fill(masked, float("inf")),
+                 returns=batch["returns"].masked_fill(masked, float("-inf")))
+    clean_out = _run(ops.value_loss, batch, torch.float32, torch.float32, backend=backend, clip=clip)
+    dirty_out = _run(ops.value_loss, dirty, torch.float32, torch.float32, backend=backend, clip=clip)
+    torch.testing.assert_close(dirty_out, clean_out)
+    assert not dirty_out[2][masked].any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("clip", [0.2, None])
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)

@@ -126,6 +126,21 @@ class Segments:
 WHERE_MAX_CPU = 8192  # elements; measured crossover 8K-16K fp32 on a 1-thread EPYC
 
 
+_CPU_SCALARS: dict = {}
+
+
+def scalar(value: float, like: torch.Tensor):
+    """``value`` as an operand of ``torch.where`` / ``out=`` ops with ``like``: a cached fp32
+    0-d CPU tensor for CPU tensors (a Python number costs a scalar-tensor conversion per
+    call, ~1 us, a quarter of a small select), the number itself elsewhere."""
+    if like.device.type != "cpu":
+        return value
+    cached = _CPU_SCALARS.get(value)
+    if cached is None:
+        cached = _CPU_SCALARS[value] = torch.tensor(value, dtype=torch.float32)
+    return cached
+
+
 class Where:
     """A bool condition selecting fp32 tensors exactly like ``torch.where``, as int32 lanes
     on large CPU selections (see above)."""
@@ -147,19 +162,19 @@ class Where:
         """``torch.where(cond, x, 0.0)``."""
         lanes = self.lanes(x)
         if lanes is None:
-            return torch.where(self.cond, x, 0.0)
+            return torch.where(self.cond, x, scalar(0.0, x))
         return (_bits(x) & lanes).view(torch.float32)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """``torch.where(cond, 0.0, x)``."""
         lanes = self.lanes(x)
         if lanes is None:
-            return torch.where(self.cond, 0.0, x)
+            return torch.where(self.cond, scalar(0.0, x), x)
         return (_bits(x) & ~lanes).view(torch.float32)
 
     def select(self, a: torch.Tensor, b) -> torch.Tensor:
         """``torch.where(cond, a, b)``; ``b`` a tensor or a number."""
-        b = b if isinstance(b, torch.Tensor) else a.new_full((), b)
+        b = b if isinstance(b, torch.Tensor) else scalar(b, a)
         lanes = self.lanes(a, b)
         if lanes is None:
             return torch.where(self.cond, a, b)
@@ -181,9 +196,14 @@ class TokenMask:
         # A bool mask weighs every active token 1: x * 1 is x, so no multiply.
         self.weights = None if mask.dtype == torch.bool else mask.to(torch.float32)
 
+    def weigh(self, x: torch.Tensor) -> torch.Tensor:
+        """``x * m`` for float weights, ``x`` itself for a bool mask (no select: for values
+        already 0 where the mask is)."""
+        return x if self.weights is None else x * self.weights
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Masked fp32 ``x`` (a new tensor unless ``x`` broadcasts to it)."""
-        return self.active.keep(x if self.weights is None else x * self.weights)
+        return self.active.keep(self.weigh(x))
 
     def apply_(self, x: torch.Tensor) -> torch.Tensor:
         """In place on a fp32 ``[..., *token shape]`` buffer."""
@@ -191,7 +211,7 @@ class TokenMask:
             x.mul_(self.weights)
         lanes = self.active.lanes(x)
         if lanes is None:
-            return torch.where(self.active.cond, x, x.new_zeros(()), out=x)
+            return torch.where(self.active.cond, x, scalar(0.0, x), out=x)
         _bits(x).bitwise_and_(lanes)
         return x
 
@@ -218,11 +238,11 @@ def aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, norm
     else:
         denominator = local
     if isinstance(denominator, torch.Tensor):
-        inverse = torch.where(denominator > 0, denominator.reciprocal(), 0.0)
+        inverse = torch.where(denominator > 0, denominator.reciprocal(), scalar(0.0, denominator))
     else:
         inverse = 1.0 / denominator if denominator > 0 else 0.0
     if aggregation == "seq-mean-token-mean":
         w = torch.where(counts > 0, counts.reciprocal(), 0.0) * inverse
     else:
         w = torch.full_like(counts, 1.0) * inverse
-    return (w * loss_sums).sum(), w
+    return torch.dot(w, loss_sums), w

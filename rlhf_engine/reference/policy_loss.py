@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_engine.reference.aggregation import Segments, TokenMask, Where, aggregate_partials, aggregate_ref
+from rlhf_engine.reference.aggregation import Segments, TokenMask, Where, aggregate_partials, aggregate_ref, scalar
 from rlhf_engine.reference.kl import kl_estimate_and_grad, kl_penalty_ref
 
 LOSSES = ("ppo", "gspo", "cispo", "cispo-trl", "sapo", "reinforce")
@@ -199,33 +199,38 @@ def policy_loss_torch(
         ratio_arg = log_ratio
     clamped = ratio_arg.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = clamped.exp()
-    dratio = Where(clamped == ratio_arg).keep(ratio)  # no gradient where the clamp is active (or NaN)
+    # The ratio's gradient flows where the clamp is inactive (and not NaN). The losses below
+    # narrow this bool down to the tokens whose winning term moves with r, and select their
+    # gradient once: bool ops cost a third of a select at a few thousand tokens. Without a
+    # KL term or IS weights (NaN on a masked token must not reach the gradient) that select
+    # is the whole gradient's, so it takes the mask's too.
+    through = clamped == ratio_arg
+    masked_through = ref_logp is None and is_weights is None and loss in ("ppo", "gspo", "sapo")
+    if masked_through:
+        through = through & token_mask.active.cond  # not in place: gspo's is per sequence
 
     clipped = lower = None
     if loss in ("ppo", "gspo"):
-        if delta is None:
-            bounded, dbounded = ratio, dratio
-        else:
-            bounded, dbounded = ratio.clamp(max=delta), Where(ratio <= delta).keep(dratio)
-        clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
         neg_adv = -adv
+        bounded = ratio if delta is None else ratio.clamp(max=delta)
+        clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
         loss1, loss2 = neg_adv * bounded, neg_adv * clipped_ratio
         clipped = loss2 > loss1
         loss_tok = torch.maximum(loss1, loss2)  # where(clipped, loss2, loss1): a NaN is in both
-        is_clipped = Where(clipped)
         if delta is None:
             # clipped implies clip(r) != r (equal ratios give equal losses): no gradient there
-            dloss = is_clipped.drop(dbounded)
+            through = through > clipped  # bools: a > b is a and not b
+            pg_grad = loss1  # -A r
         else:
-            dclipped = Where(clipped_ratio == ratio).keep(dratio)  # d clip(r) / d lp
-            dloss = is_clipped.select(dclipped, dbounded)
-        grad = neg_adv * dloss
+            # d min(r, delta) / d r = 1 where r <= delta; d clip(r) / d r = 1 where clip(r) == r
+            through = through & torch.where(clipped, clipped_ratio == ratio, ratio <= delta)
+            pg_grad = neg_adv * ratio
         if dual_clip is not None:
             loss3 = neg_adv * dual_clip
             lower = (adv < 0) & (loss_tok > loss3)
-            is_lower = Where(lower)
-            loss_tok = is_lower.select(loss3, loss_tok)
-            grad = is_lower.drop(grad)
+            loss_tok = Where(lower).select(loss3, loss_tok)
+            through = through > lower
+        grad = Where(through).keep(pg_grad)
     elif loss in ("cispo", "cispo-trl"):
         weight = ratio.clamp(1 - clip_low, 1 + clip_high) if loss == "cispo" else ratio.clamp(max=clip_high)
         clipped = weight != ratio
@@ -235,13 +240,13 @@ def policy_loss_torch(
         tau = Where(adv > 0).select(adv.new_full((), SAPO_TAU_POS), SAPO_TAU_NEG)
         gate = torch.sigmoid(tau * (ratio - 1))
         loss_tok = -adv * gate * (4 / tau)
-        grad = -adv * 4 * gate * (1 - gate) * dratio
+        grad = Where(through).keep(-adv * 4 * gate * (1 - gate) * ratio)
     else:
         loss_tok, grad = -adv * lp, -adv
     if is_weights is not None:
         isw = seg.per_token(is_weights.to(f32))
         loss_tok, grad = loss_tok * isw, grad * isw
-    columns = {"clipped": clipped, "clipped_lower": lower, "approx_kl": log_ratio.square(), "ratio": ratio}
+    columns = {"clipped": clipped, "clipped_lower": lower, "ratio": ratio}
     if ref_logp is not None:
         kl, dkl = kl_estimate_and_grad(lp, seg.tokens(ref_logp.to(f32)), kl_estimator, kl_clamp)
         loss_tok, grad = loss_tok + kl_coef * kl, grad + kl_coef * dkl
@@ -252,15 +257,13 @@ def policy_loss_torch(
         loss_tok = loss_tok - entropy_coef * ent
     columns["loss"] = loss_tok
 
-    rows = [name for name in _SUM_ROWS if name in columns or name == "count"]
+    rows = [name for name in _SUM_ROWS if name in columns or name in ("count", "approx_kl")]
     buf = torch.empty((len(rows),) + seg.shape, dtype=f32, device=lp.device)
     for row, name in zip(buf, rows):
-        if name == "count":
-            continue
-        if columns[name] is None:
-            row.zero_()
-        else:
-            row.copy_(columns[name])
+        if name == "approx_kl":
+            torch.addcmul(scalar(0.0, row), log_ratio, log_ratio, value=0.5, out=row)  # delta^2 / 2 (halving is exact)
+        elif name != "count":
+            row.zero_() if columns[name] is None else row.copy_(columns[name])
     token_mask.apply_(buf)
     buf[1].copy_(seg.tokens(mask))  # the weights themselves, after masking
     sums = seg.sum(buf)
@@ -270,13 +273,14 @@ def policy_loss_torch(
     count = totals[1]
     means = totals[2:] / count  # rows[2:]: clipped, clipped_lower, approx_kl, ratio, kl?, entropy?
     if buf.shape[-1]:
-        # ratio > 0 (or NaN), so a masked 0 never wins the maximum of an active token
-        extremes = torch.stack([token_mask.active.select(ratio, float("inf")).amin(), token_mask.active.keep(ratio).amax()])
+        # ratio > 0 (or NaN), so a masked 0 never wins the maximum of an active token: with a
+        # bool mask the masked ratio row of the buffer serves
+        active = token_mask.active
+        ratio_row = buf[rows.index("ratio")] if token_mask.weights is None else active.keep(ratio)
+        extremes = torch.stack([active.select(ratio, float("inf")).amin(), ratio_row.amax()])
     else:
         extremes = totals.new_zeros(2)
-    zero = totals.new_zeros(1)
-    extra = [means[rows.index(name) - 2:rows.index(name) - 1] if name in rows else zero for name in ("kl", "entropy")]
-    metrics = torch.cat([means[:4], extremes, *extra])
-    metrics[2] *= 0.5  # approx_kl: delta^2 / 2, halved once (exact)
-    metrics = torch.where(count > 0, metrics, 0.0)
-    return total, metrics, token_mask.apply(grad).reshape(-1), w
+    extra = [means[rows.index(name) - 2:rows.index(name) - 1] if name in rows else totals.new_zeros(1) for name in ("kl", "entropy")]
+    metrics = torch.where(count > 0, torch.cat([means[:4], extremes, *extra]), scalar(0.0, totals))
+    grad = token_mask.weigh(grad) if masked_through else token_mask.apply(grad)
+    return total, metrics, grad.reshape(-1), w

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_engine.reference.aggregation import Segments, TokenMask, Where, aggregate_partials, aggregate_ref
+from rlhf_engine.reference.aggregation import Segments, TokenMask, Where, aggregate_partials, aggregate_ref, scalar
 from rlhf_engine.reference.policy_loss import sequence_bounds
 
 METRICS = ("clipfrac", "values_mean")
@@ -76,7 +76,7 @@ def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, 
     if clip is None:
         torch.square(err, out=loss_row)
         clipped_row.zero_()
-        grad = err
+        through = token_mask.active.cond
     else:
         old = seg.tokens(old_values.to(f32))
         clipped_err = torch.clamp(v, old - clip, old + clip) - ret
@@ -85,8 +85,9 @@ def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, 
         is_clipped = sq_clipped > sq_err
         clipped_row.copy_(is_clipped)
         # The clipped term wins only where clip(V) != V (equal values give equal terms), so
-        # its gradient there is 0: the gradient is err where not clipped.
-        grad = Where(is_clipped).drop(err)
+        # its gradient there is 0: the gradient is err where active and not clipped (bools:
+        # a > b is a and not b), one select for both.
+        through = token_mask.active.cond > is_clipped
     values_row.copy_(v)
     token_mask.apply_(buf)
     count_row.copy_(seg.tokens(mask))  # the weights themselves, after masking
@@ -95,5 +96,6 @@ def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, 
     total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
     totals = sums.sum(-1)
     count = totals[1]
-    metrics = torch.where(count > 0, totals[2:] / count, 0.0)  # PARTIALS[2:] are the METRICS
-    return total, metrics, token_mask.apply(grad).reshape(-1), w
+    metrics = torch.where(count > 0, totals[2:] / count, scalar(0.0, totals))  # PARTIALS[2:] are the METRICS
+    grad = token_mask.weigh(Where(through).keep(err))
+    return total, metrics, grad.reshape(-1), w
