@@ -150,18 +150,25 @@ def masked_whiten_torch(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = 
 
 
 def _group_stats(s, group_ids, group_size, num_groups, lengths, need_lmean):
-    """Per-group ``(n, μ, var, length-weighted μ or None)``, fp32 ``[num_groups]`` (or ``[num_groups, 1]``)."""
+    """Per-group ``(n, μ, var, length-weighted μ or None)``, fp32 ``[num_groups]``, and the
+    centered scores ``s − μ_g`` (``[S]``, or ``[num_groups, group_size]``). With
+    ``group_size`` the statistics are ``[num_groups, 1]`` and ``n`` is the size itself (a
+    Python number: the singleton rule is then decided without a select)."""
     if group_ids is None:
         sg = s.view(num_groups, group_size)
-        n = torch.full((num_groups, 1), float(group_size), device=s.device)
+        n = float(group_size)
         mean = sg.mean(dim=1, keepdim=True)
-        var = ((sg - mean) ** 2).sum(dim=1, keepdim=True) / max(group_size - 1, 1)
+        centered = sg - mean
+        # two-pass, unbiased; a singleton's variance is 0 (undefined, unused). Not
+        # torch.var_mean / std: along a short inner dim they are a scalar loop on the CPU,
+        # 10x slower from a few hundred groups.
+        var = (centered * centered).sum(dim=1, keepdim=True).div_(max(group_size - 1, 1))
         lmean = None
         if need_lmean:
             lg = lengths.to(torch.float32).view(num_groups, group_size)
             lsum = lg.sum(dim=1, keepdim=True)
             lmean = torch.where(lsum > 0, (lg * sg).sum(dim=1, keepdim=True) / lsum.clamp_min(1e-30), mean)
-        return n, mean, var, lmean
+        return n, mean, var, lmean, centered
 
     def segment_sum(values):
         return torch.zeros(num_groups, dtype=torch.float32, device=s.device).index_add_(0, group_ids, values)
@@ -171,13 +178,14 @@ def _group_stats(s, group_ids, group_size, num_groups, lengths, need_lmean):
     else:
         n = segment_sum(torch.ones_like(s))
     mean = segment_sum(s) / n.clamp_min(1.0)  # empty groups own no sample; avoid 0/0 there
-    var = segment_sum((s - mean.index_select(0, group_ids)).square()) / (n - 1).clamp_min(1.0)
+    centered = s - mean.index_select(0, group_ids)
+    var = segment_sum(centered * centered) / (n - 1).clamp_min(1.0)
     lmean = None
     if need_lmean:
         lf = lengths.to(torch.float32)
         lsum = segment_sum(lf)
         lmean = torch.where(lsum > 0, segment_sum(lf * s) / lsum.clamp_min(1e-30), mean)
-    return n, mean, var, lmean
+    return n, mean, var, lmean, centered
 
 
 def _baseline_and_scale(s, n, mean, var, lmean, method, scale, eps, verl):
@@ -186,24 +194,31 @@ def _baseline_and_scale(s, n, mean, var, lmean, method, scale, eps, verl):
     Singletons: trl keeps ``base = μ = s`` and sets scale 0 (advantage 0); verl uses
     base 0 and scale 1 (``1/(1+ε)`` for GRPO with group scaling).
     """
-    single = n < 2
+    single = n < 2  # a bool when n is the (Python) group size
     base = lmean if method == "opo" else mean
     if method == "rloo":  # s − (n·μ − s)/(n − 1) = n/(n − 1)·(s − μ)
-        factor = n / (n - 1).clamp_min(1.0)
+        factor = n / max(n - 1, 1.0) if isinstance(n, float) else n / (n - 1).clamp_min(1.0)
     elif method == "grpo" and scale == "group":
-        factor = 1.0 / (var.sqrt() + eps)
+        factor = var.sqrt().add_(eps).reciprocal_()
     elif method == "grpo" and scale == "batch":
         count = torch.tensor(float(s.numel()), device=s.device)
         batch_mean, batch_var = _mean_var(s.sum(), lambda m: ((s - m) ** 2).sum(), count)
         fallback = 1.0 if verl else 0.0
         factor = 1.0 / (torch.where(count < 2, fallback, batch_var.sqrt()) + eps)
-        factor = factor.expand_as(n)
+        factor = factor if isinstance(n, float) else factor.expand_as(n)
     else:
-        factor = torch.ones_like(n)
+        factor = 1.0 if isinstance(n, float) else torch.ones_like(n)
     if verl:
         lone_factor = 1.0 / (1.0 + eps) if method == "grpo" and scale == "group" else factor
-        return torch.where(single, 0.0, base), torch.where(single, lone_factor, factor)
-    return base, torch.where(single, 0.0, factor)
+        return _select(single, 0.0, base), _select(single, lone_factor, factor)
+    return base, _select(single, 0.0, factor)
+
+
+def _select(cond, a, b):
+    """``torch.where(cond, a, b)``, or ``a if cond else b`` for a Python bool."""
+    if isinstance(cond, bool):
+        return a if cond else b
+    return torch.where(cond, a, b)
 
 
 def group_advantages_torch(
@@ -226,13 +241,14 @@ def group_advantages_torch(
     if s.numel() == 0:
         return s.clone()
     ids = None if group_ids is None else group_ids.long()
-    stats = _group_stats(s, ids, group_size, num_groups, lengths, method == "opo")
-    base, factor = _baseline_and_scale(s, *stats, method, scale, eps, preset == "verl")
+    n, mean, var, lmean, centered = _group_stats(s, ids, group_size, num_groups, lengths, method == "opo")
+    base, factor = _baseline_and_scale(s, n, mean, var, lmean, method, scale, eps, preset == "verl")
     if ids is None:
-        adv = ((s.view(num_groups, group_size) - base) * factor).view(-1)
+        diff = centered if base is mean else s.view(num_groups, group_size) - base
+        adv = (diff * factor).view(-1)
     else:
-        base, factor = torch.broadcast_tensors(base, factor)
-        adv = (s - base.index_select(0, ids)).mul_(factor.index_select(0, ids))
+        diff = centered if base is mean else s - base.index_select(0, ids)
+        adv = diff * factor.index_select(0, ids)
     if method == "reinforce_pp_baseline":
         adv = masked_whiten_torch(adv, torch.ones_like(s) if lengths is None else lengths, True, eps)
     return adv
