@@ -236,4 +236,6 @@ def masked_whiten(
         raise TypeError(f"{op}: shift_mean must be a bool, got {type(shift_mean).__name__}")
     eps = check_number(op, "eps", eps, nonnegative=True)
     backend = resolve_backend(op, backend, x.device)
+    if eager_torch(backend):  # as in group_advantages: skip the custom op's dispatch
+        return masked_whiten_torch(x.detach(), mask.detach(), shift_mean, eps)
     return _masked_whiten_op(x.detach(), mask.detach(), shift_mean, eps, backend)

@@ -127,19 +127,17 @@ def masked_whiten_torch(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = 
     """
     w = mask.reshape(-1).to(torch.float32)
     xf = x.reshape(-1).to(torch.float32)
-    centered = torch.empty_like(xf)
-    weighted = torch.empty_like(xf)
-
+    n = w.sum()
+    weighted = xf * w
+    mean = weighted.sum().div_(n.clamp_min(1e-30))  # 0 when n = 0
+    centered = xf - mean
     # mul + sum rather than torch.dot: MKL's multithreaded sdot stalls for milliseconds
     # on some inputs (seen with 0/1 vectors), the elementwise path never does.
-    def centered_sq(mean):
-        torch.sub(xf, mean, out=centered)
-        torch.mul(centered, w, out=weighted)
-        return (weighted * centered).sum()
-
-    n = w.sum()
-    mean, var = _mean_var(torch.mul(xf, w, out=weighted).sum(), centered_sq, n)
-    inv_std = torch.rsqrt(var + eps) * (n > 1)  # Σw ≤ 1: every valid value maps to the mean
+    torch.mul(centered, w, out=weighted)
+    sq = (weighted * centered).sum()
+    # unbiased var = sq / (n − 1); Σw ≤ 1 leaves the spread unknown, so every valid value
+    # maps to the mean (scale 0)
+    inv_std = sq.div_((n - 1).clamp_min_(1e-30)).add_(eps).rsqrt_().mul_(n > 1)
     if mask.dtype == torch.bool:
         out = weighted.mul_(inv_std)  # (x − μ)·w is already 0 where masked
     else:
