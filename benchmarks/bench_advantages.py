@@ -91,9 +91,22 @@ def _ours(device):
     return ["triton", "torch"] if device.type == "cuda" else ["torch"]
 
 
+def _sizes(device, quick, *, cpu: list, cuda, small):
+    """The sizes one family runs at: ``small`` for ``--quick``, ``cuda`` on a GPU, and on
+    the CPU the sweep ``cpu`` (from a GRPO batch of a few hundred sequences up: the torch
+    backend's fixed per-call cost shows at the small end)."""
+    if quick:
+        return [small]
+    return [cuda] if device.type == "cuda" else cpu
+
+
 def _group(device, quick) -> list[Result]:
+    sizes = _sizes(device, quick, cpu=[64, 1024, 8192], cuda=65536, small=1024)
+    return [r for num_groups in sizes for r in _group_at(device, quick, num_groups)]
+
+
+def _group_at(device, quick, num_groups) -> list[Result]:
     group_size = 8
-    num_groups = 1024 if quick or device.type != "cuda" else 65536
     S = num_groups * group_size
     scores = torch.randn(S, device=device)
     ids = torch.randperm(S, device=device) // group_size  # a shuffled batch
@@ -115,8 +128,7 @@ def _group(device, quick) -> list[Result]:
     return results
 
 
-def _tokens(device, quick):
-    B, T = (512, 2048) if device.type == "cuda" and not quick else (16, 32)
+def _tokens(device, B, T):
     rewards = torch.randn(B, T, device=device)
     values = torch.randn(B, T, device=device)
     lengths = torch.randint(1, T + 1, (B, 1), device=device)
@@ -125,7 +137,12 @@ def _tokens(device, quick):
 
 
 def _gae(device, quick) -> list[Result]:
-    rewards, values, mask, shape = _tokens(device, quick)
+    sizes = _sizes(device, quick, cpu=[(16, 32), (16, 256)], cuda=(512, 2048), small=(16, 32))
+    return [r for B, T in sizes for r in _gae_at(device, quick, B, T)]
+
+
+def _gae_at(device, quick, B, T) -> list[Result]:
+    rewards, values, mask, shape = _tokens(device, B, T)
     N = rewards.numel()
     impls = {
         f"ours ({b})": (lambda b=b: ops.gae(rewards, values, mask, gamma=GAMMA, lam=LAM, backend=b)) for b in _ours(device)
@@ -146,7 +163,11 @@ def _gae(device, quick) -> list[Result]:
 
 
 def _whiten(device, quick) -> list[Result]:
-    N = (1 << 20) if device.type == "cuda" and not quick else (1 << 16)
+    sizes = _sizes(device, quick, cpu=[1 << 12, 1 << 16, 1 << 20], cuda=1 << 20, small=1 << 16)
+    return [r for N in sizes for r in _whiten_at(device, quick, N)]
+
+
+def _whiten_at(device, quick, N) -> list[Result]:
     x = torch.randn(N, device=device)
     mask = torch.rand(N, device=device) > 0.2
     impls = {f"ours ({b})": (lambda b=b: ops.masked_whiten(x, mask, backend=b)) for b in _ours(device)}

@@ -2,8 +2,9 @@
 
 Compared on the same inputs: our backends (triton on CUDA, torch everywhere), eager
 PyTorch written the way verl / TRL write these losses (elementwise ratio / clip / max,
-mask-multiply reductions, metrics as masked means), and ``torch.compile`` of that eager
-code. Liger-Kernel has no standalone per-token loss on logprobs (its GRPO losses start
+mask-multiply reductions, metrics as masked means), for PPO also that eager code
+extended to return what ours returns (``eager_ppo_same_outputs``), and ``torch.compile``
+of the eager code. On the CPU the full run sweeps 4K to 1M tokens. Liger-Kernel has no standalone per-token loss on logprobs (its GRPO losses start
 from logits or hidden states and belong with the fused-linear benchmarks), so it has
 no row here.
 
@@ -62,6 +63,33 @@ def eager_ppo(lp, old, adv, mask):
     return _masked_mean(per_token, mask), metrics
 
 
+def eager_ppo_same_outputs(lp, old, adv, mask):
+    """The loss of :func:`eager_ppo` with what ``ops.policy_loss`` returns besides: the
+    ratio mean / min / max, masked tokens contributing exactly 0 even where their inputs
+    are NaN or inf, and 0 (not NaN) for an all-masked batch. The fair baseline for the
+    fixed per-call cost of our torch backend at small sizes, where verl's three metrics
+    and multiply-masking are fewer ops."""
+    log_ratio = lp - old
+    ratio = torch.exp(torch.clamp(log_ratio, min=-20.0, max=20.0))
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - CLIP_LOW, 1 + CLIP_HIGH)
+    upper = torch.maximum(unclipped, clipped)
+    floor = -adv * DUAL_CLIP
+    lower = (adv < 0) & (upper > floor)
+    per_token = torch.where(lower, floor, upper)
+    count = mask.sum()
+    loss = torch.where(mask, per_token, 0.0).sum() / count.clamp(min=1)
+    with torch.no_grad():
+        r = ratio.detach()
+        rows = torch.stack([clipped > unclipped, lower]).float()
+        rows = torch.cat([rows, torch.stack([0.5 * log_ratio.detach().square(), r])])
+        means = torch.where(mask, rows, 0.0).sum((-1, -2)) / count
+        extremes = torch.stack([torch.where(mask, r, float("inf")).amin(), torch.where(mask, r, 0.0).amax()])
+        values = torch.where(count > 0, torch.cat([means, extremes]), 0.0)
+    names = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
+    return loss, dict(zip(names, values.unbind(0)))
+
+
 def eager_grpo_kl(lp, old, ref, adv, mask):
     """TRL-style GRPO loss: per-sequence advantages, k3 KL in the loss, per-sequence mean,
     and the clip-ratio metrics TRL logs."""
@@ -114,8 +142,18 @@ def _fwd_bwd(loss_fn, wrt):
     return step
 
 
-def _inputs(device, quick):
-    B, T = (512, 2048) if device.type == "cuda" and not quick else (16, 256)
+def _shapes(device, quick) -> list[tuple[int, int]]:
+    """``(B, T)`` per run. On the CPU the full run sweeps 4K to 1M tokens: the torch
+    backend pays a fixed per-call cost (validation, the fused metrics) that matters only
+    at the small end, and wins on passes at the large end."""
+    if quick:
+        return [(16, 256)]
+    if device.type == "cuda":
+        return [(512, 2048)]
+    return [(16, 256), (64, 256), (64, 1024), (256, 4096)]
+
+
+def _inputs(device, B, T):
     lp = (-torch.rand(B, T, device=device) * 3).requires_grad_()
     lengths = torch.randint(1, T + 1, (B, 1), device=device)
     batch = dict(
@@ -130,7 +168,11 @@ def _inputs(device, quick):
 
 
 def _policy(device, quick) -> list[Result]:
-    x, shape, n = _inputs(device, quick)
+    return [r for B, T in _shapes(device, quick) for r in _policy_at(device, quick, B, T)]
+
+
+def _policy_at(device, quick, B, T) -> list[Result]:
+    x, shape, n = _inputs(device, B, T)
     lp, old, ref, adv, adv_seq, mask = x["lp"], x["old"], x["ref"], x["adv"], x["adv_seq"], x["mask"]
     impls = {
         f"ours ({b})": _fwd_bwd(lambda b=b: ops.policy_loss(
@@ -138,6 +180,7 @@ def _policy(device, quick) -> list[Result]:
         for b in _ours(device)
     }
     impls["eager (verl)"] = _fwd_bwd(lambda: eager_ppo(lp, old, adv, mask), lp)
+    impls["eager (verl, our outputs)"] = _fwd_bwd(lambda: eager_ppo_same_outputs(lp, old, adv, mask), lp)
     compiled_ppo = compiled(eager_ppo)
     impls["torch.compile (verl)"] = _fwd_bwd(lambda: compiled_ppo(lp, old, adv, mask), lp)
     results = measure("policy_loss ppo", shape, impls, device=device, bytes_moved=17 * n, quick=quick, dtype=torch.float32)
@@ -157,7 +200,11 @@ def _policy(device, quick) -> list[Result]:
 
 
 def _value(device, quick) -> list[Result]:
-    x, shape, n = _inputs(device, quick)
+    return [r for B, T in _shapes(device, quick) for r in _value_at(device, quick, B, T)]
+
+
+def _value_at(device, quick, B, T) -> list[Result]:
+    x, shape, n = _inputs(device, B, T)
     values, old_values, returns, mask = x["lp"], x["old"], x["ref"], x["mask"]
     impls = {
         f"ours ({b})": _fwd_bwd(lambda b=b: ops.value_loss(values, old_values, returns, mask, backend=b), values)
@@ -170,7 +217,11 @@ def _value(device, quick) -> list[Result]:
 
 
 def _kl(device, quick) -> list[Result]:
-    x, shape, n = _inputs(device, quick)
+    return [r for B, T in _shapes(device, quick) for r in _kl_at(device, quick, B, T)]
+
+
+def _kl_at(device, quick, B, T) -> list[Result]:
+    x, shape, n = _inputs(device, B, T)
     lp, ref = x["lp"], x["ref"]
     upstream = torch.randn_like(ref)
 
