@@ -197,6 +197,7 @@ def write_json(results: list[Result], path: str, device: torch.device, quick: bo
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": quick,
+        "threads": torch.get_num_threads(),  # CPU results depend on it
         "torch": torch.__version__,
         "triton": _version_of("triton"),
         "copy_gbps": machine.copy_bytes_per_s / 1e9,
