@@ -170,7 +170,9 @@ class Where:
         lanes = self.lanes(x)
         if lanes is None:
             return torch.where(self.cond, scalar(0.0, x), x)
-        return (_bits(x) & ~lanes).view(torch.float32)
+        # x & ~lanes as (x & lanes) ^ x: one new tensor, not two (a fresh large CPU tensor
+        # is page-faulted in, which costs as much as the op)
+        return (_bits(x) & lanes).bitwise_xor_(_bits(x)).view(torch.float32)
 
     def select(self, a: torch.Tensor, b) -> torch.Tensor:
         """``torch.where(cond, a, b)``; ``b`` a tensor or a number."""
@@ -179,7 +181,7 @@ class Where:
         if lanes is None:
             return torch.where(self.cond, a, b)
         b_bits = _bits(b)
-        return (((_bits(a) ^ b_bits) & lanes) ^ b_bits).view(torch.float32)
+        return (_bits(a) ^ b_bits).bitwise_and_(lanes).bitwise_xor_(b_bits).view(torch.float32)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ def policy_loss_ref(
         loss_tok = torch.maximum(loss1, loss2)
         if dual_clip is not None:
             loss3 = -adv * dual_clip
-            lower = (adv < 0) & (loss_tok > loss3)
+            lower = (loss_tok > loss3).logical_and_(adv < 0)
             loss_tok = torch.where(adv < 0, torch.minimum(loss_tok, loss3), loss_tok)
     elif loss in ("cispo", "cispo-trl"):
         if loss == "cispo":
@@ -216,7 +216,8 @@ def policy_loss_torch(
         clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
         loss1, loss2 = neg_adv * bounded, neg_adv * clipped_ratio
         clipped = loss2 > loss1
-        loss_tok = torch.maximum(loss1, loss2)  # where(clipped, loss2, loss1): a NaN is in both
+        # where(clipped, loss2, loss1) (a NaN is in both), into loss2's fresh memory
+        loss_tok = torch.maximum(loss1, loss2, out=loss2)
         if delta is None:
             # clipped implies clip(r) != r (equal ratios give equal losses): no gradient there
             through = through > clipped  # bools: a > b is a and not b
@@ -227,7 +228,7 @@ def policy_loss_torch(
             pg_grad = neg_adv * ratio
         if dual_clip is not None:
             loss3 = neg_adv * dual_clip
-            lower = (adv < 0) & (loss_tok > loss3)
+            lower = (loss_tok > loss3).logical_and_(adv < 0)
             loss_tok = Where(lower).select(loss3, loss_tok)
             through = through > lower
         grad = Where(through).keep(pg_grad)
