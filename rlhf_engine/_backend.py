@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 from typing import Callable
 
 import torch
@@ -41,13 +43,37 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = re.findall(r"\d+", version)[:2]
+    return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+
+
+@functools.lru_cache(maxsize=1)
+def interpreter_unusable_reason() -> str | None:
+    """Why the Triton interpreter cannot run kernels here, or None.
+
+    Triton before 3.7 reads a loop bound in the interpreter as ``int()`` of a one-element
+    array, which numpy 2.4 rejects ("only 0-dimensional arrays can be converted to Python
+    scalars"): every kernel with a loop fails. Compiled kernels on a GPU are unaffected.
+    """
+    import numpy
+
+    triton_version = importlib.metadata.version("triton")
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (
+            f"the Triton interpreter of triton {triton_version} does not work with numpy "
+            f"{numpy.__version__} (it needs numpy < 2.4, or triton >= 3.7)"
+        )
+    return None
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Whether the triton backend can run on tensors of ``device``."""
     if not triton_importable():
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and triton_interpreter_on()
+    return device.type == "cpu" and triton_interpreter_on() and interpreter_unusable_reason() is None
 
 
 def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
@@ -69,6 +95,8 @@ def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
     if requested == "triton" and not triton_runs_on(device):
         if not triton_importable():
             why = "the triton package is not installed"
+        elif device.type == "cpu" and triton_interpreter_on():
+            why = interpreter_unusable_reason()
         else:
             why = (
                 f"triton kernels need CUDA tensors (got {device.type}); on the CPU they run "

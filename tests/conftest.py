@@ -14,7 +14,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from rlhf_engine._backend import triton_runs_on  # noqa: E402
+from rlhf_engine._backend import (  # noqa: E402
+    interpreter_unusable_reason,
+    triton_importable,
+    triton_interpreter_on,
+    triton_runs_on,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -28,8 +33,11 @@ def pytest_report_header(config):
 
 
 def backends_here():
-    """The backends that can run on this machine's test device."""
-    return ["torch"] + (["triton"] if triton_runs_on(DEVICE) else [])
+    """The backends to test on this machine's test device: torch, and triton where it runs
+    or where only the interpreter's package versions stop it (those tests are skipped with
+    the reason, not dropped unseen)."""
+    interpreter_wanted = DEVICE.type == "cpu" and triton_importable() and triton_interpreter_on()
+    return ["torch"] + (["triton"] if triton_runs_on(DEVICE) or interpreter_wanted else [])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,6 +52,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=backends_here())
 def backend(request):
     """Each backend that runs here (torch always; triton on CUDA or under the interpreter)."""
+    if request.param == "triton" and DEVICE.type == "cpu" and interpreter_unusable_reason():
+        pytest.skip(interpreter_unusable_reason())
     return request.param
 
 
