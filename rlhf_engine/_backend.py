@@ -48,23 +48,32 @@ def _major_minor(version: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
 
 
-@functools.lru_cache(maxsize=1)
-def interpreter_unusable_reason() -> str | None:
-    """Why the Triton interpreter cannot run kernels here, or None.
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why the Triton interpreter of ``triton_version`` cannot run kernels beside
+    ``numpy_version``, or None.
 
     Triton before 3.7 reads a loop bound in the interpreter as ``int()`` of a one-element
     array, which numpy 2.4 rejects ("only 0-dimensional arrays can be converted to Python
     scalars"): every kernel with a loop fails. Compiled kernels on a GPU are unaffected.
     """
-    import numpy
-
-    triton_version = importlib.metadata.version("triton")
-    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
         return (
             f"the Triton interpreter of triton {triton_version} does not work with numpy "
-            f"{numpy.__version__} (it needs numpy < 2.4, or triton >= 3.7)"
+            f"{numpy_version} (it needs numpy < 2.4, or triton >= 3.7)"
         )
     return None
+
+
+def _installed_interpreter_problem() -> str | None:
+    if not _TRITON_FOUND:
+        return None
+    import numpy
+
+    return interpreter_problem(importlib.metadata.version("triton"), numpy.__version__)
+
+
+# Looked up once at import, a plain value like _TRITON_FOUND (torch.compile traces it).
+INTERPRETER_PROBLEM = _installed_interpreter_problem()
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -73,7 +82,7 @@ def triton_runs_on(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and triton_interpreter_on() and interpreter_unusable_reason() is None
+    return device.type == "cpu" and triton_interpreter_on() and INTERPRETER_PROBLEM is None
 
 
 def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
@@ -96,7 +105,7 @@ def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
         if not triton_importable():
             why = "the triton package is not installed"
         elif device.type == "cpu" and triton_interpreter_on():
-            why = interpreter_unusable_reason()
+            why = INTERPRETER_PROBLEM
         else:
             why = (
                 f"triton kernels need CUDA tensors (got {device.type}); on the CPU they run "

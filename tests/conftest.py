@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from rlhf_engine._backend import (  # noqa: E402
-    interpreter_unusable_reason,
+    INTERPRETER_PROBLEM,
     triton_importable,
     triton_interpreter_on,
     triton_runs_on,
@@ -52,8 +52,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=backends_here())
 def backend(request):
     """Each backend that runs here (torch always; triton on CUDA or under the interpreter)."""
-    if request.param == "triton" and DEVICE.type == "cpu" and interpreter_unusable_reason():
-        pytest.skip(interpreter_unusable_reason())
+    if request.param == "triton" and DEVICE.type == "cpu" and INTERPRETER_PROBLEM:
+        pytest.skip(INTERPRETER_PROBLEM)
     return request.param
 
 

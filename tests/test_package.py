@@ -104,24 +104,16 @@ def test_triton_on_cpu_without_interpreter_raises_instead_of_falling_back(monkey
 def test_interpreter_rejects_triton_before_3_7_with_numpy_2_4(monkeypatch, triton_version, numpy_version, usable):
     # Triton < 3.7's interpreter does int() on one-element arrays, an error from numpy 2.4:
     # asking for it then names the versions instead of failing inside every kernel.
-    import importlib.metadata
-
-    import numpy
-
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: triton_version if name == "triton" else "0")
-    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    problem = _backend.interpreter_problem(triton_version, numpy_version)
+    assert (problem is None) == usable
+    monkeypatch.setattr(_backend, "INTERPRETER_PROBLEM", problem)
     monkeypatch.setattr(_backend, "triton_importable", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    _backend.interpreter_unusable_reason.cache_clear()
-    try:
-        assert (_backend.interpreter_unusable_reason() is None) == usable
-        if usable:
-            assert _backend.resolve_backend("gae", "triton", torch.device("cpu")) == "triton"
-        else:
-            with pytest.raises(RuntimeError, match=f"triton {triton_version} does not work with numpy {numpy_version}"):
-                _backend.resolve_backend("gae", "triton", torch.device("cpu"))
-    finally:
-        _backend.interpreter_unusable_reason.cache_clear()
+    if usable:
+        assert _backend.resolve_backend("gae", "triton", torch.device("cpu")) == "triton"
+    else:
+        with pytest.raises(RuntimeError, match=f"triton {triton_version} does not work with numpy {numpy_version}"):
+            _backend.resolve_backend("gae", "triton", torch.device("cpu"))
 
 
 def test_checks_name_the_argument():
