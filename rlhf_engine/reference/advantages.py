@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_engine.reference.aggregation import at_least, host_scalar
+
 METHODS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo")
 SCALES = ("group", "batch", "none")
 PRESETS = ("trl", "verl")
@@ -118,17 +120,6 @@ def _mean_var(total, sq_of, n):
     return mean, var
 
 
-def _host_scalar(t: torch.Tensor):
-    """A 0-d tensor as a Python float for CPU tensors outside torch.compile, else itself."""
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        return t.item()
-    return t
-
-
-def _at_least(x, low: float):
-    return max(x, low) if isinstance(x, float) else x.clamp_min(low)
-
-
 def masked_whiten_torch(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Vectorized :func:`masked_whiten_ref`; fp32 output of ``x``'s shape.
 
@@ -140,17 +131,17 @@ def masked_whiten_torch(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = 
     xf = x.reshape(-1).to(torch.float32)
     # The scalar chain runs on host floats for CPU tensors (reading one is free there, and
     # each op on a 0-d tensor costs about a microsecond), on 0-d tensors elsewhere (no sync).
-    n = _host_scalar(w.sum())
+    n = host_scalar(w.sum())
     weighted = xf * w
-    mean = _host_scalar(weighted.sum()) / _at_least(n, 1e-30)  # 0 when n = 0
+    mean = host_scalar(weighted.sum()) / at_least(n, 1e-30)  # 0 when n = 0
     centered = xf - mean
     # mul + sum rather than torch.dot: MKL's multithreaded sdot stalls for milliseconds
     # on some inputs (seen with 0/1 vectors), the elementwise path never does.
     torch.mul(centered, w, out=weighted)
-    sq = _host_scalar((weighted * centered).sum())
+    sq = host_scalar((weighted * centered).sum())
     # unbiased var = sq / (n − 1); Σw ≤ 1 leaves the spread unknown, so every valid value
     # maps to the mean (scale 0)
-    inv_std = (sq / _at_least(n - 1, 1e-30) + eps) ** -0.5 * (n > 1)
+    inv_std = (sq / at_least(n - 1, 1e-30) + eps) ** -0.5 * (n > 1)
     if mask.dtype == torch.bool:
         out = weighted.mul_(inv_std)  # (x − μ)·w is already 0 where masked
     else:

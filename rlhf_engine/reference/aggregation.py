@@ -24,9 +24,11 @@ d loss / d L_b``, which is what the fused ops save for backward.
 
 What lives here: :func:`aggregate_ref` (the spec, per token, differentiable);
 for the torch backends, :class:`Segments` (vectorized per-sequence sums over a flat
-token axis) and :class:`TokenMask` / :class:`Where` (exact selects, without
-``torch.where``'s scalar loop on large CPU tensors); and :func:`aggregate_partials`
-(per-sequence sums -> loss and ``w``, shared by every backend).
+token axis), :class:`TokenMask` / :class:`Where` (exact selects, without
+``torch.where``'s scalar loop on large CPU tensors) and the small-call helpers
+(:func:`scalar`, :func:`host_scalar`, ...: at a few thousand tokens the number of ops is
+the cost); and :func:`aggregate_partials` (per-sequence sums -> loss and ``w``, shared
+by every backend).
 """
 
 from __future__ import annotations
@@ -129,16 +131,47 @@ WHERE_MAX_CPU = 8192  # elements; measured crossover 8K-16K fp32 on a 1-thread E
 _CPU_SCALARS: dict = {}
 
 
-def scalar(value: float, like: torch.Tensor):
-    """``value`` as an operand of ``torch.where`` / ``out=`` ops with ``like``: a cached fp32
-    0-d CPU tensor for CPU tensors (a Python number costs a scalar-tensor conversion per
-    call, ~1 us, a quarter of a small select), the number itself elsewhere."""
+def scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d fp32 tensor on ``like``'s device, an operand for ``torch.where``
+    (``out=`` takes no number) and ``addcmul``: cached for the CPU, where a Python number
+    costs a scalar-tensor conversion per call (~1 us, a quarter of a small select); made
+    per call elsewhere."""
     if like.device.type != "cpu":
-        return value
+        return like.new_full((), value, dtype=torch.float32)
     cached = _CPU_SCALARS.get(value)
     if cached is None:
         cached = _CPU_SCALARS[value] = torch.tensor(value, dtype=torch.float32)
     return cached
+
+
+def half_square(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * x / 2`` in one op (the halving is exact)."""
+    return torch.addcmul(scalar(0.0, x), x, x, value=0.5, out=out)
+
+
+def host_scalar(t: torch.Tensor):
+    """A 0-d tensor as a Python float for CPU tensors outside torch.compile, else itself.
+
+    Reading a CPU tensor syncs nothing, and arithmetic on a 0-d tensor costs about a
+    microsecond an op, as much as an elementwise op over a few thousand tokens: scalar
+    chains (counts, means, denominators) run on host floats there and on 0-d tensors on
+    other devices (no sync)."""
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        return t.item()
+    return t
+
+
+def at_least(x, low: float):
+    """``max(x, low)`` for a host float or a 0-d tensor (see :func:`host_scalar`)."""
+    return max(x, low) if isinstance(x, float) else x.clamp_min(low)
+
+
+def if_counted(x: torch.Tensor, count) -> torch.Tensor:
+    """``x`` where ``count`` > 0, else zeros (the metrics of an all-masked batch); ``count``
+    a host float or a 0-d tensor (see :func:`host_scalar`)."""
+    if isinstance(count, float):
+        return x if count > 0 else torch.zeros_like(x)
+    return torch.where(count > 0, x, scalar(0.0, x))
 
 
 class Where:
@@ -219,22 +252,23 @@ class TokenMask:
 
 
 def aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const):
-    """Per-sequence ``L_b``, ``M_b`` (fp32 ``[S]``) -> ``(loss 0-d, w [S])``, no host sync.
+    """Per-sequence ``L_b``, ``M_b`` (fp32 ``[S]``) -> ``(loss 0-d, w [S])``, no device sync
+    (the denominator is a host float for CPU tensors, see :func:`host_scalar`).
 
     ``seq_len``: the padded length, 0 when packed. ``normalizer``: a tensor denominator or
     None; ``normalizer_const``: a number denominator, or 0 for none.
     """
     if aggregation == "token-mean":
-        local = counts.sum()
+        local = host_scalar(counts.sum())
     elif aggregation in SEQ_COUNT_AGGREGATIONS:
-        local = (counts > 0).sum().to(torch.float32)
+        local = host_scalar((counts > 0).sum().to(torch.float32))
     elif aggregation == "seq-mean-token-sum-norm":
-        longest = seq_len if seq_len else (cu_seqlens[1:] - cu_seqlens[:-1]).amax().to(torch.float32)
+        longest = seq_len if seq_len else host_scalar((cu_seqlens[1:] - cu_seqlens[:-1]).amax().to(torch.float32))
         local = counts.numel() * longest
     else:
         local = 1.0
     if normalizer is not None:
-        denominator = normalizer.to(torch.float32)
+        denominator = host_scalar(normalizer.to(torch.float32))
     elif normalizer_const > 0:
         denominator = normalizer_const
     else:
@@ -245,6 +279,8 @@ def aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, norm
         inverse = 1.0 / denominator if denominator > 0 else 0.0
     if aggregation == "seq-mean-token-mean":
         w = torch.where(counts > 0, counts.reciprocal(), 0.0) * inverse
+    elif isinstance(inverse, float):
+        w = torch.full_like(counts, inverse)
     else:
         w = torch.full_like(counts, 1.0) * inverse
     return torch.dot(w, loss_sums), w

@@ -40,7 +40,16 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_engine.reference.aggregation import Segments, TokenMask, Where, aggregate_partials, aggregate_ref, scalar
+from rlhf_engine.reference.aggregation import (
+    Segments,
+    TokenMask,
+    Where,
+    aggregate_partials,
+    aggregate_ref,
+    half_square,
+    host_scalar,
+    if_counted,
+)
 from rlhf_engine.reference.kl import kl_estimate_and_grad, kl_penalty_ref
 
 LOSSES = ("ppo", "gspo", "cispo", "cispo-trl", "sapo", "reinforce")
@@ -262,7 +271,7 @@ def policy_loss_torch(
     buf = torch.empty((len(rows),) + seg.shape, dtype=f32, device=lp.device)
     for row, name in zip(buf, rows):
         if name == "approx_kl":
-            torch.addcmul(scalar(0.0, row), log_ratio, log_ratio, value=0.5, out=row)  # delta^2 / 2 (halving is exact)
+            half_square(log_ratio, out=row)
         elif name != "count":
             row.zero_() if columns[name] is None else row.copy_(columns[name])
     token_mask.apply_(buf)
@@ -271,7 +280,7 @@ def policy_loss_torch(
     total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
 
     totals = sums.sum(-1)
-    count = totals[1]
+    count = host_scalar(totals[1])
     means = totals[2:] / count  # rows[2:]: clipped, clipped_lower, approx_kl, ratio, kl?, entropy?
     if buf.shape[-1]:
         # ratio > 0 (or NaN), so a masked 0 never wins the maximum of an active token: with a
@@ -282,6 +291,6 @@ def policy_loss_torch(
     else:
         extremes = totals.new_zeros(2)
     extra = [means[rows.index(name) - 2:rows.index(name) - 1] if name in rows else totals.new_zeros(1) for name in ("kl", "entropy")]
-    metrics = torch.where(count > 0, torch.cat([means[:4], extremes, *extra]), scalar(0.0, totals))
+    metrics = if_counted(torch.cat([means[:4], extremes, *extra]), count)
     grad = token_mask.weigh(grad) if masked_through else token_mask.apply(grad)
     return total, metrics, grad.reshape(-1), w

@@ -18,7 +18,16 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_engine.reference.aggregation import Segments, TokenMask, Where, aggregate_partials, aggregate_ref, scalar
+from rlhf_engine.reference.aggregation import (
+    Segments,
+    TokenMask,
+    Where,
+    aggregate_partials,
+    aggregate_ref,
+    half_square,
+    host_scalar,
+    if_counted,
+)
 from rlhf_engine.reference.policy_loss import sequence_bounds
 
 METRICS = ("clipfrac", "values_mean")
@@ -70,19 +79,19 @@ def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, 
     v, ret = seg.tokens(values.to(f32)), seg.tokens(returns.to(f32))
     token_mask = TokenMask(seg.tokens(mask))
     err = v - ret
-    # Rows in PARTIALS order: the loss is summed as 2 l (halved once per sequence, exactly).
+    # Rows in PARTIALS order; the halved squares are exact (a power of two).
     buf = torch.empty((len(PARTIALS),) + seg.shape, dtype=f32, device=v.device)
     loss_row, count_row, clipped_row, values_row = buf
     if clip is None:
-        torch.square(err, out=loss_row)
+        half_square(err, out=loss_row)
         clipped_row.zero_()
         through = token_mask.active.cond
     else:
         old = seg.tokens(old_values.to(f32))
-        clipped_err = torch.clamp(v, old - clip, old + clip) - ret
-        sq_err, sq_clipped = err.square(), clipped_err.square()
-        torch.maximum(sq_err, sq_clipped, out=loss_row)
-        is_clipped = sq_clipped > sq_err
+        clipped_err = torch.clamp(v, old - clip, old + clip).sub_(ret)
+        half_sq, half_sq_clipped = half_square(err, out=loss_row), half_square(clipped_err)
+        is_clipped = half_sq_clipped > half_sq
+        torch.maximum(half_sq, half_sq_clipped, out=loss_row)
         clipped_row.copy_(is_clipped)
         # The clipped term wins only where clip(V) != V (equal values give equal terms), so
         # its gradient there is 0: the gradient is err where active and not clipped (bools:
@@ -92,10 +101,9 @@ def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, 
     token_mask.apply_(buf)
     count_row.copy_(seg.tokens(mask))  # the weights themselves, after masking
     sums = seg.sum(buf)
-    sums[0] *= 0.5
     total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
     totals = sums.sum(-1)
-    count = totals[1]
-    metrics = torch.where(count > 0, totals[2:] / count, scalar(0.0, totals))  # PARTIALS[2:] are the METRICS
+    count = host_scalar(totals[1])
+    metrics = if_counted(totals[2:] / count, count)  # PARTIALS[2:] are the METRICS
     grad = token_mask.weigh(Where(through).keep(err))
     return total, metrics, grad.reshape(-1), w
