@@ -213,6 +213,9 @@ def _baseline_and_scale(s, n, mean, var, lmean, method, scale, eps, verl):
     if verl:
         lone_factor = 1.0 / (1.0 + eps) if method == "grpo" and scale == "group" else factor
         return _select(single, 0.0, base), _select(single, lone_factor, factor)
+    if base is mean:
+        # a singleton's s − μ is exactly 0 (μ = s/1), so its advantage is 0 at any scale
+        return base, factor
     return base, _select(single, 0.0, factor)
 
 
