@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlhf_engine import ops
+from rlhf_engine.reference import aggregation as aggregation_module
 from rlhf_engine.reference.aggregation import AGGREGATIONS
 from rlhf_engine.reference.policy_loss import LOSSES, policy_loss_ref
 from tolerance import assert_within_tolerance
@@ -125,6 +126,27 @@ def test_aggregations_match_reference(backend, device, aggregation, packed):
 def test_awkward_layouts_match_reference(backend, device, layout, loss):
     batch = make_batch(device, **layout)
     assert_matches(backend, batch, loss=loss, kl_coef=0.1, entropy_coef=0.01, aggregation="seq-mean-token-mean")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [dict(shape=(5, 9), all_masked_row=3), dict(lengths=[7, 0, 30, 3, 12, 9, 20], per_seq=True, float_mask=True)],
+    ids=["padded", "packed"],
+)
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("loss", ["ppo", "gspo"])
+def test_torch_backend_in_passes_matches_reference(monkeypatch, layout, aggregation, loss):
+    # Large CPU batches run in passes of whole sequences (reference/aggregation.py
+    # token_passes); passes of ~16 tokens here: several sequences per pass, a sequence
+    # longer than a pass, an empty one, a fully masked one.
+    monkeypatch.setattr(aggregation_module, "CPU_PASS_TOKENS", 16)
+    cpu = torch.device("cpu")
+    batch = make_batch(cpu, **layout)
+    n = batch["logp"].numel()
+    cu = batch["cu_seqlens"] if batch["cu_seqlens"] is not None else torch.arange(0, n + 1, 9, dtype=torch.int32)
+    assert len(aggregation_module.token_passes(cu, n, 0 if batch["cu_seqlens"] is not None else 9)) >= 3
+    assert_matches("torch", batch, loss=loss, kl_coef=0.1, entropy_coef=0.01, aggregation=aggregation,
+                   **LOSS_OPTIONS[loss])
 
 
 @pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3", "k1+", "k3+"])

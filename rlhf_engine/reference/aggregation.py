@@ -115,6 +115,37 @@ class Segments:
         return x.new_full((self.num_seqs,), float("-inf")).scatter_reduce_(0, self.ids, x, "amax")
 
 
+# Tokens per pass of a torch backend over a large CPU batch: a pass allocates a few dozen
+# temporaries the size of its tokens; at 128 KiB each they come from the heap's free lists
+# and stay in L2. Whole-batch temporaries of a million tokens are fresh pages the OS
+# faults in at every call (glibc returns freed memory to it), which costs as much as the
+# op itself and depends on what the process did before.
+CPU_PASS_TOKENS = 1 << 15
+
+
+def token_passes(cu_seqlens: torch.Tensor, num_tokens: int, seq_len: int) -> list[tuple[slice, slice]]:
+    """``(token slice, sequence slice)`` pairs covering the batch in whole sequences, about
+    :data:`CPU_PASS_TOKENS` tokens each (at least one sequence), for CPU tensors outside
+    torch.compile; one pair for the whole batch otherwise. ``seq_len``: the padded length,
+    0 when packed."""
+    num_seqs = cu_seqlens.numel() - 1
+    if cu_seqlens.device.type != "cpu" or num_tokens <= CPU_PASS_TOKENS or torch.compiler.is_compiling():
+        return [(slice(0, num_tokens), slice(0, num_seqs))]
+    if seq_len:
+        step = max(1, CPU_PASS_TOKENS // seq_len)
+        return [
+            (slice(b * seq_len, min(b + step, num_seqs) * seq_len), slice(b, min(b + step, num_seqs)))
+            for b in range(0, num_seqs, step)
+        ]
+    cu = cu_seqlens.tolist()
+    passes, first = [], 0
+    for b in range(1, num_seqs + 1):
+        if cu[b] - cu[first] >= CPU_PASS_TOKENS or b == num_seqs:
+            passes.append((slice(cu[first], cu[b]), slice(first, b)))
+            first = b
+    return passes
+
+
 # Selecting without torch.where's cost. On the CPU, torch.where (and masked_fill) is a
 # scalar loop: ~3 ns an element, ~2 ms per 1M fp32 elements, 25x a vectorized elementwise
 # op. A condition turned once into int32 lanes (-1 where true, 0 where false) selects fp32

@@ -49,6 +49,7 @@ from rlhf_engine.reference.aggregation import (
     half_square,
     host_scalar,
     if_counted,
+    token_passes,
 )
 from rlhf_engine.reference.kl import kl_estimate_and_grad, kl_penalty_ref
 
@@ -191,8 +192,54 @@ def policy_loss_torch(
     :class:`Where` (int32 lanes on large CPU tensors, where ``torch.where`` is a scalar
     loop), the masked per-sequence sums are one reduction of a ``[rows, tokens]`` buffer,
     and loss, weights and metrics come straight from those sums (the kernel's per-sequence
-    ratio extremes are not needed: the metrics take them over the whole batch).
+    ratio extremes are not needed: the metrics take them over the whole batch). Large CPU
+    batches run in passes of whole sequences (:func:`token_passes`), like the kernel's
+    per-sequence programs, so temporaries stay small.
     """
+    n = logp.numel()
+    options = dict(
+        loss=loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy_coef=entropy_coef, seq_len=seq_len,
+    )
+    passes = token_passes(cu_seqlens, n, seq_len)
+    if len(passes) == 1:
+        rows, sums, extremes, grad = _token_pass(
+            logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, **options
+        )
+    else:
+        grad = torch.empty(n, dtype=torch.float32, device=logp.device)
+        sums, extremes = [], []
+        for tokens, seqs in passes:
+            def cut(x):  # per-token inputs by tokens, per-sequence ones by sequences
+                return None if x is None else x[tokens] if x.numel() == n else x[seqs]
+
+            rows, pass_sums, pass_extremes, pass_grad = _token_pass(
+                cut(logp), cut(old_logp), cut(advantages), cut(mask),
+                cu_seqlens[seqs.start:seqs.stop + 1] - cu_seqlens[seqs.start], cut(ref_logp), cut(entropy),
+                cut(is_weights), **options,
+            )
+            grad[tokens] = pass_grad
+            sums.append(pass_sums)
+            extremes.append(pass_extremes)
+        sums, extremes = torch.cat(sums, dim=1), torch.stack(extremes)
+        extremes = torch.stack([extremes[:, 0].amin(), extremes[:, 1].amax()])
+    total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
+
+    totals = sums.sum(-1)
+    count = host_scalar(totals[1])
+    means = totals[2:] / count  # rows[2:]: clipped, clipped_lower, approx_kl, ratio, kl?, entropy?
+    extra = [means[rows.index(name) - 2:rows.index(name) - 1] if name in rows else totals.new_zeros(1) for name in ("kl", "entropy")]
+    metrics = if_counted(torch.cat([means[:4], extremes, *extra]), count)
+    return total, metrics, grad, w
+
+
+def _token_pass(
+    logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, *, loss, clip_low, clip_high,
+    dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, seq_len,
+):
+    """The per-token work of :func:`policy_loss_torch` over whole sequences -> ``(rows,
+    sums [len(rows), S], ratio extremes [2] (min, max over active tokens; inf / 0 for none),
+    g [N])``."""
     seg = Segments(cu_seqlens, logp.numel(), seq_len)
     f32 = torch.float32
     lp, old = seg.tokens(logp.to(f32)), seg.tokens(old_logp.to(f32))
@@ -277,11 +324,6 @@ def policy_loss_torch(
     token_mask.apply_(buf)
     buf[1].copy_(seg.tokens(mask))  # the weights themselves, after masking
     sums = seg.sum(buf)
-    total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
-
-    totals = sums.sum(-1)
-    count = host_scalar(totals[1])
-    means = totals[2:] / count  # rows[2:]: clipped, clipped_lower, approx_kl, ratio, kl?, entropy?
     if buf.shape[-1]:
         # ratio > 0 (or NaN), so a masked 0 never wins the maximum of an active token: with a
         # bool mask the masked ratio row of the buffer serves
@@ -289,8 +331,6 @@ def policy_loss_torch(
         ratio_row = buf[rows.index("ratio")] if token_mask.weights is None else active.keep(ratio)
         extremes = torch.stack([active.select(ratio, float("inf")).amin(), ratio_row.amax()])
     else:
-        extremes = totals.new_zeros(2)
-    extra = [means[rows.index(name) - 2:rows.index(name) - 1] if name in rows else totals.new_zeros(1) for name in ("kl", "entropy")]
-    metrics = if_counted(torch.cat([means[:4], extremes, *extra]), count)
+        extremes = torch.tensor([float("inf"), 0.0], device=buf.device)
     grad = token_mask.weigh(grad) if masked_through else token_mask.apply(grad)
-    return total, metrics, grad.reshape(-1), w
+    return rows, sums, extremes, grad.reshape(-1)
