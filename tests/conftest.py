@@ -32,6 +32,12 @@ def pytest_report_header(config):
     return f"rlhf_engine test seed: RLHF_ENGINE_TEST_SEED={RUN_SEED}"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # Also at the end: `make test` runs pytest -q, which hides the header, and a failure
+    # on fresh random inputs is replayed only with its seed.
+    terminalreporter.write_line(f"rlhf_engine test seed: RLHF_ENGINE_TEST_SEED={RUN_SEED}")
+
+
 def backends_here():
     """The backends to test on this machine's test device: torch, and triton where it runs
     or where only the interpreter's package versions stop it (those tests are skipped with

@@ -2,9 +2,12 @@
 
 A backend's error against the float64 reference may be at most twice the error of the
 plain PyTorch computation done in the same input dtype, plus a small absolute slack and
-half an ulp of the largest reference value in the output's dtype: the output's own
+one ulp of the largest reference value in the output's dtype: the output's own
 rounding, which at large magnitudes (k3 of a 25-nat gap is ~1e11, fp32 ulp 8192) makes
-"twice the baseline error" a coin flip between two roundings.
+"twice the baseline error" a coin flip between two roundings. One ulp, not half: two
+implementations each a hair from the exact value before rounding (an exp within an ulp,
+then a subtraction) can round to neighbours on either side of it, and where the baseline
+happens to round the largest value exactly, half an ulp failed ~1 seed in 40 (k3).
 """
 
 from __future__ import annotations
@@ -25,6 +28,6 @@ def assert_within_tolerance(out, ref64, baseline, dtype: torch.dtype, what: str 
     assert torch.isfinite(out.detach().double().cpu()[torch.isfinite(ref64.cpu())]).all(), f"{what}: non-finite values"
     finite = ref64.detach()[torch.isfinite(ref64)]
     largest = finite.abs().max().item() if finite.numel() else 0.0
-    budget = 2.0 * max_abs_error(baseline, ref64) + ATOL[dtype] + 0.5 * torch.finfo(out.dtype).eps * largest
+    budget = 2.0 * max_abs_error(baseline, ref64) + ATOL[dtype] + torch.finfo(out.dtype).eps * largest
     err = max_abs_error(out, ref64)
     assert err <= budget, f"{what}: max |error| {err:.3e} exceeds budget {budget:.3e} ({dtype})"
