@@ -120,7 +120,7 @@ def policy_loss_ref(
         loss_tok = torch.maximum(loss1, loss2)
         if dual_clip is not None:
             loss3 = -adv * dual_clip
-            lower = (loss_tok > loss3).logical_and_(adv < 0)
+            lower = (adv < 0) & (loss_tok > loss3)
             loss_tok = torch.where(adv < 0, torch.minimum(loss_tok, loss3), loss_tok)
     elif loss in ("cispo", "cispo-trl"):
         if loss == "cispo":
