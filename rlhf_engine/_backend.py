@@ -69,7 +69,14 @@ def _installed_interpreter_problem() -> str | None:
         return None
     import numpy
 
-    return interpreter_problem(importlib.metadata.version("triton"), numpy.__version__)
+    # The module `triton` ships as the distribution "triton", or "pytorch-triton" with
+    # torch nightlies; without either's metadata (a source checkout) nothing is known.
+    for distribution in ("triton", "pytorch-triton"):
+        try:
+            return interpreter_problem(importlib.metadata.version(distribution), numpy.__version__)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 # Looked up once at import, a plain value like _TRITON_FOUND (torch.compile traces it).

@@ -116,6 +116,19 @@ def test_interpreter_rejects_triton_before_3_7_with_numpy_2_4(monkeypatch, trito
             _backend.resolve_backend("gae", "triton", torch.device("cpu"))
 
 
+def test_triton_without_distribution_metadata_is_no_problem(monkeypatch):
+    # `triton` may come as "pytorch-triton" or from a source checkout: looking its version
+    # up must never make `import rlhf_engine` fail.
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    monkeypatch.setattr(_backend, "_TRITON_FOUND", True)
+    assert _backend._installed_interpreter_problem() is None
+
+
 def test_checks_name_the_argument():
     with pytest.raises(TypeError, match="op: x must be a torch.Tensor"):
         _checks.check_tensor("op", "x", [1.0])
