@@ -23,7 +23,7 @@ compiles a graph of ~10·T ops (slow at T = 2048; that is what a user of the loo
 import torch
 
 from rlhf_engine import ops
-from rlhf_engine.benchmarks.common import Result, compiled, measure, script_main
+from rlhf_engine.benchmarks.common import Result, compiled, measure, script_main, sweep
 
 GAMMA, LAM = 1.0, 0.95
 
@@ -91,20 +91,6 @@ def _ours(device):
     return ["triton", "torch"] if device.type == "cuda" else ["torch"]
 
 
-def _sizes(device, quick, *, cpu: list, cuda, small):
-    """The sizes one family runs at: ``small`` for ``--quick``, ``cuda`` on a GPU, and on
-    the CPU the sweep ``cpu`` (from a GRPO batch of a few hundred sequences up: the torch
-    backend's fixed per-call cost shows at the small end)."""
-    if quick:
-        return [small]
-    return [cuda] if device.type == "cuda" else cpu
-
-
-def _group(device, quick) -> list[Result]:
-    sizes = _sizes(device, quick, cpu=[64, 1024, 8192], cuda=65536, small=1024)
-    return [r for num_groups in sizes for r in _group_at(device, quick, num_groups)]
-
-
 def _group_at(device, quick, num_groups) -> list[Result]:
     group_size = 8
     S = num_groups * group_size
@@ -136,11 +122,6 @@ def _tokens(device, B, T):
     return rewards, values, mask, f"B={B} T={T}"
 
 
-def _gae(device, quick) -> list[Result]:
-    sizes = _sizes(device, quick, cpu=[(16, 32), (16, 256)], cuda=(512, 2048), small=(16, 32))
-    return [r for B, T in sizes for r in _gae_at(device, quick, B, T)]
-
-
 def _gae_at(device, quick, B, T) -> list[Result]:
     rewards, values, mask, shape = _tokens(device, B, T)
     N = rewards.numel()
@@ -162,11 +143,6 @@ def _gae_at(device, quick, B, T) -> list[Result]:
     return results
 
 
-def _whiten(device, quick) -> list[Result]:
-    sizes = _sizes(device, quick, cpu=[1 << 12, 1 << 16, 1 << 20], cuda=1 << 20, small=1 << 16)
-    return [r for N in sizes for r in _whiten_at(device, quick, N)]
-
-
 def _whiten_at(device, quick, N) -> list[Result]:
     x = torch.randn(N, device=device)
     mask = torch.rand(N, device=device) > 0.2
@@ -178,7 +154,12 @@ def _whiten_at(device, quick, N) -> list[Result]:
 
 
 def run(device: torch.device, quick: bool) -> list[Result]:
-    return _group(device, quick) + _gae(device, quick) + _whiten(device, quick)
+    # On the CPU: from a GRPO batch of a few hundred sequences, and from 512 tokens, up.
+    return (
+        sweep(_group_at, device, quick, small=1024, cuda=65536, cpu=[64, 1024, 8192])
+        + sweep(_gae_at, device, quick, small=(16, 32), cuda=(512, 2048), cpu=[(16, 32), (16, 256)])
+        + sweep(_whiten_at, device, quick, small=1 << 16, cuda=1 << 20, cpu=[1 << 12, 1 << 16, 1 << 20])
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ it is known only after the whole batch is reduced).
 import torch
 
 from rlhf_engine import ops
-from rlhf_engine.benchmarks.common import Result, compiled, measure, script_main
+from rlhf_engine.benchmarks.common import Result, compiled, measure, script_main, sweep
 
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP, BETA = 0.2, 0.28, 3.0, 0.04
 
@@ -142,15 +142,8 @@ def _fwd_bwd(loss_fn, wrt):
     return step
 
 
-def _shapes(device, quick) -> list[tuple[int, int]]:
-    """``(B, T)`` per run. On the CPU the full run sweeps 4K to 1M tokens: the torch
-    backend pays a fixed per-call cost (validation, the fused metrics) that matters only
-    at the small end, and wins on passes at the large end."""
-    if quick:
-        return [(16, 256)]
-    if device.type == "cuda":
-        return [(512, 2048)]
-    return [(16, 256), (64, 256), (64, 1024), (256, 4096)]
+# (B, T): on the CPU the full run sweeps 4K to 1M tokens.
+SIZES = dict(small=(16, 256), cuda=(512, 2048), cpu=[(16, 256), (64, 256), (64, 1024), (256, 4096)])
 
 
 def _inputs(device, B, T):
@@ -165,10 +158,6 @@ def _inputs(device, B, T):
         mask=torch.arange(T, device=device)[None, :] < lengths,  # right padding
     )
     return batch, f"B={B} T={T}", B * T
-
-
-def _policy(device, quick) -> list[Result]:
-    return [r for B, T in _shapes(device, quick) for r in _policy_at(device, quick, B, T)]
 
 
 def _policy_at(device, quick, B, T) -> list[Result]:
@@ -199,10 +188,6 @@ def _policy_at(device, quick, B, T) -> list[Result]:
     return results
 
 
-def _value(device, quick) -> list[Result]:
-    return [r for B, T in _shapes(device, quick) for r in _value_at(device, quick, B, T)]
-
-
 def _value_at(device, quick, B, T) -> list[Result]:
     x, shape, n = _inputs(device, B, T)
     values, old_values, returns, mask = x["lp"], x["old"], x["ref"], x["mask"]
@@ -214,10 +199,6 @@ def _value_at(device, quick, B, T) -> list[Result]:
     compiled_value = compiled(eager_value_loss)
     impls["torch.compile (verl)"] = _fwd_bwd(lambda: compiled_value(values, old_values, returns, mask), values)
     return measure("value_loss", shape, impls, device=device, bytes_moved=17 * n, quick=quick, dtype=torch.float32)
-
-
-def _kl(device, quick) -> list[Result]:
-    return [r for B, T in _shapes(device, quick) for r in _kl_at(device, quick, B, T)]
 
 
 def _kl_at(device, quick, B, T) -> list[Result]:
@@ -236,7 +217,7 @@ def _kl_at(device, quick, B, T) -> list[Result]:
 
 
 def run(device: torch.device, quick: bool) -> list[Result]:
-    return _policy(device, quick) + _value(device, quick) + _kl(device, quick)
+    return sum((sweep(run_at, device, quick, **SIZES) for run_at in (_policy_at, _value_at, _kl_at)), [])
 
 
 if __name__ == "__main__":

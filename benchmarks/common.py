@@ -157,6 +157,15 @@ def measure(
     return results
 
 
+def sweep(run_at: Callable[..., list[Result]], device: torch.device, quick: bool, *, small, cuda, cpu: list) -> list[Result]:
+    """``run_at(device, quick, *size)`` over one benchmark's sizes: ``small`` for
+    ``--quick``, ``cuda`` on a GPU, and on the CPU each of ``cpu`` (a sweep from the small
+    end up: the torch backend's fixed per-call cost shows only there). A size is a tuple
+    of arguments or a single one."""
+    sizes = [small] if quick else [cuda] if device.type == "cuda" else cpu
+    return [r for size in sizes for r in run_at(device, quick, *(size if isinstance(size, tuple) else (size,)))]
+
+
 def compiled(fn: Callable) -> Callable:
     """``torch.compile`` of the eager code, as a user of TRL/verl would get it."""
     return torch.compile(fn, dynamic=False)
