@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rlhf_engine.tasks.data import read_jsonl
+
 _RESERVED = ("phase", "step", "time")
 _POSTFIX_METRICS = 4
 
@@ -109,21 +111,10 @@ def read_runlog(path: str | Path) -> list[dict]:
     A torn last line (the run was killed mid-write) is dropped; a malformed line
     anywhere else raises ``ValueError("<path>:<line>: ...")``.
     """
-    if not isinstance(path, (str, Path)):
-        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(lines):
-                break
-            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(record, dict) or "phase" not in record or "step" not in record:
-            raise ValueError(f"{path}:{lineno}: not a RunLog record (needs 'phase' and 'step')")
-        records.append(record)
-    return records
+    return read_jsonl(path, {}, check=_runlog_problem, torn_tail_ok=True)
+
+
+def _runlog_problem(record: dict) -> str | None:
+    if "phase" not in record or "step" not in record:
+        return "not a RunLog record (needs 'phase' and 'step')"
+    return None

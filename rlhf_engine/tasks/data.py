@@ -69,7 +69,9 @@ def _type_ok(value, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-def read_jsonl(path, required: dict[str, type], check: Callable[[dict], str | None] | None = None) -> list[dict]:
+def read_jsonl(
+    path, required: dict[str, type], check: Callable[[dict], str | None] | None = None, *, torn_tail_ok: bool = False
+) -> list[dict]:
     """Read a JSON-lines file: one JSON object per non-blank line.
 
     ``required`` maps field name -> Python type (``str``, ``int``, ``float`` (ints
@@ -78,34 +80,37 @@ def read_jsonl(path, required: dict[str, type], check: Callable[[dict], str | No
     error message, or None when the record is fine. Raises
     ``ValueError("<path>:<line>: ...")`` for malformed JSON, a non-object line, a missing
     or mistyped field, or a message from ``check``, and ``FileNotFoundError`` for a
-    missing file. Returns the records in file order.
+    missing file. Returns the records in file order. ``torn_tail_ok``: a last line that
+    is not complete JSON (a writer killed mid-line) is dropped instead.
     """
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     if not isinstance(required, dict) or not all(isinstance(k, str) and isinstance(t, type) for k, t in required.items()):
         raise TypeError("required must be a dict mapping field names (str) to types")
     path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
     records = []
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            for field, expected in required.items():
-                if field not in record:
-                    raise ValueError(f"{path}:{lineno}: missing field {field!r}")
-                if not _type_ok(record[field], expected):
-                    raise ValueError(
-                        f"{path}:{lineno}: field {field!r} must be {expected.__name__}, "
-                        f"got {type(record[field]).__name__}"
-                    )
-            problem = check(record) if check is not None else None
-            if problem:
-                raise ValueError(f"{path}:{lineno}: {problem}")
-            records.append(record)
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if torn_tail_ok and lineno == len(lines):
+                break
+            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        for field, expected in required.items():
+            if field not in record:
+                raise ValueError(f"{path}:{lineno}: missing field {field!r}")
+            if not _type_ok(record[field], expected):
+                raise ValueError(
+                    f"{path}:{lineno}: field {field!r} must be {expected.__name__}, "
+                    f"got {type(record[field]).__name__}"
+                )
+        problem = check(record) if check is not None else None
+        if problem:
+            raise ValueError(f"{path}:{lineno}: {problem}")
+        records.append(record)
     return records
