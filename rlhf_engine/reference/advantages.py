@@ -199,17 +199,16 @@ def _baseline_and_scale(s, n, mean, var, lmean, method, scale, eps, verl):
     single = n < 2  # a bool when n is the (Python) group size
     base = lmean if method == "opo" else mean
     if method == "rloo":  # s − (n·μ − s)/(n − 1) = n/(n − 1)·(s − μ)
-        factor = n / max(n - 1, 1.0) if isinstance(n, float) else n / (n - 1).clamp_min(1.0)
+        factor = n / at_least(n - 1, 1.0)
     elif method == "grpo" and scale == "group":
         factor = var.sqrt().add_(eps).reciprocal_()
     elif method == "grpo" and scale == "batch":
         count = torch.tensor(float(s.numel()), device=s.device)
         batch_mean, batch_var = _mean_var(s.sum(), lambda m: ((s - m) ** 2).sum(), count)
         fallback = 1.0 if verl else 0.0
-        factor = 1.0 / (torch.where(count < 2, fallback, batch_var.sqrt()) + eps)
-        factor = factor if isinstance(n, float) else factor.expand_as(n)
+        factor = 1.0 / (torch.where(count < 2, fallback, batch_var.sqrt()) + eps)  # 0-d
     else:
-        factor = 1.0 if isinstance(n, float) else torch.ones_like(n)
+        factor = 1.0
     if verl:
         lone_factor = 1.0 / (1.0 + eps) if method == "grpo" and scale == "group" else factor
         return _select(single, 0.0, base), _select(single, lone_factor, factor)
@@ -217,6 +216,12 @@ def _baseline_and_scale(s, n, mean, var, lmean, method, scale, eps, verl):
         # a singleton's s − μ is exactly 0 (μ = s/1), so its advantage is 0 at any scale
         return base, factor
     return base, _select(single, 0.0, factor)
+
+
+def _per_sample(x, ids):
+    """A per-group ``[num_groups]`` tensor gathered to the samples; a number or a 0-d tensor
+    (one value for every group) as it is."""
+    return x.index_select(0, ids) if isinstance(x, torch.Tensor) and x.dim() else x
 
 
 def _select(cond, a, b):
@@ -253,7 +258,7 @@ def group_advantages_torch(
         adv = (diff * factor).view(-1)
     else:
         diff = centered if base is mean else s - base.index_select(0, ids)
-        adv = diff * factor.index_select(0, ids)
+        adv = diff * _per_sample(factor, ids)
     if method == "reinforce_pp_baseline":
         adv = masked_whiten_torch(adv, torch.ones_like(s) if lengths is None else lengths, True, eps)
     return adv
