@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_engine.reference.aggregation import at_least, host_scalar
+from rlhf_engine.reference.aggregation import at_least, host_scalar, numeric
 
 METHODS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo")
 SCALES = ("group", "batch", "none")
@@ -127,25 +127,30 @@ def masked_whiten_torch(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = 
     than ``where``/``masked_fill`` with a bool mask), so a non-finite value at a masked
     position turns the result into NaN (loudly) instead of being ignored.
     """
-    w = mask.reshape(-1).to(torch.float32)
+    w = numeric(mask.reshape(-1)).to(torch.float32)
     xf = x.reshape(-1).to(torch.float32)
     # The scalar chain runs on host floats for CPU tensors (reading one is free there, and
     # each op on a 0-d tensor costs about a microsecond), on 0-d tensors elsewhere (no sync).
     n = host_scalar(w.sum())
     weighted = xf * w
     mean = host_scalar(weighted.sum()) / at_least(n, 1e-30)  # 0 when n = 0
-    centered = xf - mean
+    if mask.dtype == torch.bool:
+        # w is 0 or 1, so x·w − μ·w is exactly (x − μ)·w: the centered values, already 0
+        # where masked, in one pass and no new tensor
+        centered = weighted.sub_(w, alpha=mean) if isinstance(mean, float) else weighted.sub_(w * mean)
+        spread = centered
+    else:
+        centered = xf - mean
+        spread = torch.mul(centered, w, out=weighted)  # (x − μ)·w
     # mul + sum rather than torch.dot: MKL's multithreaded sdot stalls for milliseconds
     # on some inputs (seen with 0/1 vectors), the elementwise path never does.
-    torch.mul(centered, w, out=weighted)
-    sq = host_scalar((weighted * centered).sum())
+    sq = host_scalar((spread * centered).sum())
     # unbiased var = sq / (n − 1); Σw ≤ 1 leaves the spread unknown, so every valid value
     # maps to the mean (scale 0)
     inv_std = (sq / at_least(n - 1, 1e-30) + eps) ** -0.5 * (n > 1)
-    if mask.dtype == torch.bool:
-        out = weighted.mul_(inv_std)  # (x − μ)·w is already 0 where masked
-    else:
-        out = centered.mul_(inv_std).mul_(w != 0)
+    out = centered.mul_(inv_std)
+    if mask.dtype != torch.bool:
+        out.mul_(w != 0)
     if not shift_mean:
         out = (out + mean).mul_(w != 0)
     return out.view(x.shape)

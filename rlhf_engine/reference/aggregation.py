@@ -26,7 +26,7 @@ What lives here: :func:`aggregate_ref` (the spec, per token, differentiable);
 for the torch backends, :class:`Segments` (vectorized per-sequence sums over a flat
 token axis), :class:`TokenMask` / :class:`Where` (exact selects, without
 ``torch.where``'s scalar loop on large CPU tensors) and the small-call helpers
-(:func:`scalar`, :func:`host_scalar`, ...: at a few thousand tokens the number of ops is
+(:func:`scalar`, :func:`host_scalar`, :func:`numeric`, ...: at a few thousand tokens the number of ops is
 the cost); and :func:`aggregate_partials` (per-sequence sums -> loss and ``w``, shared
 by every backend).
 """
@@ -173,6 +173,13 @@ def scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     if cached is None:
         cached = _CPU_SCALARS[value] = torch.tensor(value, dtype=torch.float32)
     return cached
+
+
+def numeric(mask: torch.Tensor) -> torch.Tensor:
+    """A mask ready to convert to numbers: a bool tensor's bytes as uint8 (0 / 1), other
+    dtypes as they are. On the CPU a bool -> fp32 cast or copy is a scalar loop, about 6x
+    slower than the vectorized uint8 -> fp32 one (0.34 ms vs 0.05 ms at 1M tokens)."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def half_square(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

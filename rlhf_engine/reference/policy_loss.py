@@ -49,6 +49,7 @@ from rlhf_engine.reference.aggregation import (
     half_square,
     host_scalar,
     if_counted,
+    numeric,
     token_passes,
 )
 from rlhf_engine.reference.kl import kl_estimate_and_grad, kl_penalty_ref
@@ -248,7 +249,7 @@ def _token_pass(
     log_ratio = lp - old
     if loss == "gspo":
         seq_sum = seg.sum(token_mask.apply(log_ratio))
-        seq_count = seg.sum(seg.tokens(mask).to(f32))
+        seq_count = seg.sum(numeric(seg.tokens(mask)).to(f32))
         seq_mean = torch.where(seq_count > 0, seq_sum / torch.where(seq_count > 0, seq_count, 1.0), 0.0)
         ratio_arg = seg.expand(seq_mean)
     else:
@@ -322,7 +323,7 @@ def _token_pass(
         elif name != "count":
             row.zero_() if columns[name] is None else row.copy_(columns[name])
     token_mask.apply_(buf)
-    buf[1].copy_(seg.tokens(mask))  # the weights themselves, after masking
+    buf[1].copy_(numeric(seg.tokens(mask)))  # the weights themselves, after masking
     sums = seg.sum(buf)
     if buf.shape[-1]:
         # ratio > 0 (or NaN), so a masked 0 never wins the maximum of an active token: with a

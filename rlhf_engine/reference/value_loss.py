@@ -27,6 +27,7 @@ from rlhf_engine.reference.aggregation import (
     half_square,
     host_scalar,
     if_counted,
+    numeric,
 )
 from rlhf_engine.reference.policy_loss import sequence_bounds
 
@@ -99,7 +100,7 @@ def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, 
         through = token_mask.active.cond > is_clipped
     values_row.copy_(v)
     token_mask.apply_(buf)
-    count_row.copy_(seg.tokens(mask))  # the weights themselves, after masking
+    count_row.copy_(numeric(seg.tokens(mask)))  # the weights themselves, after masking
     sums = seg.sum(buf)
     total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
     totals = sums.sum(-1)
