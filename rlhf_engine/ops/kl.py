@@ -12,13 +12,13 @@ OP = "kl_penalty"
 
 
 def _fwd_torch(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: bool, need_grad: bool):
-    lp, ref = logp.float(), ref_logp.float()
     if not need_grad:
-        return kl_estimate(lp, ref, estimator, clamp), lp.new_empty(0)
-    if torch.float64 in (logp.dtype, ref_logp.dtype):
+        return kl_estimate(logp.float(), ref_logp.float(), estimator, clamp), logp.new_empty(0)
+    value, dvalue = kl_estimate_and_grad(logp, ref_logp, estimator, clamp)
+    if value.dtype == torch.float64:
         # the value in fp32 as always, the derivative in float64 from the float64 inputs
-        return kl_estimate(lp, ref, estimator, clamp), kl_estimate_and_grad(logp, ref_logp, estimator, clamp)[1]
-    return kl_estimate_and_grad(lp, ref, estimator, clamp)
+        value = kl_estimate(logp.float(), ref_logp.float(), estimator, clamp)
+    return value, dvalue
 
 
 _FWD = {"torch": _fwd_torch, "triton": lazy("rlhf_engine.kernels.kl", "kl_penalty_fwd")}
@@ -83,19 +83,19 @@ class _EagerKLPenalty(torch.autograd.Function):
     """The torch backend outside torch.compile: the custom op's forward and backward
     without its dispatch. The op, and a Function with ``setup_context``, each cost ~20 us a
     call, as much as the whole eager k3 forward + backward at a few thousand tokens; this
-    classic Function (one output, ``ctx`` in ``forward``) costs a few. torch.compile sees
-    the custom op."""
+    classic Function (one output, ``ctx`` in ``forward``) costs a few, and fewer with the
+    options in one tuple (``apply`` pays per argument). torch.compile sees the custom op."""
 
     @staticmethod
-    def forward(ctx, logp, ref_logp, estimator, clamp, backend, need_grad):
-        value, dvalue = _fwd_torch(logp, ref_logp, estimator, clamp, need_grad)
+    def forward(ctx, logp, ref_logp, options):
+        value, dvalue = _fwd_torch(logp, ref_logp, *options)
         ctx.save_for_backward(dvalue)
         ctx.dtypes = (logp.dtype, ref_logp.dtype)
         return value
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad, None)
+        return _backward(ctx, grad, None)[:3]
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k3", clamp: bool = False, backend: str = "auto") -> torch.Tensor:
@@ -139,5 +139,5 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
     # k1's derivative is 1: its backward needs no second output
     need_grad = differentiable and ESTIMATORS[estimator] != ("k1", False)
     if eager:
-        return _EagerKLPenalty.apply(logp, ref_logp, estimator, clamp, chosen, need_grad)
+        return _EagerKLPenalty.apply(logp, ref_logp, (estimator, clamp, need_grad))
     return _kl_penalty_fwd(logp, ref_logp, estimator, clamp, chosen, need_grad)[0]
