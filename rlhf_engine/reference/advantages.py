@@ -201,7 +201,6 @@ def _baseline_and_scale(s, n, mean, var, lmean, method, scale, eps, verl):
     Singletons: trl keeps ``base = μ = s`` and sets scale 0 (advantage 0); verl uses
     base 0 and scale 1 (``1/(1+ε)`` for GRPO with group scaling).
     """
-    single = n < 2  # a bool when n is the (Python) group size
     base = lmean if method == "opo" else mean
     if method == "rloo":  # s − (n·μ − s)/(n − 1) = n/(n − 1)·(s − μ)
         factor = n / at_least(n - 1, 1.0)
@@ -214,12 +213,13 @@ def _baseline_and_scale(s, n, mean, var, lmean, method, scale, eps, verl):
         factor = 1.0 / (torch.where(count < 2, fallback, batch_var.sqrt()) + eps)  # 0-d
     else:
         factor = 1.0
+    if not verl and base is mean:
+        # a singleton's s − μ is exactly 0 (μ = s/1), so its advantage is 0 at any scale
+        return base, factor
+    single = n < 2  # a bool when n is the (Python) group size
     if verl:
         lone_factor = 1.0 / (1.0 + eps) if method == "grpo" and scale == "group" else factor
         return _select(single, 0.0, base), _select(single, lone_factor, factor)
-    if base is mean:
-        # a singleton's s − μ is exactly 0 (μ = s/1), so its advantage is 0 at any scale
-        return base, factor
     return base, _select(single, 0.0, factor)
 
 
