@@ -33,6 +33,8 @@ by every backend).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
@@ -159,20 +161,19 @@ def token_passes(cu_seqlens: torch.Tensor, num_tokens: int, seq_len: int) -> lis
 WHERE_MAX_CPU = 8192  # elements; measured crossover 8K-16K fp32 on a 1-thread EPYC
 
 
-_CPU_SCALARS: dict = {}
-
-
 def scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     """``value`` as a 0-d fp32 tensor on ``like``'s device, an operand for ``torch.where``
-    (``out=`` takes no number) and ``addcmul``: cached for the CPU, where a Python number
-    costs a scalar-tensor conversion per call (~1 us, a quarter of a small select); made
-    per call elsewhere."""
+    (``out=`` takes no number), ``addcmul`` and elementwise ops: cached for the CPU, where
+    a Python number costs a scalar-tensor conversion per call (~1 us, as much as the op
+    over a few thousand tokens); made per call elsewhere. Never written to."""
     if like.device.type != "cpu":
         return like.new_full((), value, dtype=torch.float32)
-    cached = _CPU_SCALARS.get(value)
-    if cached is None:
-        cached = _CPU_SCALARS[value] = torch.tensor(value, dtype=torch.float32)
-    return cached
+    return _cpu_scalar(value)
+
+
+@functools.lru_cache(maxsize=64)  # bounded: options such as clip ranges may follow a schedule
+def _cpu_scalar(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
 
 
 def numeric(mask: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ from rlhf_engine.reference.aggregation import (
     host_scalar,
     if_counted,
     numeric,
+    scalar,
     token_passes,
 )
 from rlhf_engine.reference.kl import kl_estimate_and_grad, kl_penalty_ref
@@ -284,8 +285,8 @@ def _token_pass(
             through = through & torch.where(clipped, clipped_ratio == ratio, ratio <= delta)
             pg_grad = neg_adv * ratio
         if dual_clip is not None:
-            loss3 = neg_adv * dual_clip
-            lower = (loss_tok > loss3).logical_and_(adv < 0)
+            loss3 = neg_adv * scalar(dual_clip, neg_adv)
+            lower = (loss_tok > loss3).logical_and_(adv < scalar(0.0, adv))
             loss_tok = Where(lower).select(loss3, loss_tok)
             through = through > lower
         grad = Where(through).keep(pg_grad)
@@ -321,7 +322,7 @@ def _token_pass(
         if name == "approx_kl":
             half_square(log_ratio, out=row)
         elif name != "count":
-            row.zero_() if columns[name] is None else row.copy_(columns[name])
+            row.zero_() if columns[name] is None else row.copy_(numeric(columns[name]))
     token_mask.apply_(buf)
     buf[1].copy_(numeric(seg.tokens(mask)))  # the weights themselves, after masking
     sums = seg.sum(buf)

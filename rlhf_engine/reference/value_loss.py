@@ -93,7 +93,7 @@ def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, 
         half_sq, half_sq_clipped = half_square(err, out=loss_row), half_square(clipped_err)
         is_clipped = half_sq_clipped > half_sq
         torch.maximum(half_sq, half_sq_clipped, out=loss_row)
-        clipped_row.copy_(is_clipped)
+        clipped_row.copy_(numeric(is_clipped))
         # The clipped term wins only where clip(V) != V (equal values give equal terms), so
         # its gradient there is 0: the gradient is err where active and not clipped (bools:
         # a > b is a and not b), one select for both.
