@@ -76,15 +76,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# CPU timing budget per row, in seconds: warm-up, then as many timed calls as fit (at
+# least CPU_MIN_CALLS). A call of a few microseconds needs thousands of samples before its
+# median settles; a handful after one warm-up call mostly measures cold caches.
+CPU_BUDGET_S = {False: 0.25, True: 0.02}
+CPU_MIN_CALLS = {False: 10, True: 3}
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, quick: bool = False) -> float:
-    """Median wall time of ``fn()`` in milliseconds (``triton.testing.do_bench`` on CUDA)."""
+    """Median wall time of ``fn()`` in milliseconds (``triton.testing.do_bench`` on CUDA;
+    on the CPU, single calls timed for ``CPU_BUDGET_S`` after a warm-up of a fifth of it)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
-    fn()  # warm-up (and compilation, for compiled callables)
+    budget = CPU_BUDGET_S[quick]
+    fn()  # compilation, for compiled callables
+    warm_until = time.perf_counter() + budget / 5
+    while time.perf_counter() < warm_until:
+        fn()
     times = []
-    for _ in range(3 if quick else 10):
+    deadline = time.perf_counter() + budget
+    while len(times) < CPU_MIN_CALLS[quick] or time.perf_counter() < deadline:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
