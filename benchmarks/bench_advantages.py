@@ -1,8 +1,9 @@
 """Benchmark: group_advantages, gae, discounted_returns, masked_whiten.
 
 Compared on the same inputs: our backends (triton on CUDA, torch everywhere), eager
-PyTorch written the way TRL / verl write it (``view(-1, G)`` statistics for GRPO, a
-scatter-based version for explicit group ids, the Python loop over time for GAE and
+PyTorch written the way TRL / verl write it (``view(-1, G)`` statistics for GRPO; for
+explicit group ids verl's per-sample loop, up to 8K samples on the CPU, and a
+vectorized ``index_add`` version; the Python loop over time for GAE and
 REINFORCE++ returns, mask-multiply whitening), and ``torch.compile`` of that eager code.
 There is no Liger-Kernel equivalent of these ops.
 
@@ -20,12 +21,17 @@ compiles a graph of ~10·T ops (slow at T = 2048; that is what a user of the loo
 """
 
 
+from collections import defaultdict
+
 import torch
 
 from rlhf_engine import ops
 from rlhf_engine.benchmarks.common import Result, compiled, measure, script_main, sweep
 
 GAMMA, LAM = 1.0, 0.95
+# verl's per-sample loop over group ids takes ~10 us a sample on the CPU (seconds from
+# tens of thousands; on a GPU each sample is a sync): timed up to this many samples
+VERL_LOOP_MAX = 8192
 
 
 # ----------------------------------------------------------- eager code, as trainers write it
@@ -38,7 +44,30 @@ def eager_grpo(scores, group_size):
     return (scores - mean) / (std + 1e-4)
 
 
+def eager_grpo_verl_loop(scores, index, eps=1e-6):
+    """GRPO over explicit groups as verl computes it from its per-sample ``index`` (a numpy
+    array of prompt ids): a dict of each group's scores, mean and unbiased std per group
+    (mean 0, std 1 for a singleton), then a loop over the samples."""
+    members = defaultdict(list)
+    for i in range(len(index)):
+        members[index[i]].append(scores[i])
+    stats = {}
+    for group, values in members.items():
+        if len(values) == 1:
+            stats[group] = (torch.tensor(0.0), torch.tensor(1.0))
+        else:
+            stacked = torch.stack(values)
+            stats[group] = (stacked.mean(), stacked.std())
+    out = scores.clone()
+    for i in range(len(index)):
+        mean, std = stats[index[i]]
+        out[i] = (scores[i] - mean) / (std + eps)
+    return out
+
+
 def eager_grpo_ids(scores, group_ids, num_groups):
+    """A vectorized version of grouping by ids (``index_add``), stronger than what TRL or
+    verl ship (TRL has no ids path; verl loops, :func:`eager_grpo_verl_loop`)."""
     count = torch.zeros(num_groups, device=scores.device).index_add_(0, group_ids, torch.ones_like(scores))
     mean = torch.zeros(num_groups, device=scores.device).index_add_(0, group_ids, scores) / count
     centered = scores - mean[group_ids]
@@ -107,6 +136,9 @@ def _group_at(device, quick, num_groups) -> list[Result]:
         f"ours ({b})": (lambda b=b: ops.group_advantages(scores, group_ids=ids, num_groups=num_groups, backend=b))
         for b in _ours(device)
     }
+    if device.type == "cpu" and S <= VERL_LOOP_MAX:
+        index = ids.numpy()
+        impls["eager (verl's loop)"] = lambda: eager_grpo_verl_loop(scores, index)
     impls["eager (index_add)"] = lambda: eager_grpo_ids(scores, ids, num_groups)
     compiled_ids = compiled(eager_grpo_ids)
     impls["torch.compile (index_add)"] = lambda: compiled_ids(scores, ids, num_groups)
