@@ -145,7 +145,7 @@ def policy_loss_ref(
     ent = None
     if entropy is not None:
         ent = entropy.reshape(-1).to(lp.dtype)
-        loss_tok = loss_tok - entropy_coef * ent
+        loss_tok = torch.sub(loss_tok, ent, alpha=entropy_coef)
     max_len = logp.shape[1] if (cu_seqlens is None and logp.dim() == 2) else None
     total = aggregate_ref(loss_tok, m, bounds, aggregation, normalizer, max_len)
 
@@ -308,12 +308,12 @@ def _token_pass(
     columns = {"clipped": clipped, "clipped_lower": lower, "ratio": ratio}
     if ref_logp is not None:
         kl, dkl = kl_estimate_and_grad(lp, seg.tokens(ref_logp.to(f32)), kl_estimator, kl_clamp)
-        loss_tok, grad = loss_tok + kl_coef * kl, grad + kl_coef * dkl
+        loss_tok, grad = torch.add(loss_tok, kl, alpha=kl_coef), torch.add(grad, dkl, alpha=kl_coef)
         columns["kl"] = kl
     if entropy is not None:
         ent = seg.tokens(entropy.to(f32))
         columns["entropy"] = ent
-        loss_tok = loss_tok - entropy_coef * ent
+        loss_tok = torch.sub(loss_tok, ent, alpha=entropy_coef)
     columns["loss"] = loss_tok
 
     rows = [name for name in _SUM_ROWS if name in columns or name in ("count", "approx_kl")]
