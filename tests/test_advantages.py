@@ -216,6 +216,18 @@ def test_masked_whiten_all_masked_and_padding_ignored(backend, device):
     torch.testing.assert_close(out, torch.tensor([-(0.5**0.5), 0.0, 0.5**0.5, 0.0]))
 
 
+@pytest.mark.parametrize("shape", WHITEN_SHAPES)
+def test_masked_whiten_bool_mask_equals_its_0_1_weights(device, shape):
+    # The torch backend centers a bool-masked x in place as x·w − μ·w, which is exact for
+    # 0/1 weights: it must give bit for bit what the float-weights path gives.
+    x = torch.randn(shape, device=device) * 3 + 1
+    valid = torch.rand(shape, device=device) > 0.3
+    for shift_mean in (True, False):
+        as_bool = ops.masked_whiten(x, valid, shift_mean=shift_mean, backend="torch")
+        as_weights = ops.masked_whiten(x, valid.float(), shift_mean=shift_mean, backend="torch")
+        assert torch.equal(as_bool, as_weights)
+
+
 def test_masked_whiten_compiles_without_graph_breaks(backend, device):
     x = torch.randn(3, 10, device=device)
     mask = torch.rand(3, 10, device=device) > 0.5
