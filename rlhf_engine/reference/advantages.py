@@ -142,9 +142,14 @@ def masked_whiten_torch(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = 
     else:
         centered = xf - mean
         spread = torch.mul(centered, w, out=weighted)  # (x − μ)·w
-    # mul + sum rather than torch.dot: MKL's multithreaded sdot stalls for milliseconds
-    # on some inputs (seen with 0/1 vectors), the elementwise path never does.
-    sq = host_scalar((spread * centered).sum())
+    # Not torch.dot: MKL's multithreaded sdot stalls for milliseconds on some inputs (seen
+    # with 0/1 vectors). With a bool mask the spread is the centered values themselves, and
+    # their squared norm is one pass with no temporary (a fresh multi-MB one is page-faulted
+    # in on the CPU at about the cost of the op).
+    if spread is centered:
+        sq = host_scalar(torch.linalg.vector_norm(centered)) ** 2
+    else:
+        sq = host_scalar((spread * centered).sum())
     # unbiased var = sq / (n − 1); Σw ≤ 1 leaves the spread unknown, so every valid value
     # maps to the mean (scale 0)
     inv_std = (sq / at_least(n - 1, 1e-30) + eps) ** -0.5 * (n > 1)
