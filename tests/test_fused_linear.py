@@ -350,10 +350,18 @@ def _assert_policy_loss_matches(batch, backend, chunk_size, **kw):
     ref_outs, ref_dleaves = _fwd_bwd(unfused, leaves, grads)
     assert len(outs) == len(ref_outs)
     for i, (out, ref) in enumerate(zip(outs, ref_outs)):
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"output {i}: {m}")
+        torch.testing.assert_close(out, ref, atol=_sum_atol(ref), rtol=1e-4, msg=lambda m: f"output {i}: {m}")
     for name, grad, ref in zip(("hidden", "weight", "bias"), dleaves, ref_dleaves):
         assert grad.abs().sum() > 0, f"d{name} is zero: the loss does not reach it"
-        torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(grad, ref, atol=_sum_atol(ref), rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+def _sum_atol(ref: torch.Tensor) -> float:
+    """Absolute tolerance for fp32 results that are sums over tokens and vocabulary: 1e-5
+    of the largest magnitude (at least 1e-5). An element that cancels down to a small
+    value keeps the rounding error of the terms it summed (seen: 1.6e-5 on a d hidden
+    element of 0.02 in a tensor of magnitude ~1, token-sum aggregation)."""
+    return 1e-5 * max(1.0, ref.detach().abs().max().item())
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
