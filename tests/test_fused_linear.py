@@ -349,8 +349,12 @@ def _assert_policy_loss_matches(batch, backend, chunk_size, **kw):
     outs, dleaves = _fwd_bwd(fused, leaves, grads)
     ref_outs, ref_dleaves = _fwd_bwd(unfused, leaves, grads)
     assert len(outs) == len(ref_outs)
+    # The loss can cancel to near 0 (a token-sum of terms of both signs) and keep the
+    # rounding of terms of magnitude ~|A·lp|: its tolerance follows those.
+    terms = (batch["advantages"].abs() * batch["old_logp"].abs() * batch["mask"]).sum().item()
     for i, (out, ref) in enumerate(zip(outs, ref_outs)):
-        torch.testing.assert_close(out, ref, atol=_sum_atol(ref), rtol=1e-4, msg=lambda m: f"output {i}: {m}")
+        atol = max(_sum_atol(ref), 1e-6 * terms) if i == 0 else _sum_atol(ref)
+        torch.testing.assert_close(out, ref, atol=atol, rtol=1e-4, msg=lambda m: f"output {i}: {m}")
     for name, grad, ref in zip(("hidden", "weight", "bias"), dleaves, ref_dleaves):
         assert grad.abs().sum() > 0, f"d{name} is zero: the loss does not reach it"
         torch.testing.assert_close(grad, ref, atol=_sum_atol(ref), rtol=1e-4, msg=lambda m: f"d{name}: {m}")
@@ -360,7 +364,8 @@ def _sum_atol(ref: torch.Tensor) -> float:
     """Absolute tolerance for fp32 results that are sums over tokens and vocabulary: 1e-5
     of the largest magnitude (at least 1e-5). An element that cancels down to a small
     value keeps the rounding error of the terms it summed (seen: 1.6e-5 on a d hidden
-    element of 0.02 in a tensor of magnitude ~1, token-sum aggregation)."""
+    element of 0.02 in a tensor of magnitude ~1, token-sum aggregation; and 1.7e-5 on a
+    token-sum loss of 0.058 over 21 tokens with |A·lp| ~ 2 each)."""
     return 1e-5 * max(1.0, ref.detach().abs().max().item())
 
 
