@@ -26,9 +26,9 @@ What lives here: :func:`aggregate_ref` (the spec, per token, differentiable);
 for the torch backends, :class:`Segments` (vectorized per-sequence sums over a flat
 token axis), :class:`TokenMask` / :class:`Where` (exact selects, without
 ``torch.where``'s scalar loop on large CPU tensors) and the small-call helpers
-(:func:`scalar`, :func:`host_scalar`, :func:`numeric`, ...: at a few thousand tokens the number of ops is
-the cost); and :func:`aggregate_partials` (per-sequence sums -> loss and ``w``, shared
-by every backend).
+(:func:`scalar`, :func:`host_scalar`, :func:`numeric`, ...: at a few thousand tokens
+the number of ops is the cost); and :func:`aggregate_partials` (per-sequence sums ->
+loss and ``w``, shared by every backend).
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def policy_loss_ref(
     ent = None
     if entropy is not None:
         ent = entropy.reshape(-1).to(lp.dtype)
-        loss_tok = torch.sub(loss_tok, ent, alpha=entropy_coef)
+        loss_tok = loss_tok - entropy_coef * ent
     max_len = logp.shape[1] if (cu_seqlens is None and logp.dim() == 2) else None
     total = aggregate_ref(loss_tok, m, bounds, aggregation, normalizer, max_len)
 
