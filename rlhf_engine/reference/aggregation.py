@@ -297,21 +297,19 @@ def aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, norm
     ``seq_len``: the padded length, 0 when packed. ``normalizer``: a tensor denominator or
     None; ``normalizer_const``: a number denominator, or 0 for none.
     """
-    if aggregation == "token-mean":
-        local = host_scalar(counts.sum())
-    elif aggregation in SEQ_COUNT_AGGREGATIONS:
-        local = host_scalar((counts > 0).sum().to(torch.float32))
-    elif aggregation == "seq-mean-token-sum-norm":
-        longest = seq_len if seq_len else host_scalar((cu_seqlens[1:] - cu_seqlens[:-1]).amax().to(torch.float32))
-        local = counts.numel() * longest
-    else:
-        local = 1.0
     if normalizer is not None:
         denominator = host_scalar(normalizer.to(torch.float32))
     elif normalizer_const > 0:
         denominator = normalizer_const
+    elif aggregation == "token-mean":
+        denominator = host_scalar(counts.sum())
+    elif aggregation in SEQ_COUNT_AGGREGATIONS:
+        denominator = host_scalar((counts > 0).sum().to(torch.float32))
+    elif aggregation == "seq-mean-token-sum-norm":
+        longest = seq_len if seq_len else host_scalar((cu_seqlens[1:] - cu_seqlens[:-1]).amax().to(torch.float32))
+        denominator = counts.numel() * longest
     else:
-        denominator = local
+        denominator = 1.0
     if isinstance(denominator, torch.Tensor):
         inverse = torch.where(denominator > 0, denominator.reciprocal(), scalar(0.0, denominator))
     else:
