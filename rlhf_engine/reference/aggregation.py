@@ -237,15 +237,6 @@ class Where:
             return torch.where(self.cond, x, scalar(0.0, x))
         return (_bits(x) & lanes).view(torch.float32)
 
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        """``torch.where(cond, 0.0, x)``."""
-        lanes = self.lanes(x)
-        if lanes is None:
-            return torch.where(self.cond, scalar(0.0, x), x)
-        # x & ~lanes as (x & lanes) ^ x: one new tensor, not two (a fresh large CPU tensor
-        # is page-faulted in, which costs as much as the op)
-        return (_bits(x) & lanes).bitwise_xor_(_bits(x)).view(torch.float32)
-
     def select(self, a: torch.Tensor, b) -> torch.Tensor:
         """``torch.where(cond, a, b)``; ``b`` a tensor or a number."""
         b = b if isinstance(b, torch.Tensor) else scalar(b, a)

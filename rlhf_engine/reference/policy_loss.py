@@ -296,7 +296,7 @@ def _token_pass(
         grad = -weight * adv
         loss_tok = grad * lp
     elif loss == "sapo":
-        tau = Where(adv > 0).select(adv.new_full((), SAPO_TAU_POS), SAPO_TAU_NEG)
+        tau = Where(adv > 0).select(scalar(SAPO_TAU_POS, adv), SAPO_TAU_NEG)
         gate = torch.sigmoid(tau * (ratio - 1))
         loss_tok = -adv * gate * (4 / tau)
         grad = Where(through).keep(-adv * 4 * gate * (1 - gate) * ratio)
