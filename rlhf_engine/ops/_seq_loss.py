@@ -18,6 +18,7 @@ import torch
 
 from rlhf_engine import _checks
 from rlhf_engine._backend import lazy
+from rlhf_engine.reference.aggregation import fp32
 
 
 class Layout(NamedTuple):
@@ -76,11 +77,12 @@ def normalizer_args(op: str, normalizer, device: torch.device):
 
 
 def _seq_scale_torch(grad, w, x, cu_seqlens, scale, seq_len, out_dtype):
-    coef = w * (grad.to(torch.float32) * scale)
+    coef = w * fp32(grad) if scale == 1.0 else w * (fp32(grad) * scale)
     if seq_len:
-        return (x.view(-1, seq_len) * coef[:, None]).reshape(-1).to(out_dtype)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    return (x * torch.repeat_interleave(coef, lengths, output_size=x.numel())).to(out_dtype)
+        out = (x.view(-1, seq_len) * coef[:, None]).view(-1)
+    else:
+        out = x * torch.repeat_interleave(coef, cu_seqlens[1:] - cu_seqlens[:-1], output_size=x.numel())
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 _BWD = {"torch": _seq_scale_torch, "triton": lazy("rlhf_engine.kernels.policy_loss", "seq_scale_bwd")}

@@ -92,11 +92,14 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         ctx.eager = eager_torch(inputs[_BACKEND])
+        logp, entropy = inputs[_LOGP], inputs[_ENTROPY]
+        ctx.shape = logp.shape
+        inputs = list(inputs)
+        inputs[_LOGP], inputs[_ENTROPY] = flat(logp), flat(entropy)
         total, metrics, g, w = (_policy_loss_forward if ctx.eager else _policy_loss_fwd)(*inputs)
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(g, w, inputs[_CU], inputs[_MASK])
-        entropy = inputs[_ENTROPY]
-        ctx.dtypes = (inputs[_LOGP].dtype, None if entropy is None else entropy.dtype)
+        ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
         ctx.entropy_coef, ctx.seq_len, ctx.backend = inputs[_ENTROPY_COEF], inputs[_SEQ_LEN], inputs[_BACKEND]
         return total, metrics
 
@@ -107,12 +110,12 @@ class _PolicyLoss(torch.autograd.Function):
         if ctx.needs_input_grad[_LOGP]:
             grads[_LOGP] = seq_loss_backward(
                 grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtypes[0], ctx.backend, ctx.eager
-            )
+            ).view(ctx.shape)
         if ctx.needs_input_grad[_ENTROPY]:
             # l -= c_H H: d loss / d H_t = -c_H w_b m_t
             grads[_ENTROPY] = seq_loss_backward(
                 grad_loss, w, mask, cu_seqlens, -ctx.entropy_coef, ctx.seq_len, ctx.dtypes[1], ctx.backend, ctx.eager
-            )
+            ).view(ctx.shape)
         return tuple(grads)
 
 
@@ -195,9 +198,13 @@ def policy_loss(
     norm_tensor, norm_const = normalizer_args(OP, normalizer, logp.device)
     chosen = resolve_backend(OP, backend, logp.device)
     total, metrics = _PolicyLoss.apply(
-        flat(logp), flat(old_logp), adv, flat(mask), layout.cu_seqlens, flat(ref_logp), flat(entropy), isw,
+        logp, flat(old_logp), adv, flat(mask), layout.cu_seqlens, flat(ref_logp), entropy, isw,
         norm_tensor, loss, clip_low, clip_high, dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef,
         aggregation, norm_const, layout.seq_len, chosen,
     )
-    given = {"kl": ref_logp is not None, "entropy": entropy is not None}
-    return total, {name: value for name, value in zip(METRICS, metrics.unbind(0)) if given.get(name, True)}
+    values = dict(zip(METRICS, metrics.unbind(0)))
+    if ref_logp is None:
+        del values["kl"]
+    if entropy is None:
+        del values["entropy"]
+    return total, values

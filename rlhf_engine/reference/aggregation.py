@@ -131,7 +131,7 @@ def token_passes(cu_seqlens: torch.Tensor, num_tokens: int, seq_len: int) -> lis
     torch.compile; one pair for the whole batch otherwise. ``seq_len``: the padded length,
     0 when packed."""
     num_seqs = cu_seqlens.numel() - 1
-    if cu_seqlens.device.type != "cpu" or num_tokens <= CPU_PASS_TOKENS or torch.compiler.is_compiling():
+    if num_tokens <= CPU_PASS_TOKENS or not cu_seqlens.is_cpu or torch.compiler.is_compiling():
         return [(slice(0, num_tokens), slice(0, num_seqs))]
     if seq_len:
         step = max(1, CPU_PASS_TOKENS // seq_len)
@@ -166,7 +166,7 @@ def scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     (``out=`` takes no number), ``addcmul`` and elementwise ops: cached for the CPU, where
     a Python number costs a scalar-tensor conversion per call (~1 us, as much as the op
     over a few thousand tokens); made per call elsewhere. Never written to."""
-    if like.device.type != "cpu":
+    if not like.is_cpu:
         return like.new_full((), value, dtype=torch.float32)
     return _cpu_scalar(value)
 
@@ -183,6 +183,11 @@ def numeric(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as fp32: itself when it already is (a no-op ``.to`` is still a call, ~0.4 us)."""
+    return x if x.dtype == torch.float32 else x.to(torch.float32)
+
+
 def half_square(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x * x / 2`` in one op (the halving is exact)."""
     return torch.addcmul(scalar(0.0, x), x, x, value=0.5, out=out)
@@ -195,7 +200,7 @@ def host_scalar(t: torch.Tensor):
     microsecond an op, as much as an elementwise op over a few thousand tokens: scalar
     chains (counts, means, denominators) run on host floats there and on 0-d tensors on
     other devices (no sync)."""
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and t.is_cpu:
         return t.item()
     return t
 
@@ -221,10 +226,10 @@ class Where:
         self.cond = cond
         self._lanes = None
 
-    def lanes(self, *operands) -> torch.Tensor | None:
-        """The condition's int32 lanes (built once) when selecting among ``operands`` is a
-        large CPU selection, else None."""
-        if self.cond.device.type != "cpu" or max(t.numel() for t in (self.cond,) + operands) <= WHERE_MAX_CPU:
+    def lanes(self, size: int) -> torch.Tensor | None:
+        """The condition's int32 lanes (built once) when a selection of ``size`` elements
+        (the condition broadcast against the operands) is a large CPU one, else None."""
+        if not self.cond.is_cpu or size <= WHERE_MAX_CPU:
             return None
         if self._lanes is None:
             self._lanes = self.cond.to(torch.int32).neg_()
@@ -232,7 +237,7 @@ class Where:
 
     def keep(self, x: torch.Tensor) -> torch.Tensor:
         """``torch.where(cond, x, 0.0)``."""
-        lanes = self.lanes(x)
+        lanes = self.lanes(max(self.cond.numel(), x.numel()))
         if lanes is None:
             return torch.where(self.cond, x, scalar(0.0, x))
         return (_bits(x) & lanes).view(torch.float32)
@@ -240,7 +245,7 @@ class Where:
     def select(self, a: torch.Tensor, b) -> torch.Tensor:
         """``torch.where(cond, a, b)``; ``b`` a tensor or a number."""
         b = b if isinstance(b, torch.Tensor) else scalar(b, a)
-        lanes = self.lanes(a, b)
+        lanes = self.lanes(max(self.cond.numel(), a.numel(), b.numel()))
         if lanes is None:
             return torch.where(self.cond, a, b)
         b_bits = _bits(b)
@@ -274,26 +279,27 @@ class TokenMask:
         """In place on a fp32 ``[..., *token shape]`` buffer."""
         if self.weights is not None:
             x.mul_(self.weights)
-        lanes = self.active.lanes(x)
+        lanes = self.active.lanes(x.numel())
         if lanes is None:
             return torch.where(self.active.cond, x, scalar(0.0, x), out=x)
         _bits(x).bitwise_and_(lanes)
         return x
 
 
-def aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const):
+def aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count=None):
     """Per-sequence ``L_b``, ``M_b`` (fp32 ``[S]``) -> ``(loss 0-d, w [S])``, no device sync
     (the denominator is a host float for CPU tensors, see :func:`host_scalar`).
 
     ``seq_len``: the padded length, 0 when packed. ``normalizer``: a tensor denominator or
-    None; ``normalizer_const``: a number denominator, or 0 for none.
+    None; ``normalizer_const``: a number denominator, or 0 for none. ``count``: ``sum_b
+    M_b`` when the caller has it already (as :func:`host_scalar` gives it).
     """
     if normalizer is not None:
         denominator = host_scalar(normalizer.to(torch.float32))
     elif normalizer_const > 0:
         denominator = normalizer_const
     elif aggregation == "token-mean":
-        denominator = host_scalar(counts.sum())
+        denominator = host_scalar(counts.sum()) if count is None else count
     elif aggregation in SEQ_COUNT_AGGREGATIONS:
         denominator = host_scalar((counts > 0).sum().to(torch.float32))
     elif aggregation == "seq-mean-token-sum-norm":

@@ -46,6 +46,7 @@ from rlhf_engine.reference.aggregation import (
     Where,
     aggregate_partials,
     aggregate_ref,
+    fp32,
     half_square,
     host_scalar,
     if_counted,
@@ -171,9 +172,9 @@ def policy_loss_ref(
     return total, metrics
 
 
-# Rows of the masked per-sequence sums the torch backend reduces in one pass (kl / entropy
-# only when given).
-_SUM_ROWS = ("loss", "count", "clipped", "clipped_lower", "approx_kl", "ratio", "kl", "entropy")
+# Rows of the masked per-sequence sums the torch backend reduces in one pass: these six,
+# then kl and entropy when given.
+_SUM_ROWS = ("loss", "count", "clipped", "clipped_lower", "approx_kl", "ratio")
 
 
 def policy_loss_torch(
@@ -205,7 +206,7 @@ def policy_loss_torch(
     )
     passes = token_passes(cu_seqlens, n, seq_len)
     if len(passes) == 1:
-        rows, sums, extremes, grad = _token_pass(
+        sums, extremes, grad = _token_pass(
             logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, **options
         )
     else:
@@ -215,7 +216,7 @@ def policy_loss_torch(
             def cut(x):  # per-token inputs by tokens, per-sequence ones by sequences
                 return None if x is None else x[tokens] if x.numel() == n else x[seqs]
 
-            rows, pass_sums, pass_extremes, pass_grad = _token_pass(
+            pass_sums, pass_extremes, pass_grad = _token_pass(
                 cut(logp), cut(old_logp), cut(advantages), cut(mask),
                 cu_seqlens[seqs.start:seqs.stop + 1] - cu_seqlens[seqs.start], cut(ref_logp), cut(entropy),
                 cut(is_weights), **options,
@@ -225,13 +226,16 @@ def policy_loss_torch(
             extremes.append(pass_extremes)
         sums, extremes = torch.cat(sums, dim=1), torch.stack(extremes)
         extremes = torch.stack([extremes[:, 0].amin(), extremes[:, 1].amax()])
-    total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
-
     totals = sums.sum(-1)
     count = host_scalar(totals[1])
-    means = totals[2:] / count  # rows[2:]: clipped, clipped_lower, approx_kl, ratio, kl?, entropy?
-    extra = [means[rows.index(name) - 2:rows.index(name) - 1] if name in rows else totals.new_zeros(1) for name in ("kl", "entropy")]
-    metrics = if_counted(torch.cat([means[:4], extremes, *extra]), count)
+    total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count)
+    means = totals[2:] / count  # clipped, clipped_lower, approx_kl, ratio, then kl / entropy when given
+    with_kl, with_entropy = ref_logp is not None, entropy is not None
+    if with_kl == with_entropy:
+        tail = [means[4:] if with_kl else totals.new_zeros(2)]
+    else:  # the one not given is 0
+        tail = [means[4:], totals.new_zeros(1)] if with_kl else [totals.new_zeros(1), means[4:]]
+    metrics = if_counted(torch.cat([means[:4], extremes, *tail]), count)
     return total, metrics, grad, w
 
 
@@ -239,14 +243,14 @@ def _token_pass(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, *, loss, clip_low, clip_high,
     dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, seq_len,
 ):
-    """The per-token work of :func:`policy_loss_torch` over whole sequences -> ``(rows,
-    sums [len(rows), S], ratio extremes [2] (min, max over active tokens; inf / 0 for none),
-    g [N])``."""
+    """The per-token work of :func:`policy_loss_torch` over whole sequences -> ``(sums
+    [rows, S]`` (``_SUM_ROWS``, then kl and entropy when given), ratio extremes ``[2]`` (min,
+    max over active tokens; inf / 0 for none), ``g [N])``."""
     seg = Segments(cu_seqlens, logp.numel(), seq_len)
     f32 = torch.float32
-    lp, old = seg.tokens(logp.to(f32)), seg.tokens(old_logp.to(f32))
+    lp, old = seg.tokens(fp32(logp)), seg.tokens(fp32(old_logp))
     token_mask = TokenMask(seg.tokens(mask))
-    adv = seg.per_token(advantages.to(f32))
+    adv = seg.per_token(fp32(advantages))
     log_ratio = lp - old
     if loss == "gspo":
         seq_sum = seg.sum(token_mask.apply(log_ratio))
@@ -303,36 +307,37 @@ def _token_pass(
     else:
         loss_tok, grad = -adv * lp, -adv
     if is_weights is not None:
-        isw = seg.per_token(is_weights.to(f32))
+        isw = seg.per_token(fp32(is_weights))
         loss_tok, grad = loss_tok * isw, grad * isw
-    columns = {"clipped": clipped, "clipped_lower": lower, "ratio": ratio}
+    given = []  # the kl and entropy rows, when given
     if ref_logp is not None:
-        kl, dkl = kl_estimate_and_grad(lp, seg.tokens(ref_logp.to(f32)), kl_estimator, kl_clamp)
+        kl, dkl = kl_estimate_and_grad(lp, seg.tokens(fp32(ref_logp)), kl_estimator, kl_clamp)
         loss_tok, grad = torch.add(loss_tok, kl, alpha=kl_coef), torch.add(grad, dkl, alpha=kl_coef)
-        columns["kl"] = kl
+        given.append(kl)
     if entropy is not None:
-        ent = seg.tokens(entropy.to(f32))
-        columns["entropy"] = ent
+        ent = seg.tokens(fp32(entropy))
+        given.append(ent)
         loss_tok = torch.sub(loss_tok, ent, alpha=entropy_coef)
-    columns["loss"] = loss_tok
 
-    rows = [name for name in _SUM_ROWS if name in columns or name in ("count", "approx_kl")]
-    buf = torch.empty((len(rows),) + seg.shape, dtype=f32, device=lp.device)
-    for row, name in zip(buf, rows):
-        if name == "approx_kl":
-            half_square(log_ratio, out=row)
-        elif name != "count":
-            row.zero_() if columns[name] is None else row.copy_(numeric(columns[name]))
+    buf = torch.empty((len(_SUM_ROWS) + len(given),) + seg.shape, dtype=f32, device=lp.device)
+    loss_row, count_row, clipped_row, lower_row, approx_kl_row, ratio_row, *given_rows = buf
+    loss_row.copy_(loss_tok)
+    for row, flags in ((clipped_row, clipped), (lower_row, lower)):
+        row.zero_() if flags is None else row.copy_(numeric(flags))
+    half_square(log_ratio, out=approx_kl_row)
+    ratio_row.copy_(ratio)
+    for row, x in zip(given_rows, given):
+        row.copy_(x)
     token_mask.apply_(buf)
-    buf[1].copy_(numeric(seg.tokens(mask)))  # the weights themselves, after masking
+    count_row.copy_(numeric(seg.tokens(mask)))  # the weights themselves, after masking
     sums = seg.sum(buf)
     if buf.shape[-1]:
         # ratio > 0 (or NaN), so a masked 0 never wins the maximum of an active token: with a
         # bool mask the masked ratio row of the buffer serves
         active = token_mask.active
-        ratio_row = buf[rows.index("ratio")] if token_mask.weights is None else active.keep(ratio)
-        extremes = torch.stack([active.select(ratio, float("inf")).amin(), ratio_row.amax()])
+        ratio_max_of = ratio_row if token_mask.weights is None else active.keep(ratio)
+        extremes = torch.stack([active.select(ratio, float("inf")).amin(), ratio_max_of.amax()])
     else:
         extremes = torch.tensor([float("inf"), 0.0], device=buf.device)
     grad = token_mask.weigh(grad) if masked_through else token_mask.apply(grad)
-    return rows, sums, extremes, grad.reshape(-1)
+    return sums, extremes, grad.reshape(-1)

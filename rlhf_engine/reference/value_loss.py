@@ -24,6 +24,7 @@ from rlhf_engine.reference.aggregation import (
     Where,
     aggregate_partials,
     aggregate_ref,
+    fp32,
     half_square,
     host_scalar,
     if_counted,
@@ -77,7 +78,7 @@ def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, 
     """
     seg = Segments(cu_seqlens, values.numel(), seq_len)
     f32 = torch.float32
-    v, ret = seg.tokens(values.to(f32)), seg.tokens(returns.to(f32))
+    v, ret = seg.tokens(fp32(values)), seg.tokens(fp32(returns))
     token_mask = TokenMask(seg.tokens(mask))
     err = v - ret
     # Rows in PARTIALS order; the halved squares are exact (a power of two).
@@ -88,7 +89,7 @@ def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, 
         clipped_row.zero_()
         through = token_mask.active.cond
     else:
-        old = seg.tokens(old_values.to(f32))
+        old = seg.tokens(fp32(old_values))
         clipped_err = torch.clamp(v, old - clip, old + clip).sub_(ret)
         half_sq, half_sq_clipped = half_square(err, out=loss_row), half_square(clipped_err)
         is_clipped = half_sq_clipped > half_sq
@@ -102,9 +103,9 @@ def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, 
     token_mask.apply_(buf)
     count_row.copy_(numeric(seg.tokens(mask)))  # the weights themselves, after masking
     sums = seg.sum(buf)
-    total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
     totals = sums.sum(-1)
     count = host_scalar(totals[1])
+    total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count)
     metrics = if_counted(totals[2:] / count, count)  # PARTIALS[2:] are the METRICS
     grad = token_mask.weigh(Where(through).keep(err))
     return total, metrics, grad.reshape(-1), w
