@@ -191,7 +191,8 @@ def policy_loss_fwd(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, *, loss, clip_low, clip_high,
     dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, seq_len,
 ):
-    """Flat contiguous ``[N]`` inputs (``advantages`` / ``is_weights`` ``[N]`` or ``[S]``),
+    """Contiguous token inputs of any shape, read as flat ``[N]`` (``advantages`` /
+    ``is_weights`` per token or ``[S]``),
     ``cu_seqlens`` ``[S+1]`` -> ``(g [N] fp32, partials [S, len(PARTIALS)] fp32)``."""
     n = logp.numel()
     num_seqs = cu_seqlens.numel() - 1
@@ -228,7 +229,8 @@ def _seq_scale_kernel(x_ptr, w_ptr, grad_ptr, cu_ptr, out_ptr, scale, BLOCK: tl.
 
 def seq_scale_bwd(grad, w, x, cu_seqlens, scale: float, seq_len: int, out_dtype: torch.dtype) -> torch.Tensor:
     """``out_t = scale * grad * w[b(t)] * x_t`` in ``out_dtype``: ``grad`` 0-d (the loss's
-    gradient, read on the device), ``w`` fp32 ``[S]``, ``x`` ``[N]`` any dtype (bool too)."""
+    gradient, read on the device), ``w`` fp32 ``[S]``, ``x`` contiguous, ``N`` elements of
+    any dtype (bool too); the result is flat ``[N]``."""
     n = x.numel()
     num_seqs = cu_seqlens.numel() - 1
     out = torch.empty(n, dtype=store_dtype(out_dtype, x.device), device=x.device)

@@ -60,7 +60,7 @@ def _value_loss_fwd_kernel(v_ptr, old_ptr, ret_ptr, mask_ptr, cu_ptr, g_ptr, par
 
 
 def value_loss_fwd(values, old_values, returns, mask, cu_seqlens, *, clip, seq_len):
-    """Flat contiguous ``[N]`` inputs, ``cu_seqlens`` ``[S+1]`` ->
+    """Contiguous inputs of any shape, read as flat ``[N]``, ``cu_seqlens`` ``[S+1]`` ->
     ``(g [N] fp32, partials [S, len(PARTIALS)] fp32)``."""
     n = values.numel()
     num_seqs = cu_seqlens.numel() - 1

@@ -1,8 +1,9 @@
 """Plumbing shared by the per-sequence-aggregated losses (``policy_loss``, ``value_loss``).
 
 * :func:`token_layout` validates the padded ``[B, T]`` / packed ``[N]`` + ``cu_seqlens``
-  layout and returns the flat view every backend works on. A padded batch becomes
-  ``cu_seqlens = arange(B+1) * T`` built on the device, so no host sync.
+  layout. A padded batch becomes ``cu_seqlens = arange(B+1) * T`` built on the device, so
+  no host sync. Backends take the tokens :func:`dense`, in their own shape, and read them
+  as flat ``[N]`` memory.
 * :func:`per_token_or_seq` validates tensors given per token or per sequence.
 * :func:`normalizer_args` splits ``normalizer`` into a tensor or a constant.
 * ``rlhf_engine::seq_loss_bwd``: the backward of both losses, ``out_t = scale * grad *
@@ -44,7 +45,7 @@ def token_layout(op: str, name: str, x: torch.Tensor, cu_seqlens) -> Layout:
 
 
 def per_token_or_seq(op: str, name: str, t, like: torch.Tensor, num_seqs: int):
-    """``t`` has the shape of ``like`` (per token) or ``[num_seqs]`` (per sequence); flat."""
+    """``t`` has the shape of ``like`` (per token) or ``[num_seqs]`` (per sequence); dense."""
     if t is None:
         return None
     _checks.check_tensor(op, name, t)
@@ -54,11 +55,14 @@ def per_token_or_seq(op: str, name: str, t, like: torch.Tensor, num_seqs: int):
             f"({num_seqs},), got {tuple(t.shape)}"
         )
     _checks.check_same_device(op, "the tokens", like, **{name: t})
-    return flat(t)
+    return dense(t)
 
 
-def flat(t):
-    return None if t is None else t.reshape(-1).contiguous()
+def dense(t):
+    """``t`` contiguous in its own shape (itself when it already is), or None: the backends
+    read it as flat ``[N]`` memory. Not flattened here: a reshape is a call per input, and
+    a view of ``logp`` would add a node to the autograd graph."""
+    return None if t is None else t.contiguous()
 
 
 def normalizer_args(op: str, normalizer, device: torch.device):
@@ -93,13 +97,14 @@ def seq_loss_bwd(
     grad: torch.Tensor, w: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, seq_len: int,
     out_dtype: torch.dtype, backend: str,
 ) -> torch.Tensor:
-    """``scale * grad * w[b(t)] * x_t`` over the flat tokens, in ``out_dtype``."""
+    """``scale * grad * w[b(t)] * x_t`` over the tokens (``x`` dense, any shape), flat ``[N]``
+    in ``out_dtype``."""
     return _BWD[backend](grad, w, x, cu_seqlens, scale, seq_len, out_dtype)
 
 
 @seq_loss_bwd.register_fake
 def _(grad, w, x, cu_seqlens, scale, seq_len, out_dtype, backend):
-    return x.new_empty(x.shape, dtype=out_dtype)
+    return x.new_empty(x.numel(), dtype=out_dtype)
 
 
 def seq_loss_backward(grad, w, x, cu_seqlens, scale: float, seq_len: int, out_dtype: torch.dtype, backend: str, eager: bool):

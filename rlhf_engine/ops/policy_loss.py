@@ -8,7 +8,7 @@ import torch
 
 from rlhf_engine import _checks
 from rlhf_engine._backend import eager_torch, lazy, resolve_backend
-from rlhf_engine.ops._seq_loss import flat, normalizer_args, per_token_or_seq, seq_loss_backward, token_layout
+from rlhf_engine.ops._seq_loss import dense, normalizer_args, per_token_or_seq, seq_loss_backward, token_layout
 from rlhf_engine.reference.aggregation import AGGREGATIONS, aggregate_partials
 from rlhf_engine.reference.kl import ESTIMATORS
 from rlhf_engine.reference.policy_loss import LOSSES, METRICS, PARTIALS, policy_loss_torch
@@ -70,7 +70,7 @@ _policy_loss_fwd = torch.library.custom_op("rlhf_engine::policy_loss_fwd", _poli
 def _(logp, old_logp, advantages, mask, cu_seqlens, *args):
     f32 = torch.float32
     return (
-        logp.new_empty((), dtype=f32), logp.new_empty(len(METRICS), dtype=f32), logp.new_empty(logp.shape, dtype=f32),
+        logp.new_empty((), dtype=f32), logp.new_empty(len(METRICS), dtype=f32), logp.new_empty(logp.numel(), dtype=f32),
         logp.new_empty(cu_seqlens.shape[0] - 1, dtype=f32),
     )
 
@@ -92,13 +92,11 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         ctx.eager = eager_torch(inputs[_BACKEND])
-        logp, entropy = inputs[_LOGP], inputs[_ENTROPY]
-        ctx.shape = logp.shape
-        inputs = list(inputs)
-        inputs[_LOGP], inputs[_ENTROPY] = flat(logp), flat(entropy)
         total, metrics, g, w = (_policy_loss_forward if ctx.eager else _policy_loss_fwd)(*inputs)
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(g, w, inputs[_CU], inputs[_MASK])
+        logp, entropy = inputs[_LOGP], inputs[_ENTROPY]
+        ctx.shape = logp.shape  # the gradients come back flat
         ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
         ctx.entropy_coef, ctx.seq_len, ctx.backend = inputs[_ENTROPY_COEF], inputs[_SEQ_LEN], inputs[_BACKEND]
         return total, metrics
@@ -198,7 +196,7 @@ def policy_loss(
     norm_tensor, norm_const = normalizer_args(OP, normalizer, logp.device)
     chosen = resolve_backend(OP, backend, logp.device)
     total, metrics = _PolicyLoss.apply(
-        logp, flat(old_logp), adv, flat(mask), layout.cu_seqlens, flat(ref_logp), entropy, isw,
+        dense(logp), dense(old_logp), adv, dense(mask), layout.cu_seqlens, dense(ref_logp), dense(entropy), isw,
         norm_tensor, loss, clip_low, clip_high, dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef,
         aggregation, norm_const, layout.seq_len, chosen,
     )

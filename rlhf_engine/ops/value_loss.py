@@ -8,7 +8,7 @@ import torch
 
 from rlhf_engine import _checks
 from rlhf_engine._backend import eager_torch, lazy, resolve_backend
-from rlhf_engine.ops._seq_loss import flat, normalizer_args, seq_loss_backward, token_layout
+from rlhf_engine.ops._seq_loss import dense, normalizer_args, seq_loss_backward, token_layout
 from rlhf_engine.reference.aggregation import AGGREGATIONS, aggregate_partials
 from rlhf_engine.reference.value_loss import METRICS, PARTIALS, value_loss_torch
 
@@ -49,7 +49,7 @@ def _(values, old_values, returns, mask, cu_seqlens, *args):
     f32 = torch.float32
     return (
         values.new_empty((), dtype=f32), values.new_empty(len(METRICS), dtype=f32),
-        values.new_empty(values.shape, dtype=f32), values.new_empty(cu_seqlens.shape[0] - 1, dtype=f32),
+        values.new_empty(values.numel(), dtype=f32), values.new_empty(cu_seqlens.shape[0] - 1, dtype=f32),
     )
 
 
@@ -69,7 +69,8 @@ class _ValueLoss(torch.autograd.Function):
         total, metrics, g, w = (_value_loss_forward if ctx.eager else _value_loss_fwd)(*inputs)
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(g, w, inputs[_CU])
-        ctx.dtype, ctx.seq_len, ctx.backend = inputs[_VALUES].dtype, inputs[_SEQ_LEN], inputs[_BACKEND]
+        ctx.shape, ctx.dtype = inputs[_VALUES].shape, inputs[_VALUES].dtype  # the gradient comes back flat
+        ctx.seq_len, ctx.backend = inputs[_SEQ_LEN], inputs[_BACKEND]
         return total, metrics
 
     @staticmethod
@@ -79,7 +80,7 @@ class _ValueLoss(torch.autograd.Function):
         if ctx.needs_input_grad[_VALUES]:
             grads[_VALUES] = seq_loss_backward(
                 grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtype, ctx.backend, ctx.eager
-            )
+            ).view(ctx.shape)
         return tuple(grads)
 
 
@@ -120,7 +121,7 @@ def value_loss(
     norm_tensor, norm_const = normalizer_args(OP, normalizer, values.device)
     chosen = resolve_backend(OP, backend, values.device)
     total, metrics = _ValueLoss.apply(
-        flat(values), flat(old_values), flat(returns), flat(mask), layout.cu_seqlens, norm_tensor, clip, aggregation,
+        dense(values), dense(old_values), dense(returns), dense(mask), layout.cu_seqlens, norm_tensor, clip, aggregation,
         norm_const, layout.seq_len, chosen,
     )
     return total, dict(zip(METRICS, metrics.unbind(0)))

@@ -86,8 +86,9 @@ class Segments:
             self.ids = torch.repeat_interleave(seq_ids, lengths, output_size=num_tokens)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Flat ``[N]`` -> ``[S, T]`` (padded) or ``[N]`` (packed), a view."""
-        return x.view(self.shape)
+        """Contiguous tokens (``[N]``, or ``[S, T]`` when padded) -> ``[S, T]`` (padded) or
+        ``[N]`` (packed): a view, or ``x`` itself when it has that shape."""
+        return x if x.shape == self.shape else x.view(self.shape)
 
     def expand(self, per_seq: torch.Tensor) -> torch.Tensor:
         """``[S]`` -> each sequence's value on its tokens, broadcasting against :meth:`tokens`

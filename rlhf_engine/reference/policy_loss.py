@@ -182,7 +182,8 @@ def policy_loss_torch(
     clip_high, dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, aggregation, normalizer_const,
     seq_len,
 ):
-    """Torch backend: flat ``[N]`` inputs (``advantages`` / ``is_weights`` ``[N]`` or ``[S]``)
+    """Torch backend: contiguous token inputs (``[N]``, or ``[S, T]`` when padded;
+    ``advantages`` / ``is_weights`` per token or ``[S]``)
     -> ``(loss 0-d, metrics [len(METRICS)], g [N], w [S])``, all fp32, with ``g = m dl/dlp``
     and ``w = d loss / d L_b``: what ``rlhf_engine::policy_loss_fwd`` returns.
 
@@ -214,7 +215,7 @@ def policy_loss_torch(
         sums, extremes = [], []
         for tokens, seqs in passes:
             def cut(x):  # per-token inputs by tokens, per-sequence ones by sequences
-                return None if x is None else x[tokens] if x.numel() == n else x[seqs]
+                return None if x is None else x.view(-1)[tokens] if x.numel() == n else x[seqs]
 
             pass_sums, pass_extremes, pass_grad = _token_pass(
                 cut(logp), cut(old_logp), cut(advantages), cut(mask),

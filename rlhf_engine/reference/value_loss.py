@@ -68,9 +68,10 @@ def value_loss_ref(values, old_values, returns, mask, *, clip=0.2, aggregation="
 
 
 def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, *, clip, aggregation, normalizer_const, seq_len):
-    """Torch backend: flat ``[N]`` inputs -> ``(loss 0-d, metrics [len(METRICS)], g [N], w [S])``,
-    all fp32, with ``g = m dl/dV`` and ``w = d loss / d L_b``: what
-    ``rlhf_engine::value_loss_fwd`` returns. ``seq_len``: the padded length, 0 when packed.
+    """Torch backend: contiguous inputs (``[N]``, or ``[S, T]`` when padded) -> ``(loss 0-d,
+    metrics [len(METRICS)], g [N], w [S])``, all fp32, with ``g = m dl/dV`` and ``w = d loss
+    / d L_b``: what ``rlhf_engine::value_loss_fwd`` returns. ``seq_len``: the padded length,
+    0 when packed.
 
     Written for few ops and passes like ``policy_loss_torch``: ``[S, T]`` views when
     padded, :class:`Where` selects, one reduction for every column, and loss, weights and
