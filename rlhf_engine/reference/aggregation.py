@@ -228,11 +228,12 @@ class Where:
         self._lanes = None
 
     def lanes(self, size: int) -> torch.Tensor | None:
-        """The condition's int32 lanes (built once) when a selection of ``size`` elements
-        (the condition broadcast against the operands) is a large CPU one, else None."""
-        if not self.cond.is_cpu or size <= WHERE_MAX_CPU:
-            return None
+        """The condition's int32 lanes when a selection of ``size`` elements (the condition
+        broadcast against the operands) is a large CPU one (built then, once), or when they
+        exist already (a select is then one to three bitwise ops), else None."""
         if self._lanes is None:
+            if not self.cond.is_cpu or size <= WHERE_MAX_CPU:
+                return None
             self._lanes = self.cond.to(torch.int32).neg_()
         return self._lanes
 
@@ -250,7 +251,8 @@ class Where:
         if lanes is None:
             return torch.where(self.cond, a, b)
         b_bits = _bits(b)
-        return (_bits(a) ^ b_bits).bitwise_and_(lanes).bitwise_xor_(b_bits).view(torch.float32)
+        # a & lanes broadcasts (not in place): the operands may be smaller than the condition
+        return ((_bits(a) ^ b_bits) & lanes).bitwise_xor_(b_bits).view(torch.float32)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -313,7 +315,8 @@ def aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, norm
     else:
         inverse = 1.0 / denominator if denominator > 0 else 0.0
     if aggregation == "seq-mean-token-mean":
-        w = torch.where(counts > 0, counts.reciprocal(), 0.0) * inverse
+        # 1 / M_b, and 0 for a sequence without a valid token (1 / inf)
+        w = torch.where(counts > 0, counts, scalar(float("inf"), counts)).reciprocal_().mul_(inverse)
     elif isinstance(inverse, float):
         w = torch.full_like(counts, inverse)
     else:
