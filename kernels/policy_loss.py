@@ -193,10 +193,10 @@ def policy_loss_fwd(
 ):
     """Contiguous token inputs of any shape, read as flat ``[N]`` (``advantages`` /
     ``is_weights`` per token or ``[S]``),
-    ``cu_seqlens`` ``[S+1]`` -> ``(g [N] fp32, partials [S, len(PARTIALS)] fp32)``."""
+    ``cu_seqlens`` ``[S+1]`` -> ``(g fp32 in logp's shape, partials [S, len(PARTIALS)] fp32)``."""
     n = logp.numel()
     num_seqs = cu_seqlens.numel() - 1
-    g = torch.empty(n, dtype=torch.float32, device=logp.device)
+    g = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
     partials = torch.empty(num_seqs, len(PARTIALS), dtype=torch.float32, device=logp.device)
     kl_base, kl_st = estimator_codes(kl_estimator)
     _policy_loss_fwd_kernel[(num_seqs,)](
@@ -230,10 +230,10 @@ def _seq_scale_kernel(x_ptr, w_ptr, grad_ptr, cu_ptr, out_ptr, scale, BLOCK: tl.
 def seq_scale_bwd(grad, w, x, cu_seqlens, scale: float, seq_len: int, out_dtype: torch.dtype) -> torch.Tensor:
     """``out_t = scale * grad * w[b(t)] * x_t`` in ``out_dtype``: ``grad`` 0-d (the loss's
     gradient, read on the device), ``w`` fp32 ``[S]``, ``x`` contiguous, ``N`` elements of
-    any dtype (bool too); the result is flat ``[N]``."""
+    any dtype (bool too); the result has ``x``'s shape."""
     n = x.numel()
     num_seqs = cu_seqlens.numel() - 1
-    out = torch.empty(n, dtype=store_dtype(out_dtype, x.device), device=x.device)
+    out = torch.empty(x.shape, dtype=store_dtype(out_dtype, x.device), device=x.device)
     _seq_scale_kernel[(num_seqs,)](
         as_loadable(x), w, grad, cu_seqlens, out, scale, BLOCK=block_size(n, num_seqs, seq_len)
     )

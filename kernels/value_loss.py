@@ -61,10 +61,10 @@ def _value_loss_fwd_kernel(v_ptr, old_ptr, ret_ptr, mask_ptr, cu_ptr, g_ptr, par
 
 def value_loss_fwd(values, old_values, returns, mask, cu_seqlens, *, clip, seq_len):
     """Contiguous inputs of any shape, read as flat ``[N]``, ``cu_seqlens`` ``[S+1]`` ->
-    ``(g [N] fp32, partials [S, len(PARTIALS)] fp32)``."""
+    ``(g fp32 in values' shape, partials [S, len(PARTIALS)] fp32)``."""
     n = values.numel()
     num_seqs = cu_seqlens.numel() - 1
-    g = torch.empty(n, dtype=torch.float32, device=values.device)
+    g = torch.empty(values.shape, dtype=torch.float32, device=values.device)
     partials = torch.empty(num_seqs, len(PARTIALS), dtype=torch.float32, device=values.device)
     _value_loss_fwd_kernel[(num_seqs,)](
         values, old_values, returns, as_loadable(mask), cu_seqlens, g, partials, 0.0 if clip is None else clip,

@@ -60,8 +60,9 @@ def per_token_or_seq(op: str, name: str, t, like: torch.Tensor, num_seqs: int):
 
 def dense(t):
     """``t`` contiguous in its own shape (itself when it already is), or None: the backends
-    read it as flat ``[N]`` memory. Not flattened here: a reshape is a call per input, and
-    a view of ``logp`` would add a node to the autograd graph."""
+    read it as flat ``[N]`` memory and return gradients in its shape. Not flattened here: a
+    reshape is a call per input, and a view of ``logp`` would add a node to the autograd
+    graph."""
     return None if t is None else t.contiguous()
 
 
@@ -83,7 +84,8 @@ def normalizer_args(op: str, normalizer, device: torch.device):
 def _seq_scale_torch(grad, w, x, cu_seqlens, scale, seq_len, out_dtype):
     coef = w * fp32(grad) if scale == 1.0 else w * (fp32(grad) * scale)
     if seq_len:
-        out = (x.view(-1, seq_len) * coef[:, None]).view(-1)
+        out = (x if x.dim() == 2 else x.view(-1, seq_len)) * coef[:, None]
+        out = out if out.shape == x.shape else out.view(x.shape)
     else:
         out = x * torch.repeat_interleave(coef, cu_seqlens[1:] - cu_seqlens[:-1], output_size=x.numel())
     return out if out.dtype == out_dtype else out.to(out_dtype)
@@ -97,14 +99,14 @@ def seq_loss_bwd(
     grad: torch.Tensor, w: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, seq_len: int,
     out_dtype: torch.dtype, backend: str,
 ) -> torch.Tensor:
-    """``scale * grad * w[b(t)] * x_t`` over the tokens (``x`` dense, any shape), flat ``[N]``
-    in ``out_dtype``."""
+    """``scale * grad * w[b(t)] * x_t`` over the tokens (``x`` dense, ``[S, T]`` when padded),
+    in ``x``'s shape and ``out_dtype``."""
     return _BWD[backend](grad, w, x, cu_seqlens, scale, seq_len, out_dtype)
 
 
 @seq_loss_bwd.register_fake
 def _(grad, w, x, cu_seqlens, scale, seq_len, out_dtype, backend):
-    return x.new_empty(x.numel(), dtype=out_dtype)
+    return x.new_empty(x.shape, dtype=out_dtype)
 
 
 def seq_loss_backward(grad, w, x, cu_seqlens, scale: float, seq_len: int, out_dtype: torch.dtype, backend: str, eager: bool):

@@ -44,7 +44,7 @@ def _policy_loss_forward(
     delta: Optional[float], kl_coef: float, kl_estimator: str, kl_clamp: bool, entropy_coef: float, aggregation: str,
     normalizer_const: float, seq_len: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> ``(loss 0-d, metrics [len(METRICS)], g [N], w [S])``, all fp32; ``g``, ``w`` are
+    """-> ``(loss 0-d, metrics [len(METRICS)], g (logp's shape), w [S])``, all fp32; ``g``, ``w`` are
     saved for backward. The body of ``rlhf_engine::policy_loss_fwd``."""
     options = dict(
         loss=loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta, kl_coef=kl_coef,
@@ -70,7 +70,7 @@ _policy_loss_fwd = torch.library.custom_op("rlhf_engine::policy_loss_fwd", _poli
 def _(logp, old_logp, advantages, mask, cu_seqlens, *args):
     f32 = torch.float32
     return (
-        logp.new_empty((), dtype=f32), logp.new_empty(len(METRICS), dtype=f32), logp.new_empty(logp.numel(), dtype=f32),
+        logp.new_empty((), dtype=f32), logp.new_empty(len(METRICS), dtype=f32), logp.new_empty(logp.shape, dtype=f32),
         logp.new_empty(cu_seqlens.shape[0] - 1, dtype=f32),
     )
 
@@ -95,9 +95,8 @@ class _PolicyLoss(torch.autograd.Function):
         total, metrics, g, w = (_policy_loss_forward if ctx.eager else _policy_loss_fwd)(*inputs)
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(g, w, inputs[_CU], inputs[_MASK])
-        logp, entropy = inputs[_LOGP], inputs[_ENTROPY]
-        ctx.shape = logp.shape  # the gradients come back flat
-        ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
+        entropy = inputs[_ENTROPY]
+        ctx.dtypes = (inputs[_LOGP].dtype, None if entropy is None else entropy.dtype)
         ctx.entropy_coef, ctx.seq_len, ctx.backend = inputs[_ENTROPY_COEF], inputs[_SEQ_LEN], inputs[_BACKEND]
         return total, metrics
 
@@ -108,12 +107,12 @@ class _PolicyLoss(torch.autograd.Function):
         if ctx.needs_input_grad[_LOGP]:
             grads[_LOGP] = seq_loss_backward(
                 grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtypes[0], ctx.backend, ctx.eager
-            ).view(ctx.shape)
+            )
         if ctx.needs_input_grad[_ENTROPY]:
             # l -= c_H H: d loss / d H_t = -c_H w_b m_t
             grads[_ENTROPY] = seq_loss_backward(
                 grad_loss, w, mask, cu_seqlens, -ctx.entropy_coef, ctx.seq_len, ctx.dtypes[1], ctx.backend, ctx.eager
-            ).view(ctx.shape)
+            )
         return tuple(grads)
 
 

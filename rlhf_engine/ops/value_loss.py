@@ -25,7 +25,7 @@ def _value_loss_forward(
     cu_seqlens: torch.Tensor, normalizer: Optional[torch.Tensor], clip: Optional[float], aggregation: str,
     normalizer_const: float, seq_len: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> ``(loss 0-d, metrics [len(METRICS)], g [N], w [S])``, all fp32. The body of
+    """-> ``(loss 0-d, metrics [len(METRICS)], g (values' shape), w [S])``, all fp32. The body of
     ``rlhf_engine::value_loss_fwd``."""
     if backend == "torch":
         return value_loss_torch(
@@ -49,7 +49,7 @@ def _(values, old_values, returns, mask, cu_seqlens, *args):
     f32 = torch.float32
     return (
         values.new_empty((), dtype=f32), values.new_empty(len(METRICS), dtype=f32),
-        values.new_empty(values.numel(), dtype=f32), values.new_empty(cu_seqlens.shape[0] - 1, dtype=f32),
+        values.new_empty(values.shape, dtype=f32), values.new_empty(cu_seqlens.shape[0] - 1, dtype=f32),
     )
 
 
@@ -69,8 +69,7 @@ class _ValueLoss(torch.autograd.Function):
         total, metrics, g, w = (_value_loss_forward if ctx.eager else _value_loss_fwd)(*inputs)
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(g, w, inputs[_CU])
-        ctx.shape, ctx.dtype = inputs[_VALUES].shape, inputs[_VALUES].dtype  # the gradient comes back flat
-        ctx.seq_len, ctx.backend = inputs[_SEQ_LEN], inputs[_BACKEND]
+        ctx.dtype, ctx.seq_len, ctx.backend = inputs[_VALUES].dtype, inputs[_SEQ_LEN], inputs[_BACKEND]
         return total, metrics
 
     @staticmethod
@@ -80,7 +79,7 @@ class _ValueLoss(torch.autograd.Function):
         if ctx.needs_input_grad[_VALUES]:
             grads[_VALUES] = seq_loss_backward(
                 grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtype, ctx.backend, ctx.eager
-            ).view(ctx.shape)
+            )
         return tuple(grads)
 
 

@@ -184,7 +184,7 @@ def policy_loss_torch(
 ):
     """Torch backend: contiguous token inputs (``[N]``, or ``[S, T]`` when padded;
     ``advantages`` / ``is_weights`` per token or ``[S]``)
-    -> ``(loss 0-d, metrics [len(METRICS)], g [N], w [S])``, all fp32, with ``g = m dl/dlp``
+    -> ``(loss 0-d, metrics [len(METRICS)], g (logp's shape), w [S])``, all fp32, with ``g = m dl/dlp``
     and ``w = d loss / d L_b``: what ``rlhf_engine::policy_loss_fwd`` returns.
 
     ``seq_len``: the padded length, 0 when packed (see ``Segments``); ``normalizer`` /
@@ -211,7 +211,7 @@ def policy_loss_torch(
             logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, **options
         )
     else:
-        grad = torch.empty(n, dtype=torch.float32, device=logp.device)
+        grad = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
         sums, extremes = [], []
         for tokens, seqs in passes:
             def cut(x):  # per-token inputs by tokens, per-sequence ones by sequences
@@ -222,7 +222,7 @@ def policy_loss_torch(
                 cu_seqlens[seqs.start:seqs.stop + 1] - cu_seqlens[seqs.start], cut(ref_logp), cut(entropy),
                 cut(is_weights), **options,
             )
-            grad[tokens] = pass_grad
+            grad.view(-1)[tokens] = pass_grad.view(-1)
             sums.append(pass_sums)
             extremes.append(pass_extremes)
         sums, extremes = torch.cat(sums, dim=1), torch.stack(extremes)
@@ -246,7 +246,7 @@ def _token_pass(
 ):
     """The per-token work of :func:`policy_loss_torch` over whole sequences -> ``(sums
     [rows, S]`` (``_SUM_ROWS``, then kl and entropy when given), ratio extremes ``[2]`` (min,
-    max over active tokens; inf / 0 for none), ``g [N])``."""
+    max over active tokens; inf / 0 for none), ``g`` in the token shape)``."""
     seg = Segments(cu_seqlens, logp.numel(), seq_len)
     f32 = torch.float32
     lp, old = seg.tokens(fp32(logp)), seg.tokens(fp32(old_logp))
@@ -341,4 +341,4 @@ def _token_pass(
     else:
         extremes = torch.tensor([float("inf"), 0.0], device=buf.device)
     grad = token_mask.weigh(grad) if masked_through else token_mask.apply(grad)
-    return sums, extremes, grad.reshape(-1)
+    return sums, extremes, grad

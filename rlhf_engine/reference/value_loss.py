@@ -69,7 +69,7 @@ def value_loss_ref(values, old_values, returns, mask, *, clip=0.2, aggregation="
 
 def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, *, clip, aggregation, normalizer_const, seq_len):
     """Torch backend: contiguous inputs (``[N]``, or ``[S, T]`` when padded) -> ``(loss 0-d,
-    metrics [len(METRICS)], g [N], w [S])``, all fp32, with ``g = m dl/dV`` and ``w = d loss
+    metrics [len(METRICS)], g (values' shape), w [S])``, all fp32, with ``g = m dl/dV`` and ``w = d loss
     / d L_b``: what ``rlhf_engine::value_loss_fwd`` returns. ``seq_len``: the padded length,
     0 when packed.
 
@@ -109,4 +109,4 @@ def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, 
     total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count)
     metrics = if_counted(totals[2:] / count, count)  # PARTIALS[2:] are the METRICS
     grad = token_mask.weigh(Where(through).keep(err))
-    return total, metrics, grad.reshape(-1), w
+    return total, metrics, grad, w
