@@ -53,34 +53,32 @@ def _(values, old_values, returns, mask, cu_seqlens, *args):
     )
 
 
-_NUM_INPUTS = 11
-_VALUES, _CU, _SEQ_LEN, _BACKEND = 0, 4, 9, 10
+# Positions in the op's 11 arguments (the signature of _value_loss_forward)
+_CU, _SEQ_LEN, _BACKEND = 4, 9, 10
 
 
 class _ValueLoss(torch.autograd.Function):
-    """Autograd around the custom op (``_NUM_INPUTS`` inputs -> ``(loss, metrics)``); a
-    Function rather than ``register_autograd`` for the reason given in ``ops/policy_loss.py``
-    (per-call schema re-reads, quadratic in the number of arguments). The eager torch
-    backend calls the op's body directly (``eager_torch``)."""
+    """Autograd around the custom op: ``(values, op_args) -> (loss, metrics)``, with
+    ``op_args`` the op's 11 arguments (``values`` among them) in one tuple; a Function
+    with one differentiable input for the reasons given in ``ops/policy_loss.py``. The eager
+    torch backend calls the op's body directly (``eager_torch``)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        ctx.eager = eager_torch(inputs[_BACKEND])
-        total, metrics, g, w = (_value_loss_forward if ctx.eager else _value_loss_fwd)(*inputs)
+    def forward(ctx, values, op_args):
+        ctx.eager = eager_torch(op_args[_BACKEND])
+        total, metrics, g, w = (_value_loss_forward if ctx.eager else _value_loss_fwd)(*op_args)
         ctx.mark_non_differentiable(metrics)
-        ctx.save_for_backward(g, w, inputs[_CU])
-        ctx.dtype, ctx.seq_len, ctx.backend = inputs[_VALUES].dtype, inputs[_SEQ_LEN], inputs[_BACKEND]
+        ctx.save_for_backward(g, w, op_args[_CU])
+        ctx.dtype, ctx.seq_len, ctx.backend = values.dtype, op_args[_SEQ_LEN], op_args[_BACKEND]
         return total, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
         g, w, cu_seqlens = ctx.saved_tensors
-        grads = [None] * _NUM_INPUTS
-        if ctx.needs_input_grad[_VALUES]:
-            grads[_VALUES] = seq_loss_backward(
-                grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtype, ctx.backend, ctx.eager
-            )
-        return tuple(grads)
+        grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_values = seq_loss_backward(grad_loss, w, g, cu_seqlens, 1.0, ctx.seq_len, ctx.dtype, ctx.backend, ctx.eager)
+        return grad_values, None
 
 
 def value_loss(
@@ -119,8 +117,9 @@ def value_loss(
     _checks.check_choice(OP, "aggregation", aggregation, AGGREGATIONS)
     norm_tensor, norm_const = normalizer_args(OP, normalizer, values.device)
     chosen = resolve_backend(OP, backend, values.device)
-    total, metrics = _ValueLoss.apply(
-        dense(values), dense(old_values), dense(returns), dense(mask), layout.cu_seqlens, norm_tensor, clip, aggregation,
+    values = dense(values)
+    total, metrics = _ValueLoss.apply(values, (
+        values, dense(old_values), dense(returns), dense(mask), layout.cu_seqlens, norm_tensor, clip, aggregation,
         norm_const, layout.seq_len, chosen,
-    )
+    ))
     return total, dict(zip(METRICS, metrics.unbind(0)))
