@@ -112,14 +112,6 @@ def group_advantages_ref(
 # GPU path free of host syncs.
 
 
-def _mean_var(total, sq_of, n):
-    """``μ = total/n`` (0 when n = 0), then unbiased ``var`` from ``sq_of(μ) = Σw(x−μ)²``
-    (0 when n ≤ 1, where it is undefined)."""
-    mean = total / n.clamp_min(1e-30)
-    var = sq_of(mean) / (n - 1).clamp_min(1e-30) * (n > 1)
-    return mean, var
-
-
 def masked_whiten_torch(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Vectorized :func:`masked_whiten_ref`; fp32 output of ``x``'s shape.
 
@@ -212,10 +204,14 @@ def _baseline_and_scale(s, n, mean, var, lmean, method, scale, eps, verl):
     elif method == "grpo" and scale == "group":
         factor = var.sqrt().add_(eps).reciprocal_()
     elif method == "grpo" and scale == "batch":
-        count = torch.tensor(float(s.numel()), device=s.device)
-        batch_mean, batch_var = _mean_var(s.sum(), lambda m: ((s - m) ** 2).sum(), count)
-        fallback = 1.0 if verl else 0.0
-        factor = 1.0 / (torch.where(count < 2, fallback, batch_var.sqrt()) + eps)  # 0-d
+        # The batch size is a host number: no device tensor for it (a copy, and a sync on
+        # CUDA), no select. One sample has no spread: verl's std is then 1, TRL's 0.
+        count = s.numel()
+        if count < 2:
+            factor = 1.0 / ((1.0 if verl else 0.0) + eps)
+        else:
+            batch_centered = s - s.sum() / count
+            factor = 1.0 / (((batch_centered * batch_centered).sum() / (count - 1)).sqrt() + eps)  # 0-d
     else:
         factor = 1.0
     if not verl and base is mean:

@@ -28,7 +28,8 @@ token axis), :class:`TokenMask` / :class:`Where` (exact selects, without
 ``torch.where``'s scalar loop on large CPU tensors) and the small-call helpers
 (:func:`scalar`, :func:`host_scalar`, :func:`numeric`, ...: at a few thousand tokens
 the number of ops is the cost); and :func:`aggregate_partials` (per-sequence sums ->
-loss and ``w``, shared by every backend).
+loss and ``w``, shared by every backend; :func:`aggregate_sums` wraps it for the torch
+backends' row buffers).
 """
 
 from __future__ import annotations
@@ -287,6 +288,17 @@ class TokenMask:
             return torch.where(self.active.cond, x, scalar(0.0, x), out=x)
         _bits(x).bitwise_and_(lanes)
         return x
+
+
+def aggregate_sums(sums, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const):
+    """The torch backends' masked per-sequence sums ``[rows, S]`` (row 0 the loss, row 1
+    the token count) -> ``(loss 0-d, w [S], totals [rows], count)``: the batch total of
+    every row for the metrics, and the token count (as :func:`host_scalar` gives it)
+    reduced once for the denominator and the means."""
+    totals = sums.sum(-1)
+    count = host_scalar(totals[1])
+    total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count)
+    return total, w, totals, count
 
 
 def aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count=None):

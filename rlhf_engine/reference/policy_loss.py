@@ -44,11 +44,10 @@ from rlhf_engine.reference.aggregation import (
     Segments,
     TokenMask,
     Where,
-    aggregate_partials,
     aggregate_ref,
+    aggregate_sums,
     fp32,
     half_square,
-    host_scalar,
     if_counted,
     numeric,
     scalar,
@@ -227,9 +226,7 @@ def policy_loss_torch(
             extremes.append(pass_extremes)
         sums, extremes = torch.cat(sums, dim=1), torch.stack(extremes)
         extremes = torch.stack([extremes[:, 0].amin(), extremes[:, 1].amax()])
-    totals = sums.sum(-1)
-    count = host_scalar(totals[1])
-    total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count)
+    total, w, totals, count = aggregate_sums(sums, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
     means = totals[2:] / count  # clipped, clipped_lower, approx_kl, ratio, then kl / entropy when given
     with_kl, with_entropy = ref_logp is not None, entropy is not None
     if with_kl == with_entropy:
@@ -339,6 +336,6 @@ def _token_pass(
         ratio_max_of = ratio_row if token_mask.weights is None else active.keep(ratio)
         extremes = torch.stack([active.select(ratio, float("inf")).amin(), ratio_max_of.amax()])
     else:
-        extremes = torch.tensor([float("inf"), 0.0], device=buf.device)
+        extremes = torch.stack([scalar(float("inf"), buf), scalar(0.0, buf)])  # no host copy
     grad = token_mask.weigh(grad) if masked_through else token_mask.apply(grad)
     return sums, extremes, grad

@@ -22,11 +22,10 @@ from rlhf_engine.reference.aggregation import (
     Segments,
     TokenMask,
     Where,
-    aggregate_partials,
     aggregate_ref,
+    aggregate_sums,
     fp32,
     half_square,
-    host_scalar,
     if_counted,
     numeric,
 )
@@ -104,9 +103,7 @@ def value_loss_torch(values, old_values, returns, mask, cu_seqlens, normalizer, 
     token_mask.apply_(buf)
     count_row.copy_(numeric(seg.tokens(mask)))  # the weights themselves, after masking
     sums = seg.sum(buf)
-    totals = sums.sum(-1)
-    count = host_scalar(totals[1])
-    total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count)
+    total, w, totals, count = aggregate_sums(sums, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
     metrics = if_counted(totals[2:] / count, count)  # PARTIALS[2:] are the METRICS
     grad = token_mask.weigh(Where(through).keep(err))
     return total, metrics, grad, w
