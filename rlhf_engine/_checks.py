@@ -11,6 +11,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from rlhf_engine.reference.aggregation import host_readable
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool,) + FLOAT_DTYPES + (torch.uint8, torch.int32, torch.int64)
@@ -66,15 +68,16 @@ def check_number(op: str, name: str, value, *, positive: bool = False, nonnegati
 def check_cu_seqlens(op: str, cu_seqlens, num_tokens: int, device: torch.device) -> torch.Tensor:
     """``cu_seqlens``: int32/int64 ``[num_seqs + 1]``, starting at 0 and ending at ``num_tokens``.
 
-    The values are checked on CPU tensors only, and not while torch.compile traces: on the
-    GPU reading them would be a host sync, which ops never do.
+    The values are checked on CPU tensors only, and not while torch.compile traces nor on
+    fake tensors (``host_readable``): on the GPU reading them would be a host sync, which
+    ops never do, and a fake tensor has none.
     """
     check_tensor(op, "cu_seqlens", cu_seqlens, INDEX_DTYPES)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{op}: cu_seqlens must be 1-D with num_seqs + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but the tokens are on {device}")
-    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling() and (
+    if host_readable(cu_seqlens) and (
         int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != num_tokens or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any())
     ):
         raise ValueError(f"{op}: cu_seqlens must rise from 0 to the number of tokens ({num_tokens})")

@@ -3,6 +3,17 @@
 Each op validates its inputs, dispatches to a backend (``"triton"`` on CUDA, ``"torch"``
 anywhere; see ``rlhf_engine._backend``) and is registered with ``torch.library`` so it
 composes with ``torch.compile(fullgraph=True)``.
+
+Every op also runs forward and backward on fake tensors (``FakeTensorMode``: shapes, no
+data), so a memory planner can trace whole steps at real size with ``MemTracker``. A fake
+tensor takes the path of device tensors (``reference.aggregation.host_readable``): no
+value is read, and validation that reads values (label range, ``cu_seqlens``, group ids)
+is skipped while the shape / dtype checks run. ``"auto"`` picks triton for fake CUDA
+tensors as for real ones; on that backend only the custom ops' fake functions run. Their
+outputs are what ``MemTracker`` sees of those ops: a fused lm_head op's internal chunk of
+logits (and its backward's fp32 ``d hidden``) is not in the trace. On a CPU-only torch
+build, autograd through fake CUDA tensors aborts the process (no CUDA device guard):
+trace with fake CPU tensors there. Tests: ``tests/test_fake_tensor.py``.
 """
 
 from rlhf_engine.ops.advantages import group_advantages, masked_whiten

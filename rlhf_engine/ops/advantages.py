@@ -28,6 +28,7 @@ from rlhf_engine.reference.advantages import (
     group_advantages_torch,
     masked_whiten_torch,
 )
+from rlhf_engine.reference.aggregation import host_readable
 
 # Default ε per preset for GRPO's division by the std (ALGORITHMS.md §5), and the
 # whitening ε (inside the rsqrt) that REINFORCE++ uses under both presets.
@@ -92,13 +93,16 @@ def _check_group_layout(op, S, device, group_size, group_ids, num_groups):
         raise ValueError(f"{op}: group_ids must have shape ({S},) like scores, got {tuple(group_ids.shape)}")
     if group_ids.device != device:
         raise ValueError(f"{op}: group_ids is on {group_ids.device} but scores is on {device}")
-    on_host = device.type == "cpu" and not torch.compiler.is_compiling()
+    on_host = host_readable(group_ids)  # not on CUDA (a sync), under torch.compile or on fake tensors (no values)
     lo = hi = None
     if on_host and S:
         lo, hi = (int(v) for v in torch.aminmax(group_ids))  # one pass over the ids
     if num_groups is None:
         if not on_host:
-            raise ValueError(f"{op}: num_groups is required for {device.type} tensors (computing it would sync)")
+            raise ValueError(
+                f"{op}: num_groups is required unless group_ids is a CPU tensor with values (computing it would sync "
+                f"on {device.type}; fake tensors have none)"
+            )
         num_groups = hi + 1 if S else 0
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
         raise ValueError(f"{op}: num_groups must be a non-negative int, got {num_groups!r}")

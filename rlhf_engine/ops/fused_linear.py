@@ -27,6 +27,7 @@ from rlhf_engine.ops.logprobs import _BWD as _EPILOGUE_BWD
 from rlhf_engine.ops.logprobs import _FWD as _EPILOGUE_FWD
 from rlhf_engine.ops.logprobs import LOGITS_DTYPES, _check_labels_in_range
 from rlhf_engine.ops.policy_loss import policy_loss
+from rlhf_engine.reference.aggregation import host_readable
 
 OP = "fused_linear_logprobs"
 
@@ -61,7 +62,7 @@ def _fused_linear_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, labels ``[N]`` -> fp32 ``(logp [N], entropy [N] or [0], lse [N])``."""
-    if hidden.device.type == "cpu":
+    if host_readable(labels):
         _check_labels_in_range(labels, weight.shape[0], ignore_index)
     return _FWD[backend](hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_rows)
 

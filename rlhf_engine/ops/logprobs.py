@@ -15,6 +15,7 @@ import torch
 
 from rlhf_engine._backend import eager_torch, lazy, resolve_backend
 from rlhf_engine._checks import INDEX_DTYPES, check_number, check_same_device, check_tensor
+from rlhf_engine.reference.aggregation import host_readable
 from rlhf_engine.reference.logprobs import token_logprobs_bwd_torch, token_logprobs_fwd_torch
 
 OP = "token_logprobs"
@@ -65,8 +66,9 @@ def _flat_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def _check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """CPU tensors only: reading the values is free there. On CUDA this would be a host
-    sync, so the kernels give NaN rows instead."""
+    """For labels whose values are free to read (``host_readable``: CPU, with data). On
+    CUDA this would be a host sync, so the kernels give NaN rows instead; fake tensors
+    have no values to check."""
     if labels.numel():
         lo, hi = torch.aminmax(labels)  # one pass; the common all-in-range case stops here
         if int(lo) >= 0 and int(hi) < vocab:
@@ -91,7 +93,7 @@ def _token_logprobs_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns fp32 ``(logp [...], entropy [...] or [0], lse [...])``. ``inplace_backward``
     is only recorded for the backward."""
-    if logits.device.type == "cpu":
+    if host_readable(labels):
         _check_labels_in_range(labels, logits.shape[-1], ignore_index)
     rows, _ = _rows_view(logits)
     logp, entropy, lse = _FWD[backend](rows, _flat_labels(labels), temperature, ignore_index, with_entropy)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_engine.reference.aggregation import at_least, host_scalar, numeric
+from rlhf_engine.reference.aggregation import at_least, host_readable, host_scalar, numeric
 
 METHODS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo")
 SCALES = ("group", "batch", "none")
@@ -177,7 +177,9 @@ def _group_stats(s, group_ids, group_size, num_groups, lengths, need_lmean):
     def segment_sum(values):
         return torch.zeros(num_groups, dtype=torch.float32, device=s.device).index_add_(0, group_ids, values)
 
-    if s.device.type == "cpu":  # one counting pass (bincount would sync on CUDA: it reads the max)
+    # One counting pass where the ids can be read (bincount would sync on CUDA: it reads the
+    # max; its output size depends on the values, which a fake tensor does not have).
+    if host_readable(group_ids):
         n = torch.bincount(group_ids, minlength=num_groups).to(torch.float32)
     else:
         n = segment_sum(torch.ones_like(s))

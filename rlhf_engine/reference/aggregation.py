@@ -27,7 +27,8 @@ for the torch backends, :class:`Segments` (vectorized per-sequence sums over a f
 token axis), :class:`TokenMask` / :class:`Where` (exact selects, without
 ``torch.where``'s scalar loop on large CPU tensors) and the small-call helpers
 (:func:`scalar`, :func:`host_scalar`, :func:`numeric`, ...: at a few thousand tokens
-the number of ops is the cost); and :func:`aggregate_partials` (per-sequence sums ->
+the number of ops is the cost; :func:`host_readable` says where the CPU shortcuts that read
+values apply); and :func:`aggregate_partials` (per-sequence sums ->
 loss and ``w``, shared by every backend; :func:`aggregate_sums` wraps it for the torch
 backends' row buffers).
 """
@@ -37,6 +38,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 SEQ_COUNT_AGGREGATIONS = ("seq-mean-token-mean", "seq-mean-token-sum")
@@ -127,13 +129,22 @@ class Segments:
 CPU_PASS_TOKENS = 1 << 15
 
 
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read on the host, for free: a CPU tensor outside
+    torch.compile, with data. A ``FakeTensor`` has a shape, a dtype and a device but no
+    data (a memory planner traces whole training steps on them under ``FakeTensorMode``,
+    where reading a value raises): it takes the path of device tensors, which read nothing.
+    """
+    return t.is_cpu and not torch.compiler.is_compiling() and not isinstance(t, FakeTensor)
+
+
 def token_passes(cu_seqlens: torch.Tensor, num_tokens: int, seq_len: int) -> list[tuple[slice, slice]]:
     """``(token slice, sequence slice)`` pairs covering the batch in whole sequences, about
-    :data:`CPU_PASS_TOKENS` tokens each (at least one sequence), for CPU tensors outside
-    torch.compile; one pair for the whole batch otherwise. ``seq_len``: the padded length,
-    0 when packed."""
+    :data:`CPU_PASS_TOKENS` tokens each (at least one sequence), for CPU tensors with values
+    (:func:`host_readable`: packed passes read ``cu_seqlens``); one pair for the whole batch
+    otherwise. ``seq_len``: the padded length, 0 when packed."""
     num_seqs = cu_seqlens.numel() - 1
-    if num_tokens <= CPU_PASS_TOKENS or not cu_seqlens.is_cpu or torch.compiler.is_compiling():
+    if num_tokens <= CPU_PASS_TOKENS or not host_readable(cu_seqlens):
         return [(slice(0, num_tokens), slice(0, num_seqs))]
     if seq_len:
         step = max(1, CPU_PASS_TOKENS // seq_len)
@@ -167,8 +178,10 @@ def scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     """``value`` as a 0-d fp32 tensor on ``like``'s device, an operand for ``torch.where``
     (``out=`` takes no number), ``addcmul`` and elementwise ops: cached for the CPU, where
     a Python number costs a scalar-tensor conversion per call (~1 us, as much as the op
-    over a few thousand tokens); made per call elsewhere. Never written to."""
-    if not like.is_cpu:
+    over a few thousand tokens); made per call elsewhere, and for a ``FakeTensor`` (the
+    cache must hold real tensors only: a fake one made under ``FakeTensorMode`` would be
+    handed to later real calls). Never written to."""
+    if not like.is_cpu or isinstance(like, FakeTensor):
         return like.new_full((), value, dtype=torch.float32)
     return _cpu_scalar(value)
 
@@ -196,13 +209,14 @@ def half_square(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
 
 
 def host_scalar(t: torch.Tensor):
-    """A 0-d tensor as a Python float for CPU tensors outside torch.compile, else itself.
+    """A 0-d tensor as a Python float where :func:`host_readable` (a CPU tensor with data,
+    outside torch.compile), else itself.
 
     Reading a CPU tensor syncs nothing, and arithmetic on a 0-d tensor costs about a
     microsecond an op, as much as an elementwise op over a few thousand tokens: scalar
     chains (counts, means, denominators) run on host floats there and on 0-d tensors on
-    other devices (no sync)."""
-    if not torch.compiler.is_compiling() and t.is_cpu:
+    other devices (no sync) and on fake tensors (no value to read)."""
+    if host_readable(t):
         return t.item()
     return t
 

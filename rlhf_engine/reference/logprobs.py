@@ -16,6 +16,9 @@ import threading
 from typing import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+from rlhf_engine.reference.aggregation import host_readable
 
 # Bytes of one fp32 [rows, V] temporary (with entropy a chunk holds two). On the CPU a
 # chunk is a trade: each costs ~15 small ops (~15 us), so 0.25-1 MiB chunks measured
@@ -98,12 +101,13 @@ def _scratch(logits: torch.Tensor, count: int) -> list[torch.Tensor]:
     the top of a freed heap back to the OS, so a fresh multi-MiB buffer page-faults on
     every call (~250 faults, ~0.1 ms a call at ``[128, 4096]``, a fifth of the op). The
     workspace only grows, to at most ``count * CHUNK_BYTES["cpu"]``, and no buffer outlives
-    the call that took it. On CUDA the caching allocator already reuses memory.
+    the call that took it. On CUDA the caching allocator already reuses memory. Fake
+    tensors (``FakeTensorMode``) get fresh buffers too: the workspace must stay real.
     """
     d0, d1, vocab = logits.shape
     rows = min(_chunk_rows(vocab, logits.device), d0 * d1)
     numel = count * rows * vocab
-    if logits.device.type != "cpu":
+    if logits.device.type != "cpu" or isinstance(logits, FakeTensor):
         memory = torch.empty(numel, dtype=torch.float32, device=logits.device)
     else:
         memory = getattr(_CPU_WORKSPACE, "memory", None)
@@ -134,9 +138,10 @@ def _clamped_labels(labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, tor
 
 def _zero_rows(t: torch.Tensor, rows: torch.Tensor) -> None:
     """Zero ``t[i, j, :]`` (``t [D0, D1, V]``) wherever ``rows.view(D0, D1)`` is True."""
-    if t.device.type == "cpu":
+    if host_readable(rows):
         # masked_fill_ over all of t costs as much as the rest of the backward on the CPU;
-        # index only the selected rows (reading the mask is free there).
+        # index only the selected rows (reading the mask is free there; a fake tensor has
+        # no values to find the rows by).
         flat = rows.nonzero().view(-1)
         if flat.numel():
             t[flat // t.shape[1], flat % t.shape[1]] = 0.0
