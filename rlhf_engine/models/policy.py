@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from rlhf_engine import ops
-from rlhf_engine.models.adapters import merged_state_dict
-from rlhf_engine.models.checkpoint import atomic_save_safetensors, atomic_write_bytes, load_state
+from rlhf_engine.models.checkpoint import atomic_write_bytes, load_state, save_state
 from rlhf_engine.models.inputs import check_token_batch, position_ids_from_mask
 
 WEIGHTS_FILE = "model.safetensors"
@@ -38,12 +37,21 @@ def init_from_config(build, config: PretrainedConfig, seed: int) -> PreTrainedMo
         return build(config).to(torch.float32)
 
 
-def save_pretrained_layout(tensors: dict[str, torch.Tensor], config: PretrainedConfig, directory) -> None:
-    """``directory/config.json`` and ``directory/model.safetensors`` (``tensors``), each written atomically."""
+def save_pretrained_layout(model: torch.nn.Module, config: PretrainedConfig, directory) -> None:
+    """``directory/config.json`` and ``directory/model.safetensors``, each written atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(directory / WEIGHTS_FILE, tensors)
+    save_state(model, directory / WEIGHTS_FILE)
     atomic_write_bytes(directory / CONFIG_FILE, config.to_json_string().encode())
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Checkpoint each decoder layer of ``model`` with transformers' own mechanism (non-reentrant
+    ``torch.utils.checkpoint``): a forward in train mode with gradients enabled keeps each layer's
+    inputs only and recomputes the layer in backward; eval and no-grad passes are unchanged."""
+    # activation_checkpointing_enable is the newer transformers' name of gradient_checkpointing_enable (now deprecated)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
 
 
 class PolicyModel(torch.nn.Module):
@@ -93,6 +101,12 @@ class PolicyModel(torch.nn.Module):
     def lm_head_bias(self) -> torch.Tensor | None:
         """``[V]`` or None."""
         return self.lm.get_output_embeddings().bias
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint every decoder layer of the LM (:func:`enable_activation_checkpointing`): the
+        training forwards (``hidden_states`` and what calls it, in train mode) keep one hidden state
+        per layer instead of all its activations, and recompute each layer in backward."""
+        enable_activation_checkpointing(self.lm)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final (post-norm) hidden states ``[B, T, H]`` in the model dtype; no logits.
@@ -170,9 +184,8 @@ class PolicyModel(torch.nn.Module):
 
     def save(self, directory) -> None:
         """``directory/config.json`` + ``directory/model.safetensors`` (the Hugging Face layout, so
-        ``from_pretrained`` reads it too); tied weights stored once; each file written atomically.
-        A LoRA policy writes its merged weights (``W + (alpha / r) B @ A``): a plain full model."""
-        save_pretrained_layout(merged_state_dict(self.lm), self.config, directory)
+        ``from_pretrained`` reads it too); tied weights stored once; each file written atomically."""
+        save_pretrained_layout(self.lm, self.config, directory)
 
     @classmethod
     def load(cls, directory, *, dtype: torch.dtype = torch.float32) -> PolicyModel:
