@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from rlhf_engine import ops
-from rlhf_engine.models.checkpoint import atomic_write_bytes, load_state, save_state
+from rlhf_engine.models.adapters import merged_state_dict
+from rlhf_engine.models.checkpoint import atomic_save_safetensors, atomic_write_bytes, load_state
 from rlhf_engine.models.inputs import check_token_batch, position_ids_from_mask
 
 WEIGHTS_FILE = "model.safetensors"
@@ -37,11 +38,11 @@ def init_from_config(build, config: PretrainedConfig, seed: int) -> PreTrainedMo
         return build(config).to(torch.float32)
 
 
-def save_pretrained_layout(model: torch.nn.Module, config: PretrainedConfig, directory) -> None:
-    """``directory/config.json`` and ``directory/model.safetensors``, each written atomically."""
+def save_pretrained_layout(tensors: dict[str, torch.Tensor], config: PretrainedConfig, directory) -> None:
+    """``directory/config.json`` and ``directory/model.safetensors`` (``tensors``), each written atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_state(model, directory / WEIGHTS_FILE)
+    atomic_save_safetensors(directory / WEIGHTS_FILE, tensors)
     atomic_write_bytes(directory / CONFIG_FILE, config.to_json_string().encode())
 
 
@@ -184,8 +185,9 @@ class PolicyModel(torch.nn.Module):
 
     def save(self, directory) -> None:
         """``directory/config.json`` + ``directory/model.safetensors`` (the Hugging Face layout, so
-        ``from_pretrained`` reads it too); tied weights stored once; each file written atomically."""
-        save_pretrained_layout(self.lm, self.config, directory)
+        ``from_pretrained`` reads it too); tied weights stored once; each file written atomically.
+        A LoRA policy writes its merged weights (``W + (alpha / r) B @ A``): a plain full model."""
+        save_pretrained_layout(merged_state_dict(self.lm), self.config, directory)
 
     @classmethod
     def load(cls, directory, *, dtype: torch.dtype = torch.float32) -> PolicyModel:
