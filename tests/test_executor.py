@@ -175,6 +175,23 @@ def test_bad_models_and_optimizers_are_rejected():
         PlacementExecutor(dict(models, reference=small), optimizers, offloading_schedule("swap"), device="cpu")
 
 
+def test_an_adapter_reference_is_the_policy_and_never_moves():
+    models = tiny_models(fresh_seed())
+    models["reference"] = models["policy"]  # LoRA: the reference is the policy with its adapter off
+    schedule = offloading_schedule()
+    for entry in schedule.values():
+        entry["weights"]["reference"] = "adapter"
+    moves = []
+    executor = PlacementExecutor(models, {}, {k: {"weights": v["weights"]} for k, v in schedule.items()}, device="cpu", on_move=moves.append)
+    for phase in FOUR_PHASES * 2:
+        executor.enter(phase)
+    assert moves and {m.role for m in moves} == {"policy", "critic", "reward_model"}
+    with pytest.raises(ValueError, match=r"no moved unit \('reference', 'weights'\)"):
+        executor.where("reference")
+    with pytest.raises(ValueError, match="phase must be one of"):
+        executor.enter("rollout")
+
+
 # -- what moves where, and when ----------------------------------------------------------------
 # Starting with everything on the device, the offloading schedule's boundaries over two steps:
 # (units offloaded at the entry, units the entry prefetches for the next phase).

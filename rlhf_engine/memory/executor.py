@@ -127,7 +127,8 @@ def _check_residencies(phase: str, part: str, residencies, roles: set[str], allo
             raise ValueError(f"{where}[{role!r}] must be one of {allowed}, got {residency!r}")
         adapter = role == "reference" and residency == "adapter"
         if role not in ROLES or (role not in roles and not adapter):
-            raise ValueError(f"{where} names role {role!r}, which has no {'model' if part == 'weights' else 'optimizer'} here (roles: {sorted(roles)})")
+            kind = "model" if part == "weights" else "optimizer"
+            raise ValueError(f"{where} names role {role!r}, which has no {kind} here (roles: {sorted(roles)})")
     missing = sorted(roles - set(residencies))
     if missing:
         raise ValueError(f"{where} lacks a residency for role(s) {missing}")
@@ -172,7 +173,9 @@ class PlacementExecutor:
         if pin_memory is None:
             pin_memory = self.device.type == "cuda" and self.offload_device.type == "cpu"
         if pin_memory and (self.device.type != "cuda" or self.offload_device.type != "cpu"):
-            raise ValueError(f"PlacementExecutor: pin_memory=True needs a CUDA device and offload_device 'cpu', got {self.device} / {self.offload_device}")
+            raise ValueError(
+                f"PlacementExecutor: pin_memory=True needs a CUDA device and offload_device 'cpu', got {self.device} / {self.offload_device}"
+            )
         self.models, self.optimizers = _check_models(models), _check_optimizers(optimizers, models)
         self.schedule = check_schedule(schedule, self.models, self.optimizers)
         self.phases = tuple(self.schedule)
@@ -240,11 +243,12 @@ class PlacementExecutor:
         off: the restore happens behind autograd's back.
         """
         if self.reference_mode != "swap":
-            raise RuntimeError(f"PlacementExecutor.reference_weights: the schedule's reference residency is not 'swap' (it is {self.reference_mode or 'device/offload'})")
+            mode = self.reference_mode or "device/offload"
+            raise RuntimeError(f"PlacementExecutor.reference_weights: the schedule's reference residency is not 'swap' (it is {mode})")
         if torch.is_grad_enabled():
             raise RuntimeError("PlacementExecutor.reference_weights: run the reference pass under torch.no_grad()")
         if self._where[("policy", "weights")] != "device":
-            raise RuntimeError("PlacementExecutor.reference_weights: the policy's weights are offloaded; enter a phase that has them on the device")
+            raise RuntimeError("PlacementExecutor.reference_weights: the policy's weights are offloaded; enter a phase with them on the device")
         policy = self.models["policy"]
         stashes = []
         with torch.no_grad():
@@ -312,26 +316,25 @@ class PlacementExecutor:
         """Copy ``unit``'s offloaded tensors to the device: now on the current stream, or
         (``prefetch``) on the side stream, adopted by the next ``enter``."""
         away = self._away.pop(unit)
-        # Allocated on the current stream, which may still be using the blocks being reused.
+        # Allocated on the current stream, the stream that uses them once they are handed over.
         copies = [(t, torch.empty_like(t, device=self.device)) for _, t in away]
-        if not prefetch:
-            for (name, t), (_, dev) in zip(away, copies):
-                dev.copy_(t, non_blocking=self._async)
-                t.data = dev
-                self._log(*unit, name, "device", t)
-            self._where[unit] = "device"
-            return
-        side = self._side_stream()
+        side = self._side_stream() if prefetch else None
+        if side is not None:
+            # The host buffers were just written by the current stream's offload copies, and the
+            # new blocks may still be in use there: the side stream starts after both.
+            side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            if side is not None:
-                # The host buffers were written by this stream's offload copies; the new blocks may be in use there.
-                side.wait_stream(torch.cuda.current_stream(self.device))
             for (name, t), (_, dev) in zip(away, copies):
                 dev.copy_(t, non_blocking=self._async)
                 if side is not None:
                     dev.record_stream(side)  # not reused by the allocator before this copy finishes
-                self._log(*unit, name, "device", dev, prefetch=True)
-        self._pending[unit] = copies
+                self._log(*unit, name, "device", dev, prefetch=prefetch)
+        if prefetch:
+            self._pending[unit] = copies
+            return
+        for t, dev in copies:
+            t.data = dev
+        self._where[unit] = "device"
 
     def _adopt_prefetched(self) -> None:
         """Make the current stream wait for the prefetch copies, then hand their tensors over."""
@@ -361,14 +364,15 @@ class PlacementExecutor:
         if part == "optimizer":
             stray = [n for n, t in self._named_state(role) if t.dim() > 0 and t.device != self.device]
             if stray:
-                raise ValueError(f"PlacementExecutor: optimizers[{role!r}] state must be on {self.device} (where it is stepped), found {stray[:3]}")
+                raise ValueError(f"PlacementExecutor: optimizers[{role!r}] state must be on {self.device} (where it steps), found {stray[:3]}")
             return "device"
         tensors = list(self._named_weights(role))
         devices = {t.device for _, t in tensors}
         if devices <= {self.device}:
             return "device"
         if devices != {self.offload_device}:
-            raise ValueError(f"PlacementExecutor: models[{role!r}] must be all on {self.device} or all on {self.offload_device}, found {sorted(map(str, devices))}")
+            found = sorted(map(str, devices))
+            raise ValueError(f"PlacementExecutor: models[{role!r}] must be all on {self.device} or all on {self.offload_device}, found {found}")
         with torch.no_grad():
             for name, t in tensors:
                 if self.pin_memory and not t.is_pinned():
@@ -403,6 +407,8 @@ def _as_device(name: str, device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"PlacementExecutor: {name} must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"PlacementExecutor: {name} {device}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is None:
         # Tensors report their index; compare like with like.
         device = torch.device("cuda", torch.cuda.current_device())
@@ -451,7 +457,8 @@ def _swap_pairs(policy: torch.nn.Module, reference: torch.nn.Module) -> list[tup
     unless both modules have the same names, shapes and dtypes."""
     mine = dict(policy.named_parameters()) | dict(policy.named_buffers())
     theirs = dict(reference.named_parameters()) | dict(reference.named_buffers())
-    problems = [f"{n} only in the policy" for n in mine if n not in theirs] + [f"{n} only in the reference" for n in theirs if n not in mine]
+    problems = [f"{n} only in the policy" for n in mine if n not in theirs]
+    problems += [f"{n} only in the reference" for n in theirs if n not in mine]
     problems += [
         f"{n}: policy {tuple(t.shape)} {t.dtype}, reference {tuple(theirs[n].shape)} {theirs[n].dtype}"
         for n, t in mine.items() if n in theirs and (t.shape != theirs[n].shape or t.dtype != theirs[n].dtype)
