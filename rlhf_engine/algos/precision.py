@@ -116,15 +116,18 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if not params:
             raise ValueError(f"{op}: params is empty")
         for i, p in enumerate(params):
-            if not isinstance(p, torch.Tensor) or not p.is_leaf or not p.requires_grad or p.dtype != torch.bfloat16:
-                what = f"{p.dtype} tensor (leaf={p.is_leaf}, requires_grad={p.requires_grad})" if isinstance(p, torch.Tensor) else type(p).__name__
-                raise TypeError(f"{op}: params[{i}] must be a bfloat16 leaf tensor that requires grad, got a {what}")
+            expected = f"{op}: params[{i}] must be a bfloat16 leaf tensor that requires grad"
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{expected}, got {type(p).__name__}")
+            if not p.is_leaf or not p.requires_grad or p.dtype != torch.bfloat16:
+                raise TypeError(f"{expected}, got a {p.dtype} tensor (leaf={p.is_leaf}, requires_grad={p.requires_grad})")
         if len({id(p) for p in params}) != len(params):
             raise ValueError(f"{op}: params holds a tensor more than once")
+        betas_ok = isinstance(betas, tuple) and len(betas) == 2 and all(0 <= b < 1 for b in betas)
         for name, value, ok, expected in [
             ("lr", lr, isinstance(lr, float | int) and lr >= 0, "a number >= 0"),
             ("weight_decay", weight_decay, isinstance(weight_decay, float | int) and weight_decay >= 0, "a number >= 0"),
-            ("betas", betas, isinstance(betas, tuple) and len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)"),
+            ("betas", betas, betas_ok, "a tuple of two numbers in [0, 1)"),
             ("eps", eps, isinstance(eps, float | int) and eps >= 0, "a number >= 0"),
         ]:  # fmt: skip
             if not ok:
