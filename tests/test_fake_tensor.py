@@ -368,3 +368,19 @@ def test_mem_tracker_traces_a_real_size_fused_policy_loss_step():
     total = peak[torch.device("cpu")]["Total"]
     assert total >= input_bytes + grad_bytes  # the gradients exist at the end, beside the inputs
     assert total - input_bytes - grad_bytes < fp32_logits // 4
+
+
+def test_fake_batches_beyond_one_cpu_pass_run_in_one_pass():
+    """Real CPU batches over ``CPU_PASS_TOKENS`` tokens run in passes cut at ``cu_seqlens``
+    values (read with ``tolist``); a fake batch has none to read and runs whole."""
+    n = 2 * aggregation.CPU_PASS_TOKENS + 3
+    cu = [0, n // 2, n // 2, n]  # real: one pass to each side of the empty sequence
+    with FakeTensorMode():
+        cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+        assert aggregation.token_passes(cu_seqlens, n, 0) == [(slice(0, n), slice(0, 3))]
+        logp = torch.randn(n, requires_grad=True)
+        loss, metrics = ops.policy_loss(logp, torch.randn(n), torch.randn(n), torch.ones(n, dtype=torch.bool),
+                                        cu_seqlens=cu_seqlens, aggregation="seq-mean-token-mean")  # fmt: skip
+        loss.backward()
+    assert loss.shape == () and logp.grad.shape == (n,) and metrics["ratio_max"].shape == ()
+    assert len(aggregation.token_passes(torch.tensor(cu, dtype=torch.int32), n, 0)) > 1  # real: passes
