@@ -23,7 +23,7 @@ def config():
 
 def policy_pair(seed=0):
     """(the untouched base policy, the same weights with fresh LoRA adapters)."""
-    return PolicyModel.from_config(config(), seed=seed).eval(), apply_lora(PolicyModel.from_config(config(), seed=seed), SETTINGS).eval()
+    return PolicyModel.from_config(config(), seed=seed).eval(), apply_lora(PolicyModel.from_config(config(), seed=seed), SETTINGS, seed=seed).eval()
 
 
 def left_padded_batch(lengths, total, seed=0):
@@ -78,17 +78,29 @@ def test_policy_only_adapters_train_and_the_lm_head_is_never_adapted():
 
 
 def test_critic_adapters_and_head_train():
-    critic = apply_lora(ScalarHeadModel.from_config(config(), seed=0), SETTINGS)
+    critic = apply_lora(ScalarHeadModel.from_config(config(), seed=0), SETTINGS, seed=0)
     expected = linear_layer_names(ScalarHeadModel.from_config(config(), seed=0).backbone)
     trainable = {n for n, p in critic.named_parameters() if p.requires_grad}
     assert trainable == {f"backbone.{m}.lora_{ab}.default.weight" for m in expected for ab in "AB"} | {"head.weight"}
 
 
 def test_target_modules_pick_layers_by_suffix():
-    policy = apply_lora(PolicyModel.from_config(config(), seed=0), LoraSettings(rank=2, target_modules=["q_proj", "mlp.down_proj"]))
+    policy = apply_lora(PolicyModel.from_config(config(), seed=0), LoraSettings(rank=2, target_modules=["q_proj", "mlp.down_proj"]), seed=0)
     trainable = {n.split(".lora_")[0] for n, p in policy.lm.named_parameters() if p.requires_grad}
     layers = range(config().num_hidden_layers)
     assert trainable == {f"model.layers.{i}.{m}" for i in layers for m in ("self_attn.q_proj", "mlp.down_proj")}
+
+
+def test_adapter_init_depends_on_the_seed_only():
+    def adapters(seed):
+        policy = apply_lora(PolicyModel.from_config(config(), seed=0), SETTINGS, seed=seed)
+        return {n: p for n, p in policy.named_parameters() if "lora_A" in n}
+
+    state = torch.get_rng_state()
+    first, again, other = adapters(1), adapters(1), adapters(2)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not any(torch.equal(first[n], other[n]) for n in first)
 
 
 # -- the fresh adapter is the identity; training moves only the adapter ------------------------
@@ -155,6 +167,27 @@ def test_reference_view_in_generation_and_scoring():
     assert (scored.ref_logprobs - scored.old_logprobs)[rollout.response_mask].abs().max() > 1e-4
 
 
+def test_lora_policy_under_activation_checkpointing_gets_the_same_adapter_grads():
+    # Only the adapters need grads, not the (frozen) embeddings' output: non-reentrant checkpointing
+    # must still route gradients into every layer's adapters.
+    ids, mask = left_padded_batch([6, 4], 6, seed=3)
+    grads = []
+    for checkpointed in (False, True):
+        _, policy = policy_pair(seed=5)
+        with torch.no_grad():  # a nonzero B, so A's gradient is not trivially 0
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(generator=torch.Generator().manual_seed(len(n)))
+        if checkpointed:
+            policy.gradient_checkpointing_enable()
+        policy.train()
+        (-policy.response_logprobs(ids, mask, 2).sum()).backward()
+        grads.append({n: p.grad for n, p in policy.named_parameters() if p.requires_grad})
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[1].values())
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-6)
+
+
 def tiny_qwen2():
     return Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)  # fmt: skip
@@ -166,7 +199,7 @@ def test_lora_critic_values_rewards_base_and_merged_save(tmp_path, make_config):
     torch.nn.init.normal_(base.head.weight, generator=torch.Generator().manual_seed(0))
     critic = ScalarHeadModel.from_config(make_config(), seed=4).eval()
     critic.head.load_state_dict(base.head.state_dict())
-    apply_lora(critic, SETTINGS)
+    apply_lora(critic, SETTINGS, seed=1)
     ids, mask = right_padded_batch([6, 2, 5], 6)
     assert torch.equal(critic.values(ids, mask), base.values(ids, mask))
 
@@ -204,16 +237,18 @@ def test_lora_settings_bad_values(kwargs, field):
 def test_lora_bad_input():
     base, policy = policy_pair()
     with pytest.raises(ValueError, match="already has LoRA"):
-        apply_lora(policy)
+        apply_lora(policy, seed=0)
     for names in (["lm_head"], ["head"], ["no_such_layer"]):
         with pytest.raises(ValueError, match="target_modules"):
-            apply_lora(PolicyModel.from_config(config(), seed=0), LoraSettings(target_modules=names))
+            apply_lora(PolicyModel.from_config(config(), seed=0), LoraSettings(target_modules=names), seed=0)
     with pytest.raises(TypeError, match="PolicyModel or a ScalarHeadModel"):
-        apply_lora(torch.nn.Linear(2, 2))
+        apply_lora(torch.nn.Linear(2, 2), seed=0)
     with pytest.raises(TypeError, match="settings"):
-        apply_lora(base, {"rank": 4})
+        apply_lora(base, {"rank": 4}, seed=0)
+    with pytest.raises(TypeError, match="seed"):
+        apply_lora(base, seed=1.0)
     with pytest.raises(TypeError, match="reference view"):
-        apply_lora(AdapterDisabledPolicy(policy))
+        apply_lora(AdapterDisabledPolicy(policy), seed=0)
     with pytest.raises(ValueError, match="no LoRA layers"):
         AdapterDisabledPolicy(base)
     with pytest.raises(ValueError, match="no LoRA layers"):
@@ -227,6 +262,6 @@ def test_missing_peft_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
     policy = PolicyModel.from_config(config(), seed=0)
     with pytest.raises(ImportError, match=r"rlhf-engine\[lora\]"):
-        apply_lora(policy)
+        apply_lora(policy, seed=0)
     policy.save(tmp_path)  # models without LoRA never need peft
     assert torch.equal(PolicyModel.load(tmp_path).lm_head_weight, policy.lm_head_weight)

@@ -104,14 +104,15 @@ def _target_names(op: str, transformer: PreTrainedModel, requested: tuple[str, .
     return [name for name in linear if any(matches(name, t) for t in requested)]
 
 
-def apply_lora(model, settings: LoraSettings | None = None):
+def apply_lora(model, settings: LoraSettings | None = None, *, seed: int):
     """Inject LoRA adapters into ``model`` in place and freeze everything else; returns ``model``.
 
     ``model`` is a :class:`PolicyModel` (adapters in ``model.lm``; the lm_head, tied or not, is
     frozen) or a :class:`ScalarHeadModel` (adapters in ``model.backbone``; ``model.head`` keeps its
     ``requires_grad``: it stays fully trainable). Afterwards only the adapters' ``A`` and ``B``
     (and the critic's head) require grad; outputs are unchanged until the adapters train
-    (``B = 0``). Adapters take the base layers' device.
+    (``B = 0``). Adapters take the base layers' device; their random ``A`` is drawn from
+    ``seed`` only (the global RNGs are untouched).
 
     Raises:
         TypeError for another kind of model; ValueError when it already has LoRA layers or a
@@ -122,13 +123,18 @@ def apply_lora(model, settings: LoraSettings | None = None):
     settings = LoraSettings() if settings is None else settings
     if not isinstance(settings, LoraSettings):
         raise TypeError(f"{op}: settings must be a LoraSettings, got {type(settings).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{op}: seed must be an int, got {type(seed).__name__}")
     peft = _import_peft()
     if lora_layers(transformer):
         raise ValueError(f"{op}: model already has LoRA layers (apply LoRA once)")
     targets = _target_names(op, transformer, settings.target_modules)
     config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                              target_modules=targets, bias="none")  # fmt: skip
-    peft.inject_adapter_in_model(config, transformer)
+    cuda = sorted({p.device.index or 0 for p in transformer.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        peft.inject_adapter_in_model(config, transformer)
     return model
 
 
