@@ -1,0 +1,242 @@
+"""Traced peaks: run the trainer's phases on real-size models without their memory.
+
+Under ``FakeTensorMode`` tensors carry shapes, dtypes and devices but no data, so a 7B
+model's forward, backward, optimizer step and generation run on a laptop CPU in seconds;
+``torch.distributed._tools.mem_tracker.MemTracker`` counts the bytes every allocation
+would take (rounded up to 512 bytes, as the CUDA caching allocator does). This is how
+the planner's formulas (:mod:`rlhf_engine.memory.estimate`) are validated without a GPU:
+PyTorch's own tests hold MemTracker within 10% of CUDA's ``max_memory_allocated``.
+
+What is traced, per phase, is the trainer's own code path: ``PolicyModel`` /
+``ScalarHeadModel`` on ``transformers`` models built from the config, the fused lm_head
+loss ``ops.fused_linear_policy_loss`` and ``ops.value_loss``, AdamW (with fp32 master
+weights for bf16 roles), with every model and optimizer state resident, as
+``--plan off`` keeps them:
+
+* ``generate``: the prompt prefill (``next_token_logits`` on ``[B, P]``), then the last
+  decode step with the KV cache at its final length ``P + R - 1`` (the cache only grows,
+  so the last step holds the most), sampling included.
+* ``score``: each model's no-grad pass over ``[B, P + R]`` in micro-batches.
+* ``update_policy`` / ``update_critic``: forward + backward of every micro-batch of one
+  minibatch (gradients accumulate), then the optimizer step.
+
+Two things a fake trace cannot see are added from their declarations: the workspace
+inside the fused lm_head's custom op (its fake kernel allocates only the outputs; see
+:func:`rlhf_engine.memory.estimate.lm_head_workspace`), and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_engine.memory.estimate import PHASES, RoleSpec, Workload, lm_head_workspace, phase_roles
+
+DEVICE = torch.device("cpu")  # fake tensors on the CPU: no CUDA needed
+
+
+@dataclass
+class TracedPeak:
+    """A phase's traced peak: ``tracked`` bytes MemTracker saw at its highest (``by_kind``:
+    MemTracker's split of it into parameters, gradients, activations, temporaries,
+    optimizer state), ``workspace`` the declared lm_head workspace added on top,
+    ``peak = tracked + workspace``."""
+
+    tracked: int
+    workspace: int
+    by_kind: dict[str, int]
+
+    @property
+    def peak(self) -> int:
+        return self.tracked + self.workspace
+
+
+def _build(spec: RoleSpec):
+    """The role's model (fake tensors), in its dtype, with LoRA / checkpointing as specified."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from rlhf_engine.models import PolicyModel, ScalarHeadModel
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(spec.torch_dtype)  # module.to(dtype) does not work under fake mode
+    try:
+        if spec.head == "lm":
+            model = PolicyModel(AutoModelForCausalLM.from_config(spec.config, attn_implementation="sdpa"))
+        else:
+            model = ScalarHeadModel(AutoModel.from_config(spec.config, attn_implementation="sdpa"))
+    finally:
+        torch.set_default_dtype(previous)
+    if spec.lora_rank:
+        from rlhf_engine.models.lora import LoraSettings, apply_lora
+
+        apply_lora(model, LoraSettings(rank=spec.lora_rank), seed=0)
+    if not spec.trained:
+        # Frozen roles run only under no_grad here; their parameters keep requires_grad
+        # because MemTracker hooks every tracked parameter's gradient.
+        model.eval()
+    elif spec.checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def _optimizer(model: torch.nn.Module, spec: RoleSpec):
+    """The trainer's optimizer for ``spec`` with its state allocated (as after a first step)."""
+    from rlhf_engine.algos.precision import make_optimizer
+
+    optimizer = make_optimizer(model, lr=1e-6, dtype=spec.dtype)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def _tokens(batch: int, length: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.zeros(batch, length, dtype=torch.long, device=DEVICE)
+    return ids, torch.ones(batch, length, dtype=torch.bool, device=DEVICE)
+
+
+def _splits(total: int, micro: int) -> list[int]:
+    return [min(micro, total - start) for start in range(0, total, micro)]
+
+
+def _generate(policy, spec: RoleSpec, work: Workload, fresh) -> None:
+    from transformers import DynamicCache
+
+    from rlhf_engine.rollout.sampling import sample_tokens
+
+    shape = spec.shape
+    for rows in _splits(work.rollout_batch, work.generate_micro_batch):
+        ids, mask = _tokens(rows, work.prompt_length, shape.vocab_size)
+        fresh()
+        logits, cache = policy.next_token_logits(ids, mask, torch.zeros_like(ids), None)
+        sample_tokens(logits / 1.0, 0, 1.0, None)
+        del logits, cache
+        length = work.prompt_length + work.response_length - 1
+        cache = DynamicCache(config=spec.config)
+        kv = torch.empty(rows, shape.num_kv_heads, length, shape.head_dim, dtype=spec.torch_dtype, device=DEVICE)
+        for layer in range(shape.num_layers):
+            cache.update(torch.empty_like(kv), torch.empty_like(kv), layer)
+        del kv
+        step_ids, step_mask = _tokens(rows, 1, shape.vocab_size)
+        full_mask = torch.ones(rows, length + 1, dtype=torch.bool, device=DEVICE)
+        fresh()
+        logits, cache = policy.next_token_logits(step_ids, full_mask, step_ids, cache)
+        z = logits / 1.0
+        token = sample_tokens(z, 0, 1.0, None)
+        z.gather(1, token[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+        del logits, cache, z, step_mask
+
+
+def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh) -> None:
+    from rlhf_engine import ops
+
+    length = work.prompt_length + work.response_length
+    start = work.prompt_length
+    for role in ("policy", "reference", "critic", "reward_model"):
+        if role not in models or (role == "reference" and specs[role].is_adapter_view):
+            continue
+        model = models[role]
+        for rows in _splits(work.rollout_batch, work.score_micro_batch):
+            ids, mask = _tokens(rows, length, specs[role].shape.vocab_size)
+            fresh()
+            with torch.no_grad():
+                if specs[role].head == "lm":
+                    hidden = model.response_hidden(ids, mask, start)
+                    labels = ids[:, start:]
+                    ops.fused_linear_logprobs(hidden, model.lm_head_weight, labels, bias=model.lm_head_bias,
+                                              return_entropy=role == "policy", backend="triton")  # fmt: skip
+                else:
+                    values = model.values(ids, mask)
+                    if role == "reward_model":
+                        values[:, -1]
+            del ids, mask
+    if "reference" in specs and specs["reference"].is_adapter_view:
+        from rlhf_engine.models.lora import adapter_disabled
+
+        with adapter_disabled(models["policy"]), torch.no_grad():
+            for rows in _splits(work.rollout_batch, work.score_micro_batch):
+                ids, mask = _tokens(rows, length, specs["policy"].shape.vocab_size)
+                fresh()
+                hidden = models["policy"].response_hidden(ids, mask, start)
+                ops.fused_linear_logprobs(hidden, models["policy"].lm_head_weight, ids[:, start:], backend="triton")
+
+
+def _update(role: str, model, optimizer, spec: RoleSpec, work: Workload, fresh) -> None:
+    from rlhf_engine import ops
+
+    length = work.prompt_length + work.response_length
+    start = work.prompt_length
+    model.train()
+    for rows in _splits(min(work.minibatch_size, work.rollout_batch), work.update_micro_batch):
+        ids, mask = _tokens(rows, length, spec.shape.vocab_size)
+        per_token = torch.zeros(rows, work.response_length, device=DEVICE)
+        response_mask = mask[:, start:]
+        fresh()
+        if role == "policy":
+            hidden = model.response_hidden(ids, mask, start)
+            loss, _ = ops.fused_linear_policy_loss(
+                hidden, model.lm_head_weight, ids[:, start:], per_token, torch.zeros(rows, device=DEVICE), response_mask,
+                bias=model.lm_head_bias, normalizer=float(work.minibatch_size * work.response_length), backend="triton",
+            )  # fmt: skip
+        else:
+            values = model.values(ids, mask)[:, start - 1 : -1]
+            loss, _ = ops.value_loss(values, per_token, per_token, response_mask, clip=0.2,
+                                     normalizer=float(work.minibatch_size * work.response_length))  # fmt: skip
+        loss.backward()
+        del ids, mask, per_token, response_mask, loss
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def trace_phase(phase: str, specs: dict[str, RoleSpec], work: Workload) -> TracedPeak:
+    """The traced peak of ``phase`` with every role of ``specs`` resident (weights, and the
+    trained roles' optimizer state), under ``FakeTensorMode`` on the CPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    if phase not in PHASES:
+        raise ValueError(f"trace_phase: phase must be one of {PHASES}, got {phase!r}")
+    with FakeTensorMode(), _triton_fakes():
+        models = {role: _build(spec) for role, spec in specs.items() if not spec.is_adapter_view}
+        optimizers = {role: _optimizer(models[role], spec) for role, spec in specs.items() if spec.trained}
+        tracker = MemTracker()
+        masters = [m for opt in optimizers.values() for m in getattr(opt, "master_params", ())]
+        tracker.track_external(*models.values(), *optimizers.values(), *masters)
+        # MemTracker refuses a module called twice in one region unless its per-module
+        # stats are cleared first; the device-wide peak it keeps is unaffected.
+        fresh = tracker.reset_mod_stats
+        with tracker:
+            if phase == "generate":
+                models["policy"].eval()  # as sample_responses runs it: eval mode, no gradients
+                with torch.no_grad():
+                    _generate(models["policy"], specs["policy"], work, fresh)
+            elif phase == "score":
+                _score(models, specs, work, fresh)
+            else:
+                role = "policy" if phase == "update_policy" else "critic"
+                _update(role, models[role], optimizers[role], specs[role], work, fresh)
+        snapshot = tracker.get_tracker_snapshot("peak")[DEVICE]
+    by_kind = {getattr(kind, "value", kind): count for kind, count in snapshot.items() if count}
+    return TracedPeak(tracked=by_kind.pop("Total"), workspace=lm_head_workspace(phase, specs, work), by_kind=by_kind)
+
+
+@contextlib.contextmanager
+def _triton_fakes():
+    """Let ``backend="triton"`` resolve on fake CPU tensors: its custom ops then run their
+    fake kernels, which allocate exactly the Triton kernels' outputs (what a GPU run
+    allocates; the torch backend's CPU temporaries are not part of a GPU plan)."""
+    from rlhf_engine import _backend
+
+    saved = _backend.triton_runs_on
+    _backend.triton_runs_on = lambda device: True
+    try:
+        yield
+    finally:
+        _backend.triton_runs_on = saved
+
+
+__all__ = ["TracedPeak", "trace_phase", "phase_roles"]
