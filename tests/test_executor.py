@@ -90,7 +90,12 @@ def unit_tensors(models: dict, optimizers: dict, unit: tuple[str, str]) -> dict[
         return named
     names = {id(p): n for n, p in model.named_parameters()}
     optimizer = optimizers[role]
-    return {f"{names[id(p)]}:{k}": v for p, state in optimizer.state.items() for k, v in state.items() if torch.is_tensor(v)}
+    # MasterWeightAdamW: its fp32 masters (and their state) are named after the model's parameters.
+    masters = {id(m): p for p, m in zip(getattr(optimizer, "model_params", ()), getattr(optimizer, "master_params", ()))}
+    named = {f"{names[id(p)]}.master": m for m, p in ((m, masters[id(m)]) for m in getattr(optimizer, "master_params", ()))}
+    name_of = lambda p: f"{names[id(masters[id(p)])]}.master" if id(p) in masters else names[id(p)]  # noqa: E731
+    named |= {f"{name_of(p)}:{k}": v for p, state in optimizer.state.items() for k, v in state.items() if torch.is_tensor(v)}
+    return named
 
 
 def snapshot(models: dict, optimizers: dict) -> dict[tuple, torch.Tensor]:
@@ -295,14 +300,19 @@ def test_reference_weights_refuses_outside_a_swap_schedule_or_with_gradients():
 
 
 # -- moving never changes a number ---------------------------------------------------------------
-def test_optimizer_steps_after_offloading_state_and_gradients_are_bitwise_unchanged():
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_optimizer_steps_after_offloading_state_and_gradients_are_bitwise_unchanged(dtype):
+    # bf16: MasterWeightAdamW, whose fp32 master copies are optimizer state that moves too.
+    from rlhf_engine.algos.precision import make_optimizer, parse_dtype
+
     seed = fresh_seed()
     runs = {}
     for moving in (False, True):
-        models = tiny_models(seed)
-        optimizers = {role: torch.optim.AdamW(models[role].parameters(), lr=1e-2) for role in ("policy", "critic")}
+        models = {role: m.to(parse_dtype(dtype)) for role, m in tiny_models(seed).items()}
+        optimizers = {role: make_optimizer(models[role], 1e-2, dtype=dtype) for role in ("policy", "critic")}
         schedule = offloading_schedule() if moving else resident_schedule()
-        executor = PlacementExecutor(models, optimizers, schedule, device="cpu")
+        moves = []
+        executor = PlacementExecutor(models, optimizers, schedule, device="cpu", on_move=moves.append)
         generator = torch.Generator().manual_seed(seed)
         for _ in range(3):
             ids = torch.randint(3, VOCAB, (3, 7), generator=generator)
@@ -314,6 +324,8 @@ def test_optimizer_steps_after_offloading_state_and_gradients_are_bitwise_unchan
         runs[moving] = snapshot(models, optimizers)
         if moving:
             assert sum(executor.moved_bytes.values()) > 0
+            if dtype == "bf16":  # the masters travel with the optimizer state
+                assert any(m.part == "optimizer" and m.name.endswith(".master") and m.to == "offload" for m in moves)
     assert runs[False].keys() == runs[True].keys()
     for key, t in runs[False].items():
         assert torch.equal(runs[True][key], t), key

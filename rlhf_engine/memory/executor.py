@@ -296,13 +296,23 @@ class PlacementExecutor:
         yield from model.named_buffers()
 
     def _named_state(self, role: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """The tensors in ``role``'s optimizer state (``<param name>:<key>``)."""
+        """The tensors in ``role``'s optimizer state (``<param name>:<key>``); for an
+        optimizer over fp32 master copies (``MasterWeightAdamW``) the masters themselves
+        (``<param name>.master``) and their gradients too: they are optimizer state."""
         optimizer, names = self.optimizers[role], self._param_names[role]
+        model_of = dict(zip(map(id, getattr(optimizer, "master_params", ())), getattr(optimizer, "model_params", ())))
         for group in optimizer.param_groups:
             for p in group["params"]:
+                if id(p) in model_of:
+                    name = f"{names[id(model_of[id(p)])]}.master"
+                    yield name, p
+                    if p.grad is not None:
+                        yield f"{name}.grad", p.grad
+                else:
+                    name = names[id(p)]
                 for key, value in optimizer.state.get(p, {}).items():
                     if isinstance(value, torch.Tensor):
-                        yield f"{names[id(p)]}:{key}", value
+                        yield f"{name}:{key}", value
 
     def _offload(self, unit: tuple[str, str]) -> None:
         away = []
@@ -437,7 +447,9 @@ def _check_optimizers(optimizers, models) -> dict[str, torch.optim.Optimizer]:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"PlacementExecutor: optimizers[{role!r}] must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         own = {id(p) for p in models[role].parameters()}
-        if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
+        # A master-weight optimizer steps fp32 copies of the model's parameters (model_params).
+        stepped = getattr(optimizer, "model_params", None) or [p for group in optimizer.param_groups for p in group["params"]]
+        if any(id(p) not in own for p in stepped):
             raise ValueError(f"PlacementExecutor: optimizers[{role!r}] steps parameters that are not models[{role!r}]'s")
     return dict(optimizers)
 
