@@ -1,9 +1,12 @@
-"""Command line: ``rlhf-engine demo | train | bench``.
+"""Command line: ``rlhf-engine demo | train | plan | bench``.
 
 * ``demo [--out DIR] [--seed S]``: the embedded pipeline (SFT, reward model, PPO, GRPO)
   on the built-in sorting task; see ``rlhf_engine.demo``.
 * ``train --algo A --model PATH|tiny --data FILE.jsonl [--config FILE.yaml] [--resume]``:
   one algorithm on a local model and data; see ``rlhf_engine.train``.
+* ``plan --algo A --model PATH|config.json [--reward-model ...] [--gpu NAME | --gpu-memory SIZE]
+  [--config FILE.yaml] [--prompt-length N] [--no-offload] [--json]``: will the run fit one GPU? The
+  memory plan per phase and role; exit status 1 when it does not fit; see ``rlhf_engine.memory``.
 * ``bench [--quick] [--only NAME ...] [--out DIR] [--device DEV]`` runs every benchmark module in ``rlhf_engine.benchmarks`` (the top-level
 ``benchmarks/`` folder, one ``bench_*.py`` per op family) on the device at hand, prints
 one table and writes one JSON file per family under ``--out``.
@@ -92,6 +95,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from rlhf_engine.memory.plan import gpu_budget, parse_memory, plan
+    from rlhf_engine.memory.report import format_plan
+    from rlhf_engine.memory.run_specs import plan_options, role_specs, workload
+    from rlhf_engine.train import load_config
+
+    try:
+        if args.prompt_length < 1:
+            raise ValueError(f"--prompt-length must be >= 1, got {args.prompt_length}")
+        budget = parse_memory(args.gpu_memory) if args.gpu_memory else gpu_budget(args.gpu)
+        config = load_config(args.algo, args.config)
+        specs = role_specs(args.algo, config, args.model, args.reward_model)
+        chosen = plan(specs, workload(config, args.prompt_length), budget, plan_options(config, offload=not args.no_offload))
+    except (ValueError, TypeError) as error:
+        print(f"rlhf-engine plan: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(chosen.to_dict(), indent=1) if args.json else format_plan(chosen))
+    return 0 if chosen.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-engine", description="rlhf_engine: fused RLHF ops and benchmarks")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
     train.set_defaults(handler=_train)
+    plan = commands.add_parser("plan", help="will an RL run fit one GPU? memory per phase and role, before any model is loaded")
+    plan.add_argument("--algo", required=True, choices=["ppo", "grpo", "rloo", "reinforce_pp"])
+    plan.add_argument("--model", required=True, metavar="PATH", help="the policy: a model folder or a bare config.json")
+    plan.add_argument("--reward-model", metavar="PATH", help="the reward model (PPO's critic has its shape): folder or config.json")
+    gpu = plan.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", default="h100-80gb", help="a100-40gb, a100-80gb, h100-80gb (default) or h200-141gb")
+    gpu.add_argument("--gpu-memory", metavar="SIZE", help="the GPU's memory instead, e.g. 80GiB, 24GB")
+    plan.add_argument("--config", metavar="FILE.yaml", help="fields of the RL config (batch sizes, dtype, LoRA, micro-batches)")
+    plan.add_argument("--prompt-length", type=int, default=512, metavar="N", help="longest prompt in tokens (default 512)")
+    plan.add_argument("--no-offload", action="store_true",
+                      help="predict exactly the configuration given: everything resident, the config's micro-batches and checkpointing")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=_plan)
     bench = commands.add_parser("bench", help="benchmark every op family against eager PyTorch, torch.compile and Liger")
     bench.add_argument("--quick", action="store_true", help="small shapes and few repetitions (a smoke run)")
     bench.add_argument("--only", nargs="+", metavar="FAMILY", help="run only these families (default: all)")

@@ -37,11 +37,12 @@ import torch
 
 from rlhf_engine import ops
 from rlhf_engine.algos.common import (
-    freeze, make_optimizer, masked_mean, minibatch_indices, optimizer_step, sample_responses, step_generator,
+    clip_and_step, freeze, make_optimizer, masked_mean, minibatch_indices, sample_responses, step_generator,
 )  # fmt: skip
 from rlhf_engine.algos.config import check_field
 from rlhf_engine.algos.eval_metrics import explained_variance
 from rlhf_engine.algos.kl_control import KLController
+from rlhf_engine.algos.precision import DTYPES
 from rlhf_engine.models import PolicyModel, ScalarHeadModel
 from rlhf_engine.reference.kl import ESTIMATORS as KL_ESTIMATORS
 from rlhf_engine.rollout import Rollout, SamplingConfig, score_rollout
@@ -72,6 +73,9 @@ class RLConfig:
     grad_clip: float = 1.0
     epochs: int = 1
     minibatch_size: int = 64
+    micro_batch_size: Optional[int] = None  # rows per forward/backward in the updates (None: the whole minibatch)
+    score_micro_batch_size: Optional[int] = None  # rows per no-grad pass in score (None: the whole rollout)
+    generate_micro_batch_size: Optional[int] = None  # rows sampled at once (None: the whole rollout)
     advantage: str = "grpo"
     preset: str = "trl"
     scale: str = "group"
@@ -91,6 +95,14 @@ class RLConfig:
     critic_lr: float = 1e-3
     value_clip: Optional[float] = 0.2
     seed: int = 0
+    # Precision, LoRA and checkpointing (what the memory planner chooses from).
+    dtype: str = "fp32"  # trained roles: "fp32", or "bf16" weights with fp32 masters and AdamW state
+    frozen_dtype: Optional[str] = None  # reference and reward model; None: `dtype`
+    lora_rank: int = 0  # LoRA on the policy (0: full fine-tuning); the reference is then the adapter-disabled policy
+    critic_lora_rank: int = 0
+    lora_alpha: float = 16.0
+    policy_gradient_checkpointing: bool = False
+    critic_gradient_checkpointing: bool = False
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatch_size", "kl_horizon"):
@@ -117,6 +129,13 @@ class RLConfig:
             check_field(self, "clip_high", self.clip_high is not None, "set for loss 'cispo-trl' (the raw bound on the IS weight, e.g. 5)")
         check_field(self, "dual_clip", self.dual_clip is None or self.dual_clip > 1, "> 1 or null")
         check_field(self, "kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {sorted(KL_ESTIMATORS)}")
+        for name in ("micro_batch_size", "score_micro_batch_size", "generate_micro_batch_size"):
+            check_field(self, name, getattr(self, name) is None or getattr(self, name) >= 1, ">= 1 or null")
+        check_field(self, "dtype", self.dtype in DTYPES, f"one of {sorted(DTYPES)}")
+        check_field(self, "frozen_dtype", self.frozen_dtype is None or self.frozen_dtype in DTYPES, f"one of {sorted(DTYPES)} or null")
+        for name in ("lora_rank", "critic_lora_rank"):
+            check_field(self, name, getattr(self, name) >= 0, ">= 0 (0: full fine-tuning)")
+        check_field(self, "lora_alpha", self.lora_alpha > 0, "> 0")
         if self.advantage in GROUP_ESTIMATORS and self.group_size < 2 and self.preset == "trl":
             check_field(self, "group_size", False, ">= 2 for group advantages under preset 'trl' (a singleton group gets advantage 0)")
 
@@ -192,7 +211,8 @@ class RLTrainer:
         """Phase 1: ``group_size`` samples for each prompt of step ``step``."""
         cfg = self.config
         prompts = self.prompts(cfg.prompts_per_step, step_generator(cfg.seed, step, "prompts"))
-        return sample_responses(self.policy, prompts, cfg.group_size, self.sampling, step_generator(cfg.seed, step, "sample"))
+        generator = step_generator(cfg.seed, step, "sample")
+        return sample_responses(self.policy, prompts, cfg.group_size, self.sampling, generator, cfg.generate_micro_batch_size)
 
     def score(self, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
         """Phase 2: old and reference logprobs, values, scores (and gold when known)."""
@@ -200,6 +220,7 @@ class RLTrainer:
             rollout, metrics = score_rollout(
                 rollout, temperature=self.config.temperature, policy=self.policy, reference=self.reference,
                 critic=self.critic, reward_model=self.reward_model, reward_fn=self.reward_fn,
+                micro_batch_size=self.config.score_micro_batch_size,
             )  # fmt: skip
         metrics = dict(metrics)
         if self.gold_fn is not None:
@@ -228,49 +249,83 @@ class RLTrainer:
         return advantages, None
 
     def update_policy(self, rollout: Rollout, advantages: torch.Tensor, step: int) -> dict[str, float]:
-        """Phase 3: ``epochs`` x minibatches of the fused clipped policy loss."""
+        """Phase 3: ``epochs`` x minibatches of the fused clipped policy loss, each minibatch one
+        optimizer step on the gradients accumulated over its micro-batches."""
         cfg, start = self.config, rollout.response_start
         kl_in_loss = not cfg.kl_in_reward and self.kl.value > 0
-        # Dr. GRPO's constant normalizer: the generation budget, not the batch's longest response.
-        norm_per_seq = cfg.max_new_tokens if cfg.aggregation == "seq-mean-token-sum-norm" else None
         self.policy.train()
         sums: dict[str, torch.Tensor] = {}  # summed on the device: one host sync per phase, not per minibatch
         count = 0
         generator = step_generator(cfg.seed, step, "minibatches")
         for _ in range(cfg.epochs):
             for index in minibatch_indices(rollout.response_ids.shape[0], cfg.minibatch_size, generator, rollout.response_ids.device):
-                mb = rollout.select(index)
-                hidden = self.policy.response_hidden(mb.input_ids, mb.attention_mask, start)
-                loss, metrics, _, entropy = ops.fused_linear_policy_loss(
-                    hidden, self.policy.lm_head_weight, mb.response_ids, mb.old_logprobs, advantages[index],
-                    mb.response_mask, bias=self.policy.lm_head_bias, temperature=cfg.temperature,
-                    return_logprobs=True, loss=cfg.loss, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                    dual_clip=cfg.dual_clip, ref_logp=mb.ref_logprobs if kl_in_loss else None,
-                    kl_coef=self.kl.value if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator,
-                    entropy_coef=cfg.entropy_coef, aggregation=cfg.aggregation,
-                    normalizer=None if norm_per_seq is None else norm_per_seq * len(index),
-                )  # fmt: skip
-                grad_norm = optimizer_step(self.optimizer, loss, cfg.grad_clip)
-                values = {"policy_loss": loss.detach(), "grad_norm": grad_norm, "entropy": masked_mean(entropy, mb.response_mask)}
-                values.update({k: metrics[k] for k in ("clipfrac", "approx_kl", "ratio_mean")})
-                for k, v in values.items():
-                    sums[k] = sums[k] + v if k in sums else v
+                normalizer = self._loss_normalizer(rollout.response_mask[index])
+                tokens = rollout.response_mask[index].sum().clamp(min=1)
+                minibatch: dict[str, torch.Tensor] = {}
+                for micro in self._micro_batches(index):
+                    mb = rollout.select(micro)
+                    hidden = self.policy.response_hidden(mb.input_ids, mb.attention_mask, start)
+                    loss, metrics, _, entropy = ops.fused_linear_policy_loss(
+                        hidden, self.policy.lm_head_weight, mb.response_ids, mb.old_logprobs, advantages[micro],
+                        mb.response_mask, bias=self.policy.lm_head_bias, temperature=cfg.temperature,
+                        return_logprobs=True, loss=cfg.loss, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                        dual_clip=cfg.dual_clip, ref_logp=mb.ref_logprobs if kl_in_loss else None,
+                        kl_coef=self.kl.value if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator,
+                        entropy_coef=cfg.entropy_coef, aggregation=cfg.aggregation, normalizer=normalizer,
+                    )  # fmt: skip
+                    loss.backward()
+                    # Under the minibatch's normalizer the micro-batch losses add up to the minibatch
+                    # loss. The metrics are means over the micro-batch's tokens: weighted by its share
+                    # of the minibatch's tokens they add up to the minibatch means (the share of a
+                    # single micro-batch is exactly 1).
+                    share = mb.response_mask.sum() / tokens
+                    values = {"policy_loss": loss.detach(), "entropy": masked_mean(entropy, mb.response_mask) * share}
+                    values.update({k: metrics[k] * share for k in ("clipfrac", "approx_kl", "ratio_mean")})
+                    _accumulate(minibatch, values)
+                grad_norm = clip_and_step(self.optimizer, cfg.grad_clip)
+                _accumulate(sums, {"policy_loss": minibatch.pop("policy_loss"), "grad_norm": grad_norm, **minibatch})
                 count += 1
         return {k: float(v) / count for k, v in sums.items()}
 
+    def _loss_normalizer(self, mask: torch.Tensor):
+        """The denominator of ``config.aggregation`` over a whole minibatch (``mask`` ``[b, R]``),
+        which each of its micro-batches divides by (``reference/aggregation.py``): the valid
+        tokens (``token-mean``), the sequences with a valid token (``seq-mean-token-mean`` /
+        ``-sum``), as 0-d tensors on the device (no host sync); Dr. GRPO's constant ``b *
+        max_new_tokens`` (``seq-mean-token-sum-norm``: the generation budget, not the batch's
+        longest response); None for ``token-sum`` (micro-batch sums add up as they are)."""
+        aggregation = self.config.aggregation
+        if aggregation == "token-mean":
+            return mask.sum()
+        if aggregation in ("seq-mean-token-mean", "seq-mean-token-sum"):
+            return mask.any(dim=1).sum()
+        if aggregation == "seq-mean-token-sum-norm":
+            return self.config.max_new_tokens * mask.shape[0]
+        return None
+
+    def _micro_batches(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A minibatch's rows ``index`` in ``config.micro_batch_size`` pieces (one without it)."""
+        return index.split(self.config.micro_batch_size or index.numel())
+
     def update_critic(self, rollout: Rollout, returns: torch.Tensor, step: int) -> dict[str, float]:
-        """Phase 4 (PPO): ``epochs`` x minibatches of the clipped value loss."""
+        """Phase 4 (PPO): ``epochs`` x minibatches of the clipped value loss (token-mean over the
+        minibatch, micro-batches accumulated as in :meth:`update_policy`)."""
         cfg, start = self.config, rollout.response_start
         self.critic.train()
         losses = []  # 0-d tensors, read once at the end (no host sync per minibatch)
         generator = step_generator(cfg.seed, step, "critic_minibatches")
         for _ in range(cfg.epochs):
             for index in minibatch_indices(returns.shape[0], cfg.minibatch_size, generator, returns.device):
-                mb = rollout.select(index)
-                values = self.critic.values(mb.input_ids, mb.attention_mask)[:, start - 1 : -1]
-                loss, _ = ops.value_loss(values, mb.values, returns[index], mb.response_mask, clip=cfg.value_clip)
-                optimizer_step(self.critic_optimizer, loss, cfg.grad_clip)
-                losses.append(loss.detach())
+                tokens = rollout.response_mask[index].sum()  # the minibatch's token-mean denominator
+                total = None
+                for micro in self._micro_batches(index):
+                    mb = rollout.select(micro)
+                    values = self.critic.values(mb.input_ids, mb.attention_mask)[:, start - 1 : -1]
+                    loss, _ = ops.value_loss(values, mb.values, returns[micro], mb.response_mask, clip=cfg.value_clip, normalizer=tokens)
+                    loss.backward()
+                    total = loss.detach() if total is None else total + loss.detach()
+                clip_and_step(self.critic_optimizer, cfg.grad_clip)
+                losses.append(total)
         return {
             "value_loss": float(torch.stack(losses).mean()),
             "explained_variance": float(explained_variance(rollout.values, returns, rollout.response_mask)),
@@ -299,3 +354,9 @@ class RLTrainer:
         metrics["response_length"] = float(rollout.response_lengths.float().mean())
         metrics["tokens_per_s"] = float(rollout.attention_mask.sum()) / (time.perf_counter() - start_time)
         return metrics
+
+
+def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """``sums[k] += values[k]`` on the device (a key's first value starts its sum)."""
+    for k, v in values.items():
+        sums[k] = sums[k] + v if k in sums else v

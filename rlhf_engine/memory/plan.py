@@ -309,7 +309,9 @@ def _search(specs, work, budget_bytes, options) -> Plan:
             run_specs = {r: dataclasses.replace(s, checkpointing=ckpt.get(r, s.checkpointing)) for r, s in specs.items()}
             phase_plans, fits, micro_score = {}, True, 0.0
             for phase in phases:
-                key = (phase, tuple(sorted(by_phase[phase].items())), tuple(sorted(ckpt.items())))
+                # Checkpointing changes only the update of the role it belongs to.
+                updated = {"update_policy": "policy", "update_critic": "critic"}.get(phase)
+                key = (phase, tuple(sorted(by_phase[phase].items())), ckpt.get(updated))
                 if key not in cache:  # many combinations place a given phase alike
                     cache[key] = _largest_fitting_micro_batch(
                         phase, run_specs, work, by_phase, usable, options.micro_batches.get(phase)

@@ -1,0 +1,46 @@
+"""The plan as a person reads it: a table per phase and role, then the verdict."""
+
+from __future__ import annotations
+
+from rlhf_engine.memory.estimate import KINDS
+from rlhf_engine.memory.plan import CUDA_CONTEXT_BYTES, Plan
+
+GIB = 1 << 30
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def format_plan(plan: Plan) -> str:
+    """Per phase: its peak against the usable budget and its micro-batch; per role its
+    residency and GiB by kind. Then whether it fits, the checkpointing chosen, the bytes
+    moved per step, and the suggestions when it does not fit."""
+    columns = ["role", "residency", *KINDS, "total"]
+    widths = [13, 10, *[max(len(k), 8) for k in KINDS], 8]
+    lines = [
+        f"GPU budget {gib(plan.budget_bytes)} GiB: {gib(plan.usable_bytes)} GiB usable after the CUDA context "
+        f"({gib(CUDA_CONTEXT_BYTES)} GiB) and the allocator reserve (GiB below)"
+    ]
+    for phase, p in plan.phases.items():
+        status = "fits" if p.peak_bytes <= plan.usable_bytes else "DOES NOT FIT"
+        lines.append("")
+        lines.append(f"{phase}: peak {gib(p.peak_bytes)} of {gib(plan.usable_bytes)} GiB ({status}), micro-batch {p.micro_batch}")
+        lines.append("  " + " ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(columns, widths))))
+        for role, entry in p.roles.items():
+            kinds = entry["bytes"]
+            cells = [role, entry["residency"], *[gib(kinds.get(k, 0)) for k in KINDS], gib(sum(kinds.values()))]
+            lines.append("  " + " ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+    lines.append("")
+    ckpt = ", ".join(f"{role} {'on' if on else 'off'}" for role, on in plan.checkpointing.items()) or "none"
+    lines.append(f"gradient checkpointing: {ckpt}; moved per step: {gib(plan.bytes_moved_per_step)} GiB")
+    if plan.fits:
+        lines.append(f"fits: largest phase peak {gib(plan.peak_bytes)} GiB of {gib(plan.usable_bytes)} GiB usable")
+    else:
+        lines.append(f"does NOT fit: largest phase peak {gib(plan.peak_bytes)} GiB of {gib(plan.usable_bytes)} GiB usable")
+        if plan.suggestions:
+            lines.append("would fit with any one of:")
+            lines.extend(f"  - {s.what}: peak {gib(s.peak_bytes)} GiB" for s in plan.suggestions)
+        else:
+            lines.append("no single change tried (LoRA, bf16, offloading, shorter responses, up to 64 GPUs) makes it fit")
+    return "\n".join(lines)
