@@ -1,0 +1,172 @@
+"""memory/shapes.py, estimate.py, plan.py: the planner's pure arithmetic against independent counts.
+
+Parameter counts are checked against ``transformers`` models built on the meta device (no
+memory, any size), LoRA counts against the trainable parameters peft injects, the KV-cache
+size against a real ``DynamicCache``. The plan is checked by re-estimating its choices and by
+re-planning with each suggestion applied. Budgets are a few MiB above the CUDA context so
+that small configs exercise every choice quickly.
+"""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+
+from rlhf_engine.memory.estimate import KINDS, RoleSpec, Workload, estimate, optimizer_bytes, weights_bytes
+from rlhf_engine.memory.executor import check_schedule
+from rlhf_engine.memory.plan import (
+    ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_BYTES, GIB, GPU_MEMORY, PlanOptions, gpu_budget, parse_memory, plan, usable_bytes,
+)  # fmt: skip
+from rlhf_engine.memory.shapes import ModelShape
+from rlhf_engine.models import PolicyModel, ScalarHeadModel, llama_config
+from rlhf_engine.models.lora import LoraSettings, apply_lora
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MIB = 1 << 20
+
+# -- configs -------------------------------------------------------------------------------
+# Published real-size configs (the fields that matter), so the counts are checked at the sizes people plan.
+REAL = {
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "llama3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    # head_dim 128 is not hidden / heads = 64: the explicit field must win.
+    "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
+}  # fmt: skip
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=100)
+TINY_CASES = {
+    # No num_key_value_heads at all: Llama's default is one kv head per head.
+    "llama-mha-untied": {k: v for k, v in {**TINY, "model_type": "llama"}.items() if k != "num_key_value_heads"},
+    "llama-gqa-tied": {**TINY, "model_type": "llama", "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "llama-head-dim": {**TINY, "model_type": "llama", "num_key_value_heads": 1, "head_dim": 24},
+    "qwen2-gqa-untied": {**TINY, "model_type": "qwen2", "num_key_value_heads": 2, "tie_word_embeddings": False},
+    "qwen2-mha-tied": {**TINY, "model_type": "qwen2", "tie_word_embeddings": True},
+    "qwen3-head-dim": {**TINY, "model_type": "qwen3", "num_key_value_heads": 2, "head_dim": 32},
+    "qwen3-tied": {**TINY, "model_type": "qwen3", "head_dim": 8, "tie_word_embeddings": True},
+    "mistral-gqa": {**TINY, "model_type": "mistral", "num_key_value_heads": 2, "head_dim": 24},
+}
+
+
+def hf_config(fields: dict):
+    fields = dict(fields)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def meta_parameters(config, auto=AutoModelForCausalLM) -> int:
+    """Parameters of the transformers model of ``config`` (tied weights counted once), built without memory."""
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- ModelShape ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [*TINY_CASES, *REAL])
+def test_parameters_equal_the_transformers_model_built_on_meta(name):
+    config = hf_config({**TINY_CASES, **REAL}[name])
+    shape = ModelShape.from_config(config)
+    assert shape.parameters("lm") == meta_parameters(config, AutoModelForCausalLM)
+    assert shape.backbone_parameters() == meta_parameters(config, AutoModel)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-gqa-untied", "qwen3-head-dim", "qwen2.5-0.5b"])
+def test_scalar_head_parameters_equal_scalar_head_model(name):
+    config = hf_config({**TINY_CASES, **REAL}[name])
+    with torch.device("meta"):
+        model = ScalarHeadModel(AutoModel.from_config(config))
+    assert ModelShape.from_config(config).parameters("scalar") == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.xfail(strict=True, reason="ModelShape ignores attention_bias' o_proj bias (H per layer) for llama/qwen3")
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_attention_bias_counts_every_projection_bias(model_type):
+    config = hf_config({**TINY, "model_type": model_type, "attention_bias": True})
+    assert ModelShape.from_config(config).parameters("lm") == meta_parameters(config)
+
+
+@pytest.mark.xfail(strict=True, reason="ModelShape ignores llama's mlp_bias (gate/up/down biases, 2I+H per layer)")
+def test_mlp_bias_counts_the_mlp_biases():
+    config = hf_config({**TINY, "model_type": "llama", "mlp_bias": True})
+    assert ModelShape.from_config(config).parameters("lm") == meta_parameters(config)
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+def test_lora_parameters_equal_the_adapters_apply_lora_injects(rank):
+    config = llama_config("tiny", 32)
+    shape = ModelShape.from_config(config)
+    policy = apply_lora(PolicyModel.from_config(config, seed=0), LoraSettings(rank=rank), seed=0)
+    # The default targets are every Linear of the blocks (the lm_head is frozen, not adapted).
+    assert shape.lora_parameters(rank) == trainable(policy)
+    critic = apply_lora(ScalarHeadModel.from_config(config, seed=0), LoraSettings(rank=rank), seed=0)
+    spec = RoleSpec(config, shape, "scalar", "fp32", trained=True, lora_rank=rank)
+    assert spec.trainable_parameters == trainable(critic)  # the adapters and the trainable head
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen3-head-dim", "mistral-gqa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_bytes_per_token_equal_a_filled_dynamic_cache(name, dtype):
+    config = hf_config(TINY_CASES[name])
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    batch, length = 3, 5
+    cache = DynamicCache(config=config)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, config.vocab_size, (batch, length)), cache=cache, use_cache=True)
+    cached = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    element = torch.empty((), dtype=dtype).element_size()
+    assert ModelShape.from_config(config).kv_bytes_per_token(element) * batch * length == cached
+
+
+def test_from_a_config_json_file_a_folder_and_a_nested_text_config(tmp_path):
+    config = hf_config(REAL["qwen3-0.6b"])
+    config.save_pretrained(tmp_path)
+    expected = ModelShape.from_config(config)
+    assert ModelShape.from_config(tmp_path) == expected
+    assert ModelShape.from_config(str(tmp_path / "config.json")) == expected
+    assert ModelShape.from_config(json.loads((tmp_path / "config.json").read_text())) == expected
+    assert ModelShape.from_config({"model_type": "qwen3", "text_config": config.to_dict()}) == expected
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({k: v for k, v in REAL["llama3-8b"].items() if k != "intermediate_size"}, "'intermediate_size'"),
+    ({**REAL["llama3-8b"], "num_hidden_layers": 0}, "'num_hidden_layers' must be a positive int"),
+    ({**REAL["llama3-8b"], "vocab_size": True}, "'vocab_size' must be a positive int"),
+    ({**REAL["llama3-8b"], "model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({k: v for k, v in REAL["llama3-8b"].items() if k != "model_type"}, "model_type None is not supported"),
+    ({**REAL["llama3-8b"], "num_attention_heads": 6, "num_key_value_heads": 4}, "6 is not a multiple of num_key_value_heads 4"),
+    ({**REAL["llama3-8b"], "head_dim": -1}, "'head_dim' must be a positive int"),
+])  # fmt: skip
+def test_bad_config_fields_raise_naming_the_field(fields, match):
+    with pytest.raises(ValueError, match=match):
+        ModelShape.from_config(fields)
+
+
+def test_bad_files_and_types_raise(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ModelShape.from_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        ModelShape.from_config(tmp_path / "config.json")
+    with pytest.raises(ValueError, match="no config.json there"):
+        ModelShape.from_config(tmp_path / "missing")
+    with pytest.raises(TypeError, match="expected a PretrainedConfig, a mapping or a path"):
+        ModelShape.from_config(42)
+    with pytest.raises(ValueError, match="head must be 'lm' or 'scalar'"):
+        ModelShape.from_config(REAL["llama3-8b"]).parameters("value")
