@@ -170,3 +170,122 @@ def test_bad_files_and_types_raise(tmp_path):
         ModelShape.from_config(42)
     with pytest.raises(ValueError, match="head must be 'lm' or 'scalar'"):
         ModelShape.from_config(REAL["llama3-8b"]).parameters("value")
+
+
+# -- Workload / RoleSpec -------------------------------------------------------------------
+SMALL = dict(model_type="llama", hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=512, vocab_size=1000)  # fmt: skip
+SHAPE = ModelShape.from_config(SMALL)
+WORK = Workload(prompts_per_step=4, group_size=2, prompt_length=32, response_length=32, minibatch_size=4)
+
+
+def role_specs(*, critic=False, lora=0, dtype="fp32"):
+    specs = {"policy": RoleSpec(SMALL, SHAPE, "lm", dtype, True, lora_rank=lora),
+             "reference": RoleSpec(SMALL, SHAPE, "lm", dtype, False, is_adapter_view=bool(lora))}  # fmt: skip
+    if critic:
+        specs["critic"] = RoleSpec(SMALL, SHAPE, "scalar", dtype, True, lora_rank=lora)
+        specs["reward_model"] = RoleSpec(SMALL, SHAPE, "scalar", dtype, False)
+    return specs
+
+
+@pytest.mark.parametrize("field", ["prompts_per_step", "group_size", "prompt_length", "response_length", "minibatch_size",
+                                   "generate_micro_batch", "score_micro_batch", "update_micro_batch"])  # fmt: skip
+@pytest.mark.parametrize("value", [0, True, 2.0])
+def test_workload_rejects_a_bad_field_naming_it(field, value):
+    with pytest.raises(ValueError, match=f"Workload.{field} must be an int >= 1"):
+        Workload(**{**dict(prompts_per_step=4, group_size=2, prompt_length=8, response_length=8, minibatch_size=4), field: value})
+
+
+def test_workload_micro_batches_default_to_and_are_capped_by_the_batch():
+    work = Workload(prompts_per_step=3, group_size=2, prompt_length=8, response_length=8, minibatch_size=16,
+                    generate_micro_batch=100, score_micro_batch=4)  # fmt: skip
+    assert (work.generate_micro_batch, work.score_micro_batch, work.update_micro_batch) == (6, 4, 6)
+
+
+@pytest.mark.parametrize("field, value", [("head", "value"), ("dtype", "fp16"), ("lora_rank", -1), ("lora_rank", True)])
+def test_role_spec_rejects_a_bad_field_naming_it(field, value):
+    kwargs = dict(config=SMALL, shape=SHAPE, head="lm", dtype="fp32", trained=True)
+    with pytest.raises(ValueError, match=f"RoleSpec.{field} must be"):
+        RoleSpec(**{**kwargs, field: value})
+
+
+# -- estimate ------------------------------------------------------------------------------
+def phase_peaks(specs, work, residency=None):
+    return {phase: e.peak_bytes for phase, e in estimate(specs, work, residency).items()}
+
+
+@pytest.mark.parametrize("dtype, element, per_trained", [("fp32", 4, 8), ("bf16", 2, 12)])
+def test_weights_and_optimizer_bytes_per_parameter(dtype, element, per_trained):
+    specs = role_specs(critic=True, dtype=dtype)
+    lm, scalar = meta_parameters(hf_config(SMALL)), SHAPE.backbone_parameters() + SMALL["hidden_size"]
+    for phase, result in estimate(specs, WORK).items():
+        for role, params in (("policy", lm), ("reference", lm), ("critic", scalar), ("reward_model", scalar)):
+            assert result.roles[role]["weights"] == params * element, (phase, role)
+        assert result.roles["policy"]["optimizer"] == lm * per_trained
+        assert result.roles["critic"]["optimizer"] == scalar * per_trained
+        assert result.roles["reference"]["optimizer"] == result.roles["reward_model"]["optimizer"] == 0
+        # The peak is the sum of every role's every kind.
+        assert result.peak_bytes == sum(result.roles[r][k] for r in specs for k in KINDS)
+
+
+def test_lora_optimizer_covers_only_the_adapters_and_the_adapter_reference_holds_nothing():
+    specs = role_specs(lora=4)
+    for phase, result in estimate(specs, WORK).items():
+        assert result.roles["policy"]["optimizer"] == SHAPE.lora_parameters(4) * 8
+        assert result.roles["policy"]["weights"] == (SHAPE.parameters("lm") + SHAPE.lora_parameters(4)) * 4
+        assert all(v == 0 for v in result.roles["reference"].values()), phase
+
+
+def test_an_offloaded_role_holds_no_weights_in_that_phase_and_a_prefetched_one_does():
+    specs = role_specs(critic=True)
+    residency = {"generate": {"reference": "offload", "critic": "prefetch", "policy.optimizer": "offload"}}
+    base, moved = estimate(specs, WORK), estimate(specs, WORK, residency)
+    assert moved["generate"].roles["reference"]["weights"] == 0
+    assert moved["generate"].roles["policy"]["optimizer"] == 0
+    assert moved["generate"].roles["critic"]["weights"] == base["generate"].roles["critic"]["weights"] > 0
+    for phase in ("score", "update_policy", "update_critic"):
+        assert moved[phase].roles == base[phase].roles
+    dropped = weights_bytes(specs["reference"]) + optimizer_bytes(specs["policy"])
+    assert moved["generate"].peak_bytes == base["generate"].peak_bytes - dropped
+
+
+def test_kv_cache_is_linear_in_the_generate_micro_batch_and_the_sequence_length():
+    def kv(n, prompt, response):
+        work = dataclasses.replace(WORK, generate_micro_batch=n, prompt_length=prompt, response_length=response)
+        return estimate(role_specs(), work)["generate"].roles["policy"]["kv_cache"]
+
+    unit = kv(1, 16, 16)
+    assert unit == 32 * SHAPE.kv_bytes_per_token(4)
+    assert kv(3, 16, 16) == 3 * unit and kv(1, 48, 48) == 3 * unit and kv(2, 16, 48) == 4 * unit
+
+
+def test_update_activations_shrink_with_checkpointing_and_smaller_micro_batches():
+    work = dataclasses.replace(WORK, prompt_length=128, response_length=128, prompts_per_step=8, minibatch_size=8)
+
+    def update(micro, checkpointing):
+        specs = role_specs()
+        specs["policy"] = dataclasses.replace(specs["policy"], checkpointing=checkpointing)
+        return estimate(specs, dataclasses.replace(work, update_micro_batch=micro))["update_policy"].roles["policy"]
+
+    for ckpt in (False, True):
+        activations = [update(n, ckpt)["activations"] for n in range(1, 9)]
+        assert activations == sorted(activations) and activations[0] < activations[-1]
+    for n in (1, 4, 8):
+        assert update(n, True)["activations"] < update(n, False)["activations"]
+    # Several micro-batches: all gradients are alive; one: fewer (blocks' grads appear as activations free).
+    full_grads = meta_parameters(hf_config(SMALL)) * 4
+    assert update(4, False)["grads"] == full_grads
+    assert update(8, False)["grads"] < full_grads
+
+
+def test_update_critic_exists_only_with_a_critic():
+    assert set(estimate(role_specs(), WORK)) == {"generate", "score", "update_policy"}
+    assert set(estimate(role_specs(critic=True), WORK)) == {"generate", "score", "update_policy", "update_critic"}
+
+
+def test_estimate_rejects_specs_without_policy_or_with_unknown_roles():
+    specs = role_specs()
+    with pytest.raises(ValueError, match="must include a 'policy'"):
+        estimate({"reference": specs["reference"]}, WORK)
+    with pytest.raises(ValueError, match=r"unknown roles \['value_model'\]"):
+        estimate({**specs, "value_model": specs["reference"]}, WORK)
