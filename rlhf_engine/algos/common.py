@@ -16,6 +16,7 @@ import torch
 
 from rlhf_engine.models import PolicyModel
 from rlhf_engine.rollout import Rollout, SamplingConfig, generate
+from rlhf_engine.rollout.scoring import row_slices
 from rlhf_engine.tasks.data import left_pad, right_pad
 
 
@@ -61,16 +62,45 @@ def prompt_batch(prompts: list[list[int]], pad_id: int, device: torch.device) ->
 
 
 def sample_responses(
-    policy: PolicyModel, prompts: list[list[int]], n: int, sampling: SamplingConfig, generator: torch.Generator | None
+    policy: PolicyModel, prompts: list[list[int]], n: int, sampling: SamplingConfig, generator: torch.Generator | None,
+    micro_batch_size: int | None = None,
 ) -> Rollout:
     """``n`` samples per prompt, grouped consecutively (``group_ids`` = the prompt's index),
-    from ``policy`` in eval mode without gradients, on the policy's device."""
+    from ``policy`` in eval mode without gradients, on the policy's device.
+
+    ``micro_batch_size``: rows sampled at once, each chunk with its own KV cache (None: all
+    rows, one stream exactly as :func:`rlhf_engine.rollout.generate` draws it). The prompts are
+    left-padded over the whole batch, so every chunk keeps the same prompt columns. Chunks
+    run in row order and draw from ``generator`` in turn: chunk k's uniforms are the ones that
+    follow chunk k-1's last draw, so the samples depend on the seed and the chunk size only.
+    Responses are right-padded (``pad_token_id``, masked, logprob 0) to the longest chunk.
+    """
+    rows = row_slices("sample_responses", len(prompts) * n, micro_batch_size)
     prompt_ids, prompt_mask = prompt_batch([p for p in prompts for _ in range(n)], sampling.pad_token_id, model_device(policy))
     policy.eval()
     with torch.no_grad():
-        rollout = generate(policy, prompt_ids, prompt_mask, sampling, generator=generator)
+        parts = [generate(policy, prompt_ids[r], prompt_mask[r], sampling, generator=generator) for r in rows]
+    rollout = parts[0] if len(parts) == 1 else concat_rollouts(parts, sampling.pad_token_id)
     rollout.group_ids = torch.arange(len(prompts), device=prompt_ids.device).repeat_interleave(n)
     return rollout
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Unscored rollouts with the same prompt width stacked along the rows; responses
+    right-padded to the widest part (``pad_token_id``, mask False, logprob 0)."""
+    width = max(part.response_ids.shape[1] for part in parts)
+
+    def stack(name: str, fill) -> torch.Tensor:
+        tensors = [getattr(part, name) for part in parts]
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors])
+
+    return Rollout(
+        prompt_ids=torch.cat([part.prompt_ids for part in parts]),
+        prompt_mask=torch.cat([part.prompt_mask for part in parts]),
+        response_ids=stack("response_ids", pad_token_id),
+        response_mask=stack("response_mask", False),
+        logprobs=stack("logprobs", 0.0),
+    )
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device | None = None) -> SequenceBatch:
@@ -135,9 +165,16 @@ class SingleModelTrainer:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float | None) -> torch.Tensor:
-    """Backward, clip the global gradient norm to ``grad_clip``, step, zero. Returns the norm
-    as a 0-d tensor (reading it is a host sync: callers do it once per step)."""
+    """Backward, then :func:`clip_and_step`. Returns the gradient norm as a 0-d tensor
+    (reading it is a host sync: callers do it once per step)."""
     loss.backward()
+    return clip_and_step(optimizer, grad_clip)
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, grad_clip: float | None) -> torch.Tensor:
+    """Clip the global norm of the gradients accumulated in ``optimizer``'s parameters (one
+    backward, or the sum over the micro-batches of a minibatch) to ``grad_clip``, step, zero.
+    Returns the norm before clipping as a 0-d tensor, without a host sync."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
     optimizer.step()

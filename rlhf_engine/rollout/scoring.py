@@ -29,6 +29,31 @@ def response_logprobs(policy: PolicyModel, rollout: Rollout, *, temperature: flo
     )  # fmt: skip
 
 
+def row_slices(op: str, rows: int, micro_batch_size: int | None) -> list[slice]:
+    """``[0, rows)`` as consecutive slices of ``micro_batch_size`` rows (the last one may be
+    shorter); one slice of every row for None. TypeError / ValueError naming
+    ``micro_batch_size`` unless it is None or an int >= 1."""
+    if micro_batch_size is not None:
+        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
+            raise TypeError(f"{op}: micro_batch_size must be an int or None, got {type(micro_batch_size).__name__}")
+        if micro_batch_size < 1:
+            raise ValueError(f"{op}: micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+    size = micro_batch_size or max(rows, 1)
+    return [slice(i, i + size) for i in range(0, max(rows, 1), size)]
+
+
+def _by_rows(fn: Callable, rows: list[slice], *batch: torch.Tensor):
+    """``fn(*batch)`` computed on each row slice of the ``batch`` tensors and concatenated along
+    dim 0 (``fn`` returns a tensor or a tuple of tensors). A slice keeps every column, so the
+    padded width, and with it ``response_start``, is the whole batch's."""
+    if len(rows) == 1:
+        return fn(*batch)
+    parts = [fn(*(t[r] for t in batch)) for r in rows]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*parts))
+    return torch.cat(parts)
+
+
 def _check_model(name: str, model, kind: type) -> None:
     if model is not None and not isinstance(model, kind):
         raise TypeError(f"score_rollout: {name} must be a {kind.__name__} or None, got {type(model).__name__}")
@@ -44,6 +69,7 @@ def score_rollout(
     critic: ScalarHeadModel | None = None,
     reward_model: ScalarHeadModel | None = None,
     reward_fn: Callable[[list[list[int]], list[list[int]]], torch.Tensor] | None = None,
+    micro_batch_size: int | None = None,
 ) -> tuple[Rollout, dict[str, float]]:
     """Fill the scoring fields of ``rollout`` (a new Rollout is returned; no gradients).
 
@@ -54,6 +80,10 @@ def score_rollout(
     - ``scores`` fp32 ``[B]``: ``reward_model.rewards`` on the full sequence (read at the
       last real token), or ``reward_fn(prompts, responses)`` on unpadded token-id lists
       (responses keep their EOS). At most one of the two.
+
+    ``micro_batch_size``: rows per pass of each model (None: the whole batch in one pass).
+    A pass is a row slice of the padded batch (every column kept), so the results equal the
+    whole pass up to rounding.
 
     Metrics (with a policy): ``logprob_gap_max`` = max ``|old_logprobs - logprobs|`` over
     response tokens (sampling vs training numerics; ~1e-6 in fp32), ``entropy`` = mean
@@ -69,22 +99,28 @@ def score_rollout(
     if reward_fn is not None and reward_model is not None:
         raise ValueError("score_rollout: pass at most one of reward_model and reward_fn")
 
-    mask = rollout.response_mask
+    rows = row_slices("score_rollout", rollout.prompt_ids.shape[0], micro_batch_size)
+    mask, start = rollout.response_mask, rollout.response_start
+    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     filled, metrics = {}, {}
     if policy is not None:
-        old, entropy = response_logprobs(policy, rollout, temperature=temperature, return_entropy=True)
+        old, entropy = _by_rows(
+            lambda ids, am: policy.response_logprobs(ids, am, start, temperature=temperature, return_entropy=True),
+            rows, input_ids, attention_mask,
+        )  # fmt: skip
         filled.update(old_logprobs=old, entropy=entropy)
         tokens = mask.sum().clamp(min=1)
         metrics["logprob_gap_max"] = float(((old - rollout.logprobs).abs() * mask).max())
         metrics["entropy"] = float((entropy * mask).sum() / tokens)
     if reference is not None:
-        filled["ref_logprobs"] = response_logprobs(reference, rollout, temperature=temperature)
+        filled["ref_logprobs"] = _by_rows(
+            lambda ids, am: reference.response_logprobs(ids, am, start, temperature=temperature), rows, input_ids, attention_mask
+        )
     if critic is not None:
-        start = rollout.response_start
-        values = critic.values(rollout.input_ids, rollout.attention_mask)[:, start - 1 : -1]
+        values = _by_rows(lambda ids, am: critic.values(ids, am)[:, start - 1 : -1], rows, input_ids, attention_mask)
         filled["values"] = values * mask
     if reward_model is not None:
-        filled["scores"] = reward_model.rewards(rollout.input_ids, rollout.attention_mask)
+        filled["scores"] = _by_rows(reward_model.rewards, rows, input_ids, attention_mask)
     if reward_fn is not None:
         scores = torch.as_tensor(reward_fn(*rollout.token_lists()), dtype=torch.float32).to(rollout.prompt_ids.device)
         if tuple(scores.shape) != (rollout.prompt_ids.shape[0],):
