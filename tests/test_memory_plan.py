@@ -8,6 +8,7 @@ that small configs exercise every choice quickly.
 """
 
 import dataclasses
+import functools
 import json
 import math
 
@@ -289,3 +290,209 @@ def test_estimate_rejects_specs_without_policy_or_with_unknown_roles():
         estimate({"reference": specs["reference"]}, WORK)
     with pytest.raises(ValueError, match=r"unknown roles \['value_model'\]"):
         estimate({**specs, "value_model": specs["reference"]}, WORK)
+
+
+# -- plan ----------------------------------------------------------------------------------
+def budget_for(usable: int) -> int:
+    """The smallest budget whose usable bytes are at least ``usable``."""
+    budget = CUDA_CONTEXT_BYTES + math.ceil(usable * (1 + ALLOCATOR_RESERVE_FRACTION))
+    while usable_bytes(budget) < usable:
+        budget += 1
+    return budget
+
+
+def at_micro_one(work):
+    return dataclasses.replace(work, generate_micro_batch=1, score_micro_batch=1, update_micro_batch=1)
+
+
+def moved_by_hand(specs, residency) -> int:
+    """Bytes per step: each device -> offload transition (cyclic) is one off-period; trained
+    items go out and back, frozen ones only come back; a swapped reference moves R + 2P."""
+    phases = list(next(iter(residency.values())))
+    total = 0
+    for key, where in residency.items():
+        role = key.split(".")[0]
+        if "swap" in where.values():
+            total += weights_bytes(specs[role]) + 2 * weights_bytes(specs["policy"])
+            continue
+        periods = sum(where[p] == "offload" and where[phases[i - 1]] != "offload" for i, p in enumerate(phases))
+        if key.endswith(".optimizer"):
+            total += periods * 2 * optimizer_bytes(specs[role])
+        else:
+            total += periods * weights_bytes(specs[role]) * (2 if specs[role].trained else 1)
+    return total
+
+
+def check_plan_accounting(result, specs, work):
+    """Every phase within the usable bytes (when it fits); each role's weights and optimizer
+    on the device exactly when the role is there in that phase or the next (prefetch)."""
+    phases = list(result.phases)
+    for i, phase in enumerate(phases):
+        entry = result.phases[phase]
+        following = phases[(i + 1) % len(phases)]
+        if result.fits:
+            assert entry.peak_bytes <= result.usable_bytes == usable_bytes(result.budget_bytes)
+        assert entry.peak_bytes == sum(sum(r["bytes"].values()) for r in entry.roles.values())
+        for role, spec in specs.items():
+            where = result.residency[role]
+            resident = where[phase] == "device" or (where[phase] == "offload" and where[following] == "device")
+            assert entry.roles[role]["bytes"]["weights"] == (weights_bytes(spec) if resident else 0), (phase, role)
+            if spec.trained:
+                opt = result.residency[f"{role}.optimizer"]
+                resident = opt[phase] == "device" or opt[following] == "device"
+                assert entry.roles[role]["bytes"]["optimizer"] == (optimizer_bytes(spec) if resident else 0), (phase, role)
+    assert result.bytes_moved_per_step == moved_by_hand(specs, result.residency)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("80GiB", 80 * 2**30), ("40GB", 40 * 10**9), ("81920MiB", 80 * 2**30), ("1.5e10", 15 * 10**9), (" 512 KiB ", 512 * 1024),
+    ("0.5TB", 5 * 10**11), ("123", 123),
+])  # fmt: skip
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "eighty GiB", "80 GiBs", "-1GB", "GiB", "1e", "80 gigs"])
+def test_parse_memory_rejects_a_bad_size(text):
+    with pytest.raises(ValueError, match="--gpu-memory must be a size"):
+        parse_memory(text)
+
+
+def test_gpu_budget_names_and_error():
+    assert gpu_budget("H100-80GB") == GPU_MEMORY["h100-80gb"] and gpu_budget("a100-40gb") == GPU_MEMORY["a100-40gb"]
+    with pytest.raises(ValueError, match=r"--gpu must be one of \['a100-40gb', 'a100-80gb', 'h100-80gb', 'h200-141gb'\]"):
+        gpu_budget("v100")
+
+
+@pytest.mark.parametrize("budget", [CUDA_CONTEXT_BYTES, GIB // 2])
+def test_a_budget_within_the_cuda_context_raises(budget):
+    with pytest.raises(ValueError, match="not larger than the CUDA context"):
+        plan(role_specs(), WORK, budget)
+
+
+@functools.cache
+def four_roles_on_80gb():
+    """The four-role plan on 80 GB, planned once (about a second) for the tests that read it."""
+    return plan(role_specs(critic=True), WORK, parse_memory("80GB"))
+
+
+def test_a_small_run_on_80gb_keeps_everything_on_the_device_at_full_micro_batches():
+    specs, result = role_specs(critic=True), four_roles_on_80gb()
+    assert result.fits and result.bytes_moved_per_step == 0 and not result.suggestions
+    assert all(w == "device" for where in result.residency.values() for w in where.values())
+    assert result.micro_batches == {"generate": 8, "score": 8, "update_policy": 4, "update_critic": 4}
+    assert not any(result.checkpointing.values())
+    check_plan_accounting(result, specs, WORK)
+    assert result.peak_bytes == max(phase_peaks(specs, WORK).values())
+
+
+def test_shrinking_the_budget_shrinks_micro_batches_then_offloads_or_checkpoints():
+    specs = role_specs()
+    resident_full = max(phase_peaks(specs, WORK).values())
+    resident_one = max(phase_peaks(specs, at_micro_one(WORK)).values())
+    assert resident_one < resident_full  # the case needs micro-batches to matter
+    # Everything resident fits at micro-batch 1: nothing moves, nothing is checkpointed, micro-batches shrink
+    # to the largest that fit.
+    result = plan(specs, WORK, budget_for(resident_one))
+    assert result.fits and result.bytes_moved_per_step == 0 and not any(result.checkpointing.values())
+    assert any(result.micro_batches[p] < n for p, n in {"generate": 8, "score": 8, "update_policy": 4}.items())
+    check_plan_accounting(result, specs, WORK)
+    for phase, micro in result.micro_batches.items():
+        field = {"generate": "generate_micro_batch", "score": "score_micro_batch"}.get(phase, "update_micro_batch")
+        bigger = dataclasses.replace(WORK, **{field: micro + 1})
+        if getattr(bigger, field) > micro:
+            assert estimate(specs, bigger)[phase].peak_bytes > result.usable_bytes, phase
+    # Below that, the plan must move something or checkpoint; with 80% of it the cheapest move is the
+    # frozen reference out of the phases that do not use it (its weights come back once per step).
+    for usable in (resident_one - 1, int(resident_one * 0.8)):
+        result = plan(specs, WORK, budget_for(usable))
+        assert result.fits and (result.bytes_moved_per_step > 0 or any(result.checkpointing.values()))
+        check_plan_accounting(result, specs, WORK)
+    assert result.residency["reference"] == {"generate": "offload", "score": "device", "update_policy": "offload"}
+    assert result.bytes_moved_per_step == weights_bytes(specs["reference"])
+
+
+def test_without_offloading_nothing_moves_and_the_suggestions_fit_when_applied():
+    specs = role_specs()
+    budget = budget_for(int(max(phase_peaks(specs, at_micro_one(WORK)).values()) * 0.6))
+    offloading = plan(specs, WORK, budget)
+    assert not offloading.fits
+    resident = plan(specs, WORK, budget, PlanOptions(offload=False))
+    assert not resident.fits and resident.bytes_moved_per_step == 0
+    assert all(w == "device" for where in resident.residency.values() for w in where.values())
+    assert resident.suggestions
+    for suggestion in resident.suggestions:
+        change = suggestion.change
+        new_specs, new_work, options = specs, WORK, PlanOptions(offload=False)
+        if "lora_rank" in change:
+            new_specs = role_specs(lora=change["lora_rank"])
+        elif "dtype" in change:
+            new_specs = role_specs(dtype=change["dtype"])
+        elif "offload" in change:
+            options = PlanOptions(offload=change["offload"])
+        elif "max_new_tokens" in change:
+            new_work = dataclasses.replace(WORK, response_length=change["max_new_tokens"])
+        else:  # FSDP over several GPUs: the per-GPU peak it reports is within the budget
+            assert set(change) == {"gpus"} and suggestion.peak_bytes <= usable_bytes(budget)
+            continue
+        replanned = plan(new_specs, new_work, budget, options)
+        assert replanned.fits and replanned.peak_bytes == suggestion.peak_bytes, suggestion.what
+        check_plan_accounting(replanned, new_specs, new_work)
+    assert any("lora_rank" in s.change for s in resident.suggestions)
+
+
+def swap_case():
+    """Long sequences scored and generated at fixed full micro-batches: the score phase fits only
+    when the reference's weights are not a second copy on the device (swap)."""
+    work = dataclasses.replace(WORK, prompt_length=128, response_length=128)
+    options = PlanOptions(micro_batches={"generate": 8, "score": 8})
+    specs = role_specs()
+    usable = estimate(specs, work)["score"].peak_bytes - weights_bytes(specs["reference"]) // 2
+    return specs, work, plan(specs, work, budget_for(usable), options)
+
+
+def test_fixed_micro_batches_are_respected_and_the_reference_swaps_when_only_that_fits():
+    specs, work, result = swap_case()
+    assert result.fits and result.micro_batches["generate"] == result.micro_batches["score"] == 8
+    assert result.residency["reference"]["score"] == "swap"
+    check_plan_accounting(result, specs, work)
+    fixed = plan(specs, WORK, parse_memory("80GB"), PlanOptions(micro_batches={"update_policy": 3, "score": 2}))
+    assert fixed.micro_batches == {"generate": 8, "score": 2, "update_policy": 3}
+
+
+def test_to_dict_is_json_with_the_documented_structure():
+    result = four_roles_on_80gb()
+    data = json.loads(json.dumps(result.to_dict()))
+    assert isinstance(data["fits"], bool) and data["fits"] == result.fits
+    assert isinstance(data["budget_bytes"], int) and data["budget_bytes"] == result.budget_bytes
+    assert list(data["phases"]) == ["generate", "score", "update_policy", "update_critic"]
+    assert data["phases"]["update_critic"]["roles"]["critic"]["bytes"]["grads"] > 0
+    for phase, entry in data["phases"].items():
+        assert isinstance(entry["peak_bytes"], int) and isinstance(entry["micro_batch"], int)
+        assert set(entry["roles"]) == {"policy", "reference", "critic", "reward_model"}
+        for role in entry["roles"].values():
+            assert isinstance(role["residency"], str)
+            assert set(role["bytes"]) == set(KINDS) and all(isinstance(v, int) for v in role["bytes"].values())
+
+
+@pytest.mark.parametrize("case", ["resident", "offloading", "lora-adapter"])
+def test_schedule_is_accepted_by_the_executor(case):
+    # The resident case has all four roles (and update_critic); the others the policy and its reference.
+    specs = role_specs(critic=case == "resident", lora=4 if case == "lora-adapter" else 0)
+    usable = max(phase_peaks(specs, at_micro_one(WORK) if case == "offloading" else WORK).values())
+    if case == "resident":
+        result = four_roles_on_80gb()
+    else:
+        result = plan(specs, WORK, budget_for(usable if case != "offloading" else int(usable * 0.8)))
+    assert result.fits and (result.bytes_moved_per_step > 0) == (case == "offloading")
+    assert "swap" not in result.residency["reference"].values()  # see the xfail below
+    checked = check_schedule(result.schedule(), specs, [r for r, s in specs.items() if s.trained])
+    assert list(checked) == list(result.phases)
+
+
+@pytest.mark.xfail(strict=True, reason="plan marks a swapped reference 'swap' only in score and 'offload' elsewhere; "
+                   "check_schedule requires 'swap' in every phase")  # fmt: skip
+def test_a_swap_schedule_is_accepted_by_the_executor():
+    specs, _, result = swap_case()
+    assert "swap" in result.residency["reference"].values()
+    check_schedule(result.schedule(), specs, ["policy"])
