@@ -268,9 +268,11 @@ def test_concat_rollouts_pads_responses_to_the_widest_part():
     parts = []
     for rows, width in ((2, 3), (1, 5)):
         mask = torch.rand(rows, width, generator=gen) < 0.7
-        parts.append(Rollout(prompt_ids=torch.randint(3, VOCAB, (rows, 4), generator=gen), prompt_mask=torch.ones(rows, 4, dtype=torch.bool),
-                             response_ids=torch.randint(3, VOCAB, (rows, width), generator=gen), response_mask=mask,
-                             logprobs=-torch.rand(rows, width, generator=gen) * mask))  # fmt: skip
+        parts.append(Rollout(
+            prompt_ids=torch.randint(3, VOCAB, (rows, 4), generator=gen), prompt_mask=torch.ones(rows, 4, dtype=torch.bool),
+            response_ids=torch.randint(3, VOCAB, (rows, width), generator=gen), response_mask=mask,
+            logprobs=-torch.rand(rows, width, generator=gen) * mask,
+        ))  # fmt: skip
     merged = concat_rollouts(parts, PAD)
     assert merged.response_ids.shape == (3, 5) and merged.response_mask.dtype == torch.bool
     assert torch.equal(merged.response_ids[:2, :3], parts[0].response_ids) and torch.all(merged.response_ids[:2, 3:] == PAD)

@@ -208,7 +208,9 @@ class RLTrainer:
 
     # -- phases --------------------------------------------------------------------------
     def generate(self, step: int) -> Rollout:
-        """Phase 1: ``group_size`` samples for each prompt of step ``step``."""
+        """Phase 1: ``group_size`` samples for each prompt of step ``step``, from the step's
+        ``"sample"`` stream: the whole batch at once, or chunks of ``generate_micro_batch_size``
+        rows drawing from it in turn (``sample_responses``)."""
         cfg = self.config
         prompts = self.prompts(cfg.prompts_per_step, step_generator(cfg.seed, step, "prompts"))
         generator = step_generator(cfg.seed, step, "sample")
@@ -321,7 +323,9 @@ class RLTrainer:
                 for micro in self._micro_batches(index):
                     mb = rollout.select(micro)
                     values = self.critic.values(mb.input_ids, mb.attention_mask)[:, start - 1 : -1]
-                    loss, _ = ops.value_loss(values, mb.values, returns[micro], mb.response_mask, clip=cfg.value_clip, normalizer=tokens)
+                    loss, _ = ops.value_loss(
+                        values, mb.values, returns[micro], mb.response_mask, clip=cfg.value_clip, normalizer=tokens
+                    )
                     loss.backward()
                     total = loss.detach() if total is None else total + loss.detach()
                 clip_and_step(self.critic_optimizer, cfg.grad_clip)
