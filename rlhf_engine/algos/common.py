@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_engine.algos import precision
 from rlhf_engine.models import PolicyModel
 from rlhf_engine.rollout import Rollout, SamplingConfig, generate
 from rlhf_engine.rollout.scoring import row_slices
@@ -140,9 +141,8 @@ def minibatch_indices(n: int, size: int, generator: torch.Generator, device: tor
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters of ``model``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    """AdamW over the trainable parameters of an fp32 ``model`` (``precision.make_optimizer``)."""
+    return precision.make_optimizer(model, lr, weight_decay, dtype="fp32")
 
 
 class SingleModelTrainer:
@@ -174,7 +174,10 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_cl
 def clip_and_step(optimizer: torch.optim.Optimizer, grad_clip: float | None) -> torch.Tensor:
     """Clip the global norm of the gradients accumulated in ``optimizer``'s parameters (one
     backward, or the sum over the micro-batches of a minibatch) to ``grad_clip``, step, zero.
-    Returns the norm before clipping as a 0-d tensor, without a host sync."""
+    Returns the norm before clipping as a 0-d tensor, without a host sync. A master-weight
+    optimizer's gradients move to its fp32 masters first, so the clip sees fp32 gradients."""
+    if isinstance(optimizer, precision.MasterWeightAdamW):
+        optimizer.grads_to_masters()
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
     optimizer.step()

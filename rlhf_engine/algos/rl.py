@@ -29,6 +29,7 @@ The algorithms differ only in the advantage estimator and where the KL goes
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -37,13 +38,15 @@ import torch
 
 from rlhf_engine import ops
 from rlhf_engine.algos.common import (
-    clip_and_step, freeze, make_optimizer, masked_mean, minibatch_indices, sample_responses, step_generator,
+    clip_and_step, freeze, masked_mean, minibatch_indices, sample_responses, step_generator,
 )  # fmt: skip
 from rlhf_engine.algos.config import check_field
 from rlhf_engine.algos.eval_metrics import explained_variance
 from rlhf_engine.algos.kl_control import KLController
-from rlhf_engine.algos.precision import DTYPES
+from rlhf_engine.algos.placement import PhasePlacement, prepare_trained
+from rlhf_engine.algos.precision import DTYPES, make_optimizer, parse_dtype
 from rlhf_engine.models import PolicyModel, ScalarHeadModel
+from rlhf_engine.models.lora import AdapterDisabledPolicy
 from rlhf_engine.reference.kl import ESTIMATORS as KL_ESTIMATORS
 from rlhf_engine.rollout import Rollout, SamplingConfig, score_rollout
 
@@ -156,7 +159,7 @@ class RLTrainer:
         config: RLConfig,
         *,
         policy: PolicyModel,
-        reference: PolicyModel,
+        reference: PolicyModel | None,
         prompts: PromptFn,
         pad_token_id: int,
         eos_token_id: int,
@@ -164,23 +167,34 @@ class RLTrainer:
         reward_model: ScalarHeadModel | None = None,
         critic: ScalarHeadModel | None = None,
         gold_fn: ScoreFn | None = None,
+        placement=None,
     ):
         if (reward_fn is None) == (reward_model is None):
             raise ValueError("RLTrainer: pass exactly one of reward_fn and reward_model")
         if (critic is not None) != (config.advantage == "gae"):
             raise ValueError(f"RLTrainer: a critic is needed for advantage 'gae' and only for it (advantage={config.advantage!r})")
-        self.config, self.policy, self.prompts = config, policy, prompts
-        self.reference = freeze(reference)
-        self.reward_model = freeze(reward_model) if reward_model is not None else None
+        if (reference is None) != (config.lora_rank > 0):
+            raise ValueError("RLTrainer: pass a reference for full fine-tuning, and None with lora_rank > 0 "
+                             f"(the reference is then the adapter-disabled policy); lora_rank={config.lora_rank}")  # fmt: skip
+        self.config, self.prompts = config, prompts
+        self.policy = prepare_trained(policy, config.dtype, config.lora_rank, config.lora_alpha,
+                                      config.policy_gradient_checkpointing, config.seed)  # fmt: skip
+        frozen = config.frozen_dtype or config.dtype
+        self.reference = AdapterDisabledPolicy(self.policy) if reference is None else freeze(reference.to(parse_dtype(frozen)))
+        self.reward_model = freeze(reward_model.to(parse_dtype(frozen))) if reward_model is not None else None
+        if critic is not None:
+            critic = prepare_trained(critic, config.dtype, config.critic_lora_rank, config.lora_alpha,
+                                     config.critic_gradient_checkpointing, config.seed + 1)  # fmt: skip
         self.reward_fn, self.critic, self.gold_fn = reward_fn, critic, gold_fn
         self.pad_token_id = pad_token_id
         self.sampling = SamplingConfig(
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
             top_p=config.top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         )  # fmt: skip
-        self.optimizer = make_optimizer(policy, config.lr, config.weight_decay)
-        self.critic_optimizer = make_optimizer(critic, config.critic_lr) if critic is not None else None
+        self.optimizer = make_optimizer(self.policy, config.lr, config.weight_decay, dtype=config.dtype)
+        self.critic_optimizer = make_optimizer(critic, config.critic_lr, dtype=config.dtype) if critic is not None else None
         self.kl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.placement = PhasePlacement(self, placement)
 
     # -- roles, checkpoint state ---------------------------------------------------------
     @property
@@ -218,12 +232,20 @@ class RLTrainer:
 
     def score(self, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
         """Phase 2: old and reference logprobs, values, scores (and gold when known)."""
+        swap = self.placement.swaps_reference
+        for model in self.roles.values():
+            model.eval()
         with torch.no_grad():
             rollout, metrics = score_rollout(
-                rollout, temperature=self.config.temperature, policy=self.policy, reference=self.reference,
+                rollout, temperature=self.config.temperature, policy=self.policy, reference=None if swap else self.reference,
                 critic=self.critic, reward_model=self.reward_model, reward_fn=self.reward_fn,
                 micro_batch_size=self.config.score_micro_batch_size,
             )  # fmt: skip
+            if swap:  # the reference's weights copied into the policy's own storage for this pass
+                with self.placement.reference_weights():
+                    reference_only, _ = score_rollout(rollout, temperature=self.config.temperature, reference=self.policy,
+                                                      micro_batch_size=self.config.score_micro_batch_size)  # fmt: skip
+                rollout = dataclasses.replace(rollout, ref_logprobs=reference_only.ref_logprobs)
         metrics = dict(metrics)
         if self.gold_fn is not None:
             metrics["gold"] = float(self.gold_fn(*rollout.token_lists()).mean())
@@ -339,12 +361,18 @@ class RLTrainer:
         """One RL step (all four phases); returns the logged metrics (the headline ones first,
         which the progress bar shows)."""
         start_time = time.perf_counter()
-        rollout = self.generate(step)
-        rollout, phase_metrics = self.score(rollout)
+        place = self.placement
+        with place.phase("generate"):
+            rollout = self.generate(step)
+        with place.phase("score"):
+            rollout, phase_metrics = self.score(rollout)
         advantages, returns = self.advantages(rollout)
-        phase_metrics.update(self.update_policy(rollout, advantages, step))
+        with place.phase("update_policy"):
+            phase_metrics.update(self.update_policy(rollout, advantages, step))
         if self.critic is not None:
-            phase_metrics.update(self.update_critic(rollout, returns, step))
+            with place.phase("update_critic"):
+                phase_metrics.update(self.update_critic(rollout, returns, step))
+        phase_metrics.update(place.metrics())
         mask = rollout.response_mask
         sequence_kl = ((rollout.old_logprobs - rollout.ref_logprobs) * mask).sum(dim=1)
         metrics = {"reward_mean": float(rollout.scores.mean())}

@@ -58,10 +58,11 @@ def parse_memory(text: str) -> int:
     """``"80GiB"``, ``"80GB"``, ``"81920MiB"``, ``"8.5e10"`` -> bytes (GB = 10^9, GiB = 2^30).
 
     Raises ValueError naming the value for anything else."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([KMGT]i?B|B)?\s*", str(text))
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([KMGTkmgt]i?[Bb]|[Bb])?\s*", str(text))
     if not match:
         raise ValueError(f"--gpu-memory must be a size such as '80GiB', '40GB' or '81920MiB', got {text!r}")
     number, unit = float(match.group(1)), (match.group(2) or "B")
+    unit = unit[0].upper() + unit[1:-1].lower() + "B" if len(unit) > 1 else "B"
     scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
     return int(number * scale[unit])
 
@@ -177,7 +178,7 @@ def _weight_options(role: str, specs: dict[str, RoleSpec], phases: list[str]) ->
         for off in itertools.combinations(unused, r):
             options.append({p: ("offload" if p in off else "device") for p in phases})
     if role == "reference" and "policy" in specs and not specs["policy"].lora_rank:
-        options.append({p: ("swap" if p == "score" else "offload") for p in phases})
+        options.append({p: "swap" for p in phases})  # never on the device as a copy of its own
     return options
 
 

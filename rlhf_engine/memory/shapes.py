@@ -29,7 +29,9 @@ class ModelShape:
     Attributes:
         hidden_size ``H``, num_layers ``L``, num_heads, num_kv_heads, head_dim ``d``,
         intermediate_size ``I``, vocab_size ``V``; tied_embeddings: the lm_head is the input
-        embedding; qkv_bias: q/k/v projections have a bias (Qwen2); qk_norm: per-head RMSNorm on
+        embedding; qkv_bias: q/k/v projections have a bias (Qwen2, or ``attention_bias``);
+        o_bias: so does the output projection (``attention_bias`` outside Qwen2); mlp_bias:
+        gate/up/down have biases (``mlp_bias``); qk_norm: per-head RMSNorm on
         q and k (Qwen3); model_type: the config's ``model_type``.
     """
 
@@ -42,6 +44,8 @@ class ModelShape:
     vocab_size: int
     tied_embeddings: bool
     qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
     qk_norm: bool = False
     model_type: str = "llama"
 
@@ -78,6 +82,8 @@ class ModelShape:
             num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=values["intermediate_size"],
             vocab_size=values["vocab_size"], tied_embeddings=bool(values.get("tie_word_embeddings", False)),
             qkv_bias=bool(values.get("attention_bias", SUPPORTED_MODEL_TYPES[model_type])),
+            o_bias=model_type != "qwen2" and bool(values.get("attention_bias", False)),
+            mlp_bias=bool(values.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3", model_type=model_type,
         )  # fmt: skip
 
@@ -98,10 +104,11 @@ class ModelShape:
         return [(h, self.q_size), (h, self.kv_size), (h, self.kv_size), (self.q_size, h), (h, i), (h, i), (i, h)]
 
     def layer_parameters(self) -> int:
-        """Parameters of one block: the seven projections, q/k/v biases, two RMSNorm weights
-        (and the per-head q/k norms of Qwen3)."""
+        """Parameters of one block: the seven projections, their biases where the config has
+        them, two RMSNorm weights (and the per-head q/k norms of Qwen3)."""
         weights = sum(a * b for a, b in self.linear_shapes())
-        bias = self.q_size + 2 * self.kv_size if self.qkv_bias else 0
+        bias = (self.q_size + 2 * self.kv_size if self.qkv_bias else 0) + (self.hidden_size if self.o_bias else 0)
+        bias += 2 * self.intermediate_size + self.hidden_size if self.mlp_bias else 0
         norms = 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
         return weights + bias + norms
 

@@ -28,6 +28,7 @@ inside the fused lm_head's custom op (its fake kernel allocates only the outputs
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,8 @@ def _build(spec: RoleSpec):
     if spec.lora_rank:
         from rlhf_engine.models.lora import LoraSettings, apply_lora
 
-        apply_lora(model, LoraSettings(rank=spec.lora_rank), seed=0)
+        with _moves_in_place():
+            apply_lora(model, LoraSettings(rank=spec.lora_rank), seed=0)
     if not spec.trained:
         # Frozen roles run only under no_grad here; their parameters keep requires_grad
         # because MemTracker hooks every tracked parameter's gradient.
@@ -196,14 +198,13 @@ def trace_phase(phase: str, specs: dict[str, RoleSpec], work: Workload) -> Trace
     """The traced peak of ``phase`` with every role of ``specs`` resident (weights, and the
     trained roles' optimizer state), under ``FakeTensorMode`` on the CPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     if phase not in PHASES:
         raise ValueError(f"trace_phase: phase must be one of {PHASES}, got {phase!r}")
     with FakeTensorMode(), _triton_fakes():
         models = {role: _build(spec) for role, spec in specs.items() if not spec.is_adapter_view}
         optimizers = {role: _optimizer(models[role], spec) for role, spec in specs.items() if spec.trained}
-        tracker = MemTracker()
+        tracker = _FrozenAwareMemTracker()
         masters = [m for opt in optimizers.values() for m in getattr(opt, "master_params", ())]
         tracker.track_external(*models.values(), *optimizers.values(), *masters)
         # MemTracker refuses a module called twice in one region unless its per-module
@@ -215,6 +216,8 @@ def trace_phase(phase: str, specs: dict[str, RoleSpec], work: Workload) -> Trace
                 with torch.no_grad():
                     _generate(models["policy"], specs["policy"], work, fresh)
             elif phase == "score":
+                for model in models.values():
+                    model.eval()  # as RLTrainer.score runs them
                 _score(models, specs, work, fresh)
             else:
                 role = "policy" if phase == "update_policy" else "critic"
@@ -222,6 +225,57 @@ def trace_phase(phase: str, specs: dict[str, RoleSpec], work: Workload) -> Trace
         snapshot = tracker.get_tracker_snapshot("peak")[DEVICE]
     by_kind = {getattr(kind, "value", kind): count for kind, count in snapshot.items() if count}
     return TracedPeak(tracked=by_kind.pop("Total"), workspace=lm_head_workspace(phase, specs, work), by_kind=by_kind)
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def _frozen_aware_tracker_class():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class FrozenAwareMemTracker(MemTracker):
+        """MemTracker that also tracks parameters without gradients (LoRA's frozen base):
+        it hooks every tracked parameter's gradient, which a frozen one cannot take."""
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
+            for p in module.parameters():
+                if not p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
+                    self._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+    return FrozenAwareMemTracker
+
+
+def _FrozenAwareMemTracker():
+    return _frozen_aware_tracker_class()()
+
+
+@contextlib.contextmanager
+def _moves_in_place():
+    """``Module.to(device, dtype)`` on the fake CPU device by assigning ``.data``.
+
+    peft moves each new adapter to its base layer's device and dtype with ``Module.to``,
+    whose parameter swap does not work on fake parameters. Every tensor here is on the fake
+    CPU device, so only the dtype can change; it is set parameter by parameter. Any other
+    move still goes to ``Module.to``."""
+    original = torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        device, target, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and device.type != DEVICE.type:
+            return original(module, *args, **kwargs)
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            if target is not None and t.is_floating_point() and t.dtype != target:
+                t.data = t.data.to(target)
+        return module
+
+    torch.nn.Module.to = to
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original
 
 
 @contextlib.contextmanager
