@@ -84,7 +84,8 @@ def _train(args: argparse.Namespace) -> int:
         history = run_train(
             args.algo, args.model, args.data, args.out, config_path=args.config, resume=args.resume,
             reward_model_path=args.reward_model, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), plan=args.plan,
+            gpu_memory=args.gpu_memory,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         print(f"rlhf-engine train: {error}", file=sys.stderr)
@@ -137,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="steps between checkpoints")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
+    train.add_argument("--plan", choices=["auto", "off"],
+                       help="auto (default on CUDA for RL algorithms): plan GPU memory, offload and micro-batch to fit, or "
+                            "refuse before loading anything; off (default elsewhere): everything resident, as configured")
+    train.add_argument("--gpu-memory", metavar="SIZE", help="plan for this much GPU memory (default: the device's)")
     train.set_defaults(handler=_train)
     plan = commands.add_parser("plan", help="will an RL run fit one GPU? memory per phase and role, before any model is loaded")
     plan.add_argument("--algo", required=True, choices=["ppo", "grpo", "rloo", "reinforce_pp"])

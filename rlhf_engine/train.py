@@ -23,6 +23,7 @@ checkpoint there, first dropping the log lines of steps after it (they are run a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,7 @@ def _answer_reward(tokenizer, answers: dict[tuple[int, ...], str]):
     return reward
 
 
-def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokenizer, reward_model_path: str | None):
+def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokenizer, reward_model_path: str | None, placement=None):
     pad = tokenizer.pad_token_id
     if algo == "sft":
         return SFTTrainer(policy, records, config, pad_id=pad)
@@ -170,10 +171,57 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
         raise ValueError(f"--algo {algo} needs --reward-model DIR" + ("" if algo == "ppo" else " or an 'answer' in every record"))
     if algo == "ppo":
         scoring["critic"] = copy.deepcopy(scoring["reward_model"])
+    reference = None if config.lora_rank else copy.deepcopy(policy)  # LoRA: the adapter-disabled policy
     return RLTrainer(
-        config, policy=policy, reference=copy.deepcopy(policy), prompts=sample_prompts, pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id, **scoring,
+        config, policy=policy, reference=reference, prompts=sample_prompts, pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id, placement=placement, **scoring,
     )  # fmt: skip
+
+
+def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_model_path: str | None, device: torch.device,
+             mode: str, gpu_memory: str | None = None):  # fmt: skip
+    """The memory plan of an RL run on ``device``, made before any model is loaded, and the
+    config with the plan's micro-batches and checkpointing in it.
+
+    ``mode``: ``"auto"`` (the planner may offload, checkpoint and pick micro-batches; a run
+    that cannot fit is refused with what would make it fit) or ``"off"`` (exactly the
+    configuration given, everything resident: the plan only predicts). Returns
+    ``(config, plan)``; ``(config, None)`` off CUDA or for algorithms the planner does not
+    cover (SFT, reward model, DPO) with ``mode="off"``.
+    """
+    from rlhf_engine.memory.plan import parse_memory, plan
+    from rlhf_engine.memory.report import format_plan
+    from rlhf_engine.memory.run_specs import RL_ALGOS, plan_options, role_specs, workload
+
+    if mode not in ("auto", "off"):
+        raise ValueError(f"--plan must be 'auto' or 'off', got {mode!r}")
+    if algo not in RL_ALGOS:
+        if mode == "auto" and device.type == "cuda":
+            raise ValueError(f"--plan auto covers the RL algorithms {RL_ALGOS}; use --plan off for --algo {algo}")
+        return config, None
+    if device.type != "cuda":
+        if mode == "auto":
+            raise ValueError(f"--plan auto plans GPU memory; --device {device} has none (use --plan off)")
+        return config, None
+    if model in MODEL_SIZES:
+        policy_config = llama_config(model, tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
+                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    else:
+        policy_config = model
+    budget = parse_memory(gpu_memory) if gpu_memory else torch.cuda.get_device_properties(device).total_memory
+    prompt_length = max(len(r["prompt"]) for r in records)
+    specs = role_specs(algo, config, policy_config, reward_model_path)
+    chosen = plan(specs, workload(config, prompt_length), budget, plan_options(config, offload=mode == "auto"))
+    if mode == "auto" and not chosen.fits:
+        raise ValueError("--plan auto: the run does not fit this GPU; nothing was loaded.\n" + format_plan(chosen))
+    micro = chosen.micro_batches
+    config = dataclasses.replace(
+        config, generate_micro_batch_size=micro["generate"], score_micro_batch_size=micro["score"],
+        micro_batch_size=min(m for p, m in micro.items() if p.startswith("update")),
+        policy_gradient_checkpointing=chosen.checkpointing.get("policy", config.policy_gradient_checkpointing),
+        critic_gradient_checkpointing=chosen.checkpointing.get("critic", config.critic_gradient_checkpointing),
+    )  # fmt: skip
+    return config, chosen
 
 
 def _drop_lines_after_checkpoint(log: Path, checkpoint_dir: Path) -> None:
@@ -200,10 +248,12 @@ def _drop_lines_after_checkpoint(log: Path, checkpoint_dir: Path) -> None:
 def run_train(
     algo: str, model: str, data: str | Path, out: str | Path, *, config_path: str | Path | None = None,
     resume: bool = False, reward_model_path: str | None = None, checkpoint_every: int = 10,
-    stop_after: int | None = None, quiet: bool = False, device: str = "cpu",
+    stop_after: int | None = None, quiet: bool = False, device: str = "cpu", plan: str | None = None,
+    gpu_memory: str | None = None,
 ) -> list[dict]:  # fmt: skip
     """Train ``algo`` on ``device`` and return the per-step metrics of this call (see the module
-    docstring)."""
+    docstring). ``plan``: ``"auto"`` (the default on CUDA) or ``"off"`` (the default elsewhere),
+    see :func:`plan_run`; ``gpu_memory`` overrides the GPU's size for the plan."""
     if algo not in ALGOS:
         raise ValueError(f"--algo must be one of {ALGOS}, got {algo!r}")
     if checkpoint_every < 0:
@@ -212,9 +262,11 @@ def run_train(
     config = load_config(algo, config_path)
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
+    mode = plan or ("auto" if device.type == "cuda" and algo in (*RL_PRESETS, "grpo") else "off")
+    config, placement = plan_run(algo, config, model, tokenizer, records, reward_model_path, device, mode, gpu_memory)
     torch.manual_seed(config.seed)
     policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, device)
-    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path)
+    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
