@@ -228,34 +228,34 @@ def _by_phase(residency: dict[str, dict[str, str]], phases: list[str]) -> dict[s
     return out
 
 
-def _peak(phase: str, specs, work: Workload, by_phase, micro: int) -> tuple[int, dict]:
+def _peak(phase: str, specs, work: Workload, by_phase, micro: int, shard: int = 1) -> tuple[int, dict]:
     work = dataclasses.replace(work, **{_phase_micro_batch_field(phase): micro})
-    result = estimate(specs, work, by_phase, phases=(phase,))[phase]
+    result = estimate(specs, work, by_phase, phases=(phase,), shard=shard)[phase]
     return result.peak_bytes, result.roles
 
 
-def _largest_fitting_micro_batch(phase, specs, work, by_phase, usable, fixed: int | None):
+def _largest_fitting_micro_batch(phase, specs, work, by_phase, usable, fixed: int | None, shard: int = 1):
     """The largest micro-batch of ``phase`` whose peak fits ``usable`` (the peak grows with
     the micro-batch), or the smallest one's peak when none fits. ``fixed``: only that size."""
     rows = _phase_rows(phase, work)
     if fixed is not None:
         micro = min(fixed, rows)
-        peak, roles = _peak(phase, specs, work, by_phase, micro)
+        peak, roles = _peak(phase, specs, work, by_phase, micro, shard)
         return micro, peak, roles
-    peak, roles = _peak(phase, specs, work, by_phase, rows)
+    peak, roles = _peak(phase, specs, work, by_phase, rows, shard)
     if peak <= usable:
         return rows, peak, roles
     low, high = 1, rows  # invariant: high does not fit
     best = None
     while low < high:
         mid = (low + high) // 2
-        mid_peak, mid_roles = _peak(phase, specs, work, by_phase, mid)
+        mid_peak, mid_roles = _peak(phase, specs, work, by_phase, mid, shard)
         if mid_peak <= usable:
             best, low = (mid, mid_peak, mid_roles), mid + 1
         else:
             high = mid
     if best is None:
-        peak, roles = _peak(phase, specs, work, by_phase, 1)
+        peak, roles = _peak(phase, specs, work, by_phase, 1, shard)
         return 1, peak, roles
     return best
 
@@ -282,7 +282,7 @@ def plan(specs: dict[str, RoleSpec], work: Workload, budget_bytes: int, options:
     return chosen
 
 
-def _search(specs, work, budget_bytes, options) -> Plan:
+def _search(specs, work, budget_bytes, options, shard: int = 1) -> Plan:
     usable = usable_bytes(budget_bytes)
     phases = [p for p in PHASES if p != "update_critic" or "critic" in specs]
     trained = [r for r, s in specs.items() if s.trained]
@@ -315,7 +315,7 @@ def _search(specs, work, budget_bytes, options) -> Plan:
                 key = (phase, tuple(sorted(by_phase[phase].items())), ckpt.get(updated))
                 if key not in cache:  # many combinations place a given phase alike
                     cache[key] = _largest_fitting_micro_batch(
-                        phase, run_specs, work, by_phase, usable, options.micro_batches.get(phase)
+                        phase, run_specs, work, by_phase, usable, options.micro_batches.get(phase), shard
                     )
                 micro, peak, roles = cache[key]
                 fits &= peak <= usable
@@ -324,7 +324,9 @@ def _search(specs, work, budget_bytes, options) -> Plan:
                     role: {"residency": by_phase[phase][role], "bytes": kinds} for role, kinds in roles.items()
                 })  # fmt: skip
             peak_max = max(p.peak_bytes for p in phase_plans.values())
-            key = (not fits, moved if fits else 0, sum(ckpt.values()), -micro_score, peak_max)
+            # Fitting plans: fewest bytes moved, fewest checkpointed roles, largest micro-batches.
+            # Otherwise the closest to fitting.
+            key = (0, moved, sum(ckpt.values()), -micro_score) if fits else (1, peak_max, moved, sum(ckpt.values()))
             if best_key is None or key < best_key:
                 best_key = key
                 best = Plan(fits, budget_bytes, usable, phase_plans, residency, ckpt, moved)
@@ -374,22 +376,13 @@ def suggest(specs: dict[str, RoleSpec], work: Workload, budget_bytes: int, optio
 
 def sharded_peak(specs, work, budget_bytes, options, gpus: int) -> int | None:
     """The largest phase peak per GPU with weights, gradients and optimizer state sharded
-    over ``gpus`` (FSDP2's full sharding; activations stay per GPU, each GPU taking
-    ``1/gpus`` of the sequences), or None when that does not fit either."""
-    usable = usable_bytes(budget_bytes)
+    over ``gpus`` (FSDP2's full sharding) and each GPU taking ``1/gpus`` of the sequences,
+    or None when that does not fit either."""
     per_gpu_work = dataclasses.replace(
         work, prompts_per_step=max(1, -(-work.prompts_per_step // gpus)), minibatch_size=max(1, -(-work.minibatch_size // gpus))
     )
-    sharded_kinds = ("weights", "grads", "optimizer")
-    worst = 0
-    found = _search(specs, per_gpu_work, budget_bytes * gpus, options)  # the state fits once it is split
-    for phase in found.phases.values():
-        total = 0
-        for role in phase.roles.values():
-            for kind, count in role["bytes"].items():
-                total += count // gpus if kind in sharded_kinds else count
-        worst = max(worst, total)
-    return worst if worst <= usable else None
+    found = _search(specs, per_gpu_work, budget_bytes, options, shard=gpus)
+    return found.peak_bytes if found.fits else None
 
 
 __all__ = ["GPU_MEMORY", "KINDS", "Plan", "PlanOptions", "Suggestion", "gpu_budget", "parse_memory", "plan", "usable_bytes"]
