@@ -1,0 +1,220 @@
+"""``rlhf-engine plan``: the memory planner from the user's side, in process through ``cli.main``.
+
+Model configs are written here (Qwen2.5-7B's published shape), so nothing is downloaded or built.
+The printed table is read back and compared with the ``--json`` plan of the same run; with
+``--no-offload`` the JSON is compared with ``memory.estimate.estimate`` of the same specs and
+workload, built independently through ``run_specs``; bad input must exit 2 naming the problem.
+"""
+
+import json
+import re
+
+import pytest
+
+from rlhf_engine.cli import main
+from rlhf_engine.memory.estimate import KINDS, estimate
+from rlhf_engine.memory.plan import GPU_MEMORY
+from rlhf_engine.memory.run_specs import role_specs, workload
+from rlhf_engine.train import load_config
+
+GIB = 1 << 30
+QWEN25_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)  # fmt: skip
+PPO_ROLES = ["policy", "reference", "reward_model", "critic"]
+PPO_PHASES = ["generate", "score", "update_policy", "update_critic"]
+# 7B PPO that fits an H100: bf16, LoRA on the policy and the critic.
+FITS = "dtype: bf16\nlora_rank: 16\ncritic_lora_rank: 16\n"
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of ``rlhf-engine plan ...`` (argparse's exits included)."""
+    try:
+        code = main(["plan", *argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def qwen(tmp_path) -> str:
+    return write(tmp_path / "config.json", json.dumps(QWEN25_7B))
+
+
+def ppo(model: str, config: str | None, *extra: str) -> list[str]:
+    args = ["--algo", "ppo", "--model", model, "--reward-model", model, *extra]
+    return args + (["--config", config] if config else [])
+
+
+def check_json_structure(data: dict, roles: list[str], phases: list[str]) -> None:
+    assert isinstance(data["fits"], bool) and isinstance(data["budget_bytes"], int)
+    assert list(data["phases"]) == phases
+    for entry in data["phases"].values():
+        assert isinstance(entry["peak_bytes"], int) and isinstance(entry["micro_batch"], int) and entry["micro_batch"] >= 1
+        assert sorted(entry["roles"]) == sorted(roles)
+        for role in entry["roles"].values():
+            assert isinstance(role["residency"], str)
+            assert set(role["bytes"]) == set(KINDS) and all(isinstance(v, int) for v in role["bytes"].values())
+
+
+def table_sections(text: str) -> dict[str, tuple[list[str], dict[str, list[str]]]]:
+    """``{phase: (header cells, {role: row cells})}`` read from the printed table."""
+    sections, lines, i = {}, text.splitlines(), 0
+    while i < len(lines):
+        match = re.match(r"^(\w+): peak ", lines[i])
+        if match:
+            header, rows, i = lines[i + 1].split(), {}, i + 2
+            while i < len(lines) and lines[i].startswith("  "):
+                cells = lines[i].split()
+                rows[cells[0]] = cells
+                i += 1
+            sections[match.group(1)] = (header, rows)
+        else:
+            i += 1
+    return sections
+
+
+# -- a run that fits -----------------------------------------------------------------------------
+def test_a_fitting_ppo_run_prints_a_section_per_phase_matching_its_json(qwen, tmp_path, capsys):
+    config = write(tmp_path / "fits.yaml", FITS)
+    code, text, _ = run(ppo(qwen, config, "--gpu", "h100-80gb"), capsys)
+    assert code == 0
+    json_code, out, _ = run(ppo(qwen, config, "--gpu", "h100-80gb", "--json"), capsys)
+    data = json.loads(out)
+    assert json_code == 0 and data["fits"] is True and data["suggestions"] == []
+    check_json_structure(data, PPO_ROLES, PPO_PHASES)
+    sections = table_sections(text)
+    assert list(sections) == PPO_PHASES
+    for phase, (header, rows) in sections.items():
+        assert header == ["role", "residency", *KINDS, "total"]
+        assert sorted(rows) == sorted(PPO_ROLES)
+        entry = data["phases"][phase]
+        assert f"{phase}: peak {entry['peak_bytes'] / GIB:.2f} " in text and f"micro-batch {entry['micro_batch']}" in text
+        for role, cells in rows.items():
+            kinds = entry["roles"][role]["bytes"]
+            assert cells[1] == entry["roles"][role]["residency"]
+            assert cells[2:] == [f"{kinds[k] / GIB:.2f}" for k in KINDS] + [f"{sum(kinds.values()) / GIB:.2f}"]
+    assert "fits: largest phase peak" in text
+
+
+@pytest.mark.parametrize("gpu", sorted(GPU_MEMORY))
+def test_budget_bytes_is_the_named_gpu(gpu, qwen, tmp_path, capsys):
+    code, out, _ = run(ppo(qwen, write(tmp_path / "fits.yaml", FITS), "--gpu", gpu, "--json"), capsys)
+    data = json.loads(out)
+    assert data["budget_bytes"] == GPU_MEMORY[gpu]
+    assert code == (0 if data["fits"] else 1)
+    check_json_structure(data, PPO_ROLES, PPO_PHASES)
+
+
+@pytest.mark.parametrize("size, expected", [("24GiB", 24 * 2**30), ("100GB", 100 * 10**9), ("81920MiB", 80 * 2**30)])
+def test_budget_bytes_is_the_gpu_memory_given(size, expected, qwen, tmp_path, capsys):
+    code, out, _ = run(ppo(qwen, write(tmp_path / "fits.yaml", FITS), "--gpu-memory", size, "--json"), capsys)
+    data = json.loads(out)
+    assert data["budget_bytes"] == expected and code == (0 if data["fits"] else 1)
+
+
+# -- a run that cannot fit -----------------------------------------------------------------------
+def test_a_run_that_cannot_fit_exits_1_with_its_suggestions(qwen, tmp_path, capsys):
+    # 7B full fine-tuning in fp32 with a critic: ~200 GiB in update_policy against 40 GB.
+    # Short responses keep the suggestions' search (it bisects max_new_tokens) quick.
+    config = write(tmp_path / "fp32.yaml", "max_new_tokens: 4\n")
+    code, out, _ = run(ppo(qwen, config, "--gpu", "a100-40gb", "--json"), capsys)
+    data = json.loads(out)
+    assert code == 1 and data["fits"] is False and data["suggestions"]
+    assert data["peak_bytes"] > data["usable_bytes"]
+    assert all(s["peak_bytes"] <= data["usable_bytes"] and s["change"] for s in data["suggestions"])
+    code, text, _ = run(ppo(qwen, config, "--gpu", "a100-40gb"), capsys)
+    assert code == 1 and "does NOT fit" in text and "would fit with any one of:" in text
+    for suggestion in data["suggestions"]:
+        assert f"  - {suggestion['what']}: peak {suggestion['peak_bytes'] / GIB:.2f} GiB" in text
+
+
+# -- --no-offload: exactly the configuration given ----------------------------------------------
+NO_OFFLOAD_CONFIGS = {
+    "micro-batches-bf16-checkpointing": "dtype: bf16\nprompts_per_step: 8\nminibatch_size: 8\nmicro_batch_size: 2\n"
+    "score_micro_batch_size: 4\ngenerate_micro_batch_size: 8\npolicy_gradient_checkpointing: true\n"
+    "critic_gradient_checkpointing: true\n",
+    # No micro-batches: every pass takes the whole batch; a LoRA reference is the adapter view.
+    "lora-whole-batches": "dtype: bf16\nfrozen_dtype: fp32\nlora_rank: 8\nprompts_per_step: 4\nminibatch_size: 2\n",
+}
+
+
+@pytest.mark.parametrize("name", list(NO_OFFLOAD_CONFIGS))
+def test_no_offload_predicts_exactly_the_configured_run(name, qwen, tmp_path, capsys):
+    path = write(tmp_path / "run.yaml", NO_OFFLOAD_CONFIGS[name])
+    code, out, _ = run(ppo(qwen, path, "--gpu", "h200-141gb", "--no-offload", "--prompt-length", "256", "--json"), capsys)
+    data = json.loads(out)
+    assert code == (0 if data["fits"] else 1)
+    config = load_config("ppo", path)
+    specs = role_specs("ppo", config, QWEN25_7B, QWEN25_7B)
+    work = workload(config, 256)
+    expected = estimate(specs, work)
+    rollout = config.prompts_per_step * config.group_size
+    configured = {
+        "generate": config.generate_micro_batch_size or rollout, "score": config.score_micro_batch_size or rollout,
+        "update_policy": config.micro_batch_size or config.minibatch_size, "update_critic": config.micro_batch_size or config.minibatch_size,
+    }  # fmt: skip
+    assert list(data["phases"]) == list(expected) == PPO_PHASES
+    assert data["bytes_moved_per_step"] == 0
+    assert data["checkpointing"] == {"policy": config.policy_gradient_checkpointing, "critic": config.critic_gradient_checkpointing}
+    for phase, entry in data["phases"].items():
+        assert entry["micro_batch"] == configured[phase]
+        assert entry["peak_bytes"] == expected[phase].peak_bytes
+        for role, placed in entry["roles"].items():
+            assert placed["residency"] == ("adapter" if role == "reference" and config.lora_rank else "device")
+            assert placed["bytes"] == expected[phase].roles[role]
+
+
+# -- --model forms -------------------------------------------------------------------------------
+def test_model_is_a_folder_or_a_bare_config_json(tmp_path, capsys):
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    write(folder / "config.json", json.dumps(QWEN25_7B))
+    bare = write(tmp_path / "bare.json", json.dumps(QWEN25_7B))
+    config = write(tmp_path / "fits.yaml", FITS)
+    outputs = []
+    for model in (str(folder), bare):
+        code, out, err = run(ppo(model, config, "--json"), capsys)
+        assert code == 0, err
+        outputs.append(json.loads(out))
+    assert outputs[0] == outputs[1]
+    assert outputs[0]["phases"]["generate"]["roles"]["policy"]["bytes"]["weights"] > 0
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def missing(field: str) -> str:
+    return json.dumps({k: v for k, v in QWEN25_7B.items() if k != field})
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no-hidden-size", "'hidden_size'"),
+    ("unknown-model-type", "model_type 'gpt2' is not supported"),
+    ("budget-below-context", "not larger than the CUDA context"),
+    ("unknown-config-field", r"unknown RLConfig field\(s\) \['lora_ranks'\]"),
+    ("ppo-without-reward-model", "--algo ppo needs --reward-model"),
+    ("algo-sft", "invalid choice: 'sft'"),
+    ("unknown-gpu", "--gpu must be one of"),
+    ("bad-gpu-memory", "--gpu-memory must be a size"),
+    ("no-config-json", "no config.json there"),
+])  # fmt: skip
+def test_bad_input_exits_2_naming_the_problem(case, match, qwen, tmp_path, capsys):
+    config = write(tmp_path / "fits.yaml", FITS)
+    args = {
+        "no-hidden-size": ppo(write(tmp_path / "no_hidden.json", missing("hidden_size")), config),
+        "unknown-model-type": ppo(write(tmp_path / "gpt2.json", json.dumps({**QWEN25_7B, "model_type": "gpt2"})), config),
+        "budget-below-context": ppo(qwen, config, "--gpu-memory", "512MiB"),
+        "unknown-config-field": ppo(qwen, write(tmp_path / "bad.yaml", "lora_ranks: 4\n")),
+        "ppo-without-reward-model": ["--algo", "ppo", "--model", qwen, "--config", config],
+        "algo-sft": ["--algo", "sft", "--model", qwen],
+        "unknown-gpu": ppo(qwen, config, "--gpu", "v100"),
+        "bad-gpu-memory": ppo(qwen, config, "--gpu-memory", "lots"),
+        "no-config-json": ppo(str(tmp_path / "nowhere"), config),
+    }[case]
+    code, out, err = run(args, capsys)
+    assert code == 2 and out == ""
+    assert re.search(match, err), err
