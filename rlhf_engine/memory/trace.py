@@ -16,9 +16,11 @@ weights for bf16 roles), with every model and optimizer state resident, as
 * ``generate``: the prompt prefill (``next_token_logits`` on ``[B, P]``), then the last
   decode step with the KV cache at its final length ``P + R - 1`` (the cache only grows,
   so the last step holds the most), sampling included.
-* ``score``: each model's no-grad pass over ``[B, P + R]`` in micro-batches.
-* ``update_policy`` / ``update_critic``: forward + backward of every micro-batch of one
-  minibatch (gradients accumulate), then the optimizer step.
+* ``score``: each model's no-grad pass over a micro-batch of ``[n, P + R]``.
+* ``update_policy`` / ``update_critic``: forward + backward of the first two micro-batches
+  of a minibatch (the second with the first's gradients resident), then the optimizer step.
+
+Passes after those repeat allocations already made and freed (see ``_splits``).
 
 Two things a fake trace cannot see are added from their declarations: the workspace
 inside the fused lm_head's custom op (its fake kernel allocates only the outputs; see
@@ -101,8 +103,13 @@ def _tokens(batch: int, length: int, vocab: int) -> tuple[torch.Tensor, torch.Te
     return ids, torch.ones(batch, length, dtype=torch.bool, device=DEVICE)
 
 
-def _splits(total: int, micro: int) -> list[int]:
-    return [min(micro, total - start) for start in range(0, total, micro)]
+def _splits(total: int, micro: int, keep: int) -> list[int]:
+    """The first ``keep`` micro-batches of ``total`` rows in passes of ``micro``. Later passes
+    of the same size allocate exactly what an earlier one did once its memory is back (the
+    last is never larger), so a trace runs only the distinct ones: one no-grad pass per
+    model, and two update passes (the first creates the gradients, the second runs with
+    them resident)."""
+    return [min(micro, total - start) for start in range(0, total, micro)][:keep]
 
 
 def _generate(policy, spec: RoleSpec, work: Workload, fresh) -> None:
@@ -111,7 +118,7 @@ def _generate(policy, spec: RoleSpec, work: Workload, fresh) -> None:
     from rlhf_engine.rollout.sampling import sample_tokens
 
     shape = spec.shape
-    for rows in _splits(work.rollout_batch, work.generate_micro_batch):
+    for rows in _splits(work.rollout_batch, work.generate_micro_batch, keep=1):
         ids, mask = _tokens(rows, work.prompt_length, shape.vocab_size)
         fresh()
         logits, cache = policy.next_token_logits(ids, mask, torch.zeros_like(ids), None)
@@ -142,7 +149,7 @@ def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh) -> N
         if role not in models or (role == "reference" and specs[role].is_adapter_view):
             continue
         model = models[role]
-        for rows in _splits(work.rollout_batch, work.score_micro_batch):
+        for rows in _splits(work.rollout_batch, work.score_micro_batch, keep=1):
             ids, mask = _tokens(rows, length, specs[role].shape.vocab_size)
             fresh()
             with torch.no_grad():
@@ -160,7 +167,7 @@ def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh) -> N
         from rlhf_engine.models.lora import adapter_disabled
 
         with adapter_disabled(models["policy"]), torch.no_grad():
-            for rows in _splits(work.rollout_batch, work.score_micro_batch):
+            for rows in _splits(work.rollout_batch, work.score_micro_batch, keep=1):
                 ids, mask = _tokens(rows, length, specs["policy"].shape.vocab_size)
                 fresh()
                 hidden = models["policy"].response_hidden(ids, mask, start)
@@ -173,7 +180,7 @@ def _update(role: str, model, optimizer, spec: RoleSpec, work: Workload, fresh) 
     length = work.prompt_length + work.response_length
     start = work.prompt_length
     model.train()
-    for rows in _splits(min(work.minibatch_size, work.rollout_batch), work.update_micro_batch):
+    for rows in _splits(work.update_rows, work.update_micro_batch, keep=2):
         ids, mask = _tokens(rows, length, spec.shape.vocab_size)
         per_token = torch.zeros(rows, work.response_length, device=DEVICE)
         response_mask = mask[:, start:]
