@@ -154,14 +154,15 @@ def test_no_offload_predicts_exactly_the_configured_run(name, qwen, tmp_path, ca
     specs = role_specs("ppo", config, QWEN25_7B, QWEN25_7B)
     work = workload(config, 256)
     expected = estimate(specs, work)
-    rollout = config.prompts_per_step * config.group_size
+    rollout, update = config.prompts_per_step * config.group_size, config.micro_batch_size or config.minibatch_size
     configured = {
         "generate": config.generate_micro_batch_size or rollout, "score": config.score_micro_batch_size or rollout,
-        "update_policy": config.micro_batch_size or config.minibatch_size, "update_critic": config.micro_batch_size or config.minibatch_size,
+        "update_policy": update, "update_critic": update,
     }  # fmt: skip
     assert list(data["phases"]) == list(expected) == PPO_PHASES
     assert data["bytes_moved_per_step"] == 0
-    assert data["checkpointing"] == {"policy": config.policy_gradient_checkpointing, "critic": config.critic_gradient_checkpointing}
+    checkpointing = {"policy": config.policy_gradient_checkpointing, "critic": config.critic_gradient_checkpointing}
+    assert data["checkpointing"] == checkpointing
     for phase, entry in data["phases"].items():
         assert entry["micro_batch"] == configured[phase]
         assert entry["peak_bytes"] == expected[phase].peak_bytes
