@@ -141,7 +141,7 @@ def test_master_weight_adamw_bad_input(params, kwargs, error, match):
 def test_masters_follow_fp32_adamw_exactly():
     params, ref_params = bf16_params_and_fp32_copies(0)
     ours = MasterWeightAdamW(params, lr=1e-2, weight_decay=0.1)
-    ref = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
     for step in range(5):
         grads = random_grads(step)
         for i, (p, r, g) in enumerate(zip(params, ref_params, grads)):
@@ -163,7 +163,7 @@ def test_masters_follow_fp32_adamw_exactly():
 def test_clipping_sees_the_global_norm_of_the_fp32_grads():
     params, ref_params = bf16_params_and_fp32_copies(1)
     ours = MasterWeightAdamW(params, lr=1e-2)
-    ref = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95))
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), fused=True)
     for step in range(3):
         grads = random_grads(step, scale=3.0)
         for p, r, g in zip(params, ref_params, grads):

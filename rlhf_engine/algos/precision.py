@@ -5,6 +5,10 @@ reward model) in bf16 is just its model cast to bf16, with no optimizer. A train
 optimizer from :func:`make_optimizer`:
 
 * ``"fp32"``: ``torch.optim.AdamW`` over the fp32 parameters (what ``common.make_optimizer`` builds).
+
+Both run torch's fused AdamW kernel (CPU and CUDA): fastest on a GPU, and it allocates no
+temporaries, where the default multi-tensor path on CUDA would hold a copy of a moment
+for the whole model during the step (a spike the memory plan would have to carry).
 * ``"bf16"``: :class:`MasterWeightAdamW`. The model's parameters, so its forward, backward and
   gradients, are bf16; the optimizer steps an fp32 master copy of each parameter with fp32
   ``exp_avg`` / ``exp_avg_sq`` and rounds the masters back into the bf16 parameters. Without the
@@ -76,7 +80,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
             )
     params = [p for _, p in named]
     if dtype == "fp32":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=ADAMW_BETAS)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=ADAMW_BETAS, fused=True)
     return MasterWeightAdamW(params, lr=lr, weight_decay=weight_decay)
 
 
@@ -161,7 +165,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for _, m in stepped:
             state = self.state[m]
             if not state:  # as torch.optim.AdamW (capturable off): a CPU step count, zero moments
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=m.device)  # fused: on the masters' device
                 state["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
         states = [self.state[m] for _, m in stepped]
@@ -169,7 +173,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         adamw(
             [m for _, m in stepped], [m.grad for _, m in stepped], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], amsgrad=False, beta1=beta1, beta2=beta2,
-            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False, fused=True,
         )  # fmt: skip
         for p, m in stepped:
             p.copy_(m)

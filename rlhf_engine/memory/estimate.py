@@ -270,29 +270,39 @@ def score_bytes(spec: RoleSpec, work: Workload, role: str) -> dict[str, int]:
 
 
 def update_bytes(spec: RoleSpec, work: Workload) -> dict[str, int]:
-    """The trained role's update over one minibatch in micro-batches of ``n`` sequences:
-    saved activations of every block (with checkpointing only each block's input, ``a·H``
-    per token, plus one block recomputed), the last block's backward transient, the
-    gradients (all of them once a first micro-batch has run; with one micro-batch only the
-    lm_head's, as the blocks' gradients appear while their activations are freed), and
-    for the policy the fused lm_head's backward workspace."""
+    """The trained role's update over one minibatch in micro-batches of ``n`` sequences.
+
+    Saved activations of every block (with checkpointing only each block's input, ``a·H``
+    per token), then the higher of two moments of the backward: at the lm_head, a trained
+    lm_head's (or tied embedding's) fresh gradient ``V·H·a`` and, once a first micro-batch
+    has left one, its accumulated sum (as much again); in the blocks, the last block's
+    backward transient (and with checkpointing its recomputed activations). The fused
+    lm_head's backward makes ``d weight`` even for a frozen lm_head (LoRA). Gradients: all
+    of them once a first micro-batch has run; with one micro-batch only the lm_head's, as
+    the blocks' gradients appear while their activations are freed. For the policy, the
+    fused lm_head's backward workspace. The optimizer step (fused AdamW: no temporaries)
+    holds fp32 gradients, 4 B per trained parameter, and no activations."""
     shape, a, n, t = spec.shape, spec.element_bytes, work.update_micro_batch, work.sequence_length
     tokens = n * t
     per_layer = layer_activation_bytes(shape, a, t)
+    several = n < work.update_rows
+    head = shape.vocab_size * shape.hidden_size if spec.head == "lm" else shape.hidden_size
+    head_trained = spec.trained and not spec.lora_rank
     if spec.checkpointing:
-        saved = tokens * (shape.num_layers * a * shape.hidden_size + per_layer)
+        saved = tokens * shape.num_layers * a * shape.hidden_size
+        blocks = tokens * (per_layer + backward_transient_bytes(shape, a))
     else:
         saved = tokens * shape.num_layers * per_layer
-    activations = saved + tokens * backward_transient_bytes(shape, a)
-    several = n < work.update_rows
+        blocks = tokens * backward_transient_bytes(shape, a)
+    # The fused lm_head's backward computes d weight even when the lm_head is frozen (LoRA):
+    # then it is made and dropped, never accumulated.
+    at_head = head * a * (2 if several and head_trained else 1) if head_trained or spec.head == "lm" else 0
+    activations = saved + max(blocks, at_head)
     if several or spec.lora_rank:
         grads = grads_bytes(spec)
     else:
-        head = shape.vocab_size * shape.hidden_size if spec.head == "lm" else shape.hidden_size
         grads = min(grads_bytes(spec), head * a)
     logits = lm_head_backward_workspace(n * work.response_length, shape, a) if spec.head == "lm" else 0
-    # During the step the gradients are fp32: a bf16 role's move to its masters, each bf16
-    # gradient freed as its copy is made (rlhf_engine.algos.precision).
     step = spec.trainable_parameters * 4
     if step > grads + activations + logits:  # the optimizer step is the higher point
         return {"grads": step, "activations": 0, "logits": 0}
