@@ -9,9 +9,9 @@ the published configs of Qwen2.5-0.5B, -1.5B, -7B and Llama-3-8B, written here (
 downloads). Each row's ``ms`` is how long planning the cell took (``plan`` on an 80 GB
 budget); the error is in the JSON (``validation``) and in the table's ``shape`` column.
 
-``python -m rlhf_engine.benchmarks.bench_planner [--quick] [--out FILE.json]``; ``--quick``
-traces the 0.5B cells only. ``--layers N`` traces every shape at ``N`` layers (the real
-widths and vocabulary), as the tests do.
+``python -m rlhf_engine.benchmarks.bench_planner [--quick] [--layers N] [--out FILE.json]``
+traces at full depth unless ``--layers N`` (every shape at ``N`` layers, the real widths
+and vocabulary, as the tests do); ``--quick`` traces the 0.5B cells only.
 """
 
 from __future__ import annotations
@@ -108,8 +108,11 @@ def validate(cell: Cell, layers: int | None = None) -> list[dict]:
     return rows
 
 
-def run(device: torch.device, quick: bool, layers: int | None = None, out_rows: list | None = None) -> list[Result]:
-    """One Result per cell and phase: ``ms`` = planning time of the cell (80 GB budget)."""
+def run(device: torch.device, quick: bool, layers: int | None = 2, out_rows: list | None = None) -> list[Result]:
+    """One Result per cell and phase: ``ms`` = planning time of the cell (80 GB budget).
+    Under ``rlhf-engine bench`` the cells are traced at two layers (the full-depth table takes
+    minutes a cell: run this module with no ``--layers`` for it). The planner runs on the
+    CPU whatever ``device`` is."""
     from rlhf_engine.memory.estimate import Workload
     from rlhf_engine.memory.plan import GPU_MEMORY, plan
 

@@ -11,4 +11,4 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/pytest-gpu.log" | tail -n 30
 python3 -m pytest -q -x -m "not gpu" tests 2>&1 | tee "$out/pytest-all.log" | tail -n 15
-rlhf-engine bench --out "$out" 2>&1 | tee "$out/bench.log"
+rlhf-engine bench --out "$out" --only advantages fused_linear logprobs policy_loss train_step 2>&1 | tee "$out/bench.log"
