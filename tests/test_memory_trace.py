@@ -53,9 +53,9 @@ def test_the_headline_configurations_are_planned_to_fit_one_80gb_gpu():
         assert all(p.peak_bytes <= chosen.usable_bytes for p in chosen.phases.values())
 
 
-def test_tracer_on_real_tensors_matches_memtracker_of_a_real_step():
-    """A tiny model's update traced under fake mode peaks where MemTracker puts the same step
-    run on real CPU tensors (the fake trace is the real computation without storage)."""
+def test_tracer_and_estimate_match_memtracker_of_a_real_step_on_real_tensors():
+    """A tiny model's update traced under fake mode, and the estimate, against MemTracker's
+    measured peak of the same step run on real CPU tensors."""
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import LlamaConfig
 
@@ -95,6 +95,8 @@ def test_tracer_on_real_tensors_matches_memtracker_of_a_real_step():
     # The torch backend's CPU chunks are visible to the real trace; the fake one adds the declared
     # workspace instead. Both are small against the weights and optimizer state here.
     assert abs(traced.tracked - real) <= 0.15 * real, (traced, real)
+    predicted = estimate({"policy": spec}, work)["update_policy"].peak_bytes
+    assert abs(predicted - real) <= TOLERANCE * real, (predicted, real)
 
 
 def test_estimate_is_exact_on_weights_and_optimizer_state_of_the_trace():
