@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_engine.memory.estimate import PHASES, RoleSpec, Workload, lm_head_workspace, phase_roles
+from rlhf_engine.memory.estimate import PHASES, RoleSpec, Workload, lm_head_workspace
 
 DEVICE = torch.device("cpu")  # fake tensors on the CPU: no CUDA needed
 
@@ -98,7 +98,7 @@ def _optimizer(model: torch.nn.Module, spec: RoleSpec):
     return optimizer
 
 
-def _tokens(batch: int, length: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _tokens(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.zeros(batch, length, dtype=torch.long, device=DEVICE)
     return ids, torch.ones(batch, length, dtype=torch.bool, device=DEVICE)
 
@@ -119,7 +119,7 @@ def _generate(policy, spec: RoleSpec, work: Workload, fresh) -> None:
 
     shape = spec.shape
     for rows in _splits(work.rollout_batch, work.generate_micro_batch, keep=1):
-        ids, mask = _tokens(rows, work.prompt_length, shape.vocab_size)
+        ids, mask = _tokens(rows, work.prompt_length)
         fresh()
         logits, cache = policy.next_token_logits(ids, mask, torch.zeros_like(ids), None)
         sample_tokens(logits / 1.0, 0, 1.0, None)
@@ -130,14 +130,14 @@ def _generate(policy, spec: RoleSpec, work: Workload, fresh) -> None:
         for layer in range(shape.num_layers):
             cache.update(torch.empty_like(kv), torch.empty_like(kv), layer)
         del kv
-        step_ids, step_mask = _tokens(rows, 1, shape.vocab_size)
+        step_ids, _ = _tokens(rows, 1)
         full_mask = torch.ones(rows, length + 1, dtype=torch.bool, device=DEVICE)
         fresh()
         logits, cache = policy.next_token_logits(step_ids, full_mask, step_ids, cache)
         z = logits / 1.0
         token = sample_tokens(z, 0, 1.0, None)
-        z.gather(1, token[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
-        del logits, cache, z, step_mask
+        logp = z.gather(1, token[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)  # as generate keeps it
+        del logits, cache, z, logp
 
 
 def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh) -> None:
@@ -150,7 +150,7 @@ def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh) -> N
             continue
         model = models[role]
         for rows in _splits(work.rollout_batch, work.score_micro_batch, keep=1):
-            ids, mask = _tokens(rows, length, specs[role].shape.vocab_size)
+            ids, mask = _tokens(rows, length)
             fresh()
             with torch.no_grad():
                 if specs[role].head == "lm":
@@ -158,17 +158,17 @@ def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh) -> N
                     labels = ids[:, start:]
                     ops.fused_linear_logprobs(hidden, model.lm_head_weight, labels, bias=model.lm_head_bias,
                                               return_entropy=role == "policy", backend="triton")  # fmt: skip
+                elif role == "reward_model":
+                    model.rewards(ids, mask)
                 else:
-                    values = model.values(ids, mask)
-                    if role == "reward_model":
-                        values[:, -1]
+                    model.values(ids, mask)
             del ids, mask
     if "reference" in specs and specs["reference"].is_adapter_view:
         from rlhf_engine.models.lora import adapter_disabled
 
         with adapter_disabled(models["policy"]), torch.no_grad():
             for rows in _splits(work.rollout_batch, work.score_micro_batch, keep=1):
-                ids, mask = _tokens(rows, length, specs["policy"].shape.vocab_size)
+                ids, mask = _tokens(rows, length)
                 fresh()
                 hidden = models["policy"].response_hidden(ids, mask, start)
                 ops.fused_linear_logprobs(hidden, models["policy"].lm_head_weight, ids[:, start:], backend="triton")
@@ -181,7 +181,7 @@ def _update(role: str, model, optimizer, spec: RoleSpec, work: Workload, fresh) 
     start = work.prompt_length
     model.train()
     for rows in _splits(work.update_rows, work.update_micro_batch, keep=2):
-        ids, mask = _tokens(rows, length, spec.shape.vocab_size)
+        ids, mask = _tokens(rows, length)
         per_token = torch.zeros(rows, work.response_length, device=DEVICE)
         response_mask = mask[:, start:]
         fresh()
@@ -300,4 +300,4 @@ def _triton_fakes():
         _backend.triton_runs_on = saved
 
 
-__all__ = ["TracedPeak", "trace_phase", "phase_roles"]
+__all__ = ["TracedPeak", "trace_phase"]
