@@ -122,6 +122,7 @@ def run(device: torch.device, quick: bool, layers: int | None = 2, out_rows: lis
         plan(cell_specs(cell), Workload(**WORKLOAD), GPU_MEMORY["h100-80gb"])
         plan_ms = (time.perf_counter() - start) * 1e3
         for row in validate(cell, layers):
+            row["plan_ms"] = plan_ms
             if out_rows is not None:
                 out_rows.append(row)
             shape = f"{cell.name} {row['phase']} err {row['error']:+.1%}"
@@ -136,7 +137,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the 0.5B cells only")
     parser.add_argument("--layers", type=int, help="trace every shape at this many layers")
     parser.add_argument("--out", help="write the validation table as JSON here")
+    parser.add_argument("--markdown", metavar="FILE.json", help="print a JSON written by --out as a markdown table, and exit")
     args = parser.parse_args()
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(format_markdown(json.load(f)["rows"]))
+        return
     rows: list[dict] = []
     run(torch.device("cpu"), args.quick, args.layers, rows)
     print(format_validation(rows))
@@ -146,6 +152,23 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "tolerance": TOLERANCE,
                        "workload": WORKLOAD, "rows": rows}, f, indent=1)  # fmt: skip
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """One line per cell: predicted / traced GiB and the error of each phase."""
+    phases = ["generate", "score", "update_policy", "update_critic"]
+    by_cell: dict[str, dict] = {}
+    for r in rows:
+        by_cell.setdefault(r["cell"], {})[r["phase"]] = r
+    lines = ["| cell | layers | " + " | ".join(phases) + " |", "|---|---|" + "---|" * len(phases)]
+    for cell, per_phase in by_cell.items():
+        cells = [
+            f"{r['predicted_bytes'] / 2**30:.2f} / {r['traced_bytes'] / 2**30:.2f} ({r['error']:+.1%})" if (r := per_phase.get(p)) else "-"
+            for p in phases
+        ]
+        layers = next(iter(per_phase.values()))["layers"]
+        lines.append(f"| {cell} | {layers} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_validation(rows: list[dict]) -> str:
