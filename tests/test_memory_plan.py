@@ -492,3 +492,18 @@ def test_a_swap_schedule_is_accepted_by_the_executor():
     specs, _, result = swap_case()
     assert "swap" in result.residency["reference"].values()
     check_schedule(result.schedule(), specs, ["policy"])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
+def test_fields_a_config_leaves_out_take_transformers_class_defaults(model_type):
+    # A config.json without num_key_value_heads / head_dim / tie_word_embeddings: transformers fills
+    # them from its config class (Mistral: 8 KV heads, Qwen2: 32, Qwen3: head_dim 128), and so must we.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {"hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100}
+    shape = ModelShape.from_config({"model_type": model_type, **sizes})
+    config = AutoConfig.for_model(model_type, **sizes)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert shape.num_kv_heads == config.num_key_value_heads
+    assert shape.parameters("lm") == sum(p.numel() for p in model.parameters())

@@ -70,6 +70,7 @@ class ModelShape:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{source}: field {name!r} must be a positive int, got {value!r}")
         heads = values["num_attention_heads"]
+        values = {**_class_defaults(model_type, values), **{k: v for k, v in values.items() if v is not None}}
         kv_heads = values.get("num_key_value_heads") or heads
         head_dim = values.get("head_dim") or values["hidden_size"] // heads
         for name, value in (("num_key_value_heads", kv_heads), ("head_dim", head_dim)):
@@ -135,6 +136,20 @@ class ModelShape:
         """KV-cache bytes one token holds: keys and values of every layer, ``2·L·kv_heads·d``
         elements."""
         return 2 * self.num_layers * self.kv_size * element_bytes
+
+
+def _class_defaults(model_type: str, values: dict) -> dict:
+    """The optional fields a ``config.json`` may leave out, as transformers' config class of
+    ``model_type`` fills them in (they differ: Mistral's default is 8 KV heads, Qwen2's 32,
+    Qwen3's head_dim 128)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(model_type, **{name: values[name] for name in _REQUIRED})
+    except Exception:  # noqa: BLE001 -- the class rejects these sizes (its own error types): our checks say why
+        return {}
+    optional = ("num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias")
+    return {name: getattr(config, name) for name in optional if getattr(config, name, None) is not None}
 
 
 def _config_values(config: Any, source: str | None) -> tuple[dict, str]:
