@@ -36,6 +36,7 @@ from rlhf_engine.algos.dpo import DPOConfig, DPOTrainer
 from rlhf_engine.algos.grpo import grpo_preset
 from rlhf_engine.algos.loop import run_steps
 from rlhf_engine.algos.ppo import PPO_DEFAULTS
+from rlhf_engine.algos.precision import parse_dtype
 from rlhf_engine.algos.reinforce_pp import REINFORCE_PP_DEFAULTS
 from rlhf_engine.algos.reward_model import RewardModelConfig, RewardModelTrainer
 from rlhf_engine.algos.rl import RLConfig, RLTrainer
@@ -132,12 +133,14 @@ def _first_record(path) -> dict:
     return {}
 
 
-def load_policy(model: str, vocab_size: int, tokenizer, seed: int, device: str) -> PolicyModel:
+def load_policy(model: str, vocab_size: int, tokenizer, seed: int, device: str, dtype: torch.dtype = torch.float32) -> PolicyModel:
+    """The policy in ``dtype`` on ``device`` (a folder is read in ``dtype``: a bf16 run never
+    holds an fp32 copy)."""
     if model in MODEL_SIZES:
         config = llama_config(model, vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-        return PolicyModel.from_config(config, seed=seed).to(device)
-    return PolicyModel.from_pretrained(model).to(device)
+        return PolicyModel.from_config(config, seed=seed).to(device=device, dtype=dtype)
+    return PolicyModel.from_pretrained(model, dtype=dtype).to(device)
 
 
 def _answer_reward(tokenizer, answers: dict[tuple[int, ...], str]):
@@ -149,7 +152,8 @@ def _answer_reward(tokenizer, answers: dict[tuple[int, ...], str]):
     return reward
 
 
-def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokenizer, reward_model_path: str | None, placement=None):
+def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokenizer, reward_model_path: str | None, placement=None,
+                  device: torch.device | None = None):  # fmt: skip
     pad = tokenizer.pad_token_id
     if algo == "sft":
         return SFTTrainer(policy, records, config, pad_id=pad)
@@ -164,7 +168,8 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
 
     scoring: dict[str, Any] = {}
     if reward_model_path is not None:
-        scoring["reward_model"] = ScalarHeadModel.load(reward_model_path).to(model_device(policy))
+        frozen = parse_dtype(getattr(config, "frozen_dtype", None) or getattr(config, "dtype", "fp32"))
+        scoring["reward_model"] = ScalarHeadModel.load(reward_model_path, dtype=frozen).to(model_device(policy))
     elif all(r["answer"] is not None for r in records) and algo != "ppo":
         scoring["reward_fn"] = _answer_reward(tokenizer, {tuple(r["prompt"]): r["answer"] for r in records})
     else:
@@ -172,10 +177,21 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
     if algo == "ppo":
         scoring["critic"] = copy.deepcopy(scoring["reward_model"])
     reference = None if config.lora_rank else copy.deepcopy(policy)  # LoRA: the adapter-disabled policy
+    if placement is not None and placement.bytes_moved_per_step:
+        _place_for_first_phase(placement, device, policy=policy, reference=reference, **scoring)
     return RLTrainer(
         config, policy=policy, reference=reference, prompts=sample_prompts, pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id, placement=placement, **scoring,
     )  # fmt: skip
+
+
+def _place_for_first_phase(placement, device: torch.device, **roles) -> None:
+    """Models built on the CPU go to ``device`` when the plan has them there in ``generate``;
+    the others stay on the CPU, where the executor takes them as offloaded. (Building every
+    model on the GPU first could need more memory than the plan allows.)"""
+    for role, model in roles.items():
+        if isinstance(model, torch.nn.Module) and placement.residency.get(role, {}).get("generate") == "device":
+            model.to(device)
 
 
 def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_model_path: str | None, device: torch.device,
@@ -265,8 +281,11 @@ def run_train(
     mode = plan or ("auto" if device.type == "cuda" and algo in (*RL_PRESETS, "grpo") else "off")
     config, placement = plan_run(algo, config, model, tokenizer, records, reward_model_path, device, mode, gpu_memory)
     torch.manual_seed(config.seed)
-    policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, device)
-    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement)
+    # A plan that offloads builds every model on the CPU; each goes where the plan puts it.
+    build_on = torch.device("cpu") if placement is not None and placement.bytes_moved_per_step else device
+    dtype = parse_dtype(config.dtype) if algo in (*RL_PRESETS, "grpo") else torch.float32
+    policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, build_on, dtype)
+    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if resume:

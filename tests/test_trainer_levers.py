@@ -295,3 +295,18 @@ def test_run_train_on_cuda_refuses_before_loading_the_policy(tmp_path, monkeypat
         train.run_train("grpo", "tiny", data, tmp_path / "out", config_path=tmp_path / "run.yaml", device="cuda",
                         gpu_memory=budget, quiet=True)  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_models_of_an_offloading_plan_start_where_its_first_phase_puts_them():
+    # train.run_train builds every model on the CPU when the plan offloads; only the roles the plan
+    # has on the device in `generate` go there (meta stands in for the GPU: nothing is computed).
+    from types import SimpleNamespace
+
+    from rlhf_engine.train import _place_for_first_phase
+
+    models = {role: torch.nn.Linear(2, 2) for role in ("policy", "reference", "critic", "reward_model")}
+    residency = {"policy": {"generate": "device"}, "reference": {"generate": "swap"}, "critic": {"generate": "device"},
+                 "reward_model": {"generate": "offload"}}  # fmt: skip
+    _place_for_first_phase(SimpleNamespace(residency=residency), torch.device("meta"), **models, reward_fn=None)
+    assert {role: m.weight.device.type for role, m in models.items()} == {
+        "policy": "meta", "reference": "cpu", "critic": "meta", "reward_model": "cpu"}
