@@ -37,6 +37,7 @@ from rlhf_engine.algos.grpo import grpo_preset
 from rlhf_engine.algos.loop import run_steps
 from rlhf_engine.algos.ppo import PPO_DEFAULTS
 from rlhf_engine.algos.precision import parse_dtype
+from rlhf_engine.memory.run_specs import RL_ALGOS
 from rlhf_engine.algos.reinforce_pp import REINFORCE_PP_DEFAULTS
 from rlhf_engine.algos.reward_model import RewardModelConfig, RewardModelTrainer
 from rlhf_engine.algos.rl import RLConfig, RLTrainer
@@ -168,7 +169,7 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
 
     scoring: dict[str, Any] = {}
     if reward_model_path is not None:
-        frozen = parse_dtype(getattr(config, "frozen_dtype", None) or getattr(config, "dtype", "fp32"))
+        frozen = parse_dtype(config.frozen_dtype or config.dtype)
         scoring["reward_model"] = ScalarHeadModel.load(reward_model_path, dtype=frozen).to(model_device(policy))
     elif all(r["answer"] is not None for r in records) and algo != "ppo":
         scoring["reward_fn"] = _answer_reward(tokenizer, {tuple(r["prompt"]): r["answer"] for r in records})
@@ -207,7 +208,7 @@ def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_mod
     """
     from rlhf_engine.memory.plan import parse_memory, plan
     from rlhf_engine.memory.report import format_plan
-    from rlhf_engine.memory.run_specs import RL_ALGOS, plan_options, role_specs, workload
+    from rlhf_engine.memory.run_specs import plan_options, role_specs, workload
 
     if mode not in ("auto", "off"):
         raise ValueError(f"--plan must be 'auto' or 'off', got {mode!r}")
@@ -278,12 +279,12 @@ def run_train(
     config = load_config(algo, config_path)
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
-    mode = plan or ("auto" if device.type == "cuda" and algo in (*RL_PRESETS, "grpo") else "off")
+    mode = plan or ("auto" if device.type == "cuda" and algo in RL_ALGOS else "off")
     config, placement = plan_run(algo, config, model, tokenizer, records, reward_model_path, device, mode, gpu_memory)
     torch.manual_seed(config.seed)
     # A plan that offloads builds every model on the CPU; each goes where the plan puts it.
     build_on = torch.device("cpu") if placement is not None and placement.bytes_moved_per_step else device
-    dtype = parse_dtype(config.dtype) if algo in (*RL_PRESETS, "grpo") else torch.float32
+    dtype = parse_dtype(config.dtype) if algo in RL_ALGOS else torch.float32
     policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, build_on, dtype)
     trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement, device)
     out = Path(out)

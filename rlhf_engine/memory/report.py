@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from rlhf_engine.memory.estimate import KINDS
-from rlhf_engine.memory.plan import CUDA_CONTEXT_BYTES, Plan
-
-GIB = 1 << 30
+from rlhf_engine.memory.plan import CUDA_CONTEXT_BYTES, GIB, Plan
 
 
 def gib(n: int) -> str:
