@@ -76,7 +76,7 @@ def _(logp, old_logp, advantages, mask, cu_seqlens, *args):
 
 
 # Positions in the op's 22 arguments (the signature of _policy_loss_forward)
-_MASK, _CU, _ENTROPY_COEF, _SEQ_LEN, _BACKEND = 3, 4, 17, 20, 21
+_MASK, _CU, _ENTROPY, _ENTROPY_COEF, _SEQ_LEN, _BACKEND = 3, 4, 6, 17, 20, 21
 
 
 class _PolicyLoss(torch.autograd.Function):
@@ -167,6 +167,28 @@ def policy_loss(
         ``delta^2/2``), ``ratio_mean``, ``ratio_min``, ``ratio_max`` (masked over valid
         tokens; 0 when none), plus ``kl`` / ``entropy`` when given.
     """
+    op_args = policy_loss_args(
+        logp, old_logp, advantages, mask, loss=loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        delta=delta, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy=entropy,
+        entropy_coef=entropy_coef, is_weights=is_weights, aggregation=aggregation, normalizer=normalizer,
+        cu_seqlens=cu_seqlens, backend=backend,
+    )  # fmt: skip
+    total, metrics = _PolicyLoss.apply(op_args[0], op_args[_ENTROPY], op_args)
+    values = dict(zip(METRICS, metrics.unbind(0)))
+    if ref_logp is None:
+        del values["kl"]
+    if entropy is None:
+        del values["entropy"]
+    return total, values
+
+
+def policy_loss_args(
+    logp, old_logp, advantages, mask, *, loss, clip_low, clip_high, dual_clip, delta, ref_logp, kl_coef, kl_estimator,
+    kl_clamp, entropy, entropy_coef, is_weights, aggregation, normalizer, cu_seqlens, backend,
+) -> tuple:
+    """Validate :func:`policy_loss`'s arguments -> the 22 arguments of
+    ``rlhf_engine::policy_loss_fwd`` (dense tensors, the layout's ``cu_seqlens`` and
+    ``seq_len``, the resolved backend). Raises what :func:`policy_loss` documents."""
     _checks.check_tensor(OP, "logp", logp)
     layout = token_layout(OP, "logp", logp, cu_seqlens)
     _checks.check_tensor(OP, "old_logp", old_logp)
@@ -197,14 +219,8 @@ def policy_loss(
     norm_tensor, norm_const = normalizer_args(OP, normalizer, logp.device)
     chosen = resolve_backend(OP, backend, logp.device)
     logp, entropy = dense(logp), dense(entropy)
-    total, metrics = _PolicyLoss.apply(logp, entropy, (
+    return (
         logp, dense(old_logp), adv, dense(mask), layout.cu_seqlens, dense(ref_logp), entropy, isw, norm_tensor, loss,
         clip_low, clip_high, dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, aggregation, norm_const,
         layout.seq_len, chosen,
-    ))
-    values = dict(zip(METRICS, metrics.unbind(0)))
-    if ref_logp is None:
-        del values["kl"]
-    if entropy is None:
-        del values["entropy"]
-    return total, values
+    )
