@@ -108,6 +108,19 @@ class SamplingConfig:
         top_p: keep the smallest set of most likely tokens whose probability reaches
             ``top_p`` (nucleus sampling, Holtzman et al. 2020), in ``(0, 1]`` (1: off).
         eos_token_id: a row stops after sampling it. pad_token_id: fills rows that stopped.
+        drop_finished_rows: once at least half the rows in the batch have stopped, stop
+            computing them (their KV cache rows are dropped). Same random draws per row, so
+            the same samples; the smaller matmuls may round logits differently in the last
+            bit (logprobs equal to ~1e-6; a token changes only if its uniform falls that
+            close to a CDF boundary). False: bitwise what the full batch computes.
+        static_cache: preallocate a ``transformers.StaticCache`` of ``prompt + max_new_tokens``
+            positions instead of growing a ``DynamicCache`` by concatenation each step. The
+            batch keeps its shape to the end (``drop_finished_rows`` does not apply), which
+            is what a compiled or CUDA-graphed decode step needs.
+        compile_decode: run the one-token decode step through ``torch.compile``
+            (``mode="reduce-overhead"``, CUDA graphs, on CUDA; default mode elsewhere).
+            Needs ``static_cache``. The compiled step and its cache are kept per policy and
+            reused by later calls of the same batch size and length.
     """
 
     max_new_tokens: int = 16
@@ -116,8 +129,16 @@ class SamplingConfig:
     top_p: float = 1.0
     eos_token_id: int = 2
     pad_token_id: int = 0
+    drop_finished_rows: bool = True
+    static_cache: bool = False
+    compile_decode: bool = False
 
     def __post_init__(self):
+        for name in ("drop_finished_rows", "static_cache", "compile_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SamplingConfig: {name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if self.compile_decode and not self.static_cache:
+            raise ValueError("SamplingConfig: compile_decode=True needs static_cache=True (a compiled step needs fixed shapes)")
         for name, low in (("max_new_tokens", 1), ("top_k", 0), ("eos_token_id", 0), ("pad_token_id", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
