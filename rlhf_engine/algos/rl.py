@@ -7,6 +7,8 @@ at the boundaries and every model is reachable by role (``roles``):
    (KV-cached sampling; fp32 sampling logprobs kept for the rollout/training gap metric).
 2. ``score``: recompute the policy's logprobs (the ``old`` logprobs of the ratio), the
    reference logprobs, the critic's values, and the scores (reward model or function).
+   An on-policy update (one epoch, one minibatch of the whole rollout) skips the policy's
+   pass: its old logprobs are its own detached ones (``RLConfig.old_logprob_pass``).
 3. ``update_policy``: advantages, then ``epochs`` passes of minibatches of the clipped
    policy loss computed from hidden states by ``ops.fused_linear_policy_loss``.
 4. ``update_critic`` (PPO only): clipped value loss on the GAE returns.
@@ -106,6 +108,9 @@ class RLConfig:
     lora_alpha: float = 16.0
     policy_gradient_checkpointing: bool = False
     critic_gradient_checkpointing: bool = False
+    # Whether score runs the policy's no-grad pass for the old logprobs; None: only when the
+    # update needs it (see `old_logprob_pass`). True forces it (e.g. to compare the two paths).
+    recompute_old_logprobs: Optional[bool] = None
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatch_size", "kl_horizon"):
@@ -141,6 +146,40 @@ class RLConfig:
         check_field(self, "lora_alpha", self.lora_alpha > 0, "> 0")
         if self.advantage in GROUP_ESTIMATORS and self.group_size < 2 and self.preset == "trl":
             check_field(self, "group_size", False, ">= 2 for group advantages under preset 'trl' (a singleton group gets advantage 0)")
+        check_field(self, "recompute_old_logprobs", self.recompute_old_logprobs is None or isinstance(self.recompute_old_logprobs, bool),
+                    "true, false or null (auto)")  # fmt: skip
+        if self.recompute_old_logprobs is False:
+            check_field(self, "recompute_old_logprobs", self.on_policy_update and not self.reward_kl,
+                        "true or null unless the update is on-policy (epochs 1 and minibatch_size >= prompts_per_step * "
+                        "group_size) and no KL is in the reward (kl_in_reward false or kl_coef 0)")  # fmt: skip
+
+    @property
+    def on_policy_update(self) -> bool:
+        """One epoch and one minibatch holding the whole rollout: one optimizer step per rollout,
+        taken from the very policy that sampled it, so the ratio's old logprobs are the current
+        ones detached (TRL's ``num_iterations=1`` with one optimizer step per generation)."""
+        return self.epochs == 1 and self.minibatch_size >= self.prompts_per_step * self.group_size
+
+    @property
+    def reward_kl(self) -> bool:
+        """Whether the reward can carry a KL penalty (``kl_in_reward`` and a non-zero β; an
+        adaptive β that starts at 0 stays 0). It needs the old logprobs at scoring time,
+        before the update has run."""
+        return self.kl_in_reward and self.kl_coef > 0
+
+    @property
+    def old_logprob_pass(self) -> bool:
+        """Whether ``score`` runs the policy's no-grad pass for the old logprobs:
+        ``recompute_old_logprobs`` when set, else unless the update is on-policy with no KL in
+        the reward. TRL's rule (1.16, ``GRPOTrainer._generate_and_score_completions``): the
+        old logprobs are computed only when ``gradient_accumulation_steps % (steps_per_generation
+        * num_iterations) != 0``, else ``_compute_loss`` takes ``per_token_logps.detach()``; its
+        GRPO has the KL in the loss only, and its ``RLOOTrainer``, whose KL is in the reward,
+        always computes them before the rewards. Without the pass, ``update_policy`` fills
+        ``old_logprobs`` from its own forward (for the KL metric and the controller)."""
+        if self.recompute_old_logprobs is not None:
+            return self.recompute_old_logprobs
+        return not self.on_policy_update or self.reward_kl
 
 
 class RLTrainer:
@@ -231,13 +270,16 @@ class RLTrainer:
         return sample_responses(self.policy, prompts, cfg.group_size, self.sampling, generator, cfg.generate_micro_batch_size)
 
     def score(self, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
-        """Phase 2: old and reference logprobs, values, scores (and gold when known)."""
+        """Phase 2: old (unless ``config.old_logprob_pass`` is False) and reference logprobs,
+        values, scores (and gold when known)."""
         swap = self.placement.swaps_reference
         for model in self.roles.values():
             model.eval()
+        # Without the policy's pass (an on-policy update) update_policy fills old_logprobs.
+        policy = self.policy if self.config.old_logprob_pass else None
         with torch.no_grad():
             rollout, metrics = score_rollout(
-                rollout, temperature=self.config.temperature, policy=self.policy, reference=None if swap else self.reference,
+                rollout, temperature=self.config.temperature, policy=policy, reference=None if swap else self.reference,
                 critic=self.critic, reward_model=self.reward_model, reward_fn=self.reward_fn,
                 micro_batch_size=self.config.score_micro_batch_size,
             )  # fmt: skip
@@ -254,8 +296,11 @@ class RLTrainer:
     def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Advantages (``[B, R]`` per token, or ``[B]`` per sequence) and, for GAE, returns."""
         cfg, mask = self.config, rollout.response_mask
-        token_kl = (rollout.old_logprobs - rollout.ref_logprobs) * mask  # k1, the reward-side KL
         beta = self.kl.value if cfg.kl_in_reward else 0.0
+        if beta and rollout.old_logprobs is None:
+            raise ValueError("RLTrainer.advantages: the KL in the reward needs rollout.old_logprobs (from score)")
+        # k1, the reward-side KL; β = 0 needs no old logprobs (score may have skipped them).
+        token_kl = (rollout.old_logprobs - rollout.ref_logprobs) * mask if beta else torch.zeros_like(rollout.logprobs)
         if cfg.advantage in TOKEN_ESTIMATORS:
             rewards = -beta * token_kl
             last = (rollout.response_lengths - 1).clamp(min=0)
@@ -274,22 +319,41 @@ class RLTrainer:
 
     def update_policy(self, rollout: Rollout, advantages: torch.Tensor, step: int) -> dict[str, float]:
         """Phase 3: ``epochs`` x minibatches of the fused clipped policy loss, each minibatch one
-        optimizer step on the gradients accumulated over its micro-batches."""
+        optimizer step on the gradients accumulated over its micro-batches.
+
+        On-policy (``rollout.old_logprobs`` None: score skipped the policy's pass, see
+        ``RLConfig.old_logprob_pass``): the old logprobs are the update's own, detached
+        (``old_logp=None``: ratio ``exp(lp - sg(lp)) = 1`` with the gradient of ``lp``), valid for
+        one epoch with one minibatch only (its micro-batches all see the policy before the step).
+        Those detached logprobs then fill ``rollout.old_logprobs`` in place (fp32 ``[B, R]``, 0
+        where masked), as score would have, and ``logprob_gap_max`` (max ``|lp - logprobs|``
+        against the sampling logprobs) is logged from them."""
         cfg, start = self.config, rollout.response_start
+        rows = rollout.response_ids.shape[0]
+        on_policy = rollout.old_logprobs is None
+        if on_policy and not (cfg.epochs == 1 and cfg.minibatch_size >= rows):
+            raise ValueError(
+                f"RLTrainer.update_policy: rollout.old_logprobs is None (on-policy), which holds for one epoch with one "
+                f"minibatch only; got epochs={cfg.epochs}, minibatch_size={cfg.minibatch_size} for {rows} rows "
+                "(score the rollout with recompute_old_logprobs true or null)"
+            )  # fmt: skip
         kl_in_loss = not cfg.kl_in_reward and self.kl.value > 0
         self.policy.train()
         sums: dict[str, torch.Tensor] = {}  # summed on the device: one host sync per phase, not per minibatch
         count = 0
+        if on_policy:
+            own_logprobs = torch.zeros_like(rollout.logprobs)
+            gap = rollout.logprobs.new_zeros(())
         generator = step_generator(cfg.seed, step, "minibatches")
         for _ in range(cfg.epochs):
-            for index in minibatch_indices(rollout.response_ids.shape[0], cfg.minibatch_size, generator, rollout.response_ids.device):
+            for index in minibatch_indices(rows, cfg.minibatch_size, generator, rollout.response_ids.device):
                 normalizer = self._loss_normalizer(rollout.response_mask[index])
                 tokens = rollout.response_mask[index].sum().clamp(min=1)
                 minibatch: dict[str, torch.Tensor] = {}
                 for micro in self._micro_batches(index):
                     mb = rollout.select(micro)
                     hidden = self.policy.response_hidden(mb.input_ids, mb.attention_mask, start)
-                    loss, metrics, _, entropy = ops.fused_linear_policy_loss(
+                    loss, metrics, logp, entropy = ops.fused_linear_policy_loss(
                         hidden, self.policy.lm_head_weight, mb.response_ids, mb.old_logprobs, advantages[micro],
                         mb.response_mask, bias=self.policy.lm_head_bias, temperature=cfg.temperature,
                         return_logprobs=True, loss=cfg.loss, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
@@ -298,6 +362,9 @@ class RLTrainer:
                         entropy_coef=cfg.entropy_coef, aggregation=cfg.aggregation, normalizer=normalizer,
                     )  # fmt: skip
                     loss.backward()
+                    if on_policy:
+                        own_logprobs[micro] = torch.where(mb.response_mask, logp, 0.0)
+                        gap = torch.maximum(gap, ((logp - mb.logprobs).abs() * mb.response_mask).max())
                     # Under the minibatch's normalizer the micro-batch losses add up to the minibatch
                     # loss. The metrics are means over the micro-batch's tokens: weighted by its share
                     # of the minibatch's tokens they add up to the minibatch means (the share of a
@@ -309,7 +376,11 @@ class RLTrainer:
                 grad_norm = clip_and_step(self.optimizer, cfg.grad_clip)
                 _accumulate(sums, {"policy_loss": minibatch.pop("policy_loss"), "grad_norm": grad_norm, **minibatch})
                 count += 1
-        return {k: float(v) / count for k, v in sums.items()}
+        out = {k: float(v) / count for k, v in sums.items()}
+        if on_policy:
+            rollout.old_logprobs = own_logprobs
+            out["logprob_gap_max"] = float(gap)
+        return out
 
     def _loss_normalizer(self, mask: torch.Tensor):
         """The denominator of ``config.aggregation`` over a whole minibatch (``mask`` ``[b, R]``),

@@ -106,7 +106,13 @@ class Workload:
     """One RL step's sizes. ``rollout_batch = prompts_per_step · group_size`` sequences of
     ``prompt_length + response_length`` tokens; the update runs minibatches of
     ``minibatch_size`` sequences; each phase runs its passes over micro-batches of the given
-    number of sequences (None: the whole batch / minibatch at once)."""
+    number of sequences (None: the whole batch / minibatch at once).
+
+    ``score_policy_pass``: whether score runs the policy's no-grad pass for the old logprobs
+    (False: an on-policy update takes them from its own forward, ``RLConfig.old_logprob_pass``).
+    Without it the policy still has its weights on the GPU in score (update_policy follows,
+    so an offload there would be a prefetch that lowers no peak) but no pass of its own,
+    unless it is the reference of a LoRA run (the adapter-disabled pass)."""
 
     prompts_per_step: int
     group_size: int
@@ -116,6 +122,7 @@ class Workload:
     generate_micro_batch: int | None = None
     score_micro_batch: int | None = None
     update_micro_batch: int | None = None
+    score_policy_pass: bool = True
 
     def __post_init__(self):
         for name in ("prompts_per_step", "group_size", "prompt_length", "response_length", "minibatch_size"):
@@ -126,6 +133,8 @@ class Workload:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"Workload.{name} must be an int >= 1 or None, got {value!r}")
+        if not isinstance(self.score_policy_pass, bool):
+            raise ValueError(f"Workload.score_policy_pass must be a bool, got {self.score_policy_pass!r}")
         # Normalize: None means the whole batch.
         object.__setattr__(self, "generate_micro_batch", min(self.generate_micro_batch or self.rollout_batch, self.rollout_batch))
         object.__setattr__(self, "score_micro_batch", min(self.score_micro_batch or self.rollout_batch, self.rollout_batch))
@@ -352,7 +361,8 @@ def estimate(
                 if phase == "generate":
                     kinds.update(generate_bytes(spec, work))
                 elif phase == "score":
-                    kinds.update(score_bytes(spec, work, role))
+                    if role != "policy" or _policy_passes_in_score(specs, work):
+                        kinds.update(score_bytes(spec, work, role))
                 else:
                     kinds.update(update_bytes(spec, work))
             if shard > 1:
@@ -363,6 +373,13 @@ def estimate(
             _score_one_pass_at_a_time(result, specs)
         out[phase] = result
     return out
+
+
+def _policy_passes_in_score(specs: dict[str, RoleSpec], work: Workload) -> bool:
+    """Whether score runs a pass on the policy: for its old logprobs, or as the reference of a
+    LoRA policy (whose adapter-disabled pass the policy's row counts)."""
+    reference = specs.get("reference")
+    return work.score_policy_pass or (reference is not None and reference.is_adapter_view)
 
 
 def _score_one_pass_at_a_time(result: PhaseEstimate, specs: dict[str, RoleSpec]) -> None:

@@ -49,13 +49,14 @@ def role_specs(algo: str, config, policy_config: Any, reward_config: Any | None 
 
 def workload(config, prompt_length: int) -> Workload:
     """The step's sizes from an ``RLConfig``: ``prompts_per_step · group_size`` sequences of
-    ``prompt_length + max_new_tokens`` tokens, minibatches of ``minibatch_size``, and the
-    micro-batches the config fixes (None: the planner chooses)."""
+    ``prompt_length + max_new_tokens`` tokens, minibatches of ``minibatch_size``, the
+    micro-batches the config fixes (None: the planner chooses), and whether score runs the
+    policy's pass (``config.old_logprob_pass``: not for an on-policy update)."""
     return Workload(
         prompts_per_step=config.prompts_per_step, group_size=config.group_size, prompt_length=prompt_length,
         response_length=config.max_new_tokens, minibatch_size=config.minibatch_size,
         generate_micro_batch=config.generate_micro_batch_size, score_micro_batch=config.score_micro_batch_size,
-        update_micro_batch=config.micro_batch_size,
+        update_micro_batch=config.micro_batch_size, score_policy_pass=config.old_logprob_pass,
     )  # fmt: skip
 
 

@@ -119,7 +119,7 @@ class _PolicyLoss(torch.autograd.Function):
 
 
 def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, loss: str = "ppo",
+    logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor, *, loss: str = "ppo",
     clip_low: float = 0.2, clip_high: float | None = None, dual_clip: float | None = None, delta: float | None = None,
     ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3", kl_clamp: bool = False,
     entropy: torch.Tensor | None = None, entropy_coef: float = 0.0, is_weights: torch.Tensor | None = None,
@@ -133,6 +133,11 @@ def policy_loss(
     shape of ``logp``; ``advantages`` and ``is_weights`` have it too (per token) or are
     ``[S]`` (per sequence, broadcast over its tokens; when packed with ``N == S`` the
     per-token reading wins). Any float dtype; computed and returned in fp32.
+
+    ``old_logp=None`` means on-policy: the samples come from the very policy being
+    updated (one epoch, one optimizer step per rollout; TRL's ``num_iterations=1``), so
+    ``old_logp = sg(logp)``: ``delta = 0``, ``r = 1`` with the gradient of ``logp``,
+    without a second forward to compute the old logprobs.
 
     Per-token loss ``l`` (``delta = lp - old``, ``r = exp(clamp(delta, -20, 20))``; details
     and papers in ``rlhf_engine/reference/policy_loss.py``):
@@ -167,6 +172,10 @@ def policy_loss(
         ``delta^2/2``), ``ratio_mean``, ``ratio_min``, ``ratio_max`` (masked over valid
         tokens; 0 when none), plus ``kl`` / ``entropy`` when given.
     """
+    if old_logp is None:
+        old_logp = logp.detach()
+    elif not isinstance(old_logp, torch.Tensor):
+        raise TypeError(f"{OP}: old_logp must be a torch.Tensor or None (on-policy), got {type(old_logp).__name__}")
     op_args = policy_loss_args(
         logp, old_logp, advantages, mask, loss=loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         delta=delta, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy=entropy,
@@ -188,9 +197,14 @@ def policy_loss_args(
 ) -> tuple:
     """Validate :func:`policy_loss`'s arguments -> the 22 arguments of
     ``rlhf_engine::policy_loss_fwd`` (dense tensors, the layout's ``cu_seqlens`` and
-    ``seq_len``, the resolved backend). Raises what :func:`policy_loss` documents."""
+    ``seq_len``, the resolved backend). Raises what :func:`policy_loss` documents.
+    ``old_logp`` must be a tensor here: :func:`policy_loss` resolves its on-policy ``None``
+    to ``logp.detach()`` first, which a caller validating against a stand-in for ``logp``
+    cannot do."""
     _checks.check_tensor(OP, "logp", logp)
     layout = token_layout(OP, "logp", logp, cu_seqlens)
+    if old_logp is None:
+        raise TypeError(f"{OP}: old_logp=None (on-policy) must be resolved to the real logp.detach() before policy_loss_args")
     _checks.check_tensor(OP, "old_logp", old_logp)
     _checks.check_tensor(OP, "mask", mask, _checks.MASK_DTYPES)
     _checks.check_optional_tensor(OP, "ref_logp", ref_logp)
