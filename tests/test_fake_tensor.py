@@ -367,7 +367,10 @@ def test_mem_tracker_traces_a_real_size_fused_policy_loss_step():
     fp32_logits = n * v * 4
     total = peak[torch.device("cpu")]["Total"]
     assert total >= input_bytes + grad_bytes  # the gradients exist at the end, beside the inputs
-    assert total - input_bytes - grad_bytes < fp32_logits // 4
+    # The one-pass path sums d weight over token chunks in fp32 ([V, H] fp32, rounded once
+    # to bf16 at the end) and a 16 MiB CPU chunk of logits at most: here 2.5 of the 5 GB
+    # of fp32 logits.
+    assert total - input_bytes - grad_bytes <= v * h * 4 + 2 * (16 << 20) < fp32_logits
 
 
 def test_fake_batches_beyond_one_cpu_pass_run_in_one_pass():

@@ -112,7 +112,11 @@ class Workload:
     (False: an on-policy update takes them from its own forward, ``RLConfig.old_logprob_pass``).
     Without it the policy still has its weights on the GPU in score (update_policy follows,
     so an offload there would be a prefetch that lowers no peak) but no pass of its own,
-    unless it is the reference of a LoRA run (the adapter-disabled pass)."""
+    unless it is the reference of a LoRA run (the adapter-disabled pass).
+
+    ``lm_head_one_pass``: whether the policy loss makes the lm_head's gradients in its
+    forward (every loss but GSPO, ``rlhf_engine/ops/_lm_head_loss_grad.py``) or recomputes
+    the logits in the backward (GSPO)."""
 
     prompts_per_step: int
     group_size: int
@@ -123,6 +127,7 @@ class Workload:
     score_micro_batch: int | None = None
     update_micro_batch: int | None = None
     score_policy_pass: bool = True
+    lm_head_one_pass: bool = True
 
     def __post_init__(self):
         for name in ("prompts_per_step", "group_size", "prompt_length", "response_length", "minibatch_size"):
@@ -133,8 +138,9 @@ class Workload:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"Workload.{name} must be an int >= 1 or None, got {value!r}")
-        if not isinstance(self.score_policy_pass, bool):
-            raise ValueError(f"Workload.score_policy_pass must be a bool, got {self.score_policy_pass!r}")
+        for name in ("score_policy_pass", "lm_head_one_pass"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Workload.{name} must be a bool, got {getattr(self, name)!r}")
         # Normalize: None means the whole batch.
         object.__setattr__(self, "generate_micro_batch", min(self.generate_micro_batch or self.rollout_batch, self.rollout_batch))
         object.__setattr__(self, "score_micro_batch", min(self.score_micro_batch or self.rollout_batch, self.rollout_batch))
@@ -233,14 +239,28 @@ def lm_head_backward_workspace(tokens: int, shape: ModelShape, a: int) -> int:
     return tokens * shape.hidden_size * 4 * (2 if a < 4 else 1) + tile
 
 
+def lm_head_one_pass_workspace(tokens: int, shape: ModelShape, a: int, head_trained: bool) -> int:
+    """Inside the one-pass policy loss's custom op (invisible to a fake trace): one chunk of
+    logits (model dtype, turned into ``dz`` in place) and, for a trained 16-bit lm_head over
+    several chunks, the fp32 ``[V, H]`` sum of ``d weight`` (its bf16 result is an output
+    the trace sees)."""
+    rows = lm_head_chunk_rows(tokens, shape.vocab_size, a)
+    fp32_sum = shape.vocab_size * shape.hidden_size * 4 if head_trained and a < 4 and tokens > rows else 0
+    return rows * shape.vocab_size * a + fp32_sum
+
+
 def lm_head_workspace(phase: str, specs: dict[str, RoleSpec], work: Workload) -> int:
-    """The lm_head workspace of ``phase`` that a fake trace cannot see (the update's
-    backward; the forward and the no-grad scoring pass run the Triton GEMM with its
-    logsumexp epilogue, which holds no logits)."""
+    """The lm_head workspace of ``phase`` that a fake trace cannot see: in the update, the
+    one-pass loss's (:func:`lm_head_one_pass_workspace`) or, for GSPO, the recompute
+    backward's; the no-grad scoring pass runs the Triton GEMM with its logsumexp epilogue,
+    which holds no logits."""
     if phase != "update_policy" or "policy" not in specs:
         return 0
     spec = specs["policy"]
-    return lm_head_backward_workspace(work.update_micro_batch * work.response_length, spec.shape, spec.element_bytes)
+    tokens = work.update_micro_batch * work.response_length
+    if work.lm_head_one_pass:
+        return lm_head_one_pass_workspace(tokens, spec.shape, spec.element_bytes, not spec.lora_rank)
+    return lm_head_backward_workspace(tokens, spec.shape, spec.element_bytes)
 
 
 def weights_bytes(spec: RoleSpec) -> int:
@@ -285,11 +305,11 @@ def update_bytes(spec: RoleSpec, work: Workload) -> dict[str, int]:
     per token), then the higher of two moments of the backward: at the lm_head, a trained
     lm_head's (or tied embedding's) fresh gradient ``V·H·a`` and, once a first micro-batch
     has left one, its accumulated sum (as much again); in the blocks, the last block's
-    backward transient (and with checkpointing its recomputed activations). The fused
-    lm_head's backward makes ``d weight`` even for a frozen lm_head (LoRA). Gradients: all
+    backward transient (and with checkpointing its recomputed activations); a frozen
+    lm_head (LoRA) gets no ``d weight``. Gradients: all
     of them once a first micro-batch has run; with one micro-batch only the lm_head's, as
     the blocks' gradients appear while their activations are freed. For the policy, the
-    fused lm_head's backward workspace. The optimizer step (fused AdamW: no temporaries)
+    fused lm_head's workspace (:func:`lm_head_workspace`). The optimizer step (fused AdamW: no temporaries)
     holds fp32 gradients, 4 B per trained parameter, and no activations."""
     shape, a, n, t = spec.shape, spec.element_bytes, work.update_micro_batch, work.sequence_length
     tokens = n * t
@@ -303,15 +323,19 @@ def update_bytes(spec: RoleSpec, work: Workload) -> dict[str, int]:
     else:
         saved = tokens * shape.num_layers * per_layer
         blocks = tokens * backward_transient_bytes(shape, a)
-    # The fused lm_head's backward computes d weight even when the lm_head is frozen (LoRA):
-    # then it is made and dropped, never accumulated.
-    at_head = head * a * (2 if several and head_trained else 1) if head_trained or spec.head == "lm" else 0
+    at_head = head * a * (2 if several else 1) if head_trained else 0
     activations = saved + max(blocks, at_head)
     if several or spec.lora_rank:
         grads = grads_bytes(spec)
     else:
         grads = min(grads_bytes(spec), head * a)
-    logits = lm_head_backward_workspace(n * work.response_length, shape, a) if spec.head == "lm" else 0
+    logits = 0
+    if spec.head == "lm":
+        tokens_out = n * work.response_length
+        if work.lm_head_one_pass:
+            logits = lm_head_one_pass_workspace(tokens_out, shape, a, head_trained)
+        else:
+            logits = lm_head_backward_workspace(tokens_out, shape, a)
     step = spec.trainable_parameters * 4
     if step > grads + activations + logits:  # the optimizer step is the higher point
         return {"grads": step, "activations": 0, "logits": 0}

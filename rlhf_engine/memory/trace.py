@@ -148,6 +148,8 @@ def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh) -> N
     for role in ("policy", "reference", "critic", "reward_model"):
         if role not in models or (role == "reference" and specs[role].is_adapter_view):
             continue
+        if role == "policy" and not work.score_policy_pass:  # on-policy: the update computes them
+            continue
         model = models[role]
         for rows in _splits(work.rollout_batch, work.score_micro_batch, keep=1):
             ids, mask = _tokens(rows, length)

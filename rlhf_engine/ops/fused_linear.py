@@ -26,7 +26,8 @@ from rlhf_engine.ops._lm_head_chunks import chunked_logprobs_bwd, chunked_logpro
 from rlhf_engine.ops.logprobs import _BWD as _EPILOGUE_BWD
 from rlhf_engine.ops.logprobs import _FWD as _EPILOGUE_FWD
 from rlhf_engine.ops.logprobs import LOGITS_DTYPES, _check_labels_in_range
-from rlhf_engine.ops.policy_loss import policy_loss
+from rlhf_engine.ops._lm_head_loss_grad import one_pass_applies, one_pass_logprobs
+from rlhf_engine.ops.policy_loss import policy_loss, policy_loss_args
 from rlhf_engine.reference.aggregation import host_readable
 
 OP = "fused_linear_logprobs"
@@ -87,9 +88,11 @@ def _fused_linear_bwd(
     temperature: float,
     ignore_index: int,
     chunk_rows: int,
+    need_dweight: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(d hidden [N, H], d weight [V, H], d bias [V] or [0] without bias)``."""
+    """``(d hidden [N, H], d weight [V, H], d bias [V] or [0] without bias)``; ``d weight``
+    and ``d bias`` are ``[0]`` when not ``need_dweight`` (a frozen lm_head)."""
     dhidden, dweight, dbias = chunked_logprobs_bwd(
         grad_logp.contiguous(),
         None if grad_entropy is None else grad_entropy.contiguous(),
@@ -103,12 +106,16 @@ def _fused_linear_bwd(
         ignore_index,
         chunk_rows,
         _EPILOGUE_BWD[backend],
+        need_dweight,
     )
     return dhidden, dweight, weight.new_empty(0) if dbias is None else dbias
 
 
 @_fused_linear_bwd.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_rows, backend):
+def _(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_rows,
+      need_dweight, backend):  # fmt: skip
+    if not need_dweight:
+        return torch.empty_like(hidden), weight.new_empty(0), weight.new_empty(0)
     return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(0) if bias is None else torch.empty_like(bias)
 
 
@@ -134,9 +141,12 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
         temperature,
         ignore_index,
         chunk_rows,
+        ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2]),
         backend,
     )
-    return dhidden, dweight, None if bias is None else dbias, None, None, None, None, None, None
+    dweight = dweight if ctx.needs_input_grad[1] else None
+    dbias = dbias if bias is not None and ctx.needs_input_grad[2] else None
+    return dhidden, dweight, dbias, None, None, None, None, None, None
 
 
 _fused_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -187,6 +197,33 @@ def _run(op, hidden, weight, labels, bias, temperature, ignore_index, with_entro
         hidden2d, weight, bias, labels1d, temperature, ignore_index, with_entropy, chunk_rows, resolved
     )
     return logp.view(labels.shape), entropy.view(labels.shape) if with_entropy else None
+
+
+def _run_one_pass(
+    op, hidden, weight, labels, bias, temperature, ignore_index, with_entropy, chunk_size, backend, old_logp,
+    advantages, mask, loss_options,
+):
+    """The one-pass path of :func:`fused_linear_policy_loss` (``_lm_head_loss_grad``):
+    every argument validated before the first GEMM -> ``(logp, entropy or None, zero)``."""
+    temperature = _validate(op, hidden, weight, labels, bias, temperature, ignore_index, chunk_size)
+    resolved = resolve_backend(op, backend, hidden.device)
+    # policy_loss validates its arguments against a logp of the labels' shape.
+    stand_in = hidden.new_empty(labels.shape, dtype=torch.float32)
+    entropy_stand_in = stand_in if loss_options["entropy_coef"] != 0.0 else None
+    on_policy = old_logp is None  # policy_loss's on-policy old_logp = sg(logp)
+    old_stand_in = stand_in if on_policy else old_logp
+    policy_args = policy_loss_args(stand_in, old_stand_in, advantages, mask, entropy=entropy_stand_in, **loss_options)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    labels1d = labels.reshape(-1)
+    if host_readable(labels1d):
+        _check_labels_in_range(labels1d, weight.shape[0], ignore_index)
+    n, vocab = hidden2d.shape[0], weight.shape[0]
+    chunk_rows = chunk_size or default_chunk_rows(n, vocab, hidden.dtype, hidden.device)
+    zero, logp, entropy = one_pass_logprobs(
+        hidden2d, weight, bias, labels1d, temperature, ignore_index, with_entropy, chunk_rows, resolved, policy_args,
+        on_policy,
+    )
+    return logp.view(labels.shape), entropy.view(labels.shape) if with_entropy else None, zero
 
 
 def fused_linear_logprobs(
@@ -285,7 +322,7 @@ def fused_linear_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -317,25 +354,47 @@ def fused_linear_policy_loss(
     ``entropy_coef`` is non-zero or ``return_logprobs`` is set. ``hidden`` is ``[B, T, H]``
     (padded) or ``[N, H]`` (packed, with ``cu_seqlens``); every other per-token tensor has
     the shape of ``labels``. All loss options are those of
-    :func:`rlhf_engine.ops.policy_loss`; the lm_head options those of
+    :func:`rlhf_engine.ops.policy_loss` (``old_logp=None``: on-policy, ``old_logp =
+    sg(logp)``, no second forward); the lm_head options those of
     :func:`fused_linear_logprobs`. Only one chunk of logits exists at a time.
+
+    Two paths (``rlhf_engine/ops/_lm_head_loss_grad.py``). When a gradient is wanted and
+    the loss is token-level (every loss but ``gspo``), one pass over token chunks makes
+    the logits once and the gradients with them: three GEMMs, ``6·N·H·V`` FLOPs, the
+    backward only scales them; ``d weight`` of a 16-bit lm_head is summed over chunks in
+    an fp32 ``[V, H]`` buffer when there are several (4 bytes per lm_head parameter
+    during the call). ``gspo`` (its coefficient needs the sequence's mean log-ratio
+    first) and calls without a gradient run the forward, and the backward recomputes the
+    logits per vocabulary tile (``8·N·H·V``). A frozen lm_head (LoRA) gets no ``d weight``
+    GEMM on either path.
 
     Returns:
         ``(loss, metrics)``; with ``return_logprobs``, ``(loss, metrics, logp, entropy)``
         where ``logp`` and ``entropy`` are detached fp32 per-token tensors for logging
         (e.g. the rollout/training logprob gap).
     """
+    op = "fused_linear_policy_loss"
     with_entropy = entropy_coef != 0.0 or return_logprobs
-    logp, entropy = _run(
-        "fused_linear_policy_loss", hidden, weight, labels, bias, temperature, ignore_index, with_entropy,
-        chunk_size, backend,
+    loss_options = dict(
+        loss=loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta, ref_logp=ref_logp,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy_coef=entropy_coef,
+        is_weights=is_weights, aggregation=aggregation, normalizer=normalizer, cu_seqlens=cu_seqlens, backend=backend,
     )  # fmt: skip
-    value, metrics = policy_loss(
-        logp, old_logp, advantages, mask, loss=loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        delta=delta, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp,
-        entropy=entropy if entropy_coef != 0.0 else None, entropy_coef=entropy_coef, is_weights=is_weights,
-        aggregation=aggregation, normalizer=normalizer, cu_seqlens=cu_seqlens, backend=backend,
-    )  # fmt: skip
+    if one_pass_applies(loss, hidden, weight, bias):
+        logp, entropy, zero = _run_one_pass(
+            op, hidden, weight, labels, bias, temperature, ignore_index, with_entropy, chunk_size, backend,
+            old_logp, advantages, mask, loss_options,
+        )  # fmt: skip
+        with torch.no_grad():  # the value and metrics only: the gradient is on zero
+            value, metrics = policy_loss(
+                logp, old_logp, advantages, mask, entropy=entropy if entropy_coef != 0.0 else None, **loss_options
+            )
+        value = value + zero
+    else:
+        logp, entropy = _run(op, hidden, weight, labels, bias, temperature, ignore_index, with_entropy, chunk_size, backend)
+        value, metrics = policy_loss(
+            logp, old_logp, advantages, mask, entropy=entropy if entropy_coef != 0.0 else None, **loss_options
+        )
     if return_logprobs:
         return value, metrics, logp.detach(), entropy.detach()
     return value, metrics

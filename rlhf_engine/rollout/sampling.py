@@ -10,6 +10,7 @@ from transformers import StaticCache
 
 from rlhf_engine.models.inputs import check_token_batch, position_ids_from_mask
 from rlhf_engine.models.policy import PolicyModel
+from rlhf_engine.reference.aggregation import host_readable
 from rlhf_engine.rollout.types import Rollout, SamplingConfig
 
 # Decode steps between host checks of "have all rows stopped?" (and of dropping finished
@@ -36,7 +37,8 @@ def descending_order(z: torch.Tensor) -> torch.Tensor:
     Args:
         z: fp32 ``[B, V]``.
     """
-    if z.device.type != "cpu" or z.dtype != torch.float32:
+    # Fake tensors (a memory trace of a GPU run) take the sort a GPU runs: no data for numpy.
+    if not host_readable(z) or z.dtype != torch.float32:
         return z.sort(dim=-1, descending=True, stable=True).indices
     bits = (z + 0.0).view(torch.int32)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # increases with the float value
