@@ -235,6 +235,7 @@ def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_mod
     config = dataclasses.replace(
         config, generate_micro_batch_size=micro["generate"], score_micro_batch_size=micro["score"],
         micro_batch_size=min(m for p, m in micro.items() if p.startswith("update")),
+        lm_head_chunk_size=chosen.phases["update_policy"].lm_head_chunk_rows or config.lm_head_chunk_size,
         policy_gradient_checkpointing=chosen.checkpointing.get("policy", config.policy_gradient_checkpointing),
         critic_gradient_checkpointing=chosen.checkpointing.get("critic", config.critic_gradient_checkpointing),
     )  # fmt: skip

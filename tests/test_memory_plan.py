@@ -507,3 +507,61 @@ def test_fields_a_config_leaves_out_take_transformers_class_defaults(model_type)
         model = AutoModelForCausalLM.from_config(config)
     assert shape.num_kv_heads == config.num_key_value_heads
     assert shape.parameters("lm") == sum(p.numel() for p in model.parameters())
+
+
+# -- the fused lm_head's chunk ---------------------------------------------------------------
+def test_chunk_rule_takes_efficient_gemms_within_a_memory_budget():
+    from rlhf_engine.ops._lm_head_chunks import CHUNK_BYTES, MIN_CHUNK_ROWS, chunk_rows_for, default_chunk_rows
+
+    # CPU, V = 151936 fp32: the 64 MiB budget would give 110 rows; the GEMM floor gives 256.
+    assert chunk_rows_for(2048, 151936, 4, "cpu") == MIN_CHUNK_ROWS["cpu"] == 256
+    assert chunk_rows_for(2048, 32000, 4, "cpu") == CHUNK_BYTES["cpu"] // (32000 * 4) == 524
+    assert chunk_rows_for(100, 151936, 4, "cpu") == 100  # never more rows than tokens
+    assert chunk_rows_for(8192, 151936, 2, "cuda") == (512 << 20) // (151936 * 2) == 1766
+    assert chunk_rows_for(8192, 151936, 2, "mps") == 1766  # other devices take CUDA's rule
+    assert default_chunk_rows(8192, 151936, torch.bfloat16, torch.device("cpu")) == chunk_rows_for(8192, 151936, 2, "cpu")
+
+
+def test_the_update_estimate_follows_the_lm_head_chunk_and_path():
+    config = {**SMALL, "vocab_size": 151936}
+    shape = ModelShape.from_config(config)
+    specs = {"policy": RoleSpec(config, shape, "lm", "bf16", True)}
+    work = Workload(prompts_per_step=4, group_size=1, prompt_length=16, response_length=1024, minibatch_size=4,
+                    update_micro_batch=4)  # fmt: skip
+    logits = {}
+    for rows in (None, 256, 4096):
+        for one_pass in (True, False):
+            w = dataclasses.replace(work, lm_head_chunk_rows=rows, lm_head_one_pass=one_pass)
+            logits[rows, one_pass] = estimate(specs, w)["update_policy"].roles["policy"]["logits"]
+    v, h = 151936, SMALL["hidden_size"]
+    # One pass: a chunk of bf16 logits, and the fp32 sum of d weight over the several chunks.
+    assert logits[256, True] == 256 * v * 2 + v * h * 4
+    assert logits[None, True] == 1766 * v * 2 + v * h * 4
+    assert logits[4096, True] == 4096 * v * 2  # one chunk: no fp32 sum
+    assert logits[256, False] < logits[None, False]  # the recompute backward's tile follows the chunk too
+
+
+def test_the_plan_takes_the_smallest_lm_head_chunk_when_it_fits_a_larger_update_micro_batch():
+    from rlhf_engine.ops._lm_head_chunks import MIN_CHUNK_ROWS
+
+    config = {**SMALL, "vocab_size": 151936}
+    shape = ModelShape.from_config(config)
+    specs = {"policy": RoleSpec(config, shape, "lm", "bf16", True)}
+    work = Workload(prompts_per_step=4, group_size=1, prompt_length=16, response_length=1024, minibatch_size=4)
+
+    def update_peak(micro, rows=None):
+        w = dataclasses.replace(work, update_micro_batch=micro, lm_head_chunk_rows=rows)
+        return estimate(specs, w)["update_policy"].peak_bytes
+
+    small = MIN_CHUNK_ROWS["cuda"]
+    assert update_peak(4, small) < update_peak(4)
+    others = max(p.peak_bytes for name, p in estimate(specs, work).items() if name != "update_policy")
+    # Room for the whole minibatch only with the small chunk.
+    result = plan(specs, work, budget_for(max(update_peak(4, small), others)), PlanOptions(offload=False, checkpointing=False))
+    assert result.fits and result.micro_batches["update_policy"] == 4
+    assert result.phases["update_policy"].lm_head_chunk_rows == small
+    assert result.to_dict()["phases"]["update_policy"]["lm_head_chunk_rows"] == small
+    # Room for the rule's chunk: the plan leaves it to the op.
+    roomy = plan(specs, work, budget_for(max(update_peak(4), others)), PlanOptions(offload=False, checkpointing=False))
+    assert roomy.phases["update_policy"].lm_head_chunk_rows is None
+    assert "lm_head_chunk_rows" not in roomy.to_dict()["phases"]["update_policy"]

@@ -168,6 +168,25 @@ def test_gradient_checkpointing_is_on_and_gives_the_same_step():
     assert any(not torch.equal(before[n], t) for n, t in plain.policy.state_dict().items())
 
 
+def test_lm_head_chunk_size_reaches_the_loss_and_gives_the_same_step(monkeypatch):
+    from rlhf_engine import ops
+
+    seen, original = [], ops.fused_linear_policy_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["chunk_size"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "fused_linear_policy_loss", spy)
+    plain, chunked = ppo_trainer(ppo_config(**PPO)), ppo_trainer(ppo_config(**PPO, lm_head_chunk_size=3))
+    a, b = plain.step(0), chunked.step(0)
+    assert set(seen) == {None, 3}
+    for key in ("policy_loss", "grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    with pytest.raises(ValueError, match="lm_head_chunk_size must be >= 1 or null"):
+        ppo_config(**PPO, lm_head_chunk_size=0)
+
+
 # -- placement -----------------------------------------------------------------------------------
 def budget_for(usable: int) -> int:
     """The smallest budget whose usable bytes are at least ``usable``."""
@@ -263,7 +282,8 @@ def test_plan_run_auto_puts_the_plans_micro_batches_and_checkpointing_into_the_c
     assert new.micro_batch_size == min(micro["update_policy"], micro["update_critic"])
     assert new.policy_gradient_checkpointing == chosen.checkpointing["policy"]
     assert new.critic_gradient_checkpointing == chosen.checkpointing["critic"]
-    unchanged = ("generate_micro_batch_size", "score_micro_batch_size", "micro_batch_size",
+    assert new.lm_head_chunk_size == chosen.phases["update_policy"].lm_head_chunk_rows
+    unchanged = ("generate_micro_batch_size", "score_micro_batch_size", "micro_batch_size", "lm_head_chunk_size",
                  "policy_gradient_checkpointing", "critic_gradient_checkpointing")  # fmt: skip
     assert dataclasses.replace(new, **{f: getattr(config, f) for f in unchanged}) == config
 

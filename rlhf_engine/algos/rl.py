@@ -81,6 +81,7 @@ class RLConfig:
     micro_batch_size: Optional[int] = None  # rows per forward/backward in the updates (None: the whole minibatch)
     score_micro_batch_size: Optional[int] = None  # rows per no-grad pass in score (None: the whole rollout)
     generate_micro_batch_size: Optional[int] = None  # rows sampled at once (None: the whole rollout)
+    lm_head_chunk_size: Optional[int] = None  # tokens per chunk of the fused lm_head in the update (None: the op's rule)
     advantage: str = "grpo"
     preset: str = "trl"
     scale: str = "group"
@@ -137,7 +138,7 @@ class RLConfig:
             check_field(self, "clip_high", self.clip_high is not None, "set for loss 'cispo-trl' (the raw bound on the IS weight, e.g. 5)")
         check_field(self, "dual_clip", self.dual_clip is None or self.dual_clip > 1, "> 1 or null")
         check_field(self, "kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {sorted(KL_ESTIMATORS)}")
-        for name in ("micro_batch_size", "score_micro_batch_size", "generate_micro_batch_size"):
+        for name in ("micro_batch_size", "score_micro_batch_size", "generate_micro_batch_size", "lm_head_chunk_size"):
             check_field(self, name, getattr(self, name) is None or getattr(self, name) >= 1, ">= 1 or null")
         check_field(self, "dtype", self.dtype in DTYPES, f"one of {sorted(DTYPES)}")
         check_field(self, "frozen_dtype", self.frozen_dtype is None or self.frozen_dtype in DTYPES, f"one of {sorted(DTYPES)} or null")
@@ -360,6 +361,7 @@ class RLTrainer:
                         dual_clip=cfg.dual_clip, ref_logp=mb.ref_logprobs if kl_in_loss else None,
                         kl_coef=self.kl.value if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator,
                         entropy_coef=cfg.entropy_coef, aggregation=cfg.aggregation, normalizer=normalizer,
+                        chunk_size=cfg.lm_head_chunk_size,
                     )  # fmt: skip
                     loss.backward()
                     if on_policy:

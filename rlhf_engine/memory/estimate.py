@@ -31,13 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_engine.memory.shapes import ModelShape
+from rlhf_engine.ops._lm_head_chunks import chunk_rows_for
 
 PHASES = ("generate", "score", "update_policy", "update_critic")
 ROLES = ("policy", "reference", "critic", "reward_model")
 KINDS = ("weights", "grads", "optimizer", "activations", "kv_cache", "logits")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-# The CUDA chunk budget of the fused lm_head (rlhf_engine.ops._lm_head_chunks): logits bytes per chunk.
-LM_HEAD_CHUNK_BYTES = 512 << 20
 # Residencies whose bytes are on the GPU during the phase.
 ON_DEVICE = ("device", "prefetch")
 
@@ -116,7 +115,9 @@ class Workload:
 
     ``lm_head_one_pass``: whether the policy loss makes the lm_head's gradients in its
     forward (every loss but GSPO, ``rlhf_engine/ops/_lm_head_loss_grad.py``) or recomputes
-    the logits in the backward (GSPO)."""
+    the logits in the backward (GSPO). ``lm_head_chunk_rows``: tokens per chunk of the
+    fused lm_head in the update (None: the op's rule for the device, see
+    ``rlhf_engine/ops/_lm_head_chunks.py``)."""
 
     prompts_per_step: int
     group_size: int
@@ -128,13 +129,14 @@ class Workload:
     update_micro_batch: int | None = None
     score_policy_pass: bool = True
     lm_head_one_pass: bool = True
+    lm_head_chunk_rows: int | None = None
 
     def __post_init__(self):
         for name in ("prompts_per_step", "group_size", "prompt_length", "response_length", "minibatch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Workload.{name} must be an int >= 1, got {value!r}")
-        for name in ("generate_micro_batch", "score_micro_batch", "update_micro_batch"):
+        for name in ("generate_micro_batch", "score_micro_batch", "update_micro_batch", "lm_head_chunk_rows"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"Workload.{name} must be an int >= 1 or None, got {value!r}")
@@ -225,26 +227,28 @@ def no_grad_bytes(shape: ModelShape, a: int, tokens_per_sequence: int) -> int:
     )  # fmt: skip
 
 
-def lm_head_chunk_rows(tokens: int, vocab: int, a: int) -> int:
-    """Rows of the fused lm_head's logits chunk on CUDA (``_lm_head_chunks.default_chunk_rows``)."""
-    return max(1, min(tokens, LM_HEAD_CHUNK_BYTES // (vocab * a)))
+def lm_head_chunk_rows(tokens: int, vocab: int, a: int, rows: int | None = None) -> int:
+    """Rows of the fused lm_head's logits chunk on CUDA: ``rows`` when the run sets them
+    (``Workload.lm_head_chunk_rows``), else the op's own rule
+    (``rlhf_engine.ops._lm_head_chunks.chunk_rows_for``)."""
+    return max(1, min(tokens, rows)) if rows else chunk_rows_for(tokens, vocab, a, "cuda")
 
 
-def lm_head_backward_workspace(tokens: int, shape: ModelShape, a: int) -> int:
+def lm_head_backward_workspace(tokens: int, shape: ModelShape, a: int, rows: int | None = None) -> int:
     """Inside the fused lm_head's backward custom op (invisible to a fake trace): the fp32
     ``d hidden`` accumulator ``[N, H]``, one recomputed vocabulary tile of logits (as many
     logits as a forward chunk, in the model dtype) and, for bf16, the fp32 product of
     ``dz_t @ weight_t`` before it is added (``[N, H]`` fp32)."""
-    tile = lm_head_chunk_rows(tokens, shape.vocab_size, a) * shape.vocab_size * a
+    tile = lm_head_chunk_rows(tokens, shape.vocab_size, a, rows) * shape.vocab_size * a
     return tokens * shape.hidden_size * 4 * (2 if a < 4 else 1) + tile
 
 
-def lm_head_one_pass_workspace(tokens: int, shape: ModelShape, a: int, head_trained: bool) -> int:
+def lm_head_one_pass_workspace(tokens: int, shape: ModelShape, a: int, head_trained: bool, rows: int | None = None) -> int:
     """Inside the one-pass policy loss's custom op (invisible to a fake trace): one chunk of
     logits (model dtype, turned into ``dz`` in place) and, for a trained 16-bit lm_head over
     several chunks, the fp32 ``[V, H]`` sum of ``d weight`` (its bf16 result is an output
     the trace sees)."""
-    rows = lm_head_chunk_rows(tokens, shape.vocab_size, a)
+    rows = lm_head_chunk_rows(tokens, shape.vocab_size, a, rows)
     fp32_sum = shape.vocab_size * shape.hidden_size * 4 if head_trained and a < 4 and tokens > rows else 0
     return rows * shape.vocab_size * a + fp32_sum
 
@@ -258,9 +262,10 @@ def lm_head_workspace(phase: str, specs: dict[str, RoleSpec], work: Workload) ->
         return 0
     spec = specs["policy"]
     tokens = work.update_micro_batch * work.response_length
+    rows = work.lm_head_chunk_rows
     if work.lm_head_one_pass:
-        return lm_head_one_pass_workspace(tokens, spec.shape, spec.element_bytes, not spec.lora_rank)
-    return lm_head_backward_workspace(tokens, spec.shape, spec.element_bytes)
+        return lm_head_one_pass_workspace(tokens, spec.shape, spec.element_bytes, not spec.lora_rank, rows)
+    return lm_head_backward_workspace(tokens, spec.shape, spec.element_bytes, rows)
 
 
 def weights_bytes(spec: RoleSpec) -> int:
@@ -333,9 +338,9 @@ def update_bytes(spec: RoleSpec, work: Workload) -> dict[str, int]:
     if spec.head == "lm":
         tokens_out = n * work.response_length
         if work.lm_head_one_pass:
-            logits = lm_head_one_pass_workspace(tokens_out, shape, a, head_trained)
+            logits = lm_head_one_pass_workspace(tokens_out, shape, a, head_trained, work.lm_head_chunk_rows)
         else:
-            logits = lm_head_backward_workspace(tokens_out, shape, a)
+            logits = lm_head_backward_workspace(tokens_out, shape, a, work.lm_head_chunk_rows)
     step = spec.trainable_parameters * 4
     if step > grads + activations + logits:  # the optimizer step is the higher point
         return {"grads": step, "activations": 0, "logits": 0}

@@ -8,7 +8,9 @@ Given the run's roles, its workload and a GPU memory budget, ``plan`` chooses:
   policy's own parameters for the reference pass, so the GPU never holds two copies) or,
   with a LoRA policy, ``"adapter"`` (the policy with its adapter disabled: nothing to move);
   and for the trained roles where their optimizer state is (``"<role>.optimizer"``);
-* the **micro-batch** of each phase (sequences per forward), the largest that fits;
+* the **micro-batch** of each phase (sequences per forward), the largest that fits, and
+  for the policy's update the fused lm_head's chunk (the op's rule, or its smallest chunk
+  when that lets a larger micro-batch fit);
 * **gradient checkpointing** of each trained role, when allowed.
 
 Among the choices that fit, it takes the one that moves the fewest bytes per step, then
@@ -34,6 +36,7 @@ import re
 from dataclasses import dataclass, field
 
 from rlhf_engine.memory.estimate import PHASES, KINDS, RoleSpec, Workload, estimate, phase_roles
+from rlhf_engine.ops._lm_head_chunks import MIN_CHUNK_ROWS
 
 GIB = 1 << 30
 # Total memory as CUDA reports it for each built-in GPU (torch.cuda.get_device_properties).
@@ -83,6 +86,7 @@ class PhasePlan:
     micro_batch: int
     peak_bytes: int
     roles: dict[str, dict] = field(default_factory=dict)
+    lm_head_chunk_rows: int | None = None  # update_policy: set when the plan chose it (None: the op's rule)
 
 
 @dataclass
@@ -138,7 +142,8 @@ class Plan:
             "bytes_moved_per_step": self.bytes_moved_per_step,
             "checkpointing": dict(self.checkpointing),
             "phases": {
-                phase: {"peak_bytes": p.peak_bytes, "micro_batch": p.micro_batch, "roles": p.roles}
+                phase: {"peak_bytes": p.peak_bytes, "micro_batch": p.micro_batch, "roles": p.roles,
+                        **({"lm_head_chunk_rows": p.lm_head_chunk_rows} if p.lm_head_chunk_rows else {})}
                 for phase, p in self.phases.items()
             },
             "suggestions": [dataclasses.asdict(s) for s in self.suggestions],
@@ -236,6 +241,21 @@ def _peak(phase: str, specs, work: Workload, by_phase, micro: int, shard: int = 
 
 
 def _largest_fitting_micro_batch(phase, specs, work, by_phase, usable, fixed: int | None, shard: int = 1):
+    """``(micro, peak, roles, lm_head_chunk_rows)``: :func:`_micro_batch_search`, and for the
+    policy's update, where the op's chunk rule would leave the minibatch split, the same with
+    the smallest chunk the rule allows (``MIN_CHUNK_ROWS``: less lm_head workspace, the GEMM
+    still efficient) when that fits a larger micro-batch (``lm_head_chunk_rows`` then set)."""
+    micro, peak, roles = _micro_batch_search(phase, specs, work, by_phase, usable, fixed, shard)
+    if phase != "update_policy" or work.lm_head_chunk_rows or (peak <= usable and micro == _phase_rows(phase, work)):
+        return micro, peak, roles, work.lm_head_chunk_rows
+    rows = MIN_CHUNK_ROWS["cuda"]
+    small = _micro_batch_search(phase, specs, dataclasses.replace(work, lm_head_chunk_rows=rows), by_phase, usable, fixed, shard)
+    if (small[1] <= usable, small[0], -small[1]) > (peak <= usable, micro, -peak):
+        return (*small, rows)
+    return micro, peak, roles, None
+
+
+def _micro_batch_search(phase, specs, work, by_phase, usable, fixed: int | None, shard: int = 1):
     """The largest micro-batch of ``phase`` whose peak fits ``usable`` (the peak grows with
     the micro-batch), or the smallest one's peak when none fits. ``fixed``: only that size."""
     rows = _phase_rows(phase, work)
@@ -318,12 +338,12 @@ def _search(specs, work, budget_bytes, options, shard: int = 1) -> Plan:
                     cache[key] = _largest_fitting_micro_batch(
                         phase, run_specs, work, by_phase, usable, options.micro_batches.get(phase), shard
                     )
-                micro, peak, roles = cache[key]
+                micro, peak, roles, chunk_rows = cache[key]
                 fits &= peak <= usable
                 micro_score += micro / _phase_rows(phase, work)
                 phase_plans[phase] = PhasePlan(micro, peak, {
                     role: {"residency": by_phase[phase][role], "bytes": kinds} for role, kinds in roles.items()
-                })  # fmt: skip
+                }, chunk_rows)  # fmt: skip
             peak_max = max(p.peak_bytes for p in phase_plans.values())
             # Fitting plans: fewest bytes moved, fewest checkpointed roles, largest micro-batches.
             # Otherwise the closest to fitting.

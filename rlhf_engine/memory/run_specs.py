@@ -14,6 +14,7 @@ from typing import Any
 from rlhf_engine.memory.estimate import RoleSpec, Workload
 from rlhf_engine.memory.plan import PlanOptions
 from rlhf_engine.memory.shapes import ModelShape
+from rlhf_engine.ops._lm_head_loss_grad import SEQUENCE_LEVEL_LOSSES
 
 RL_ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp")
 
@@ -50,13 +51,15 @@ def role_specs(algo: str, config, policy_config: Any, reward_config: Any | None 
 def workload(config, prompt_length: int) -> Workload:
     """The step's sizes from an ``RLConfig``: ``prompts_per_step · group_size`` sequences of
     ``prompt_length + max_new_tokens`` tokens, minibatches of ``minibatch_size``, the
-    micro-batches the config fixes (None: the planner chooses), and whether score runs the
-    policy's pass (``config.old_logprob_pass``: not for an on-policy update)."""
+    micro-batches the config fixes (None: the planner chooses), whether score runs the
+    policy's pass (``config.old_logprob_pass``: not for an on-policy update), and the fused
+    lm_head's path (one pass for every loss but GSPO) and chunk."""
     return Workload(
         prompts_per_step=config.prompts_per_step, group_size=config.group_size, prompt_length=prompt_length,
         response_length=config.max_new_tokens, minibatch_size=config.minibatch_size,
         generate_micro_batch=config.generate_micro_batch_size, score_micro_batch=config.score_micro_batch_size,
         update_micro_batch=config.micro_batch_size, score_policy_pass=config.old_logprob_pass,
+        lm_head_one_pass=config.loss not in SEQUENCE_LEVEL_LOSSES, lm_head_chunk_rows=config.lm_head_chunk_size,
     )  # fmt: skip
 
 
