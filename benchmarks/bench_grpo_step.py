@@ -57,7 +57,7 @@ the JSON (``rss_before_bytes``); on CUDA ``torch.cuda.max_memory_allocated``.
 Without TRL installed (``pip install 'rlhf-engine[trl]'``), the TRL rows carry the reason
 in ``error`` and ours are still timed.
 
-``python -m rlhf_engine.benchmarks.bench_grpo_step [--quick] [--out FILE.json]``
+``python -m rlhf_engine.benchmarks.bench_grpo_step [--quick] [--runs PAIRS] [--steps N] [--out FILE.json]``
 """
 
 from __future__ import annotations
@@ -105,9 +105,11 @@ class Workload:
 
 
 # Quick and CPU: ~5M parameters (4.1M of them the tied embedding), 64 completions of up to 64
-# tokens; 4 pairs of runs of 3 timed steps each, a few minutes on 2 cores.
+# tokens; 3 pairs of runs of 2 timed steps each after one warm-up step: about 4 minutes on
+# one thread of the 2-core box (a TRL step takes ~15 s there, ours ~6 s, and each process
+# spends ~10 s importing and building). The committed table used more (--runs, --steps).
 QUICK = Workload(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=352, vocab=32000, prompts=16, group=4,
-                 new_tokens=64, prompt_words=(8, 24), beta=0.04, warmup=1, steps=3, runs=4)  # fmt: skip
+                 new_tokens=64, prompt_words=(8, 24), beta=0.04, warmup=1, steps=2, runs=3)  # fmt: skip
 # A GPU: Qwen2's vocabulary and a wider, deeper model, 128 completions of up to 256 tokens.
 FULL = dataclasses.replace(QUICK, hidden=1024, layers=8, heads=16, kv_heads=8, intermediate=2816, vocab=151936,
                            prompts=16, group=8, new_tokens=256, prompt_words=(32, 128), steps=5, runs=3)  # fmt: skip
@@ -447,11 +449,12 @@ if __name__ == "__main__":
         parser.add_argument("--out", help="write the results as JSON to this file")
         parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         parser.add_argument("--runs", type=int, help="pairs of runs (default: the workload's)")
+        parser.add_argument("--steps", type=int, help="timed steps per run (default: the workload's)")
         args = parser.parse_args()
         device = torch.device(args.device)
         workload = QUICK if args.quick or device.type != "cuda" else FULL
-        if args.runs:
-            workload = dataclasses.replace(workload, runs=args.runs)
+        repeats = {k: v for k, v in (("runs", args.runs), ("steps", args.steps)) if v}
+        workload = dataclasses.replace(workload, **repeats)
         results = run_workload(device, workload, quick=args.quick)
         print(format_table(results))
         print(format_step_table(results))
