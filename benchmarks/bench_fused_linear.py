@@ -339,9 +339,51 @@ def _grpo_rows(device, quick, dtype, gen) -> list[Result]:
     return results
 
 
+# The CPU target of the fused lm_head (a GRPO loss step of a 0.5B-wide head): N = 2048
+# response tokens, H = 896, fp32, at two vocabularies.
+CPU_SHAPE = dict(batch=2, seq=1024, hdim=896)
+CPU_VOCABS = (151936, 32000)
+
+
+def _cpu_rows(device, gen) -> list[Result]:
+    """The GRPO loss forward + backward at :data:`CPU_SHAPE`: ours (one pass over token
+    chunks), the eager TRL-style code and the bare GEMMs, each timed and its peak CPU memory
+    above the inputs measured (gradients included; ``cpu_peak_bytes``). Three timed calls
+    each (a call takes seconds)."""
+    results: list[Result] = []
+    batch, seq, hdim = CPU_SHAPE["batch"], CPU_SHAPE["seq"], CPU_SHAPE["hdim"]
+    n, dtype = batch * seq, torch.float32
+    for vocab in CPU_VOCABS:
+        hidden, weight, labels = _lm_head_inputs(batch, seq, hdim, vocab, device, dtype, gen)
+        with torch.no_grad():
+            noise = torch.randn(batch, seq, generator=gen, device=device) * 0.05
+            old_logp = fused_linear_logprobs(hidden, weight, labels) + noise
+            ref_logp = old_logp - noise * 2
+        advantages = torch.randn(batch, generator=gen, device=device)
+        mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        loss_args = (labels, old_logp, ref_logp, advantages, mask)
+        _check_same_loss(ours_grpo_loss("torch"), hidden, weight, *loss_args)
+        h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+        impls = {
+            "ours-torch": _forward_backward(ours_grpo_loss("torch"), h, w, *loss_args),
+            "eager": _forward_backward(eager_grpo_loss, h, w, *loss_args),
+            "matmul (floor)": _matmul_floor(h, w, True, _grad_logits(batch, seq, vocab, device, dtype, gen)),
+        }
+        hw_bytes = (n * hdim + vocab * hdim) * 4
+        results += measure(
+            "grpo loss fwd+bwd", f"N={n} H={hdim} V={vocab} float32", impls, device=device,
+            bytes_moved=2 * hw_bytes + n * 17 + batch * 4, flops=6 * n * hdim * vocab, quick=True, dtype=dtype,
+        )  # fmt: skip
+    return results
+
+
 def run(device: torch.device, quick: bool) -> list[Result]:
+    """On CUDA the bf16 GPU shapes (tiny ones with ``quick``); on the CPU the fp32
+    :data:`CPU_SHAPE` rows (tiny bf16 shapes with ``quick``)."""
     dtype = torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
+    if device.type == "cpu" and not quick:
+        return _cpu_rows(device, gen)
     return _logprobs_rows(device, quick, dtype, gen) + _grpo_rows(device, quick, dtype, gen)
 
 

@@ -127,8 +127,37 @@ def floor_ms(machine: Machine, bytes_moved: int, flops: int = 0) -> float:
     return 1e3 * max(bytes_moved / machine.copy_bytes_per_s, flops / machine.matmul_flops_per_s)
 
 
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak CPU bytes allocated while ``fn()`` runs, above what was allocated before: the
+    running sum, in time order, of every allocation (+size) and free (-size) the profiler
+    records. Read from the profiler's event tree, where each allocation is its own event;
+    the per-op ``cpu_memory_usage`` of ``prof.events()`` is summed per op (net of frees
+    inside it), which hides a temporary that lives only inside one op."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            deltas.append((event.start_time_ns, event.extra_fields.alloc_size))
+    if not deltas:
+        raise RuntimeError("cpu_peak_bytes: the profiler recorded no allocation")
+    running = peak = 0
+    for _, delta in sorted(deltas):
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Peak memory allocated while ``fn()`` runs, above what was allocated before (CUDA only)."""
+    """Peak memory allocated while ``fn()`` runs, above what was allocated before: CUDA's
+    allocator statistics, or on the CPU the profiler's allocation events (:func:`cpu_peak_bytes`)."""
+    if device.type == "cpu":
+        return cpu_peak_bytes(fn)
     if device.type != "cuda":
         return None
     _sync(device)

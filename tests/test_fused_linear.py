@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rlhf_engine._backend import triton_interpreter_on, triton_runs_on
+from rlhf_engine.benchmarks.common import cpu_peak_bytes
 from rlhf_engine.ops import (
     fused_linear_logprobs,
     fused_linear_policy_loss,
@@ -422,31 +423,6 @@ def test_policy_loss_return_logprobs(backend, device, entropy_coef):
 # Peak memory
 
 
-def _cpu_peak_bytes(fn) -> int:
-    """Peak CPU bytes allocated while ``fn()`` runs, above what was allocated before: the
-    running sum, in time order, of every allocation (+size) and free (-size) the profiler
-    records. Read from the profiler's event tree, where each allocation is its own event;
-    the per-op ``cpu_memory_usage`` of ``prof.events()`` is summed per op (net of frees
-    inside it), which hides a temporary that lives only inside one op."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    deltas, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation:
-            deltas.append((event.start_time_ns, event.extra_fields.alloc_size))
-    assert deltas, "the profiler recorded no allocation"
-    running = peak = 0
-    for _, delta in sorted(deltas):
-        running += delta
-        peak = max(peak, running)
-    return peak
-
-
 def test_cpu_peak_memory_below_one_fp32_logits(backend):
     # N = 64, V = 1024: one fp32 [N, V] tensor is 256 KiB, while the inputs and their
     # gradients (H = 8) are about 70 KiB. With chunk_size 8 a chunk holds 1/8 of the
@@ -470,9 +446,9 @@ def test_cpu_peak_memory_below_one_fp32_logits(backend):
         torch.autograd.grad(logp.sum() + entropy.sum(), (h, w, b))
 
     fused()  # warm-up: first-call allocations (kernel caches) are not the op's
-    peak = _cpu_peak_bytes(fused)
+    peak = cpu_peak_bytes(fused)
     assert peak < bound, f"fused peak {peak / 2**10:.0f} KiB >= one fp32 [N, V] ({bound / 2**10:.0f} KiB)"
-    unfused_peak = _cpu_peak_bytes(unfused)
+    unfused_peak = cpu_peak_bytes(unfused)
     assert unfused_peak >= bound, f"unfused peak {unfused_peak / 2**10:.0f} KiB: the measurement misses the logits"
 
 

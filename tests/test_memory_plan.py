@@ -565,3 +565,13 @@ def test_the_plan_takes_the_smallest_lm_head_chunk_when_it_fits_a_larger_update_
     roomy = plan(specs, work, budget_for(max(update_peak(4), others)), PlanOptions(offload=False, checkpointing=False))
     assert roomy.phases["update_policy"].lm_head_chunk_rows is None
     assert "lm_head_chunk_rows" not in roomy.to_dict()["phases"]["update_policy"]
+
+
+def test_the_report_names_a_chosen_lm_head_chunk():
+    from rlhf_engine.memory.plan import PhasePlan, Plan
+    from rlhf_engine.memory.report import format_plan
+
+    phases = {"generate": PhasePlan(2, 10), "update_policy": PhasePlan(1, 20, lm_head_chunk_rows=256)}
+    text = format_plan(Plan(True, 2 * GIB, GIB, phases, {}, {}, 0))
+    assert "update_policy: peak 0.00 of 1.00 GiB (fits), micro-batch 1, lm_head chunk 256 tokens" in text
+    assert "generate: peak 0.00 of 1.00 GiB (fits), micro-batch 2\n" in text

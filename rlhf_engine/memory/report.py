@@ -11,7 +11,8 @@ def gib(n: int) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    """Per phase: its peak against the usable budget and its micro-batch; per role its
+    """Per phase: its peak against the usable budget and its micro-batch (and the lm_head
+    chunk when the plan chose one); per role its
     residency and GiB by kind. Then whether it fits, the checkpointing chosen, the bytes
     moved per step, and the suggestions when it does not fit."""
     columns = ["role", "residency", *KINDS, "total"]
@@ -23,7 +24,8 @@ def format_plan(plan: Plan) -> str:
     for phase, p in plan.phases.items():
         status = "fits" if p.peak_bytes <= plan.usable_bytes else "DOES NOT FIT"
         lines.append("")
-        lines.append(f"{phase}: peak {gib(p.peak_bytes)} of {gib(plan.usable_bytes)} GiB ({status}), micro-batch {p.micro_batch}")
+        chunk = f", lm_head chunk {p.lm_head_chunk_rows} tokens" if p.lm_head_chunk_rows else ""
+        lines.append(f"{phase}: peak {gib(p.peak_bytes)} of {gib(plan.usable_bytes)} GiB ({status}), micro-batch {p.micro_batch}{chunk}")
         lines.append("  " + " ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(columns, widths))))
         for role, entry in p.roles.items():
             kinds = entry["bytes"]
