@@ -295,7 +295,11 @@ def sequence_logprobs(
     Padded: ``hidden [B, T, H]``, ``labels``/``mask`` ``[B, T]`` -> fp32 ``[B]``. Packed:
     ``hidden [N, H]``, ``labels``/``mask`` ``[N]`` and ``cu_seqlens`` (``[S + 1]``, from 0
     to N) -> fp32 ``[S]``. ``mask`` is bool or float (weights). Other arguments and the
-    gradients as :func:`fused_linear_logprobs`.
+    gradients as :func:`fused_linear_logprobs`: the backward recomputes the logits
+    (``8·N·H·V``), because a DPO or reward-model loss of these sums gives each token's
+    coefficient only once its whole sequence is summed, after the forward, and ``d weight``
+    sums over sequences with different coefficients (the one-pass path of
+    :func:`fused_linear_policy_loss` needs the coefficient per chunk).
     """
     op = "sequence_logprobs"
     check_tensor(op, "mask", mask, (torch.bool,) + LOGITS_DTYPES + (torch.float64,))
