@@ -250,7 +250,13 @@ def _largest_fitting_micro_batch(phase, specs, work, by_phase, usable, fixed: in
         return micro, peak, roles, work.lm_head_chunk_rows
     rows = MIN_CHUNK_ROWS["cuda"]
     small = _micro_batch_search(phase, specs, dataclasses.replace(work, lm_head_chunk_rows=rows), by_phase, usable, fixed, shard)
-    if (small[1] <= usable, small[0], -small[1]) > (peak <= usable, micro, -peak):
+    # Only for a larger micro-batch (a smaller chunk is more GEMMs), or, when neither fits,
+    # a lower peak (closer to fitting).
+    def rank(candidate_micro, candidate_peak):
+        fits = candidate_peak <= usable
+        return fits, candidate_micro, 0 if fits else -candidate_peak
+
+    if rank(small[0], small[1]) > rank(micro, peak):
         return (*small, rows)
     return micro, peak, roles, None
 
