@@ -107,15 +107,16 @@ def _fused_linear_logprobs_fwd_kernel(
 
 def _launch_config(n: int, vocab: int, dtype: torch.dtype) -> dict:
     """Tile sizes by a fixed rule. On a GPU: 128 x 128 output tiles with 64-deep K steps
-    for 16-bit inputs (32-deep for fp32, so three pipeline stages of operand tiles stay
-    within A100's 164 KiB of shared memory as well as H100's 228 KiB), and enough
-    vocabulary splits to give every SM a few programs. Under the interpreter: the
-    smallest tiles ``tl.dot`` takes."""
+    for 16-bit inputs; for fp32 64 x 128 tiles with 32-deep K steps (128 x 128 spilled up to
+    312 bytes a thread on sm_80 at 255 registers, ``benchmarks/build_check.py``; 64 rows
+    spill nothing on sm_80 or sm_90, and three pipeline stages of operand tiles stay within
+    A100's 164 KiB of shared memory as well as H100's 228 KiB); enough vocabulary splits to
+    give every SM a few programs. Under the interpreter: the smallest tiles ``tl.dot`` takes."""
     if triton_interpreter_on():
         block_n, block_v, block_k, warps, stages = 16, 16, 16, 1, 1
     else:
-        block_k = 32 if dtype == torch.float32 else 64
-        block_n, block_v, warps, stages = 128, 128, 8, 3
+        block_n, block_k = (64, 32) if dtype == torch.float32 else (128, 64)
+        block_v, warps, stages = 128, 8, 3
     row_blocks = triton.cdiv(n, block_n)
     target_programs = 4 * 132
     splits = max(1, min(triton.cdiv(vocab, block_v), triton.cdiv(target_programs, row_blocks)))

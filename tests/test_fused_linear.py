@@ -69,10 +69,11 @@ def _labels(lead, vocab, device, ignore_index=-100, ignored_frac=0.25):
 # vocabulary tiles), which may round a logit to the neighbouring bf16 value, so errors
 # move in steps of one bf16 ulp of the logits. Hence a slack of one ulp of the largest
 # value for half-precision outputs, and for bf16 gradients (where the forward's lse and
-# the backward's recomputed logits may disagree by that ulp) a factor of 3 over 30+ seeds'
-# worst ratio of ~2.3. A real bug (a tile, label offset or temperature wrong) is off by
-# O(1), far beyond both.
-BF16_GRAD_FACTOR = 3.0
+# the backward's recomputed logits may disagree by that ulp) a factor of 4: 30+ seeds gave a
+# worst ratio of ~2.3, and RLHF_ENGINE_TEST_SEED=1294907583 gave 3.5 on the triton d bias
+# of the shifted case under the interpreter (the same before and after the one-pass
+# change). A real bug (a tile, label offset or temperature wrong) is off by O(1), far beyond.
+BF16_GRAD_FACTOR = 4.0
 
 
 def _assert_within_tolerance(out, ref64, baseline, dtype, what, factor=2.0, scale=None):

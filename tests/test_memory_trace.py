@@ -78,10 +78,9 @@ def test_tracer_and_estimate_match_memtracker_of_a_real_step_on_real_tensors():
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tracker = MemTracker()
-    tracker.track_external(policy, optimizer)
     length, start = work.sequence_length, work.prompt_length
-    with tracker:
+
+    def update_step():
         policy.train()
         ids = torch.zeros(4, length, dtype=torch.long)
         mask = torch.ones(4, length, dtype=torch.bool)
@@ -91,10 +90,18 @@ def test_tracer_and_estimate_match_memtracker_of_a_real_step_on_real_tensors():
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    # One step first, as training runs: the torch backend's per-thread CPU scratch and cached
+    # scalars then exist already (whether an earlier test made them must not matter).
+    update_step()
+    tracker = MemTracker()
+    tracker.track_external(policy, optimizer)
+    with tracker:
+        update_step()
     real = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     # The torch backend's CPU chunks are visible to the real trace; the fake one adds the declared
     # workspace instead. Both are small against the weights and optimizer state here.
-    assert abs(traced.tracked - real) <= 0.15 * real, (traced, real)
+    assert abs(traced.peak - real) <= 0.15 * real, (traced, real)
     predicted = estimate({"policy": spec}, work)["update_policy"].peak_bytes
     assert abs(predicted - real) <= TOLERANCE * real, (predicted, real)
 
