@@ -1,4 +1,4 @@
-"""Triton kernels for the per-token KL estimators (ALGORITHMS.md section 2).
+"""Triton kernels for the per-token KL estimators (the spec: ``rlhf_engine/reference/kl.py``).
 
 :func:`kl_estimate` is the shared ``@triton.jit`` helper: the value of an estimator and
 its derivative w.r.t. ``lp``, chosen by constexpr switches. The ``kl_penalty`` kernel

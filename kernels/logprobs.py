@@ -1,4 +1,4 @@
-"""Triton kernels for per-token logprobs and entropy (ALGORITHMS.md section 1).
+"""Triton kernels for per-token logprobs and entropy (the spec: ``rlhf_engine/reference/logprobs.py``).
 
 With ``z = logits / temperature`` per row:
 

@@ -1,4 +1,4 @@
-"""Triton kernels for the fused policy loss (ALGORITHMS.md sections 3-4).
+"""Triton kernels for the fused policy loss (the spec: ``rlhf_engine/reference/policy_loss.py`` and ``aggregation.py``).
 
 Forward: one program per sequence (tokens ``[cu_seqlens[b], cu_seqlens[b+1])``; a padded
 ``[B, T]`` batch is ``cu_seqlens = arange(B+1) * T``) computes, per token, the loss

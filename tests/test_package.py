@@ -1,4 +1,4 @@
-"""Packaging and import rules of DESIGN.md: no GPU at import, kernels installed only as
+"""Packaging and import rules: no GPU at import, kernels installed only as
 ``rlhf_engine.kernels``, explicit backend selection with clear errors."""
 
 import os

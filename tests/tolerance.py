@@ -1,4 +1,4 @@
-"""The tolerance rule of DESIGN.md "Testing".
+"""The tolerance rule of the tests (docs/architecture.md, "Tests and checks").
 
 A backend's error against the float64 reference may be at most twice the error of the
 plain PyTorch computation done in the same input dtype, plus a small absolute slack and

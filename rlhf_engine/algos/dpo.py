@@ -1,4 +1,4 @@
-"""Direct preference optimization and its variants (Rafailov et al. 2023; ALGORITHMS.md §7).
+"""Direct preference optimization and its variants (Rafailov et al. 2023; the losses: ``rlhf_engine/algos/preference_losses.py``).
 
 Per pair, with sequence-summed response logprobs from ``ops.sequence_logprobs`` (hidden
 states through the fused lm_head, no full logits)::

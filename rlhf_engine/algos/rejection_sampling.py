@@ -1,5 +1,5 @@
 """Rejection sampling / best-of-N fine-tuning (RAFT, Dong et al. 2023; ReST, Gulcehre et
-al. 2023; ALGORITHMS.md §8).
+al. 2023).
 
 Each step samples ``samples_per_prompt`` responses for ``prompts_per_step`` prompts,
 scores them (reward model or function), keeps each prompt's ``keep_top`` best (and only

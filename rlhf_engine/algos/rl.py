@@ -14,7 +14,7 @@ at the boundaries and every model is reachable by role (``roles``):
 4. ``update_critic`` (PPO only): clipped value loss on the GAE returns.
 
 The algorithms differ only in the advantage estimator and where the KL goes
-(ALGORITHMS.md sections 2 and 5):
+(``rlhf_engine/reference/kl.py``, ``advantages.py``):
 
 * ``advantage="gae"`` (PPO, InstructGPT): token rewards ``r_t = −β·(lp_t − ref_t) +
   [t = last]·score``, GAE with the critic's values, advantages whitened.

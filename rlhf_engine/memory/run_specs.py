@@ -1,6 +1,6 @@
 """From an RL run's config to what the planner reads: its roles and its workload.
 
-The roles of each algorithm (ALGORITHMS.md; ``rlhf_engine.train``): every RL algorithm has
+The roles of each algorithm (``rlhf_engine.train``): every RL algorithm has
 the policy and its frozen reference; PPO adds the critic (initialised from the reward
 model, so of its shape) and the reward model; the others have a reward model only when
 one is given (else a reward function scores on the host). With LoRA on the policy the

@@ -30,7 +30,7 @@ from rlhf_engine.reference.advantages import (
 )
 from rlhf_engine.reference.aggregation import host_readable
 
-# Default ε per preset for GRPO's division by the std (ALGORITHMS.md §5), and the
+# Default ε per preset for GRPO's division by the std (``rlhf_engine/reference/advantages.py``), and the
 # whitening ε (inside the rsqrt) that REINFORCE++ uses under both presets.
 GRPO_EPS = {"trl": 1e-4, "verl": 1e-6}
 WHITEN_EPS = 1e-8

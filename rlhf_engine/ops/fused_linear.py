@@ -241,7 +241,7 @@ def fused_linear_logprobs(
     """Per-token logprobs (and entropy) of ``labels`` under the lm_head ``weight``,
     without materializing the ``[N, V]`` logits.
 
-    With ``z = (hidden @ weight.T + bias) / temperature`` (ALGORITHMS.md section 1)::
+    With ``z = (hidden @ weight.T + bias) / temperature`` (the spec: ``rlhf_engine/reference/logprobs.py``)::
 
         logp    = z[label] - logsumexp(z)
         entropy = logsumexp(z) - sum(softmax(z) * z)

@@ -99,7 +99,7 @@ class _EagerKLPenalty(torch.autograd.Function):
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k3", clamp: bool = False, backend: str = "auto") -> torch.Tensor:
-    """Per-token KL estimate between the policy and the reference (ALGORITHMS.md section 2).
+    """Per-token KL estimate between the policy and the reference (estimators: ``rlhf_engine/reference/kl.py``).
 
     Args:
         logp: ``[...]`` any float dtype: logprob of each sampled token under the policy.

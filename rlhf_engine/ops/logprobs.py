@@ -256,7 +256,7 @@ def token_logprobs(
 ):
     """Log-probability of each label token, and optionally the entropy of each row.
 
-    With ``z = logits / temperature`` (ALGORITHMS.md section 1)::
+    With ``z = logits / temperature`` (the spec: ``rlhf_engine/reference/logprobs.py``)::
 
         logp    = z[label] - logsumexp(z)
         entropy = logsumexp(z) - sum(softmax(z) * z)

@@ -1,4 +1,4 @@
-"""Loss aggregation (ALGORITHMS.md section 4): per-token losses -> one scalar.
+"""Loss aggregation: per-token losses -> one scalar.
 
 With ``L_b = sum_t l_t m_t`` (the masked loss sum of sequence b), ``M_b = sum_t m_t``,
 ``S`` sequences and ``L_max`` the padded length (the longest sequence when packed):

@@ -1,4 +1,4 @@
-"""Per-token KL estimators between the policy and the reference (ALGORITHMS.md section 2).
+"""Per-token KL estimators between the policy and the reference.
 
 With ``lp`` the policy logprob of the sampled token, ``ref`` the reference logprob and
 ``kappa = ref - lp`` (Schulman, "Approximating KL divergence", 2020):

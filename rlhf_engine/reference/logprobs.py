@@ -1,4 +1,4 @@
-"""Per-token logprobs and entropy in plain PyTorch (ALGORITHMS.md section 1).
+"""Per-token logprobs and entropy in plain PyTorch.
 
 Two things live here:
 

@@ -1,4 +1,4 @@
-"""Policy-gradient losses (ALGORITHMS.md section 3) and their training metrics.
+"""Policy-gradient losses and their training metrics.
 
 Notation: ``lp`` policy logprob of the sampled token, ``old`` the same under the rollout
 policy, ``A`` advantage, ``m`` mask, ``delta_t = lp - old``, ``r = exp(clamp(delta, -20,

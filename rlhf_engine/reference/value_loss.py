@@ -1,4 +1,4 @@
-"""Clipped value loss (ALGORITHMS.md section 5; PPO, Schulman et al. 2017, as in verl/TRL).
+"""Clipped value loss (PPO, Schulman et al. 2017, as in verl/TRL).
 
 Per token, with ``V`` the critic's value, ``V_old`` the value at rollout time, ``R`` the
 return and ``c`` the clip range:
