@@ -12,6 +12,7 @@ from transformers import Qwen2Config
 from rlhf_engine.models import PolicyModel, llama_config
 from rlhf_engine.models.inputs import position_ids_from_mask
 from rlhf_engine.rollout import SamplingConfig, generate, sampling
+from tests.test_rollout import prompts  # same vocabulary and pad id
 
 VOCAB, EOS, PAD = 12, 2, 0
 
@@ -74,15 +75,6 @@ def tiny_qwen2(eos_bias: float) -> PolicyModel:
         num_key_value_heads=2, max_position_embeddings=256, eos_token_id=EOS, pad_token_id=PAD,
     )  # fmt: skip
     return with_eos_bias(PolicyModel.from_config(config, seed=1), eos_bias)
-
-
-def prompts(lengths, seed=0):
-    """Left-padded prompts of real tokens (ids >= 3) with the given lengths."""
-    g = torch.Generator().manual_seed(seed)
-    total = max(lengths)
-    ids = torch.randint(3, VOCAB, (len(lengths), total), generator=g)
-    mask = torch.arange(total)[None, :] >= total - torch.tensor(lengths)[:, None]
-    return ids.masked_fill(~mask, PAD), mask
 
 
 # Two regimes: (eos_bias, max_new_tokens) where every row stops well before the end, and
