@@ -51,20 +51,27 @@ def one_pass_applies(loss: str, hidden: torch.Tensor, weight: torch.Tensor, bias
     return any(getattr(t, "requires_grad", False) for t in (hidden, weight, bias))
 
 
-def token_weights(mask, cu_seqlens, normalizer, aggregation: str, normalizer_const: float, seq_len: int) -> torch.Tensor:
+def token_weights(mask, seg: Segments, cu_seqlens, normalizer, aggregation: str, normalizer_const: float) -> torch.Tensor:
     """fp32 ``[N]``: each token's ``w_b = d loss / d L_b`` of its sequence (mask and normalizer only)."""
-    seg = Segments(cu_seqlens, mask.numel(), seq_len)
     counts = seg.sum(fp32(numeric(seg.tokens(mask))))
-    _, w = aggregate_partials(torch.zeros_like(counts), counts, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
-    return seg.expand(w).expand(seg.shape).reshape(-1)
+    _, w = aggregate_partials(
+        torch.zeros_like(counts), counts, aggregation, cu_seqlens, seg.seq_len, normalizer, normalizer_const
+    )
+    return seg.expand(w).expand(seg.shape).reshape(-1)  # always per sequence, even when S == N
 
 
-def _per_token(x: torch.Tensor | None, like: torch.Tensor, cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor | None:
-    """A per-token (``like``'s shape) or per-sequence (``[S]``) input as flat ``[N]``."""
-    if x is None or x.shape == like.shape:
+def _flat_per_token(x: torch.Tensor | None, seg: Segments) -> torch.Tensor | None:
+    """A per-token (``[N]`` or ``[S, T]``) or per-sequence (``[S]``) input as flat ``[N]``
+    (per token when ``N == S``, the ops' rule)."""
+    if x is None or x.numel() == seg.num_tokens:
         return None if x is None else x.reshape(-1)
-    seg = Segments(cu_seqlens, like.numel(), seq_len)
     return seg.expand(x).expand(seg.shape).reshape(-1)
+
+
+def _one_sequence(rows: int, device: torch.device) -> torch.Tensor:
+    """int32 ``cu_seqlens = [0, rows]`` made on the device (a host list copied there would wait
+    for the stream)."""
+    return torch.arange(0, 2 * rows, rows, dtype=torch.int32, device=device)
 
 
 def _loss_grad_forward(
@@ -79,9 +86,9 @@ def _loss_grad_forward(
     or [0], d hidden [N, H] or [0], d weight [V, H] or [0], d bias [V] or [0])`` for an
     upstream gradient of 1. ``old_logp`` None: on-policy, each chunk's own logprobs are its
     old ones. The body of ``rlhf_engine::fused_linear_policy_loss_grad``."""
-    whole = torch.tensor([0, chunk_rows], dtype=torch.int32, device=hidden.device)
+    whole = _one_sequence(chunk_rows, hidden.device)
     last_rows = hidden.shape[0] % chunk_rows
-    last = torch.tensor([0, last_rows], dtype=torch.int32, device=hidden.device) if last_rows else whole
+    last = _one_sequence(last_rows, hidden.device) if last_rows else whole
 
     def token_grads(start: int, stop: int, logp_c: torch.Tensor, _entropy_c):
         def cut(x):
@@ -165,10 +172,11 @@ def one_pass_logprobs(
     ``on_policy``: the loss's ``old_logp=None``)."""
     (stand_in, old, adv, mask, cu, ref, _entropy, isw, norm_tensor, loss, clip_low, clip_high, dual_clip, delta,
      kl_coef, kl_estimator, kl_clamp, entropy_coef, aggregation, norm_const, seq_len, loss_backend) = policy_args  # fmt: skip
-    weights = token_weights(mask, cu, norm_tensor, aggregation, norm_const, seq_len)
+    seg = Segments(cu, stand_in.numel(), seq_len)  # one sequence-id map for the three uses below
+    weights = token_weights(mask, seg, cu, norm_tensor, aggregation, norm_const)
     op_args = (
-        hidden2d, weight, bias, labels1d, None if on_policy else old.reshape(-1), _per_token(adv, stand_in, cu, seq_len), mask.reshape(-1),
-        None if ref is None else ref.reshape(-1), _per_token(isw, stand_in, cu, seq_len), weights, temperature,
+        hidden2d, weight, bias, labels1d, None if on_policy else old.reshape(-1), _flat_per_token(adv, seg), mask.reshape(-1),
+        None if ref is None else ref.reshape(-1), _flat_per_token(isw, seg), weights, temperature,
         ignore_index, with_entropy, chunk_rows, hidden2d.requires_grad,
         weight.requires_grad or (bias is not None and bias.requires_grad), loss, clip_low, clip_high, dual_clip, delta,
         kl_coef, kl_estimator, kl_clamp, entropy_coef, lm_head_backend, loss_backend,
