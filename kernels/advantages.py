@@ -316,7 +316,7 @@ def group_advantages_fwd(
     eps: float,
     preset: str,
 ) -> torch.Tensor:
-    """fp32 advantages ``[S]``; see ``reference.advantages.group_advantages_torch``."""
+    """fp32 advantages ``[S]``; see ``torch_backend.advantages.group_advantages_torch``."""
     S = scores.numel()
     out = torch.empty(S, dtype=torch.float32, device=scores.device)
     if S == 0:

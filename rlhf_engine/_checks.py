@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from rlhf_engine.reference.aggregation import host_readable
+from rlhf_engine.torch_backend.aggregation import host_readable
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)

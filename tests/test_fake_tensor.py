@@ -2,7 +2,7 @@
 memory planner traces whole training phases at real size on the CPU, with
 ``MemTracker`` counting the bytes.
 
-What the ops guarantee there (``reference/aggregation.host_readable``): a fake tensor
+What the ops guarantee there (``torch_backend/aggregation.host_readable``): a fake tensor
 takes the path of device tensors, so nothing reads a value (no ``.item()``, no
 value-dependent output shape such as ``nonzero`` / ``bincount``, no ``tolist`` of
 ``cu_seqlens``); validation that reads values (label range, ``cu_seqlens`` rising from 0
@@ -31,8 +31,8 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from rlhf_engine import ops
 from rlhf_engine._backend import resolve_backend, triton_importable
 from rlhf_engine.ops._lm_head_chunks import chunk_rows_for
-from rlhf_engine.reference import aggregation
-from rlhf_engine.reference import logprobs as logprobs_module
+from rlhf_engine.torch_backend import aggregation
+from rlhf_engine.torch_backend import logprobs as logprobs_module
 from rlhf_engine.reference.advantages import METHODS
 from rlhf_engine.reference.aggregation import AGGREGATIONS
 from rlhf_engine.reference.kl import ESTIMATORS

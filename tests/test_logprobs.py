@@ -12,11 +12,8 @@ import torch
 from rlhf_engine._backend import triton_interpreter_on, triton_runs_on
 from rlhf_engine.ops import token_logprobs
 from rlhf_engine.ops.logprobs import _rows_view
-from rlhf_engine.reference.logprobs import (
-    token_logprobs_bwd_torch,
-    token_logprobs_fwd_torch,
-    token_logprobs_ref,
-)
+from rlhf_engine.reference.logprobs import token_logprobs_ref
+from rlhf_engine.torch_backend.logprobs import token_logprobs_bwd_torch, token_logprobs_fwd_torch
 from tests.tolerance import assert_within_tolerance
 
 # The interpreter evaluates both sides of tl.where, so ignored rows make numpy warn about
@@ -134,10 +131,10 @@ def test_matches_reference(backend, device, case, dtype, with_entropy):
 def test_torch_backend_chunk_boundaries(device, monkeypatch, rows_per_chunk):
     # The torch backend walks rows in chunks: within one d1 run (2 rows: chunks of 2, 2, 1
     # per run of 5), or whole runs (7 rows: one run; 12 rows: two runs, then one).
-    from rlhf_engine.reference import logprobs as reference
+    from rlhf_engine.torch_backend import logprobs as torch_backend
 
     vocab = 21
-    monkeypatch.setitem(reference.CHUNK_BYTES, device.type, rows_per_chunk * 4 * vocab)
+    monkeypatch.setitem(torch_backend.CHUNK_BYTES, device.type, rows_per_chunk * 4 * vocab)
     logits = _logits((3, 5), vocab, torch.float32, device, "shifted")
     labels = _labels((3, 5), vocab, device)
     grads = [torch.randn(3, 5, dtype=torch.float64, device=device) for _ in range(2)]
@@ -402,7 +399,7 @@ def test_large_vocab_on_gpu(backend_name):
 def test_no_fp32_copy_of_logits_on_gpu(backend_name, inplace):
     # Peak memory above the inputs: one bf16 [N, V] gradient (none in place) plus chunk
     # temporaries for the torch backend, always well below one fp32 [N, V] (= 2 bf16 ones).
-    from rlhf_engine.reference.logprobs import CHUNK_BYTES
+    from rlhf_engine.torch_backend.logprobs import CHUNK_BYTES
 
     n, vocab = 1024, 151936
     hidden = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -95,7 +95,7 @@ def test_tracer_and_estimate_match_memtracker_of_a_real_step_on_real_tensors():
     # scalars then exist. The scratch only grows and MemTracker counts a view of it at its
     # storage's full size, so it is dropped first: one left by an earlier test's larger
     # logits would be counted here (+0.44 MiB in a full run).
-    from rlhf_engine.reference import logprobs as torch_logprobs
+    from rlhf_engine.torch_backend import logprobs as torch_logprobs
 
     torch_logprobs._CPU_WORKSPACE.memory = None
     update_step()

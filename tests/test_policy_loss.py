@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf_engine import ops
-from rlhf_engine.reference import aggregation as aggregation_module
+from rlhf_engine.torch_backend import aggregation as aggregation_module
 from rlhf_engine.reference.aggregation import AGGREGATIONS
 from rlhf_engine.reference.policy_loss import LOSSES, policy_loss_ref
 from tolerance import assert_within_tolerance
@@ -136,7 +136,7 @@ def test_awkward_layouts_match_reference(backend, device, layout, loss):
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("loss", ["ppo", "gspo"])
 def test_torch_backend_in_passes_matches_reference(monkeypatch, layout, aggregation, loss):
-    # Large CPU batches run in passes of whole sequences (reference/aggregation.py
+    # Large CPU batches run in passes of whole sequences (torch_backend/aggregation.py
     # token_passes); passes of ~16 tokens here: several sequences per pass, a sequence
     # longer than a pass, an empty one, a fully masked one.
     monkeypatch.setattr(aggregation_module, "CPU_PASS_TOKENS", 16)

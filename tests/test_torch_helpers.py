@@ -1,8 +1,8 @@
-"""The small helpers the torch backends share (``reference/aggregation.py``)."""
+"""The small helpers the torch backends share (``torch_backend/aggregation.py``)."""
 
 import torch
 
-from rlhf_engine.reference import aggregation
+from rlhf_engine.torch_backend import aggregation
 
 
 def test_numeric_converts_a_bool_mask_to_its_0_1_values():

@@ -6,7 +6,7 @@ composes with ``torch.compile(fullgraph=True)``.
 
 Every op also runs forward and backward on fake tensors (``FakeTensorMode``: shapes, no
 data), so a memory planner can trace whole steps at real size with ``MemTracker``. A fake
-tensor takes the path of device tensors (``reference.aggregation.host_readable``): no
+tensor takes the path of device tensors (``torch_backend.aggregation.host_readable``): no
 value is read, and validation that reads values (label range, ``cu_seqlens``, group ids)
 is skipped while the shape / dtype checks run. ``"auto"`` picks triton for fake CUDA
 tensors as for real ones; on that backend only the custom ops' fake functions run. Their

@@ -37,7 +37,7 @@ from rlhf_engine.ops._lm_head_chunks import chunked_logprobs_with_grads
 from rlhf_engine.ops.logprobs import _BWD as _EPILOGUE_BWD
 from rlhf_engine.ops.logprobs import _FWD as _EPILOGUE_FWD
 from rlhf_engine.ops.policy_loss import _policy_loss_forward
-from rlhf_engine.reference.aggregation import Segments, aggregate_partials, fp32, numeric
+from rlhf_engine.torch_backend.aggregation import Segments, aggregate_partials, fp32, numeric
 
 # Losses whose per-token coefficient needs a statistic of the whole sequence first.
 SEQUENCE_LEVEL_LOSSES = ("gspo",)

@@ -19,7 +19,7 @@ import torch
 
 from rlhf_engine import _checks
 from rlhf_engine._backend import lazy
-from rlhf_engine.reference.aggregation import fp32
+from rlhf_engine.torch_backend.aggregation import fp32
 
 
 class Layout(NamedTuple):

@@ -21,14 +21,9 @@ from rlhf_engine._checks import (
     check_same_shape,
     check_tensor,
 )
-from rlhf_engine.reference.advantages import (
-    METHODS,
-    PRESETS,
-    SCALES,
-    group_advantages_torch,
-    masked_whiten_torch,
-)
-from rlhf_engine.reference.aggregation import host_readable
+from rlhf_engine.reference.advantages import METHODS, PRESETS, SCALES
+from rlhf_engine.torch_backend.advantages import group_advantages_torch, masked_whiten_torch
+from rlhf_engine.torch_backend.aggregation import host_readable
 
 # Default ε per preset for GRPO's division by the std (``rlhf_engine/reference/advantages.py``), and the
 # whitening ε (inside the rsqrt) that REINFORCE++ uses under both presets.

@@ -28,7 +28,7 @@ from rlhf_engine.ops.logprobs import _FWD as _EPILOGUE_FWD
 from rlhf_engine.ops.logprobs import LOGITS_DTYPES, _check_labels_in_range
 from rlhf_engine.ops._lm_head_loss_grad import one_pass_applies, one_pass_logprobs
 from rlhf_engine.ops.policy_loss import policy_loss, policy_loss_args
-from rlhf_engine.reference.aggregation import host_readable
+from rlhf_engine.torch_backend.aggregation import host_readable
 
 OP = "fused_linear_logprobs"
 

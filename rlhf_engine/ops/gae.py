@@ -18,7 +18,7 @@ from rlhf_engine._checks import (
     check_same_shape,
     check_tensor,
 )
-from rlhf_engine.reference.gae import discounted_returns_torch, gae_torch
+from rlhf_engine.torch_backend.gae import discounted_returns_torch, gae_torch
 
 _GAE_BACKENDS = {"torch": gae_torch, "triton": lazy("rlhf_engine.kernels.gae", "gae_fwd")}
 _RETURNS_BACKENDS = {

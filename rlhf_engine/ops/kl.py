@@ -6,7 +6,8 @@ import torch
 
 from rlhf_engine import _checks
 from rlhf_engine._backend import eager_torch, lazy, resolve_backend
-from rlhf_engine.reference.kl import ESTIMATORS, kl_estimate, kl_estimate_and_grad
+from rlhf_engine.reference.kl import ESTIMATORS, kl_estimate
+from rlhf_engine.torch_backend.kl import kl_estimate_and_grad
 
 OP = "kl_penalty"
 

@@ -3,7 +3,7 @@
 Layers: validation and the public function here; two ``torch.library`` custom ops
 (``rlhf_engine::token_logprobs_fwd`` and ``rlhf_engine::token_logprobs_bwd``) that dispatch
 to a backend through ``_FWD`` / ``_BWD``; the backends themselves live in
-``rlhf_engine.kernels.logprobs`` (Triton) and ``rlhf_engine.reference.logprobs`` (torch).
+``rlhf_engine.kernels.logprobs`` (Triton) and ``rlhf_engine.torch_backend.logprobs`` (torch).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 from rlhf_engine._backend import eager_torch, lazy, resolve_backend
 from rlhf_engine._checks import INDEX_DTYPES, check_number, check_same_device, check_tensor
-from rlhf_engine.reference.aggregation import host_readable
-from rlhf_engine.reference.logprobs import token_logprobs_bwd_torch, token_logprobs_fwd_torch
+from rlhf_engine.torch_backend.aggregation import host_readable
+from rlhf_engine.torch_backend.logprobs import token_logprobs_bwd_torch, token_logprobs_fwd_torch
 
 OP = "token_logprobs"
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -9,9 +9,11 @@ import torch
 from rlhf_engine import _checks
 from rlhf_engine._backend import eager_torch, lazy, resolve_backend
 from rlhf_engine.ops._seq_loss import dense, normalizer_args, per_token_or_seq, seq_loss_backward, token_layout
-from rlhf_engine.reference.aggregation import AGGREGATIONS, aggregate_partials
+from rlhf_engine.reference.aggregation import AGGREGATIONS
 from rlhf_engine.reference.kl import ESTIMATORS
-from rlhf_engine.reference.policy_loss import LOSSES, METRICS, PARTIALS, policy_loss_torch
+from rlhf_engine.reference.policy_loss import LOSSES, METRICS, PARTIALS
+from rlhf_engine.torch_backend.aggregation import aggregate_partials
+from rlhf_engine.torch_backend.policy_loss import policy_loss_torch
 
 OP = "policy_loss"
 

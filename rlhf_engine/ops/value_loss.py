@@ -9,8 +9,10 @@ import torch
 from rlhf_engine import _checks
 from rlhf_engine._backend import eager_torch, lazy, resolve_backend
 from rlhf_engine.ops._seq_loss import dense, normalizer_args, seq_loss_backward, token_layout
-from rlhf_engine.reference.aggregation import AGGREGATIONS, aggregate_partials
-from rlhf_engine.reference.value_loss import METRICS, PARTIALS, value_loss_torch
+from rlhf_engine.reference.aggregation import AGGREGATIONS
+from rlhf_engine.reference.value_loss import METRICS, PARTIALS
+from rlhf_engine.torch_backend.aggregation import aggregate_partials
+from rlhf_engine.torch_backend.value_loss import value_loss_torch
 
 OP = "value_loss"
 

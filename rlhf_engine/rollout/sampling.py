@@ -10,7 +10,7 @@ from transformers import StaticCache
 
 from rlhf_engine.models.inputs import check_token_batch, position_ids_from_mask
 from rlhf_engine.models.policy import PolicyModel
-from rlhf_engine.reference.aggregation import host_readable
+from rlhf_engine.torch_backend.aggregation import host_readable
 from rlhf_engine.rollout.types import Rollout, SamplingConfig
 
 # Decode steps between host checks of "have all rows stopped?" (and of dropping finished
