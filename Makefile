@@ -12,7 +12,10 @@ STAMP := $(VENV)/.rlhf-engine-installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml setup.py
+# The native module rlhf_engine._C is built by the install; editing csrc/ rebuilds it.
+NATIVE_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/include/rlhf/*)
+
+$(STAMP): $(PY) pyproject.toml setup.py $(NATIVE_SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
@@ -27,4 +30,4 @@ demo: $(STAMP)
 	$(VENV)/bin/rlhf-engine demo --out demo-out
 
 clean:
-	rm -rf $(VENV) build *.egg-info bench-out demo-out train-out
+	rm -rf $(VENV) build *.egg-info bench-out demo-out train-out rlhf_engine/_C*.so

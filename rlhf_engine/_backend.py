@@ -4,12 +4,19 @@ Every op has implementations with identical semantics, named by backend:
 
 * ``"triton"``: the fused kernels in ``rlhf_engine.kernels``. Runs on CUDA tensors, and
   on CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``, for tests).
-* ``"torch"``: plain PyTorch; the CPU path.
+* ``"torch"``: plain PyTorch (``rlhf_engine.torch_backend``); any device.
+* ``"cuda"``: hand-written CUDA kernels in ``rlhf_engine._C`` (``csrc/cuda``), for the
+  bandwidth-bound ops of ``NATIVE_OPS``; CUDA tensors, when ``_C`` was built with nvcc.
+* ``"cpp"``: the C++ host twins of those kernels (``csrc/cpp``, OpenMP); CPU tensors,
+  when ``_C`` was built (any C++ compiler).
 
-Selection: an explicit ``backend="triton" | "torch"`` argument, else the
-``RLHF_ENGINE_BACKEND`` environment variable, else ``"auto"`` (triton for CUDA tensors when it imports, torch
-otherwise). A backend asked for by name that cannot run raises; it never silently falls
-back.
+Selection: an explicit ``backend=`` argument, else the ``RLHF_ENGINE_BACKEND`` environment
+variable (``cuda`` / ``cpp`` there apply to ``NATIVE_OPS``; the other ops take auto), else
+``"auto"``. Auto picks, on CUDA tensors, ``cuda`` for the ops a committed
+GPU measurement shows faster (``AUTO_PREFERS["cuda"]``), else ``triton`` when it imports,
+else ``torch``; on the CPU, ``cpp`` for the ops the committed CPU benchmark shows faster
+(``AUTO_PREFERS["cpu"]``), else ``torch``. A backend asked for by name that cannot run
+raises; it never silently falls back.
 """
 
 from __future__ import annotations
@@ -24,9 +31,24 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "torch", "cuda", "cpp")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "RLHF_ENGINE_BACKEND"
+
+# The ops with a "cuda" kernel and a "cpp" host twin in rlhf_engine._C; every other op has
+# only "triton" and "torch".
+NATIVE_OPS = frozenset(
+    {"token_logprobs", "policy_loss", "group_advantages", "masked_whiten", "gae", "discounted_returns"}
+)
+
+# Ops for which auto picks the native backend of a device type ("cuda" on CUDA tensors,
+# "cpp" on CPU ones) over the default, each mapped to the committed benchmark result file
+# that shows it faster. Empty for "cuda" until a GPU run measures it:
+# auto stays on triton there.
+AUTO_PREFERS: dict[str, dict[str, str]] = {
+    "cuda": {},
+    "cpu": {},
+}
 
 
 # Looked up once, without importing triton (so importing rlhf_engine never pulls it in),
@@ -92,11 +114,45 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and triton_interpreter_on() and INTERPRETER_PROBLEM is None
 
 
-def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
-    """Return the concrete backend (``"triton"`` or ``"torch"``) that runs ``op`` on ``device``.
+# Looked up once, without importing it, a plain value like _TRITON_FOUND.
+_NATIVE_FOUND = importlib.util.find_spec("rlhf_engine._C") is not None
 
-    Raises ``ValueError`` for an unknown name and ``RuntimeError`` when the backend asked
-    for by name cannot run here.
+
+def native_runs_on(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` (``"cuda"`` or ``"cpp"``) can run on tensors of ``device``:
+    ``rlhf_engine._C`` is built (with CUDA, for ``"cuda"``) and the device type matches."""
+    if backend == "cpp":
+        return device.type == "cpu" and _NATIVE_FOUND
+    from rlhf_engine.native.library import built_with_cuda
+
+    return device.type == "cuda" and built_with_cuda()
+
+
+def _native_problem(backend: str, device: torch.device) -> str:
+    wanted = "cpu" if backend == "cpp" else "cuda"
+    if device.type != wanted:
+        return f"it runs on {wanted} tensors (got {device.type})"
+    if not _NATIVE_FOUND:
+        return "rlhf_engine._C is not built (install from source with a C++ compiler: `pip install -e .`)"
+    return "rlhf_engine._C was built without CUDA (no nvcc at install, or RLHF_ENGINE_SKIP_CUDA_BUILD=1)"
+
+
+def _auto(op: str, device: torch.device) -> str:
+    if device.type == "cuda":
+        if op in AUTO_PREFERS["cuda"] and native_runs_on("cuda", device):
+            return "cuda"
+        return "triton" if triton_runs_on(device) else "torch"
+    if device.type == "cpu" and op in AUTO_PREFERS["cpu"] and native_runs_on("cpp", device):
+        return "cpp"
+    return "torch"
+
+
+def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
+    """Return the concrete backend (one of ``BACKENDS``) that runs ``op`` on ``device``.
+
+    Raises ``ValueError`` for an unknown name or a native backend ``op`` does not have
+    (not in ``NATIVE_OPS``), and ``RuntimeError`` when the backend asked for by name
+    cannot run here.
     """
     # "auto" (the ops' default) and None both mean "no preference": the env var decides.
     from_env = backend in (None, "auto")
@@ -104,10 +160,20 @@ def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
     if requested not in BACKEND_CHOICES:
         source = ENV_VAR if from_env else "backend"
         raise ValueError(f"{op}: {source} must be one of {BACKEND_CHOICES}, got {requested!r}")
+    if requested in ("cuda", "cpp") and from_env and op not in NATIVE_OPS:
+        requested = "auto"  # the environment's choice covers the ops that have it
     if requested == "auto":
-        if device.type == "cuda" and triton_runs_on(device):
-            return "triton"
-        return "torch"
+        return _auto(op, device)
+    if requested in ("cuda", "cpp"):
+        if op not in NATIVE_OPS:
+            source = ENV_VAR if from_env else "backend"
+            raise ValueError(
+                f"{op}: {source}={requested!r}: {op} has no {requested} kernel (the ops that do: "
+                f"{', '.join(sorted(NATIVE_OPS))}); use 'triton', 'torch' or 'auto'"
+            )
+        if not native_runs_on(requested, device):
+            raise RuntimeError(f"{op}: backend {requested!r} is not available: {_native_problem(requested, device)}")
+        return requested
     if requested == "triton" and not triton_runs_on(device):
         if not triton_importable():
             why = "the triton package is not installed"

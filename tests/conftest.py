@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 from rlhf_engine._backend import (  # noqa: E402
     INTERPRETER_PROBLEM,
+    native_runs_on,
     triton_importable,
     triton_interpreter_on,
     triton_runs_on,
@@ -38,12 +39,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(f"rlhf_engine test seed: RLHF_ENGINE_TEST_SEED={RUN_SEED}")
 
 
-def backends_here():
+def backends_here(native: bool = False):
     """The backends to test on this machine's test device: torch, and triton where it runs
     or where only the interpreter's package versions stop it (those tests are skipped with
-    the reason, not dropped unseen)."""
+    the reason, not dropped unseen); with ``native``, also the one of ``cpp`` (CPU) /
+    ``cuda`` (GPU) that runs here (``tests/test_native.py`` fails if ``_C`` was not built)."""
     interpreter_wanted = DEVICE.type == "cpu" and triton_importable() and triton_interpreter_on()
-    return ["torch"] + (["triton"] if triton_runs_on(DEVICE) or interpreter_wanted else [])
+    found = ["torch"] + (["triton"] if triton_runs_on(DEVICE) or interpreter_wanted else [])
+    if native:
+        found += [name for name in ("cpp", "cuda") if native_runs_on(name, DEVICE)]
+    return found
+
+
+def pytest_generate_tests(metafunc):
+    # A test module whose ops all have the native backends sets NATIVE_BACKENDS = True: its
+    # `backend` tests then also run on cpp (CPU) or cuda (GPU).
+    if "backend" in metafunc.fixturenames:
+        native = getattr(metafunc.module, "NATIVE_BACKENDS", False)
+        metafunc.parametrize("backend", backends_here(native), indirect=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -55,9 +68,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(params=backends_here())
+@pytest.fixture
 def backend(request):
-    """Each backend that runs here (torch always; triton on CUDA or under the interpreter)."""
+    """Each backend that runs here (torch always; triton on CUDA or under the interpreter;
+    cpp / cuda for modules with ``NATIVE_BACKENDS``), parametrized by pytest_generate_tests."""
     if request.param == "triton" and DEVICE.type == "cpu" and INTERPRETER_PROBLEM:
         pytest.skip(INTERPRETER_PROBLEM)
     return request.param

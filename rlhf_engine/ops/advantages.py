@@ -37,6 +37,8 @@ _GROUP_BACKENDS = {
 _WHITEN_BACKENDS = {
     "torch": masked_whiten_torch,
     "triton": lazy("rlhf_engine.kernels.advantages", "masked_whiten_fwd"),
+    "cuda": lazy("rlhf_engine.native.advantages", "masked_whiten_fwd"),
+    "cpp": lazy("rlhf_engine.native.advantages", "masked_whiten_fwd"),
 }
 
 

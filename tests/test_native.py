@@ -1,0 +1,52 @@
+"""rlhf_engine._C: built by the install, importable without a GPU, and clear errors where
+a native backend cannot run or does not exist."""
+
+import shutil
+
+import pytest
+import torch
+
+from rlhf_engine import _backend, ops
+from rlhf_engine.native import library
+
+COMPILER = shutil.which("c++") or shutil.which("g++")
+
+
+@pytest.mark.skipif(COMPILER is None, reason="no C++ compiler here, so the install skips rlhf_engine._C")
+def test_module_is_built_and_imports_without_a_gpu():
+    assert library.native_built(), "rlhf_engine._C was not built: see the install's 'rlhf_engine build:' lines"
+    assert isinstance(library.module().built_with_cuda, bool)
+
+
+@pytest.mark.skipif(not library.native_built(), reason="rlhf_engine._C is not built")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA device")
+def test_cuda_entry_point_without_a_device_raises_clearly():
+    x = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="'cuda' backend"):
+        library.module().masked_whiten_cuda(library.ref(x), library.ref(x), x.data_ptr(), 0, 4, True, 1e-8, 0, 0)
+
+
+def test_backend_cuda_on_cpu_tensors_is_refused_by_name():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: it runs on cuda tensors"):
+        ops.masked_whiten(torch.zeros(3), torch.ones(3, dtype=torch.bool), backend="cuda")
+
+
+def test_native_backend_of_an_op_without_one_is_a_value_error():
+    with pytest.raises(ValueError, match="kl_penalty has no cpp kernel"):
+        ops.kl_penalty(torch.zeros(3), torch.zeros(3), backend="cpp")
+
+
+def test_environment_native_choice_leaves_other_ops_on_auto(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "cpp")
+    assert _backend.resolve_backend("kl_penalty", None, torch.device("cpu")) == "torch"
+    if library.native_built():
+        assert _backend.resolve_backend("masked_whiten", None, torch.device("cpu")) == "cpp"
+
+
+def test_auto_prefers_only_measured_native_backends():
+    # Each entry names the committed benchmark that shows the native backend faster.
+    for device_type, table in _backend.AUTO_PREFERS.items():
+        assert device_type in ("cpu", "cuda")
+        for op, source in table.items():
+            assert op in _backend.NATIVE_OPS, op
+            assert source.startswith("benchmarks/results/"), source
