@@ -17,6 +17,9 @@ V 151936 in bf16 / fp16 / fp32, with and without bias and entropy; the policy lo
 loss, KL estimator and option flag; group advantages for every method and scale; GAE and
 discounted returns padded and packed; KL penalties; the value loss; whitening.
 
+The CUDA kernels of ``csrc/cuda`` are compiled too (:mod:`build_check_cuda`: ``nvcc -cubin
+-Xptxas -v`` for ``sm_80`` / ``sm_90a``) and judged by the same rules, unless ``--triton-only``.
+
 ``python -m rlhf_engine.benchmarks.build_check [--arch 80 90] [--out FILE.json]`` prints a
 table and exits 1 on a compile error, on shared memory over what a block may use on the
 arch (:data:`SHARED_MEMORY_LIMIT`: the launch would fail), or on a spill in a kernel of the
@@ -233,7 +236,7 @@ def failures(rows: list[dict]) -> list[str]:
         if r["error"]:
             bad.append(f"{where}: {r['error']}")
             continue
-        limit = SHARED_MEMORY_LIMIT.get(int(r["arch"].removeprefix("sm_")))
+        limit = SHARED_MEMORY_LIMIT.get(int(r["arch"].removeprefix("sm_").rstrip("a")))
         if limit is not None and r["shared_bytes"] > limit:
             bad.append(f"{where}: {r['shared_bytes']} B of shared memory, over the {limit} B a block may use")
         if (HOT_PATH == "*" or r["kernel"] in HOT_PATH) and (r["spill_stores"] or r["spill_loads"]):
@@ -262,11 +265,18 @@ def check(archs=ARCHS) -> list[dict]:
 def main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="compile every Triton kernel specialization for GPUs, without one")
+    parser = argparse.ArgumentParser(
+        description="compile every Triton kernel specialization and every csrc/cuda kernel for GPUs, without one"
+    )
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--triton-only", action="store_true", help="skip the csrc/cuda kernels (nvcc)")
     args = parser.parse_args()
     rows = check(tuple(args.arch))
+    if not args.triton_only:
+        from rlhf_engine.benchmarks.build_check_cuda import check_cuda
+
+        rows += check_cuda(tuple(args.arch))
     print(format_rows(rows))
     if args.out:
         from rlhf_engine.benchmarks.common import git_commit

@@ -8,6 +8,8 @@ runs the other tests) ``@triton.jit`` makes interpreted functions, which cannot 
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,11 +49,19 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
                 "from rlhf_engine.benchmarks.build_check import main; main()")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    triton_rows = [r for r in rows if not r["module"].startswith("csrc/")]
+    assert {r["arch"] for r in triton_rows} == {"sm_80", "sm_90"}
     assert all(r["error"] is None and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows)
     assert all(0 < r["registers"] <= 255 for r in rows)
     expected = set(json.loads(kernels.read_text()))
     assert len(expected) >= 10 and expected <= {r["kernel"] for r in rows}, expected - {r["kernel"] for r in rows}
+    # Every __global__ function of csrc/cuda compiled for both arches.
+    cuda_rows = [r for r in rows if r["module"].startswith("csrc/cuda/")]
+    assert {r["arch"] for r in cuda_rows} == {"sm_80", "sm_90a"}
+    for source in sorted((HERE.parent / "csrc" / "cuda").glob("*.cu")):
+        declared = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", source.read_text()))
+        compiled = {r["kernel"] for r in cuda_rows if r["module"] == f"csrc/cuda/{source.name}"}
+        assert declared <= compiled, (source.name, declared - compiled)
 
 
 def test_the_check_fails_on_a_kernel_the_interpreter_runs_and_no_gpu_can_launch():
@@ -79,6 +89,31 @@ print("\\n".join(failures(rows)))
         cwd=HERE, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert interp.stdout.strip().endswith("True"), interp.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="the CUDA half of the check needs nvcc")
+def test_the_cuda_check_reports_a_compile_error_and_a_spill(tmp_path):
+    from rlhf_engine.benchmarks.build_check import failures
+    from rlhf_engine.benchmarks.build_check_cuda import check_cuda
+
+    broken = tmp_path / "broken.cu"
+    broken.write_text("__global__ void k(float* x) { x[threadIdx.x] = undefined_name; }\n")
+    # 96 values live at once in a kernel held to 32 registers (1024 threads, 2 blocks an SM).
+    spilling = tmp_path / "spilling.cu"
+    spilling.write_text(
+        "__global__ void __launch_bounds__(1024, 2) k(float* x, int n) {\n"
+        "  float v[96];\n"
+        "#pragma unroll\n"
+        "  for (int i = 0; i < 96; ++i) v[i] = x[i * n + threadIdx.x];\n"
+        "  float s = 0;\n"
+        "#pragma unroll\n"
+        "  for (int i = 0; i < 96; ++i) s += v[i] * v[95 - i] * x[(i + 96) * n];\n"
+        "  x[threadIdx.x] = s;\n}\n"
+    )
+    rows = check_cuda((80,), [broken, spilling])
+    bad = failures(rows)
+    assert any("nvcc failed" in line and "undefined_name" in line for line in bad), bad
+    assert any("sm_80" in line and "spills" in line for line in bad), (bad, rows)
 
 
 def test_failures_names_compile_errors_shared_memory_and_spills():
