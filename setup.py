@@ -101,17 +101,35 @@ class BuildNative(build_ext):
     """Compiles ``csrc/cuda/*.cu`` with nvcc into objects linked into the extension, then
     the C++ sources as usual; any failure skips the extension with a message."""
 
+    skipped: set[str] = set()
+
     def build_extension(self, ext: Extension) -> None:
         include = pybind11_include()
         if include is None:
-            _say("skipped rlhf_engine._C (pybind11 not found): backends 'cpp' and 'cuda' unavailable")
+            self._skip(ext, "pybind11 not found")
             return
         ext.include_dirs.append(include)
         try:
             self._add_cuda(ext)
             super().build_extension(ext)
         except Exception as error:  # noqa: BLE001 - any compiler failure leaves a working pure-Python install
-            _say(f"skipped rlhf_engine._C ({type(error).__name__}: {error}): backends 'cpp' and 'cuda' unavailable")
+            self._skip(ext, f"{type(error).__name__}: {error}")
+
+    def _skip(self, ext: Extension, why: str) -> None:
+        self.skipped.add(ext.name)
+        _say(f"skipped {ext.name} ({why}): backends 'cpp' and 'cuda' unavailable")
+
+    # A skipped extension has no file: neither copy it (editable installs) nor list it.
+    def copy_extensions_to_source(self) -> None:
+        built = self.extensions
+        self.extensions = [ext for ext in built if ext.name not in self.skipped]
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = built
+
+    def get_outputs(self) -> list[str]:
+        return [path for path in super().get_outputs() if os.path.exists(path) or not self.skipped]
 
     def _add_cuda(self, ext: Extension) -> None:
         if os.environ.get("RLHF_ENGINE_SKIP_CUDA_BUILD", "0") not in ("", "0"):
