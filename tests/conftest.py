@@ -51,10 +51,21 @@ def backends_here(native: bool = False):
     return found
 
 
+def _parametrizes_itself(metafunc, name: str) -> bool:
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0]
+        if isinstance(names, str):
+            names = [part.strip() for part in names.split(",")]
+        if name in names:
+            return True
+    return False
+
+
 def pytest_generate_tests(metafunc):
     # A test module whose ops all have the native backends sets NATIVE_BACKENDS = True: its
     # `backend` tests then also run on cpp (CPU) or cuda (GPU).
-    if "backend" in metafunc.fixturenames:
+    # A test that parametrizes `backend` itself (e.g. "auto") keeps its own values.
+    if "backend" in metafunc.fixturenames and not _parametrizes_itself(metafunc, "backend"):
         native = getattr(metafunc.module, "NATIVE_BACKENDS", False)
         metafunc.parametrize("backend", backends_here(native), indirect=True)
 
