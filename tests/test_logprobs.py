@@ -356,7 +356,7 @@ BAD_INPUTS = {
     "temperature string": (dict(temperature="1"), TypeError, "temperature"),
     "ignore_index float": (dict(ignore_index=-100.0), TypeError, "ignore_index"),
     "return_entropy int": (dict(return_entropy=1), TypeError, "return_entropy"),
-    "unknown backend": (dict(backend="cuda"), ValueError, "backend"),
+    "unknown backend": (dict(backend="cudnn"), ValueError, "backend"),
 }
 
 
