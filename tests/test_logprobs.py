@@ -16,6 +16,9 @@ from rlhf_engine.reference.logprobs import token_logprobs_ref
 from rlhf_engine.torch_backend.logprobs import token_logprobs_bwd_torch, token_logprobs_fwd_torch
 from tests.tolerance import assert_within_tolerance
 
+# The backend tests also run on cpp (CPU) / cuda (GPU): rlhf_engine.native.logprobs.
+NATIVE_BACKENDS = True
+
 # The interpreter evaluates both sides of tl.where, so ignored rows make numpy warn about
 # the NaN/inf in the branch that is thrown away.
 pytestmark = pytest.mark.filterwarnings(
