@@ -9,12 +9,15 @@ import math
 import pytest
 import torch
 
-from rlhf_engine._backend import triton_interpreter_on, triton_runs_on
+from rlhf_engine._backend import native_runs_on, triton_interpreter_on, triton_runs_on
 from rlhf_engine.ops import token_logprobs
 from rlhf_engine.ops.logprobs import _rows_view
 from rlhf_engine.reference.logprobs import token_logprobs_ref
 from rlhf_engine.torch_backend.logprobs import token_logprobs_bwd_torch, token_logprobs_fwd_torch
 from tests.tolerance import assert_within_tolerance
+
+# The backend tests also run on cpp (CPU) / cuda (GPU): rlhf_engine.native.logprobs.
+NATIVE_BACKENDS = True
 
 # The interpreter evaluates both sides of tl.where, so ignored rows make numpy warn about
 # the NaN/inf in the branch that is thrown away.
@@ -43,6 +46,16 @@ def _logits(lead, vocab, dtype, device, layout="contiguous"):
         a, b, c = lead
         return rand(a, b + 1, c + 1)[:, :-1, :-1]
     raise AssertionError(layout)
+
+
+def _native_launchers(device):
+    """The cpp / cuda launchers (whichever runs on ``device``), or a skip."""
+    name = "cuda" if device.type == "cuda" else "cpp"
+    if not native_runs_on(name, device):
+        pytest.skip(f"backend {name!r} cannot run here")
+    from rlhf_engine.native.logprobs import token_logprobs_bwd, token_logprobs_fwd
+
+    return token_logprobs_fwd, token_logprobs_bwd
 
 
 def _labels(lead, vocab, device, ignore_index=-100, ignored_frac=0.25):
@@ -221,11 +234,12 @@ def test_negative_infinite_logits(backend, device):
         assert torch.allclose(x.grad[row, keep].double(), r.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab", [37, 2053])  # 2053: past the cuda kernels' warp-per-row limit
 @pytest.mark.parametrize("layout", ["contiguous", "shifted", "unfoldable"])
-def test_inplace_backward(backend, device, layout):
+def test_inplace_backward(backend, device, layout, vocab):
     lead = (2, 2, 2) if layout == "unfoldable" else (2, 3)
-    logits = _logits(lead, 37, torch.bfloat16, device, layout)
-    labels = _labels(lead, 37, device)
+    logits = _logits(lead, vocab, torch.bfloat16, device, layout)
+    labels = _labels(lead, vocab, device)
     grads = [torch.randn(lead, dtype=torch.float64, device=device) for _ in range(2)]
     _, expected = _forward_backward(_ours(backend), logits, labels, grads, 0.9, True)
 
@@ -307,7 +321,7 @@ def test_custom_op_registration():
     )
 
 
-@pytest.mark.parametrize("launcher", ["torch", "triton"])
+@pytest.mark.parametrize("launcher", ["torch", "triton", "native"])
 def test_out_of_range_labels_give_nan_rows(launcher, device):
     # The GPU path does not check labels (a host sync): the kernels must not read out of
     # bounds and must mark the row NaN. Tested on the launchers, below the CPU-only check.
@@ -316,6 +330,8 @@ def test_out_of_range_labels_give_nan_rows(launcher, device):
             pytest.skip("triton cannot run here")
         from rlhf_engine.kernels.logprobs import token_logprobs_bwd as bwd
         from rlhf_engine.kernels.logprobs import token_logprobs_fwd as fwd
+    elif launcher == "native":
+        fwd, bwd = _native_launchers(device)
     else:
         fwd, bwd = token_logprobs_fwd_torch, token_logprobs_bwd_torch
     logits = torch.randn(1, 4, 10, device=device)
@@ -335,6 +351,111 @@ def test_rows_view_reads_slices_in_place():
     assert not copied and view.data_ptr() == base.data_ptr() and view.shape == (2, 5, 9)
     view, copied = _rows_view(torch.randn(2, 3, 4, 9)[:, :-1, :-1])
     assert copied and view.shape == (1, 12, 9)
+
+
+def _native_name(device):
+    return "cuda" if device.type == "cuda" else "cpp"
+
+
+def test_native_results_do_not_depend_on_threads():
+    # The host twin runs one row per OpenMP iteration: 1 and 4 threads give the same bits.
+    if not native_runs_on("cpp", torch.device("cpu")):
+        pytest.skip("backend 'cpp' cannot run here")
+    from rlhf_engine.native.logprobs import token_logprobs_bwd, token_logprobs_fwd
+
+    logits = _logits((3, 13), 1500, torch.bfloat16, "cpu", "shifted")
+    labels = _labels((3, 13), 1500, "cpu").reshape(-1)
+    rows, _ = _rows_view(logits)
+    grads = torch.randn(2, 39)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            logp, entropy, lse = token_logprobs_fwd(rows, labels, 0.8, -100, True)
+            dlogits = torch.empty(rows.shape, dtype=rows.dtype)
+            token_logprobs_bwd(grads[0], grads[1], rows, labels, lse, entropy, dlogits, 0.8, -100)
+            results.append((logp, entropy, lse, dlogits))
+    finally:
+        torch.set_num_threads(threads)
+    for one, four in zip(*results):
+        assert torch.equal(one, four)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1024, 1025, 4096 + 3])
+def test_native_vocab_sizes_around_the_row_split(device, dtype, vocab):
+    # The cuda kernels take a row per warp up to V = 1024 and a row per block above (many
+    # groups per thread at 4099); every size must match the float64 reference alike.
+    _native_launchers(device)
+    backend = _native_name(device)
+    lead = (5,)
+    logits = _logits(lead, vocab, dtype, device)
+    labels = _labels(lead, vocab, device)
+    grads = [torch.randn(lead, dtype=torch.float64, device=device) for _ in range(2)]
+    outs, grad = _forward_backward(_ours(backend), logits, labels, grads, 0.9, True)
+    ref_outs, ref_grad = _forward_backward(_ref, logits.double(), labels, grads, 0.9, True)
+    base_outs, base_grad = _forward_backward(_ref, logits, labels, grads, 0.9, True)
+    for name, out, ref, base in zip(("logp", "entropy"), outs, ref_outs, base_outs):
+        assert_within_tolerance(out, ref, base, dtype, what=f"{backend} {name}")
+    assert_within_tolerance(grad, ref_grad, base_grad, dtype, what=f"{backend} dlogits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1000, 2056])
+def test_native_unaligned_rows_match_aligned_ones(device, dtype, vocab):
+    # Rows starting one element past a 16-byte boundary take the cuda kernels' scalar loads
+    # and stores; the arithmetic is the same, so the results are the same bits as for an
+    # aligned contiguous copy (V a multiple of 8: its rows are all aligned).
+    fwd, bwd = _native_launchers(device)
+    base = (torch.randn(6, vocab + 1, dtype=torch.float64) * 4).to(dtype).to(device)
+    unaligned = base[:, 1:].unsqueeze(0)
+    aligned = unaligned.contiguous()
+    labels = _labels((6,), vocab, device)
+    grads = torch.randn(2, 6, device=device)
+    results = []
+    for logits in (unaligned, aligned):
+        logp, entropy, lse = fwd(logits, labels, 1.1, -100, True)
+        dlogits = torch.empty_like(aligned)
+        bwd(grads[0], grads[1], logits, labels, lse, entropy, dlogits, 1.1, -100)
+        results.append((logp, entropy, lse, dlogits))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_native_backward_with_label_offset(device):
+    # The fused lm_head's vocabulary slices: column j is token label_offset + j, and a label
+    # outside the slice adds no one-hot term; lse and entropy are the whole rows'.
+    fwd, bwd = _native_launchers(device)
+    vocab, start, width = 40, 16, 16
+    logits = torch.randn(1, 5, vocab, device=device)
+    labels = torch.tensor([3, 16, 20, 31, 39], device=device)
+    logp, entropy, lse = token_logprobs_fwd_torch(logits, labels, 0.7, -100, True)
+    grads = torch.randn(2, 5, device=device)
+    full = torch.empty_like(logits)
+    token_logprobs_bwd_torch(grads[0], grads[1], logits, labels, lse, entropy, full, 0.7, -100)
+    piece = logits[:, :, start : start + width].contiguous()
+    dpiece = torch.empty_like(piece)
+    bwd(grads[0], grads[1], piece, labels, lse, entropy, dpiece, 0.7, -100, label_offset=start)
+    assert torch.allclose(dpiece, full[:, :, start : start + width], atol=1e-6)
+
+
+def test_native_backward_refuses_dlogits_in_another_dtype():
+    if not native_runs_on("cpp", torch.device("cpu")):
+        pytest.skip("backend 'cpp' cannot run here")
+    from rlhf_engine.native.logprobs import token_logprobs_bwd, token_logprobs_fwd
+
+    logits = torch.randn(1, 2, 9).to(torch.bfloat16)
+    labels = torch.tensor([1, 2])
+    _, entropy, lse = token_logprobs_fwd(logits, labels, 1.0, -100, True)
+    ones = torch.ones(2)
+    with pytest.raises(ValueError, match="dlogits"):
+        token_logprobs_bwd(ones, ones, logits, labels, lse, entropy, torch.empty(1, 2, 9), 1.0, -100)
+
+
+def test_backend_cuda_on_cpu_tensors_is_refused_by_name():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: it runs on cuda tensors"):
+        token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]), backend="cuda")
 
 
 def _valid_args(device):
@@ -379,7 +500,7 @@ def test_labels_on_another_device():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("backend_name", ["triton", "torch", "cuda"])
 def test_large_vocab_on_gpu(backend_name):
     # A real vocabulary (Qwen2, 151936) in bf16, against the float64 reference.
     logits = (torch.randn(64, 151936, device="cuda") * 4).to(torch.bfloat16)
@@ -394,7 +515,7 @@ def test_large_vocab_on_gpu(backend_name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("backend_name", ["triton", "torch", "cuda"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_no_fp32_copy_of_logits_on_gpu(backend_name, inplace):
     # Peak memory above the inputs: one bf16 [N, V] gradient (none in place) plus chunk

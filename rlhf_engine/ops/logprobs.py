@@ -3,7 +3,8 @@
 Layers: validation and the public function here; two ``torch.library`` custom ops
 (``rlhf_engine::token_logprobs_fwd`` and ``rlhf_engine::token_logprobs_bwd``) that dispatch
 to a backend through ``_FWD`` / ``_BWD``; the backends themselves live in
-``rlhf_engine.kernels.logprobs`` (Triton) and ``rlhf_engine.torch_backend.logprobs`` (torch).
+``rlhf_engine.kernels.logprobs`` (Triton), ``rlhf_engine.torch_backend.logprobs`` (torch) and
+``rlhf_engine.native.logprobs`` (cuda / cpp, in ``rlhf_engine._C``).
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FWD = {
     "torch": token_logprobs_fwd_torch,
     "triton": lazy("rlhf_engine.kernels.logprobs", "token_logprobs_fwd"),
+    "cuda": lazy("rlhf_engine.native.logprobs", "token_logprobs_fwd"),
+    "cpp": lazy("rlhf_engine.native.logprobs", "token_logprobs_fwd"),
 }
 _BWD = {
     "torch": token_logprobs_bwd_torch,
     "triton": lazy("rlhf_engine.kernels.logprobs", "token_logprobs_bwd"),
+    "cuda": lazy("rlhf_engine.native.logprobs", "token_logprobs_bwd"),
+    "cpp": lazy("rlhf_engine.native.logprobs", "token_logprobs_bwd"),
 }
 
 
@@ -279,8 +284,9 @@ def token_logprobs(
             custom op marks them mutated, so autograd raises if another node saved them).
             ``logits`` must not be a leaf tensor.
         backend: ``"auto"`` (triton for CUDA tensors, torch otherwise), ``"triton"``,
-            ``"torch"``, or None (the ``RLHF_ENGINE_BACKEND`` environment variable, else
-            auto). A backend that cannot run here raises.
+            ``"torch"``, ``"cuda"`` / ``"cpp"`` (the kernels of ``rlhf_engine._C``, on
+            CUDA / CPU tensors), or None (the ``RLHF_ENGINE_BACKEND`` environment
+            variable, else auto). A backend that cannot run here raises.
 
     Returns:
         ``logp`` fp32 ``[...]``, or ``(logp, entropy)`` (both fp32 ``[...]``) when
