@@ -20,10 +20,17 @@ from rlhf_engine._checks import (
 )
 from rlhf_engine.torch_backend.gae import discounted_returns_torch, gae_torch
 
-_GAE_BACKENDS = {"torch": gae_torch, "triton": lazy("rlhf_engine.kernels.gae", "gae_fwd")}
+_GAE_BACKENDS = {
+    "torch": gae_torch,
+    "triton": lazy("rlhf_engine.kernels.gae", "gae_fwd"),
+    "cuda": lazy("rlhf_engine.native.gae", "gae_fwd"),
+    "cpp": lazy("rlhf_engine.native.gae", "gae_fwd"),
+}
 _RETURNS_BACKENDS = {
     "torch": discounted_returns_torch,
     "triton": lazy("rlhf_engine.kernels.gae", "discounted_returns_fwd"),
+    "cuda": lazy("rlhf_engine.native.gae", "discounted_returns_fwd"),
+    "cpp": lazy("rlhf_engine.native.gae", "discounted_returns_fwd"),
 }
 
 
