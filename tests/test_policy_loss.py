@@ -13,6 +13,8 @@ from rlhf_engine.reference.aggregation import AGGREGATIONS
 from rlhf_engine.reference.policy_loss import LOSSES, policy_loss_ref
 from tolerance import assert_within_tolerance
 
+NATIVE_BACKENDS = True  # the backend tests also run on cpp (CPU) / cuda (GPU)
+
 # Options that switch on every term of the per-token loss, per loss.
 LOSS_OPTIONS = {
     "ppo": dict(clip_high=0.28, dual_clip=3.0, delta=1.5),
