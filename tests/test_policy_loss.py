@@ -526,7 +526,7 @@ def test_cpp_launcher_matches_the_triton_launcher(loss):
 @native_built
 @pytest.mark.parametrize("loss", ["ppo", "gspo", "sapo"])
 def test_cpp_results_do_not_depend_on_the_thread_count(loss):
-    # Many sequences of uneven lengths (one longer than a chunk of work): every output bit
+    # Many sequences of uneven lengths and one long one: every output bit
     # is the same for 1 and 4 threads, forward and backward.
     lengths = [int(x) for x in torch.randint(0, 300, (61,))] + [20000]
     batch = make_batch(torch.device("cpu"), lengths=lengths, per_seq=True, float_mask=True)
