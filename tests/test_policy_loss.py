@@ -8,10 +8,15 @@ import pytest
 import torch
 
 from rlhf_engine import ops
+from rlhf_engine._backend import triton_runs_on
+from rlhf_engine.native import library
+from rlhf_engine.native import policy_loss as native_policy_loss
 from rlhf_engine.torch_backend import aggregation as aggregation_module
 from rlhf_engine.reference.aggregation import AGGREGATIONS
-from rlhf_engine.reference.policy_loss import LOSSES, policy_loss_ref
+from rlhf_engine.reference.policy_loss import LOSSES, PARTIALS, policy_loss_ref
 from tolerance import assert_within_tolerance
+
+NATIVE_BACKENDS = True  # the backend tests also run on cpp (CPU) / cuda (GPU)
 
 # Options that switch on every term of the per-token loss, per loss.
 LOSS_OPTIONS = {
@@ -457,3 +462,208 @@ def test_cuda_graph_capture_forward_backward():
                                   **{k: v for k, v in kw.items() if k != "backend"})
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     assert torch.isfinite(lp.grad).all() and torch.isfinite(metrics["ratio_mean"])
+
+
+# ------------------------------------------------------------------ native (cpp / cuda)
+
+native_built = pytest.mark.skipif(not library.native_built(), reason="rlhf_engine._C is not built")
+
+
+def _launcher_args(batch, **kw):
+    """``batch`` (make_batch) -> the positional and keyword arguments of policy_loss_fwd."""
+    cu = batch["cu_seqlens"]
+    if cu is None:
+        rows, cols = batch["logp"].shape
+        cu = torch.arange(0, (rows + 1) * cols, cols, dtype=torch.int32, device=batch["logp"].device)
+    options = dict(loss="ppo", clip_low=0.2, clip_high=0.28, dual_clip=3.0, delta=None, kl_coef=0.1,
+                   kl_estimator="k3", kl_clamp=False, entropy_coef=0.01, seq_len=0)
+    options.update(kw)
+    args = (batch["logp"], batch["old_logp"], batch["advantages"], batch["mask"], cu, batch["ref_logp"],
+            batch["entropy"], batch["is_weights"])
+    return args, options
+
+
+@native_built
+def test_native_constants_mirror_the_spec():
+    from rlhf_engine.reference import kl as kl_ref
+    from rlhf_engine.reference import policy_loss as spec
+
+    constants = library.module().POLICY_LOSS_CONSTANTS
+    assert constants["LOG_RATIO_CLAMP"] == spec.LOG_RATIO_CLAMP
+    assert constants["SAPO_TAU_POS"] == pytest.approx(spec.SAPO_TAU_POS, rel=1e-7)  # fp32 mirrors
+    assert constants["SAPO_TAU_NEG"] == pytest.approx(spec.SAPO_TAU_NEG, rel=1e-7)
+    assert constants["KAPPA_CLAMP"] == kl_ref.KAPPA_CLAMP and constants["K3_CLAMP"] == kl_ref.K3_CLAMP
+    assert constants["NUM_PARTIALS"] == len(spec.PARTIALS)
+    assert constants["RATIO_MIN_COLUMN"] == spec.PARTIALS.index("ratio_min")
+    assert constants["RATIO_MAX_COLUMN"] == spec.PARTIALS.index("ratio_max")
+    assert constants["LOSS_CODES"] == native_policy_loss.LOSS_CODES == {name: i for i, name in enumerate(LOSSES)}
+    assert constants["KL_BASE_CODES"] == native_policy_loss.KL_BASE_CODES
+    assert {base for base, _ in kl_ref.ESTIMATORS.values()} == set(native_policy_loss.KL_BASE_CODES)
+
+
+@pytest.mark.skipif(not (library.native_built() and triton_runs_on(torch.device("cpu"))),
+                    reason="needs rlhf_engine._C and the Triton interpreter")
+@pytest.mark.parametrize("loss", LOSSES)
+def test_cpp_launcher_matches_the_triton_launcher(loss):
+    # Same (g, partials) as kernels/policy_loss.py, the empty sequence's ratio_min / ratio_max
+    # identities (+inf / -inf) included; also the codes the Triton launcher uses.
+    from rlhf_engine.kernels import kl as triton_kl
+    from rlhf_engine.kernels import policy_loss as triton_policy_loss
+
+    assert triton_policy_loss.LOSS_CODES == native_policy_loss.LOSS_CODES
+    assert triton_kl.BASE_CODES == native_policy_loss.KL_BASE_CODES
+    batch = make_batch(torch.device("cpu"), lengths=[9, 0, 40, 3], per_seq=loss == "gspo", float_mask=True)
+    args, options = _launcher_args(batch, **{**dict(clip_low=0.2), **LOSS_OPTIONS[loss]}, loss=loss,
+                                   kl_estimator="k3+", kl_clamp=True)
+    g, partials = native_policy_loss.policy_loss_fwd(*args, **options)
+    g_triton, partials_triton = triton_policy_loss.policy_loss_fwd(*args, **options)
+    assert partials[1, PARTIALS.index("ratio_min")].item() == math.inf
+    assert partials[1, PARTIALS.index("ratio_max")].item() == -math.inf
+    torch.testing.assert_close(partials, partials_triton, rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_triton, rtol=2e-5, atol=1e-6)
+
+
+@native_built
+@pytest.mark.parametrize("loss", ["ppo", "gspo", "sapo"])
+def test_cpp_results_do_not_depend_on_the_thread_count(loss):
+    # Many sequences of uneven lengths and one long one: every output bit
+    # is the same for 1 and 4 threads, forward and backward.
+    lengths = [int(x) for x in torch.randint(0, 300, (61,))] + [20000]
+    batch = make_batch(torch.device("cpu"), lengths=lengths, per_seq=True, float_mask=True)
+    args, options = _launcher_args(batch, loss=loss, **LOSS_OPTIONS[loss])
+    cu = args[4]
+    w = torch.rand(len(lengths))
+    grad = torch.tensor(0.75)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            g, partials = native_policy_loss.policy_loss_fwd(*args, **options)
+            out = native_policy_loss.seq_scale_bwd(grad, w, g, cu, -0.5, 0, torch.bfloat16)
+            results.append((g, partials, out))
+    finally:
+        torch.set_num_threads(previous)
+    for one, four in zip(*results):
+        assert torch.equal(one, four)
+
+
+@native_built
+def test_cpp_long_sequences_match_reference():
+    # Sequences far longer than a CUDA block's stride or a host chunk, every term on.
+    batch = make_batch(torch.device("cpu"), lengths=[5000, 1, 0, 12000], per_seq=True, float_mask=True)
+    for loss in ("ppo", "gspo"):
+        assert_matches("cpp", batch, loss=loss, kl_coef=0.1, entropy_coef=0.01, **LOSS_OPTIONS[loss])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_every_input_dtype_reads_as_its_fp32_value(backend, device, dtype):
+    # Inputs of any float dtype (mixed too), masks and cu_seqlens of any allowed dtype: the
+    # kernels compute on the fp32 values, so the result equals that of the inputs rounded to
+    # fp32 first; gradients come back in their input's dtype.
+    batch = make_batch(device, lengths=[6, 0, 17, 9], per_seq=True)
+    rounded = {k: _cast(v, dtype) for k, v in batch.items()}
+    mixed = dict(rounded, old_logp=rounded["old_logp"].float(), advantages=rounded["advantages"].double(),
+                 mask=batch["mask"].to(torch.uint8), cu_seqlens=batch["cu_seqlens"].long())
+    as_fp32 = {k: _cast(v, torch.float32) for k, v in rounded.items()}
+    kw = dict(loss="gspo", kl_coef=0.1, entropy_coef=0.01, aggregation="seq-mean-token-mean")
+    # The native kernels read each element as its fp32 value and round the gradient once:
+    # bit for bit the fp32 run. The others may round in between.
+    exact = dict(rtol=0, atol=0) if backend in ("cpp", "cuda") else dict(rtol=1e-2, atol=1e-6)
+    loss32, metrics32, dlp32, dent32 = run_ours(as_fp32, torch.float32, backend, **kw)
+    for mask_dtype in (torch.uint8, torch.float16, torch.int64):
+        mixed["mask"] = batch["mask"].to(mask_dtype)
+        loss, metrics, dlp, dent = run_ours(mixed, dtype, backend, **kw)
+        torch.testing.assert_close(loss, loss32, **exact)
+        for name in metrics:
+            torch.testing.assert_close(metrics[name], metrics32[name], **exact)
+        assert dlp.dtype == dtype and dent.dtype == dtype
+        torch.testing.assert_close(dlp.float(), dlp32.to(dtype).float(), **exact)
+        torch.testing.assert_close(dent.float(), dent32.to(dtype).float(), **exact)
+
+
+def test_strided_inputs_match_contiguous(backend, device):
+    # The op makes non-contiguous inputs dense before any backend reads them flat.
+    batch = make_batch(device, shape=(3, 40), per_seq=True, all_masked_row=1)
+    strided = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            wide = torch.zeros(3, 80, dtype=value.dtype, device=device)
+            wide[:, ::2] = value
+            strided[name] = wide[:, ::2]
+            assert not strided[name].is_contiguous()
+        else:
+            strided[name] = value
+    kw = dict(loss="ppo", kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
+    for a, b in zip(run_ours(strided, torch.float32, backend, **kw), run_ours(batch, torch.float32, backend, **kw)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@native_built
+def test_seq_scale_bwd_rounds_like_torch():
+    # The native launcher writes bf16 / fp16 directly, rounded to nearest even: the same
+    # values as the fp32 result rounded by torch (what the Triton launcher does on the CPU).
+    x = torch.randn(1000, dtype=torch.float64) * 100
+    cu = torch.tensor([0, 300, 300, 1000])
+    w = torch.rand(3)
+    grad = torch.tensor(1.3)
+    ref32 = native_policy_loss.seq_scale_bwd(grad, w, x, cu, 0.7, 0, torch.float32)
+    coef = (0.7 * grad * w).repeat_interleave(cu.diff())
+    torch.testing.assert_close(ref32, coef * x.float(), rtol=1e-6, atol=0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        assert torch.equal(native_policy_loss.seq_scale_bwd(grad, w, x, cu, 0.7, 0, dtype), ref32.to(dtype))
+    mask = x > 0  # a bool x (the entropy's gradient is -c_H w_b m_t)
+    out = native_policy_loss.seq_scale_bwd(grad, w, mask, cu, -0.1, 0, torch.float32)
+    torch.testing.assert_close(out, -0.1 * 1.3 * w.repeat_interleave(cu.diff()) * mask, rtol=1e-6, atol=0)
+
+
+def test_backend_cuda_on_cpu_tensors_is_refused():
+    b = make_batch(torch.device("cpu"), shape=(2, 5))
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        ops.policy_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", LOSSES)
+def test_cuda_backend_matches_reference_on_gpu(loss):
+    # backend="cuda" against the float64 reference on a CUDA device: every term on, long
+    # and empty sequences, a float mask; then the same inputs run twice give the same bits.
+    device = torch.device("cuda")
+    options = dict(kl_coef=0.1, entropy_coef=0.01, kl_estimator="k3+", kl_clamp=True, **LOSS_OPTIONS[loss])
+    for dtype in (torch.float32, torch.bfloat16):
+        assert_matches("cuda", make_batch(device, shape=(3, 37), all_masked_row=1), dtype, loss=loss, **options)
+    batch = make_batch(device, lengths=[700, 0, 3000, 1, 257], per_seq=True, float_mask=True)
+    assert_matches("cuda", batch, loss=loss, aggregation="seq-mean-token-mean", **options)
+    first, second = (run_ours(batch, torch.float32, "cuda", loss=loss, **options) for _ in range(2))
+    for a, b in zip(first[2:], second[2:]):
+        assert torch.equal(a, b)
+    assert torch.equal(first[0], second[0])
+
+
+@pytest.mark.gpu
+def test_cuda_backend_captures_in_a_cuda_graph():
+    # No host sync on the cuda backend's forward or backward (capture would fail).
+    device = torch.device("cuda")
+    batch = make_batch(device, lengths=[100, 0, 300, 57], per_seq=True)
+    lp = batch["logp"].requires_grad_()
+    kw = dict(cu_seqlens=batch["cu_seqlens"], loss="gspo", ref_logp=batch["ref_logp"], kl_coef=0.1,
+              aggregation="seq-mean-token-mean", normalizer=torch.tensor(4.0, device=device), backend="cuda")
+    args = (lp, batch["old_logp"], batch["advantages"], batch["mask"])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        loss, _ = ops.policy_loss(*args, **kw)
+        loss.backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    eager_grad = lp.grad.clone()
+    lp.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, _ = ops.policy_loss(*args, **kw)
+        loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    expected, _ = policy_loss_ref(*(a.detach().double() if a.is_floating_point() else a for a in args),
+                                  **{k: v for k, v in kw.items() if k != "backend"})
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(lp.grad, eager_grad)

@@ -91,7 +91,13 @@ def _seq_scale_torch(grad, w, x, cu_seqlens, scale, seq_len, out_dtype):
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-_BWD = {"torch": _seq_scale_torch, "triton": lazy("rlhf_engine.kernels.policy_loss", "seq_scale_bwd")}
+# "cuda" / "cpp" serve the policy loss; the value loss (no native kernel) never asks for them.
+_BWD = {
+    "torch": _seq_scale_torch,
+    "triton": lazy("rlhf_engine.kernels.policy_loss", "seq_scale_bwd"),
+    "cuda": lazy("rlhf_engine.native.policy_loss", "seq_scale_bwd"),
+    "cpp": lazy("rlhf_engine.native.policy_loss", "seq_scale_bwd"),
+}
 
 
 @torch.library.custom_op("rlhf_engine::seq_loss_bwd", mutates_args=())

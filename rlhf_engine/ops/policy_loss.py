@@ -17,7 +17,13 @@ from rlhf_engine.torch_backend.policy_loss import policy_loss_torch
 
 OP = "policy_loss"
 
-_TRITON_FWD = lazy("rlhf_engine.kernels.policy_loss", "policy_loss_fwd")
+# The fused forward of each kernel backend: (g, partials [S, len(PARTIALS)]), aggregated
+# below; the torch backend computes the whole op itself (policy_loss_torch).
+_FWD = {
+    "triton": lazy("rlhf_engine.kernels.policy_loss", "policy_loss_fwd"),
+    "cuda": lazy("rlhf_engine.native.policy_loss", "policy_loss_fwd"),
+    "cpp": lazy("rlhf_engine.native.policy_loss", "policy_loss_fwd"),
+}
 
 _RATIO_MIN, _RATIO_MAX = PARTIALS.index("ratio_min"), PARTIALS.index("ratio_max")
 # METRICS[i] comes from PARTIALS[2 + i]: the masked mean of a sum, or ratio_min / ratio_max.
@@ -57,7 +63,7 @@ def _policy_loss_forward(
             logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, normalizer,
             aggregation=aggregation, normalizer_const=normalizer_const, **options,
         )
-    g, partials = _TRITON_FWD(logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, **options)
+    g, partials = _FWD[backend](logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, **options)
     total, w = aggregate_partials(
         partials[:, PARTIALS.index("loss")], partials[:, PARTIALS.index("count")], aggregation, cu_seqlens, seq_len,
         normalizer, normalizer_const,

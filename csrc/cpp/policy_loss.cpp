@@ -1,0 +1,60 @@
+// Host twin of csrc/cuda/policy_loss.cu: the same per-token formulas (rlhf/policy_loss.h),
+// one sequence per OpenMP iteration. A sequence is summed in token order in double, by
+// one thread, so the partials do not depend on the thread count.
+#include "rlhf/policy_loss.h"
+
+namespace rlhf::cpu {
+namespace {
+
+// The mean delta = lp - old over the sequence's valid tokens (mask-weighted), 0 without one.
+float mean_log_ratio(const PolicyLossInputs& in, int64_t start, int64_t end) {
+  double weighted = 0, count = 0;
+  for (int64_t i = start; i < end; ++i) {
+    const float m = load(in.mask, i);
+    if (m != 0.0f) {  // masked tokens are never read (padding may hold NaN)
+      weighted += double((load(in.logp, i) - load(in.old_logp, i)) * m);
+      count += m;
+    }
+  }
+  return count > 0 ? float(weighted / count) : 0.0f;
+}
+
+}  // namespace
+
+void policy_loss_fwd(const PolicyLossInputs& in, const PolicyLossOptions& o, float* g, float* partials,
+                     int64_t num_seqs, int threads) {
+  // Sequences differ in length: dynamic scheduling balances them (each is still summed by one thread).
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t start = load_index(in.cu_seqlens, seq);
+    const int64_t end = load_index(in.cu_seqlens, seq + 1);
+    const float seq_log_ratio = o.loss == kGspo ? mean_log_ratio(in, start, end) : 0.0f;
+    double acc[kNumPartials];
+    for (int k = 0; k < kNumPartials; ++k) acc[k] = partial_identity(k);
+    for (int64_t i = start; i < end; ++i) {
+      const float m = load(in.mask, i);
+      if (m == 0.0f) {
+        g[i] = 0.0f;
+        continue;
+      }
+      const TokenOut t = policy_loss_token(in, o, i, seq, m, seq_log_ratio);
+      g[i] = t.g;
+      add_token(acc, t);
+    }
+    float* row = partials + seq * kNumPartials;
+    for (int k = 0; k < kNumPartials; ++k) row[k] = float(acc[k]);
+  }
+}
+
+void seq_scale_bwd(In grad, In w, In x, In cu_seqlens, float scale, void* out, int out_dtype, int64_t num_seqs,
+                   int threads) {
+  const float upstream = load(grad, 0);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const float coef = scale * upstream * load(w, seq);
+    const int64_t end = load_index(cu_seqlens, seq + 1);
+    for (int64_t i = load_index(cu_seqlens, seq); i < end; ++i) store(out, out_dtype, i, coef * load(x, i));
+  }
+}
+
+}  // namespace rlhf::cpu

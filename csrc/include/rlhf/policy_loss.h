@@ -1,0 +1,211 @@
+// policy_loss: the fused per-token policy-gradient loss and its per-sequence partial sums,
+// and seq_scale_bwd, the backward shared with the value loss. The spec:
+// rlhf_engine/reference/policy_loss.py (and aggregation.py, applied in Python to the
+// partials); the Triton twin: kernels/policy_loss.py.
+//
+// Forward, per sequence b (tokens [cu[b], cu[b+1]) of the flat [N] inputs), per token with
+// m = mask != 0, delta = lp - old, r = exp(clamp(x, -20, 20)) where x = delta (x = the
+// sequence's mean delta over valid tokens for gspo):
+//   l = pg(r, lp, A) * is_w + kl_coef * KL(lp, ref) - entropy_coef * H
+//   g = m * dl/dlp (fp32 [N], 0 on masked tokens), the gradient saved for backward
+// and the partials[b, :] of reference/policy_loss.PARTIALS (enum Partial below): masked
+// sums of l, m, clipped, clipped_lower, delta^2/2, r, KL, H, and the min / max of r over
+// valid tokens (+inf / -inf, the identities, for a sequence without one, as the Triton
+// kernel writes). pg per loss: see pg_term. A masked token (mask == 0) reads nothing but
+// its mask, so padding may hold NaN / inf.
+// Inputs: lp, old, ref, H any float dtype [N]; A, is_w any float dtype, [N] or [S]
+// (per sequence); mask any dtype [N]; cu int32 / int64 [S+1]; absent optional tensors
+// have ptr == nullptr. Outputs g [N] and partials [S, kNumPartials] fp32, which may not
+// alias any input.
+//
+// Backward: out_t = scale * grad * w[b(t)] * x_t, grad a 0-d tensor (read where the kernel
+// runs: no host sync), w [S], x [N] (any dtype, bool too), out [N] in any float dtype
+// (rounded to nearest even); out may not alias x.
+#pragma once
+
+#include <math.h>
+
+#include <cstdint>
+
+#include "rlhf/elements.h"
+#include "rlhf/kl.h"
+
+namespace rlhf {
+
+// Mirrors of rlhf_engine/reference/policy_loss.py LOG_RATIO_CLAMP, SAPO_TAU_POS and
+// SAPO_TAU_NEG (tests/test_policy_loss.py checks they agree via _C.POLICY_LOSS_CONSTANTS).
+constexpr float kLogRatioClamp = 20.0f;
+constexpr float kSapoTauPos = 1.0f;
+constexpr float kSapoTauNeg = 1.05f;
+
+// Codes in the order of reference/policy_loss.LOSSES.
+enum PolicyLossKind : int { kPpo = 0, kGspo = 1, kCispo = 2, kCispoTrl = 3, kSapo = 4, kReinforce = 5 };
+
+// Columns of the partials, in the order of reference/policy_loss.PARTIALS.
+enum Partial : int {
+  kPartLoss = 0,
+  kPartCount,
+  kPartClipped,
+  kPartClippedLower,
+  kPartApproxKl,
+  kPartRatio,
+  kPartRatioMin,
+  kPartRatioMax,
+  kPartKl,
+  kPartEntropy,
+  kNumPartials
+};
+
+RLHF_HD float positive_infinity() { return bits_to_float(0x7f800000u); }
+
+// The identity of each partial's reduction: 0 for the sums, +inf for the min, -inf for the max.
+RLHF_HD float partial_identity(int k) {
+  return k == kPartRatioMin ? positive_infinity() : (k == kPartRatioMax ? -positive_infinity() : 0.0f);
+}
+
+struct PolicyLossInputs {
+  In logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, cu_seqlens;
+  bool adv_per_seq, is_per_seq;  // advantages / is_weights hold [S] values, not [N]
+};
+
+struct PolicyLossOptions {
+  int loss;  // PolicyLossKind
+  float clip_low, clip_high;
+  bool has_dual_clip, has_delta;
+  float dual_clip, delta;
+  float kl_coef;
+  int kl_base;  // KlBase
+  bool kl_straight_through, kl_clamp;
+  float entropy_coef;
+};
+
+// The policy-gradient term of one token: ratio r, loss, d loss / d lp, and the clip flags.
+struct PgTerm {
+  float ratio, loss, grad, clipped, lower;
+};
+
+// ratio_arg: delta (or the sequence's mean delta for gspo); the ratio's gradient is 0 where
+// the clamp of ratio_arg is active, as in the reference (verl's clamp).
+RLHF_HD PgTerm pg_term(const PolicyLossOptions& o, float ratio_arg, float lp, float adv) {
+  const float ratio = expf(fminf(fmaxf(ratio_arg, -kLogRatioClamp), kLogRatioClamp));
+  const float dratio = fabsf(ratio_arg) <= kLogRatioClamp ? ratio : 0.0f;
+  PgTerm t{ratio, 0.0f, 0.0f, 0.0f, 0.0f};
+  if (o.loss == kPpo || o.loss == kGspo) {
+    // max(-A min(r, delta?), -A clip(r, 1 - eps_low, 1 + eps_high)), then the dual clip for A < 0.
+    const float bounded = o.has_delta ? fminf(ratio, o.delta) : ratio;
+    const float dbounded = o.has_delta ? (ratio <= o.delta ? dratio : 0.0f) : dratio;
+    const float low = 1.0f - o.clip_low;
+    const float high = 1.0f + o.clip_high;
+    const float loss1 = -adv * bounded;
+    const float loss2 = -adv * fminf(fmaxf(ratio, low), high);
+    const bool is_clipped = loss2 > loss1;
+    t.loss = is_clipped ? loss2 : loss1;
+    t.grad = -adv * (is_clipped ? ((ratio >= low && ratio <= high) ? dratio : 0.0f) : dbounded);
+    t.clipped = is_clipped ? 1.0f : 0.0f;
+    if (o.has_dual_clip) {
+      const float loss3 = -adv * o.dual_clip;
+      if (adv < 0.0f && t.loss > loss3) {
+        t.loss = loss3;
+        t.grad = 0.0f;
+        t.lower = 1.0f;
+      }
+    }
+  } else if (o.loss == kCispo || o.loss == kCispoTrl) {
+    // -sg(w) A lp: w = clip(r, 1 - eps_low, 1 + eps_high) (verl) or min(r, clip_high) (TRL).
+    const float weight =
+        o.loss == kCispo ? fminf(fmaxf(ratio, 1.0f - o.clip_low), 1.0f + o.clip_high) : fminf(ratio, o.clip_high);
+    t.clipped = weight != ratio ? 1.0f : 0.0f;
+    t.loss = -weight * adv * lp;
+    t.grad = -weight * adv;
+  } else if (o.loss == kSapo) {
+    // -A sigmoid(tau (r - 1)) 4 / tau
+    const float tau = adv > 0.0f ? kSapoTauPos : kSapoTauNeg;
+    const float gate = 1.0f / (1.0f + expf(-tau * (ratio - 1.0f)));
+    t.loss = -adv * gate * 4.0f / tau;
+    t.grad = -adv * 4.0f * gate * (1.0f - gate) * dratio;
+  } else {  // reinforce: -A lp
+    t.loss = -adv * lp;
+    t.grad = -adv;
+  }
+  return t;
+}
+
+// What token i of sequence `seq` adds to each partial (already times m), and its g.
+struct TokenOut {
+  float g;
+  float part[kNumPartials];  // the min / max columns hold r itself
+};
+
+// Token i (valid: mask m != 0) of sequence `seq`; seq_log_ratio is read for gspo only.
+RLHF_HD TokenOut policy_loss_token(const PolicyLossInputs& in, const PolicyLossOptions& o, int64_t i, int64_t seq,
+                                   float m, float seq_log_ratio) {
+  const float lp = load(in.logp, i);
+  const float log_ratio = lp - load(in.old_logp, i);
+  const float adv = load(in.advantages, in.adv_per_seq ? seq : i);
+  const PgTerm pg = pg_term(o, o.loss == kGspo ? seq_log_ratio : log_ratio, lp, adv);
+  float loss = pg.loss;
+  float grad = pg.grad;
+  if (in.is_weights.ptr != nullptr) {  // truncated IS weights scale the policy-gradient term only
+    const float isw = load(in.is_weights, in.is_per_seq ? seq : i);
+    loss *= isw;
+    grad *= isw;
+  }
+  TokenOut out;
+  out.part[kPartKl] = 0.0f;
+  if (in.ref_logp.ptr != nullptr) {
+    const KlTerm kl = kl_estimate(lp, load(in.ref_logp, i), o.kl_base, o.kl_straight_through, o.kl_clamp);
+    loss += o.kl_coef * kl.value;
+    grad += o.kl_coef * kl.grad;
+    out.part[kPartKl] = kl.value * m;
+  }
+  out.part[kPartEntropy] = 0.0f;
+  if (in.entropy.ptr != nullptr) {
+    const float entropy = load(in.entropy, i);
+    loss -= o.entropy_coef * entropy;
+    out.part[kPartEntropy] = entropy * m;
+  }
+  out.g = grad * m;
+  out.part[kPartLoss] = loss * m;
+  out.part[kPartCount] = m;
+  out.part[kPartClipped] = pg.clipped * m;
+  out.part[kPartClippedLower] = pg.lower * m;
+  out.part[kPartApproxKl] = 0.5f * log_ratio * log_ratio * m;
+  out.part[kPartRatio] = pg.ratio * m;
+  out.part[kPartRatioMin] = pg.ratio;
+  out.part[kPartRatioMax] = pg.ratio;
+  return out;
+}
+
+// Adds a token's contributions into accumulators of either precision (fp32 on the device,
+// double on the host), min / max for the ratio extremes.
+template <class Acc>
+RLHF_HD void add_token(Acc (&acc)[kNumPartials], const TokenOut& t) {
+  for (int k = 0; k < kNumPartials; ++k) {
+    const Acc v = Acc(t.part[k]);
+    if (k == kPartRatioMin) {
+      acc[k] = v < acc[k] ? v : acc[k];
+    } else if (k == kPartRatioMax) {
+      acc[k] = v > acc[k] ? v : acc[k];
+    } else {
+      acc[k] += v;
+    }
+  }
+}
+
+namespace cpu {
+// OpenMP over sequences; each sequence's sums in double, in token order (thread-count independent).
+void policy_loss_fwd(const PolicyLossInputs& in, const PolicyLossOptions& o, float* g, float* partials,
+                     int64_t num_seqs, int threads);
+void seq_scale_bwd(In grad, In w, In x, In cu_seqlens, float scale, void* out, int out_dtype, int64_t num_seqs,
+                   int threads);
+}  // namespace cpu
+
+namespace cuda {
+// One block per sequence, fixed-order block reductions (deterministic); on `stream`.
+void policy_loss_fwd(const PolicyLossInputs& in, const PolicyLossOptions& o, float* g, float* partials,
+                     int64_t num_seqs, std::uintptr_t stream);
+void seq_scale_bwd(In grad, In w, In x, In cu_seqlens, float scale, void* out, int out_dtype, int64_t num_seqs,
+                   std::uintptr_t stream);
+}  // namespace cuda
+
+}  // namespace rlhf
