@@ -9,6 +9,8 @@ from rlhf_engine.reference.advantages import group_advantages_ref, masked_whiten
 from tests.graphs import assert_replay_matches_eager
 from tests.tolerance import assert_within_tolerance
 
+NATIVE_BACKENDS = True
+
 GRPO_EPS = {"trl": 1e-4, "verl": 1e-6}
 
 # (S, G) for the grid, and why each is there:
