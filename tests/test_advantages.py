@@ -228,7 +228,8 @@ def test_cpp_group_advantages_do_not_depend_on_the_thread_count(device, method, 
         for count in (1, 4):
             torch.set_num_threads(count)
             for layout in (dict(group_size=7), dict(group_ids=ids, num_groups=700)):
-                results.append(ops.group_advantages(scores, method=method, scale=scale, lengths=lengths, backend="cpp", **layout))
+                kwargs = dict(method=method, scale=scale, lengths=lengths, backend="cpp")
+                results.append(ops.group_advantages(scores, **layout, **kwargs))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
@@ -448,8 +449,9 @@ def test_cuda_group_advantages_match_reference_and_repeat_bitwise(method, scale)
         kwargs = dict(method=method, scale=scale, preset=preset, lengths=lengths, backend="cuda")
         for layout, group_ids in ((dict(group_ids=ids, num_groups=S // 8 + 1), ids),
                                   (dict(group_size=8), torch.arange(S, device="cuda") // 8)):
-            ref64 = _ref(scores.double().cpu(), group_ids.cpu(), method, scale, preset, None if lengths is None else lengths.cpu())
-            baseline = _ref(scores.cpu(), group_ids.cpu(), method, scale, preset, None if lengths is None else lengths.cpu())
+            host_lengths = None if lengths is None else lengths.cpu()
+            ref64 = _ref(scores.double().cpu(), group_ids.cpu(), method, scale, preset, host_lengths)
+            baseline = _ref(scores.cpu(), group_ids.cpu(), method, scale, preset, host_lengths)
             out = ops.group_advantages(scores, **layout, **kwargs)
             assert_within_tolerance(out.cpu(), ref64, baseline, torch.float32, f"{sorted(layout)} {preset}")
             assert torch.equal(out, ops.group_advantages(scores, **layout, **kwargs))

@@ -10,12 +10,14 @@
 // scores three times (sums, centred squares, output) in one launch. group_ids layout: the
 // warp of group g scans all S ids for its members (ids staged in shared memory, one tile
 // shared by the block's kWarps groups), in index order within each lane, then reduces over
-// the lanes: O(S * num_groups / kWarps) id reads from shared memory, cheap at RLHF batch
-// sizes (thousands of sequences, hundreds of groups), chosen over float atomics for a
-// deterministic result; a second launch writes each sample's advantage from its group's
-// statistics. The batch std (scale "batch") is whitening passes 1-2 over the scores with unit
-// weights, re-reduced by every block of the advantage launch; REINFORCE++-baseline whitens
-// the output in place afterwards.
+// the lanes: a fixed order, so the result is deterministic (the Triton kernel's float
+// atomics are not). The cost is O(S * num_groups) shared-memory id reads (S * num_groups /
+// kWarps from global memory): cheap at RLHF batch sizes (thousands of sequences, hundreds
+// of groups), quadratic for huge ones (estimated, not measured: tens of milliseconds for
+// S = 10^6 in 10^5 groups; the fixed layout or the triton backend suit those). A second
+// launch writes each sample's advantage from its group's statistics. The batch std (scale
+// "batch") is whitening passes 1-2 over the scores with unit weights, re-reduced by every
+// block of the advantage launch; REINFORCE++-baseline whitens the output in place afterwards.
 #include <cuda_runtime.h>
 
 #include "rlhf/cuda_runtime.h"
@@ -117,7 +119,8 @@ __global__ void __launch_bounds__(kThreads)
                 int64_t num_groups, int method, int scale, float eps, bool verl) {
   __shared__ float scratch[32];
   // Before any warp leaves: the block-wide re-reduction needs every thread.
-  const float batch_sd = method == kGrpo && scale == kScaleBatch ? batch_std_of(batch, batch_parts, verl, scratch) : 0.0f;
+  const bool by_batch = method == kGrpo && scale == kScaleBatch;
+  const float batch_sd = by_batch ? batch_std_of(batch, batch_parts, verl, scratch) : 0.0f;
   const int64_t g = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (g >= num_groups) return;  // a whole warp: the shuffles below keep all 32 lanes
   const int lane = threadIdx.x & 31;
@@ -222,7 +225,8 @@ __global__ void __launch_bounds__(kThreads)
     group_ids_apply(In scores, In ids, float* out, const float* stats, const float* batch, int batch_parts, int64_t n,
                     int64_t num_groups, int method, int scale, float eps, bool verl) {
   __shared__ float scratch[32];
-  const float batch_sd = method == kGrpo && scale == kScaleBatch ? batch_std_of(batch, batch_parts, verl, scratch) : 0.0f;
+  const bool by_batch = method == kGrpo && scale == kScaleBatch;
+  const float batch_sd = by_batch ? batch_std_of(batch, batch_parts, verl, scratch) : 0.0f;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
     const int64_t g = load_index(ids, i);
     if (g < 0 || g >= num_groups) {

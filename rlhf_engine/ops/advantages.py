@@ -131,7 +131,7 @@ def group_advantages(
         group_ids: int32/int64 ``[S]``, the group of each sequence, in ``[0, num_groups)``.
         num_groups: number of groups with ``group_ids``; required on CUDA (computing it
             would be a host sync). Ids out of range are rejected on the CPU; on the GPU
-            (no check: it would sync) the triton backend writes NaN for those samples
+            (no check: it would sync) the triton and cuda backends write NaN for those samples
             and the torch backend hits a device-side index assertion.
         method: with ``μ_g`` the group mean and ``σ_g`` its unbiased std,
 
