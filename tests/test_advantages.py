@@ -5,11 +5,15 @@ import pytest
 import torch
 
 from rlhf_engine import ops
+from rlhf_engine._backend import native_runs_on
 from rlhf_engine.reference.advantages import group_advantages_ref, masked_whiten_ref
 from tests.graphs import assert_replay_matches_eager
 from tests.tolerance import assert_within_tolerance
 
+NATIVE_BACKENDS = True
+
 GRPO_EPS = {"trl": 1e-4, "verl": 1e-6}
+DEVICE_TYPE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (S, G) for the grid, and why each is there:
 GROUP_SHAPES = [
@@ -167,6 +171,127 @@ def test_group_advantages_compiles_without_graph_breaks(backend, device):
         torch.testing.assert_close(got, want)
 
 
+# ------------------------------------------------ group_advantages: the native code
+
+# The native backend of this machine's test device; these tests check what is specific to
+# its code (fixed chunks, the id tiles, dtypes, strides, bad ids).
+NATIVE = "cuda" if DEVICE_TYPE == "cuda" else "cpp"
+needs_native = pytest.mark.skipif(
+    not native_runs_on(NATIVE, torch.device(DEVICE_TYPE)), reason=f"rlhf_engine._C cannot run {NATIVE!r} here"
+)
+CHUNK = 1 << 14  # csrc/include/rlhf/chunks.h kChunk: the host twin's unit of work
+ALL_METHODS = METHOD_SCALES + [("reinforce_pp_baseline", "no lengths")]
+
+
+def _native_case(method, scale, S, device, lengths_dtype=torch.int64):
+    lengths = None
+    if method in ("opo", "reinforce_pp_baseline") and scale != "no lengths":
+        lengths = torch.randint(0, 6, (S,), device=device).to(lengths_dtype)
+    return ("group" if scale == "no lengths" else scale), lengths
+
+
+@needs_native
+@pytest.mark.parametrize("method,scale", ALL_METHODS)
+def test_native_group_advantages_over_several_chunks_and_id_tiles(device, method, scale):
+    # More scores than one host chunk (and than many 1024-id tiles of the CUDA scan), groups of
+    # 16 shuffled over the batch, a few singletons, both presets, against the float64 reference.
+    S = 2 * CHUNK + 48
+    scale, lengths = _native_case(method, scale, S, device)
+    scores = torch.randn(S, device=device)
+    ids = (torch.arange(S, device=device) // 16)[torch.randperm(S, device=device)]
+    ids[:3] = S // 16 + torch.arange(3, device=device)  # three singleton groups
+    num_groups = S // 16 + 3
+    for preset in ("trl", "verl"):
+        kwargs = dict(method=method, scale=scale, preset=preset, lengths=lengths, backend=NATIVE)
+        ref64 = _ref(scores.double(), ids, method, scale, preset, lengths)
+        baseline = _ref(scores, ids, method, scale, preset, lengths)
+        out = ops.group_advantages(scores, group_ids=ids, num_groups=num_groups, **kwargs)
+        assert_within_tolerance(out, ref64, baseline, torch.float32, f"group_ids {preset}")
+        fixed_ids = torch.arange(S, device=device) // 16
+        ref64 = _ref(scores.double(), fixed_ids, method, scale, preset, lengths)
+        baseline = _ref(scores, fixed_ids, method, scale, preset, lengths)
+        out = ops.group_advantages(scores, group_size=16, **kwargs)
+        assert_within_tolerance(out, ref64, baseline, torch.float32, f"group_size {preset}")
+
+
+@needs_native
+@pytest.mark.skipif(DEVICE_TYPE != "cpu", reason="the host twin's OpenMP threads")
+@pytest.mark.parametrize("method,scale", ALL_METHODS)
+def test_cpp_group_advantages_do_not_depend_on_the_thread_count(device, method, scale):
+    S = 7 * 7100  # three chunks and a part
+    scale, lengths = _native_case(method, scale, S, device)
+    scores = torch.randn(S, device=device)
+    ids = torch.randint(0, 700, (S,), device=device)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            for layout in (dict(group_size=7), dict(group_ids=ids, num_groups=700)):
+                kwargs = dict(method=method, scale=scale, lengths=lengths, backend="cpp")
+                results.append(ops.group_advantages(scores, **layout, **kwargs))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
+
+
+@needs_native
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("lengths_dtype", [torch.int32, torch.int64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_native_group_advantages_every_dtype(device, dtype, lengths_dtype, ids_dtype):
+    S = 96
+    scores = torch.randn(S, device=device).to(dtype)
+    ids = (torch.arange(S, device=device) // 6)[torch.randperm(S, device=device)].to(ids_dtype)
+    lengths = torch.randint(0, 6, (S,), device=device).to(lengths_dtype)
+    # The kernels compute in fp32 whatever the input: a float64 input's budget is fp32's.
+    budget_dtype = torch.float32 if dtype == torch.float64 else dtype
+    for method, scale in (("grpo", "group"), ("grpo", "batch"), ("opo", "group"), ("reinforce_pp_baseline", "group")):
+        uses = method != "grpo"
+        ref64 = _ref(scores.double(), ids.long(), method, scale, "trl", lengths if uses else None)
+        baseline = _ref(scores.to(budget_dtype), ids.long(), method, scale, "trl", lengths if uses else None)
+        out = ops.group_advantages(
+            scores, group_ids=ids, num_groups=S // 6, method=method, scale=scale,
+            lengths=lengths if uses else None, backend=NATIVE,
+        )
+        assert out.dtype == torch.float32
+        assert_within_tolerance(out, ref64, baseline, budget_dtype, f"{method}/{scale}")
+
+
+@needs_native
+def test_native_group_advantages_strided_inputs(device):
+    # The launcher makes views contiguous (as the Triton launcher does): same values as the copies.
+    strided = torch.randn(120, device=device)[::2]
+    lengths = torch.randint(0, 5, (120,), device=device)[::2]
+    ids = torch.randint(0, 8, (120,), device=device)[::2]
+    assert not strided.is_contiguous() and not ids.is_contiguous()
+    for method in ("grpo", "opo"):
+        kwargs = dict(method=method, lengths=lengths if method == "opo" else None, backend=NATIVE)
+        got = ops.group_advantages(strided, group_ids=ids, num_groups=8, **kwargs)
+        want = ops.group_advantages(strided.contiguous(), group_ids=ids.contiguous(), num_groups=8, **kwargs)
+        assert torch.equal(got, want)
+        got = ops.group_advantages(strided, group_size=5, **kwargs)
+        assert torch.equal(got, ops.group_advantages(strided.contiguous(), group_size=5, **kwargs))
+
+
+@needs_native
+def test_native_group_advantages_bad_id_gives_nan(device):
+    # The op checks ids on the CPU only (a check would sync on the GPU); the kernels write NaN
+    # for an id outside [0, num_groups), like the Triton kernel, and leave it out of every group.
+    from rlhf_engine.native.advantages import group_advantages_fwd
+
+    scores = torch.tensor([1.0, 100.0, 3.0, 5.0, -100.0, 9.0], device=device)
+    ids = torch.tensor([0, 2, 0, 1, -1, 1], device=device)
+    out = group_advantages_fwd(scores, ids, None, 0, 2, "dr_grpo", "group", 0.0, "trl").cpu()
+    assert torch.isnan(out[[1, 4]]).all()
+    torch.testing.assert_close(out[[0, 2, 3, 5]], torch.tensor([-1.0, 1.0, -2.0, 2.0]))
+
+
+def test_backend_cuda_refuses_cpu_scores():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        ops.group_advantages(torch.randn(4), group_size=2, backend="cuda")
+
+
 # ---------------------------------------------------------------------- masked_whiten
 
 # Why each shape: N=1; a row length off every block size with a fully masked row;
@@ -307,3 +432,26 @@ def test_group_advantages_and_whiten_capture_in_cuda_graph():
         )
 
     assert_replay_matches_eager(step)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not native_runs_on("cuda", torch.device("cuda")), reason="rlhf_engine._C was built without CUDA")
+@pytest.mark.parametrize("method,scale", ALL_METHODS)
+def test_cuda_group_advantages_match_reference_and_repeat_bitwise(method, scale):
+    # The CUDA kernels against the float64 reference on both layouts (ids over many tiles,
+    # groups of 8 shuffled, a singleton), and the same bits on a second call (no atomics).
+    S = 5000
+    scale, lengths = _native_case(method, scale, S, "cuda")
+    scores = torch.randn(S, device="cuda")
+    ids = (torch.arange(S, device="cuda") // 8)[torch.randperm(S, device="cuda")]
+    ids[0] = S // 8
+    for preset in ("trl", "verl"):
+        kwargs = dict(method=method, scale=scale, preset=preset, lengths=lengths, backend="cuda")
+        for layout, group_ids in ((dict(group_ids=ids, num_groups=S // 8 + 1), ids),
+                                  (dict(group_size=8), torch.arange(S, device="cuda") // 8)):
+            host_lengths = None if lengths is None else lengths.cpu()
+            ref64 = _ref(scores.double().cpu(), group_ids.cpu(), method, scale, preset, host_lengths)
+            baseline = _ref(scores.cpu(), group_ids.cpu(), method, scale, preset, host_lengths)
+            out = ops.group_advantages(scores, **layout, **kwargs)
+            assert_within_tolerance(out.cpu(), ref64, baseline, torch.float32, f"{sorted(layout)} {preset}")
+            assert torch.equal(out, ops.group_advantages(scores, **layout, **kwargs))

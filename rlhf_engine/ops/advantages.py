@@ -33,6 +33,8 @@ WHITEN_EPS = 1e-8
 _GROUP_BACKENDS = {
     "torch": group_advantages_torch,
     "triton": lazy("rlhf_engine.kernels.advantages", "group_advantages_fwd"),
+    "cuda": lazy("rlhf_engine.native.advantages", "group_advantages_fwd"),
+    "cpp": lazy("rlhf_engine.native.advantages", "group_advantages_fwd"),
 }
 _WHITEN_BACKENDS = {
     "torch": masked_whiten_torch,
@@ -129,7 +131,7 @@ def group_advantages(
         group_ids: int32/int64 ``[S]``, the group of each sequence, in ``[0, num_groups)``.
         num_groups: number of groups with ``group_ids``; required on CUDA (computing it
             would be a host sync). Ids out of range are rejected on the CPU; on the GPU
-            (no check: it would sync) the triton backend writes NaN for those samples
+            (no check: it would sync) the triton and cuda backends write NaN for those samples
             and the torch backend hits a device-side index assertion.
         method: with ``μ_g`` the group mean and ``σ_g`` its unbiased std,
 
@@ -158,7 +160,7 @@ def group_advantages(
             fewer than two scores is 0 (trl) or 1 (verl), by the same rule.
         lengths: ``[S]`` response lengths (int or float), for ``"opo"`` and
             ``"reinforce_pp_baseline"`` only.
-        backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"`` | ``"cuda"`` | ``"cpp"``.
 
     Returns:
         fp32 ``[S]``, no gradient. A zero-variance group gives 0 (``0/(0+ε)``).
