@@ -1,6 +1,7 @@
 """Benchmark: group_advantages, gae, discounted_returns, masked_whiten.
 
-Compared on the same inputs: our backends (triton on CUDA, torch everywhere), eager
+Compared on the same inputs: our backends (triton and cuda on CUDA, cpp on the CPU, torch
+everywhere; ``common.our_backends``), eager
 PyTorch written the way TRL / verl write it (``view(-1, G)`` statistics for GRPO; for
 explicit group ids verl's per-sample loop, up to 8K samples on the CPU, and a
 vectorized ``index_add`` version; the Python loop over time for GAE and
@@ -26,7 +27,7 @@ from collections import defaultdict
 import torch
 
 from rlhf_engine import ops
-from rlhf_engine.benchmarks.common import Result, compiled, measure, script_main, sweep
+from rlhf_engine.benchmarks.common import Result, compiled, measure, our_backends, script_main, sweep
 
 GAMMA, LAM = 1.0, 0.95
 # verl's per-sample loop over group ids takes ~10 us a sample on the CPU (seconds from
@@ -115,18 +116,14 @@ def eager_discounted_returns(rewards, mask, gamma=GAMMA):
 # --------------------------------------------------------------------------------- runs
 
 
-def _ours(device):
-    """Our backends that run on ``device`` (the interpreter is for tests, not timing)."""
-    return ["triton", "torch"] if device.type == "cuda" else ["torch"]
-
-
 def _group_at(device, quick, num_groups) -> list[Result]:
     group_size = 8
     S = num_groups * group_size
     scores = torch.randn(S, device=device)
     ids = torch.randperm(S, device=device) // group_size  # a shuffled batch
     results = []
-    impls = {f"ours ({b})": (lambda b=b: ops.group_advantages(scores, group_size=group_size, backend=b)) for b in _ours(device)}
+    impls = {f"ours ({b})": (lambda b=b: ops.group_advantages(scores, group_size=group_size, backend=b))
+             for b in our_backends(device, "group_advantages")}
     impls["eager (TRL view/std)"] = lambda: eager_grpo(scores, group_size)
     compiled_grpo = compiled(eager_grpo)
     impls["torch.compile (TRL)"] = lambda: compiled_grpo(scores, group_size)
@@ -134,7 +131,7 @@ def _group_at(device, quick, num_groups) -> list[Result]:
 
     impls = {
         f"ours ({b})": (lambda b=b: ops.group_advantages(scores, group_ids=ids, num_groups=num_groups, backend=b))
-        for b in _ours(device)
+        for b in our_backends(device, "group_advantages")
     }
     if device.type == "cpu" and S <= VERL_LOOP_MAX:
         index = ids.numpy()
@@ -158,7 +155,8 @@ def _gae_at(device, quick, B, T) -> list[Result]:
     rewards, values, mask, shape = _tokens(device, B, T)
     N = rewards.numel()
     impls = {
-        f"ours ({b})": (lambda b=b: ops.gae(rewards, values, mask, gamma=GAMMA, lam=LAM, backend=b)) for b in _ours(device)
+        f"ours ({b})": (lambda b=b: ops.gae(rewards, values, mask, gamma=GAMMA, lam=LAM, backend=b))
+        for b in our_backends(device, "gae")
     }
     impls["eager (loop over T)"] = lambda: eager_gae(rewards, values, mask)
     compiled_gae = compiled(eager_gae)
@@ -166,7 +164,8 @@ def _gae_at(device, quick, B, T) -> list[Result]:
     results = measure("gae", shape, impls, device=device, bytes_moved=17 * N, quick=quick)
 
     impls = {
-        f"ours ({b})": (lambda b=b: ops.discounted_returns(rewards, mask, gamma=GAMMA, backend=b)) for b in _ours(device)
+        f"ours ({b})": (lambda b=b: ops.discounted_returns(rewards, mask, gamma=GAMMA, backend=b))
+        for b in our_backends(device, "discounted_returns")
     }
     impls["eager (loop over T)"] = lambda: eager_discounted_returns(rewards, mask)
     compiled_returns = compiled(eager_discounted_returns)
@@ -178,7 +177,7 @@ def _gae_at(device, quick, B, T) -> list[Result]:
 def _whiten_at(device, quick, N) -> list[Result]:
     x = torch.randn(N, device=device)
     mask = torch.rand(N, device=device) > 0.2
-    impls = {f"ours ({b})": (lambda b=b: ops.masked_whiten(x, mask, backend=b)) for b in _ours(device)}
+    impls = {f"ours ({b})": (lambda b=b: ops.masked_whiten(x, mask, backend=b)) for b in our_backends(device, "masked_whiten")}
     impls["eager (mask multiply)"] = lambda: eager_masked_whiten(x, mask)
     compiled_whiten = compiled(eager_masked_whiten)
     impls["torch.compile"] = lambda: compiled_whiten(x, mask)

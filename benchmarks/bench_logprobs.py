@@ -2,7 +2,8 @@
 
 Compared on the same inputs, in one run:
 
-* ours: each backend that runs on the device (and the in-place backward on CUDA);
+* ours: each backend that runs on the device (``common.our_backends``: triton and cuda on
+  CUDA, cpp on the CPU, torch everywhere), and the in-place backward on CUDA;
 * "trl-eager": the TRL habit: per-sequence ``log_softmax`` + gather loop for half
   precision, ``gathered logit - logsumexp`` for fp32; entropy as ``-sum(p * log p)`` from
   ``log_softmax``;
@@ -29,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from rlhf_engine.benchmarks.common import Result, compiled, liger_installed, measure, script_main
+from rlhf_engine.benchmarks.common import Result, compiled, liger_installed, measure, our_backends, script_main
 from rlhf_engine.ops import token_logprobs
 from rlhf_engine._backend import triton_runs_on
 
@@ -98,7 +99,7 @@ def liger_logp(logits: torch.Tensor, labels: torch.Tensor):
 
 
 def _implementations(device: torch.device) -> dict[str, Callable]:
-    impls = {f"ours-{b}": ours(b) for b in ("triton", "torch") if b == "torch" or triton_runs_on(device)}
+    impls = {f"ours-{b}": ours(b) for b in our_backends(device, "token_logprobs")}
     impls["trl-eager"] = trl_eager
     impls["trl-compiled"] = compiled(trl_eager)
     impls["verl-eager"] = verl_eager

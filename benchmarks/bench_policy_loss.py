@@ -1,6 +1,7 @@
 """Benchmark: policy_loss, value_loss and kl_penalty, forward + backward.
 
-Compared on the same inputs: our backends (triton on CUDA, torch everywhere), eager
+Compared on the same inputs: our backends (triton and cuda on CUDA, cpp on the CPU, torch
+everywhere; ``common.our_backends``), eager
 PyTorch written the way verl / TRL write these losses (elementwise ratio / clip / max,
 mask-multiply reductions, metrics as masked means), for PPO also that eager code
 extended to return what ours returns (``eager_ppo_same_outputs``), and ``torch.compile``
@@ -32,7 +33,7 @@ it is known only after the whole batch is reduced).
 import torch
 
 from rlhf_engine import ops
-from rlhf_engine.benchmarks.common import Result, compiled, measure, script_main, sweep
+from rlhf_engine.benchmarks.common import Result, compiled, measure, our_backends, script_main, sweep
 
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP, BETA = 0.2, 0.28, 3.0, 0.04
 
@@ -129,11 +130,6 @@ def eager_k3(lp, ref):
 # --------------------------------------------------------------------------------- runs
 
 
-def _ours(device):
-    """Our backends that run on ``device`` (the interpreter is for tests, not timing)."""
-    return ["triton", "torch"] if device.type == "cuda" else ["torch"]
-
-
 def _fwd_bwd(loss_fn, wrt):
     """A zero-argument callable: forward, then the gradient of the loss w.r.t. ``wrt``."""
     def step():
@@ -166,7 +162,7 @@ def _policy_at(device, quick, B, T) -> list[Result]:
     impls = {
         f"ours ({b})": _fwd_bwd(lambda b=b: ops.policy_loss(
             lp, old, adv, mask, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=DUAL_CLIP, backend=b), lp)
-        for b in _ours(device)
+        for b in our_backends(device, "policy_loss")
     }
     impls["eager (verl)"] = _fwd_bwd(lambda: eager_ppo(lp, old, adv, mask), lp)
     impls["eager (verl, our outputs)"] = _fwd_bwd(lambda: eager_ppo_same_outputs(lp, old, adv, mask), lp)
@@ -179,7 +175,7 @@ def _policy_at(device, quick, B, T) -> list[Result]:
         f"ours ({b})": _fwd_bwd(lambda b=b: ops.policy_loss(
             lp, old, adv_seq, mask, ref_logp=ref, kl_coef=BETA, aggregation="seq-mean-token-mean",
             normalizer=lp.shape[0], backend=b), lp)
-        for b in _ours(device)
+        for b in our_backends(device, "policy_loss")
     }
     impls["eager (TRL)"] = _fwd_bwd(lambda: eager_grpo_kl(lp, old, ref, adv_seq, mask), lp)
     compiled_grpo = compiled(eager_grpo_kl)
@@ -193,7 +189,7 @@ def _value_at(device, quick, B, T) -> list[Result]:
     values, old_values, returns, mask = x["lp"], x["old"], x["ref"], x["mask"]
     impls = {
         f"ours ({b})": _fwd_bwd(lambda b=b: ops.value_loss(values, old_values, returns, mask, backend=b), values)
-        for b in _ours(device)
+        for b in our_backends(device, "value_loss")
     }
     impls["eager (verl)"] = _fwd_bwd(lambda: eager_value_loss(values, old_values, returns, mask), values)
     compiled_value = compiled(eager_value_loss)
@@ -209,7 +205,8 @@ def _kl_at(device, quick, B, T) -> list[Result]:
     def step(fn):
         return lambda: torch.autograd.grad(fn(), lp, upstream)
 
-    impls = {f"ours ({b})": step(lambda b=b: ops.kl_penalty(lp, ref, estimator="k3", backend=b)) for b in _ours(device)}
+    impls = {f"ours ({b})": step(lambda b=b: ops.kl_penalty(lp, ref, estimator="k3", backend=b))
+             for b in our_backends(device, "kl_penalty")}
     impls["eager (k3)"] = step(lambda: eager_k3(lp, ref))
     compiled_k3 = compiled(eager_k3)
     impls["torch.compile (k3)"] = step(lambda: compiled_k3(lp, ref))

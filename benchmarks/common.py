@@ -65,6 +65,20 @@ class Result:
         return d
 
 
+def our_backends(device: torch.device, op: str) -> list[str]:
+    """Our backends to time for ``op`` on ``device``, side by side in one run: triton and
+    torch on CUDA, torch on the CPU (the Triton interpreter is for tests, not timing), and
+    the native one of the device (cuda / cpp) where ``op`` has it and ``rlhf_engine._C`` was
+    built with it."""
+    from rlhf_engine._backend import NATIVE_OPS, native_runs_on, triton_runs_on
+
+    found = (["triton"] if device.type == "cuda" and triton_runs_on(device) else []) + ["torch"]
+    native = "cuda" if device.type == "cuda" else "cpp"
+    if op in NATIVE_OPS and native_runs_on(native, device):
+        found.append(native)
+    return found
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
