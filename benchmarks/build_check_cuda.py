@@ -56,7 +56,8 @@ def parse_ptxas(text: str, module: str) -> list[dict]:
     for row, name in zip(rows, _demangle([r.pop("mangled") for r in rows])):
         # "void rlhf::cuda::(anonymous namespace)::row_max<float>(...)" -> kernel "row_max"
         row["specialization"] = name = name.replace("(anonymous namespace)::", "")
-        row["kernel"] = re.sub(r"<.*", "", name.split("(")[0].split(" ")[-1]).split("::")[-1]
+        # (template arguments go first: "f<E, 256, false>" holds spaces)
+        row["kernel"] = re.sub(r"<.*", "", name.split("(")[0]).split(" ")[-1].split("::")[-1]
     return rows
 
 

@@ -45,9 +45,17 @@ NATIVE_OPS = frozenset(
 # "cpp" on CPU ones) over the default, each mapped to the committed benchmark result file
 # that shows it faster. Empty for "cuda" until a GPU run measures it:
 # auto stays on triton there.
+# On the CPU the host twins beat the torch backend at every measured shape for these ops
+# (policy_loss 1.4-2.7x, gae / discounted_returns 5-7x); they lose for token_logprobs and
+# masked_whiten and are mixed for group_advantages, which stay on torch.
+_CPU_BENCH = "benchmarks/results/2026-12-03-native-cpu"
 AUTO_PREFERS: dict[str, dict[str, str]] = {
     "cuda": {},
-    "cpu": {},
+    "cpu": {
+        "policy_loss": f"{_CPU_BENCH}/bench_policy_loss.json",
+        "gae": f"{_CPU_BENCH}/bench_advantages.json",
+        "discounted_returns": f"{_CPU_BENCH}/bench_advantages.json",
+    },
 }
 
 

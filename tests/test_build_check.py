@@ -126,3 +126,20 @@ def test_failures_names_compile_errors_shared_memory_and_spills():
     assert "spills 8 B stored" in failures([{**ok, "spill_stores": 8}])[0]
     assert "over the 166912 B" in failures([{**ok, "shared_bytes": 200 * 1024}])[0]
     assert failures([{**ok, "arch": "sm_90", "shared_bytes": 200 * 1024}]) == []  # H100 gives a block 227 KiB
+
+
+@pytest.mark.skipif(shutil.which("c++filt") is None, reason="no c++filt: ptxas names stay mangled")
+def test_ptxas_rows_name_template_kernels_by_their_function():
+    # A kernel template with several arguments demangles to "f<A, 256, false>(...)": the
+    # row's kernel is "f", not the tail of its argument list.
+    from rlhf_engine.benchmarks.build_check_cuda import parse_ptxas
+
+    mangled = ("_ZN4rlhf4cuda44_GLOBAL__N__0fa44d2a_11_logprobs_cu_08cb8d6a25token_logprobs_fwd_kernelINS_8logprobs"
+               "3F16ELi256ELb0EEEvPKNT_7StorageENS3_9RowLayoutEllNS_2InEPfSB_SB_ffl")  # fmt: skip
+    text = (f"ptxas info    : Compiling entry function '{mangled}' for 'sm_80'\n"
+            "    0 bytes stack frame, 4 bytes spill stores, 8 bytes spill loads\n"
+            "ptxas info    : Used 32 registers, used 1 barriers, 128 bytes smem, 456 bytes cmem[0]\n")  # fmt: skip
+    (row,) = parse_ptxas(text, "csrc/cuda/logprobs.cu")
+    assert row["kernel"] == "token_logprobs_fwd_kernel"
+    assert "256" in row["specialization"]
+    assert (row["registers"], row["spill_stores"], row["spill_loads"], row["shared_bytes"]) == (32, 4, 8, 128)

@@ -1,7 +1,9 @@
 """rlhf_engine._C: built by the install, importable without a GPU, and clear errors where
 a native backend cannot run or does not exist."""
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from rlhf_engine import _backend, ops
 from rlhf_engine.native import library
 
+ROOT = Path(__file__).resolve().parent.parent
 COMPILER = shutil.which("c++") or shutil.which("g++")
 
 
@@ -50,3 +53,21 @@ def test_auto_prefers_only_measured_native_backends():
         for op, source in table.items():
             assert op in _backend.NATIVE_OPS, op
             assert source.startswith("benchmarks/results/"), source
+            _assert_native_faster(op, device_type, ROOT / source)
+
+
+def _assert_native_faster(op, device_type, path):
+    """Every shape of ``op`` in the benchmark file ``path`` has the native backend faster
+    than the default one (triton on CUDA, torch on the CPU), measured in the same run."""
+    native, default = ("cuda", "triton") if device_type == "cuda" else ("cpp", "torch")
+    assert path.is_file(), f"{path} (named in AUTO_PREFERS) is not committed"
+    times = {}
+    for row in json.loads(path.read_text())["results"]:
+        if row["error"] is None and (row["op"] == op or row["op"].startswith(op + " ")):
+            for name in (native, default):
+                if row["impl"] in (f"ours ({name})", f"ours-{name}"):
+                    times.setdefault((row["op"], row["shape"]), {})[name] = row["ms"]
+    paired = {key: t for key, t in times.items() if len(t) == 2}
+    assert paired, f"{path} has no {op} rows timing both {native} and {default}"
+    for key, t in paired.items():
+        assert t[native] < t[default], f"{op} {key}: {native} {t[native]:.3f} ms, {default} {t[default]:.3f} ms"
