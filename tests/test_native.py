@@ -71,3 +71,24 @@ def _assert_native_faster(op, device_type, path):
     assert paired, f"{path} has no {op} rows timing both {native} and {default}"
     for key, t in paired.items():
         assert t[native] < t[default], f"{op} {key}: {native} {t[native]:.3f} ms, {default} {t[default]:.3f} ms"
+
+
+@pytest.mark.skipif(not library.native_built(), reason="rlhf_engine._C is not built")
+@pytest.mark.parametrize("kind", ["meta", "fake"])
+def test_native_launchers_refuse_tensors_without_data(kind):
+    # A fake or meta tensor's data_ptr() is no memory: the launcher raises instead of
+    # handing it to a kernel (which would crash the process).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rlhf_engine.native.gae import discounted_returns_fwd
+
+    def call():
+        x = torch.empty(2, 3, device="meta" if kind == "meta" else "cpu")
+        return discounted_returns_fwd(x, torch.ones(2, 3, dtype=torch.bool, device=x.device), 1.0)
+
+    with pytest.raises(RuntimeError, match=f"{kind} tensor"):
+        if kind == "fake":
+            with FakeTensorMode():
+                call()
+        else:
+            call()

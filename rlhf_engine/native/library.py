@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 MODULE = "rlhf_engine._C"
 
@@ -58,6 +59,12 @@ def ref(t: torch.Tensor | None) -> tuple[int, int]:
     address elements from it, so ``t`` must be contiguous where flat indexing is meant."""
     if t is None:
         return ABSENT
+    if isinstance(t, FakeTensor) or t.device.type == "meta":
+        # Their data_ptr() is no memory a kernel may touch: refuse here rather than crash.
+        raise RuntimeError(
+            f"rlhf_engine._C: a native kernel was called on a {'fake' if isinstance(t, FakeTensor) else 'meta'} "
+            "tensor, which has no data; the ops' fake kernels (their torch.library registrations) handle those"
+        )
     return t.data_ptr(), DTYPE_CODES[t.dtype]
 
 

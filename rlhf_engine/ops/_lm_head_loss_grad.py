@@ -130,7 +130,7 @@ def _(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, is_wei
 
 
 # Positions in the op's 27 arguments (the signature of _loss_grad_forward)
-_HIDDEN, _WEIGHT, _BIAS, _LM_HEAD_BACKEND = 0, 1, 2, 25
+_HIDDEN, _WEIGHT, _BIAS, _LM_HEAD_BACKEND, _LOSS_BACKEND = 0, 1, 2, 25, 26
 
 
 class _OnePassGrad(torch.autograd.Function):
@@ -139,7 +139,11 @@ class _OnePassGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, op_args):
-        body = _loss_grad_forward if eager_torch(op_args[_LM_HEAD_BACKEND]) else _loss_grad_op
+        # The body directly only when both of its backends are torch: a kernel backend of
+        # the loss (cpp, say, beside a torch lm_head) must go through the custom op, whose
+        # fake kernel is what runs on FakeTensors.
+        eager = eager_torch(op_args[_LM_HEAD_BACKEND]) and eager_torch(op_args[_LOSS_BACKEND])
+        body = _loss_grad_forward if eager else _loss_grad_op
         logp, entropy, dhidden, dweight, dbias = body(*op_args)
         ctx.mark_non_differentiable(logp, entropy)
         ctx.save_for_backward(dhidden, dweight, dbias)
