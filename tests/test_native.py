@@ -92,3 +92,35 @@ def test_native_launchers_refuse_tensors_without_data(kind):
                 call()
         else:
             call()
+
+
+def _bad_native_calls(device):
+    """(op, call, error, argument name) for each native op: a bad argument the op must name
+    before any kernel runs."""
+    f = dict(device=device)
+    ones = torch.ones(2, 4, dtype=torch.bool, **f)
+    lp = torch.randn(2, 4, **f)
+    return [
+        ("token_logprobs", lambda b: ops.token_logprobs(torch.randn(2, 3, 5, **f), torch.zeros(2, 4, dtype=torch.long, **f), backend=b), ValueError, "labels"),
+        ("token_logprobs", lambda b: ops.token_logprobs(torch.randn(2, 3, 5, **f), torch.zeros(2, 3, **f), backend=b), TypeError, "labels"),
+        ("policy_loss", lambda b: ops.policy_loss(lp, lp, torch.randn(3, **f), ones, backend=b), ValueError, "advantages"),
+        ("policy_loss", lambda b: ops.policy_loss(lp, lp, torch.randn(2, **f), ones, clip_low=-0.1, backend=b), ValueError, "clip_low"),
+        ("group_advantages", lambda b: ops.group_advantages(torch.randn(12, **f), group_size=5, backend=b), ValueError, "group_size"),
+        ("masked_whiten", lambda b: ops.masked_whiten(torch.randn(4, **f), torch.ones(5, dtype=torch.bool, **f), backend=b), ValueError, "mask"),
+        ("gae", lambda b: ops.gae(lp, torch.randn(2, 5, **f), ones, backend=b), ValueError, "values"),
+        ("discounted_returns", lambda b: ops.discounted_returns(lp, ones, gamma="0.9", backend=b), TypeError, "gamma"),
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(not library.native_built(), reason="rlhf_engine._C is not built")
+def test_bad_inputs_on_the_native_backend_name_the_argument(device):
+    # The ops validate before dispatching, so backend='cpp' (CPU) / 'cuda' (GPU) gives the
+    # same named error as the other backends, never a crash inside a kernel.
+    native = "cuda" if device.type == "cuda" else "cpp"
+    if not _backend.native_runs_on(native, device):
+        pytest.skip(f"backend {native!r} cannot run here")
+    calls = _bad_native_calls(device)
+    assert {op for op, *_ in calls} == set(_backend.NATIVE_OPS)
+    for op, call, error, name in calls:
+        with pytest.raises(error, match=name):
+            call(native)
