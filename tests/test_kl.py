@@ -8,7 +8,7 @@ import torch
 
 from rlhf_engine import ops
 from rlhf_engine.reference.kl import ESTIMATORS, kl_penalty_ref
-from tolerance import assert_within_tolerance
+from tests.tolerance import assert_within_tolerance
 
 CANONICAL = ("k1", "abs", "k2", "k3", "k1+", "k3+")
 

@@ -14,7 +14,7 @@ from rlhf_engine.native import policy_loss as native_policy_loss
 from rlhf_engine.torch_backend import aggregation as aggregation_module
 from rlhf_engine.reference.aggregation import AGGREGATIONS
 from rlhf_engine.reference.policy_loss import LOSSES, PARTIALS, policy_loss_ref
-from tolerance import assert_within_tolerance
+from tests.tolerance import assert_within_tolerance
 
 NATIVE_BACKENDS = True  # the backend tests also run on cpp (CPU) / cuda (GPU)
 

@@ -7,7 +7,7 @@ import torch
 from rlhf_engine import ops
 from rlhf_engine.reference.aggregation import AGGREGATIONS
 from rlhf_engine.reference.value_loss import value_loss_ref
-from tolerance import assert_within_tolerance
+from tests.tolerance import assert_within_tolerance
 
 
 def make_batch(device, *, shape=None, lengths=None, float_mask=False):
