@@ -188,3 +188,28 @@ def test_on_policy_old_logp_none_equals_passing_the_detached_logprobs(backend, d
     assert results[0][1] == 1.0
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("loss_backend", ["torch", "cpp"])
+def test_one_sequence_with_per_sequence_advantages(loss_backend, monkeypatch):
+    # One sequence: the per-sequence advantages [1] broadcast over its tokens as a stride-0
+    # view; the kernels read flat pointers, so they must get a dense copy (they read past
+    # the single element and the gradient was wrong for backend cpp before).
+    from rlhf_engine import _backend
+
+    if loss_backend != "torch" and not _backend.native_runs_on(loss_backend, torch.device("cpu")):
+        pytest.skip(f"backend {loss_backend!r} cannot run here")
+    monkeypatch.setenv(_backend.ENV_VAR, loss_backend)
+    (hidden, weight, _), _ = _lm_head((1, 9), 6, 23, torch.float32, "cpu", bias=False)
+    hidden.requires_grad_(True)
+    labels = _labels((1, 9), 23, "cpu", ignored_frac=0.0)
+    old = torch.randn(1, 9) - 3.0
+    advantages, mask = torch.tensor([0.7]), torch.ones(1, 9, dtype=torch.bool)
+    loss, _ = fused_linear_policy_loss(hidden, weight, labels, old, advantages, mask, temperature=0.9)
+    grad, = torch.autograd.grad(loss, hidden)
+    h = hidden.detach().double().requires_grad_(True)
+    logp = fused_linear_logprobs_ref(h, weight.detach().double(), labels, None, temperature=0.9)
+    ref_loss, _ = policy_loss_ref(logp, old.double(), advantages.double().expand(1, 9), mask)
+    ref_grad, = torch.autograd.grad(ref_loss, h)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)

@@ -65,7 +65,9 @@ def _flat_per_token(x: torch.Tensor | None, seg: Segments) -> torch.Tensor | Non
     (per token when ``N == S``, the ops' rule)."""
     if x is None or x.numel() == seg.num_tokens:
         return None if x is None else x.reshape(-1)
-    return seg.expand(x).expand(seg.shape).reshape(-1)
+    # contiguous(): with one sequence the reshape is a stride-0 view, which the kernels
+    # (flat pointers) would read past its single element.
+    return seg.expand(x).expand(seg.shape).reshape(-1).contiguous()
 
 
 def _one_sequence(rows: int, device: torch.device) -> torch.Tensor:
