@@ -141,10 +141,9 @@ def discounted_returns(
 
     ``n(t)`` is the next valid token of the sequence (``G = 0`` past the end). Masked
     positions are skipped like in :func:`gae`: their reward is ignored, the running
-    return passes through unchanged, and their output is 0. (verl's REINFORCE++ instead
-    resets the return at a masked position; the two agree whenever the valid tokens of a
-    sequence are contiguous, as in padded batches.) REINFORCE++ then whitens ``G`` with
-    :func:`masked_whiten`.
+    return passes through unchanged, and their output is 0: verl 0.9.1's REINFORCE++
+    rule (``compute_reinforce_plus_plus_outcome_advantage`` carries the running return
+    through observation tokens). REINFORCE++ then whitens ``G`` with :func:`masked_whiten`.
 
     Args:
         rewards: ``[B, T]``, or packed ``[N]`` with ``cu_seqlens``; any float dtype.

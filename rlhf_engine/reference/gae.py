@@ -9,9 +9,10 @@ token of the same sequence (none past the end, where ``V`` and ``A`` are 0):
     δ_t = r_t + γ·V_{n(t)} − V_t,   A_t = δ_t + γλ·A_{n(t)},   R_t = A_t + V_t
     G_t = r_t + γ·G_{n(t)}                                    (discounted returns)
 
-This is verl's GAE rule for observation tokens inside a response; for right- or
-left-padded batches (valid tokens contiguous) it also equals TRL's GAE and verl's
-REINFORCE++ returns, which zero the state at padding instead.
+This is verl 0.9.1's rule for observation tokens inside a response, for GAE and for the
+REINFORCE++ returns alike (both carry the state through masked positions; verl's GAE also
+writes the carried value at masked positions, where ours writes 0). For right- or
+left-padded batches (valid tokens contiguous) it also equals TRL's GAE.
 """
 
 from __future__ import annotations
