@@ -55,7 +55,7 @@ def test_matches_reference(backend, device, estimator, clamp, dtype, shape):
 
 def test_verl_aliases_are_the_same_estimators(backend, device):
     lp, ref = _inputs((4, 9), torch.float32, device)
-    for alias, canonical in (("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3"), ("low_var_kl+", "k3+"), ("kl+", "k1+")):
+    for alias, canonical in (("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3"), ("low_var_kl+", "k3+"), ("kl+", "k1+"), ("mse+", "k2+")):
         a = ops.kl_penalty(lp, ref, estimator=alias, clamp=True, backend=backend)
         b = ops.kl_penalty(lp, ref, estimator=canonical, clamp=True, backend=backend)
         assert torch.equal(a, b), alias
@@ -71,6 +71,8 @@ def test_verl_aliases_are_the_same_estimators(backend, device):
         ("k3", 1 - math.log(2), -1.0),  # 2 - log 2 - 1; d/dlp = 1 - exp(kappa)
         ("k1+", -math.log(2), -math.log(2)),  # k1's value, k2's gradient
         ("k3+", 1 - math.log(2), -math.log(2)),
+        ("abs+", math.log(2), -math.log(2)),  # verl's abs+: abs's value, k2's gradient
+        ("k2+", 0.5 * math.log(2) ** 2, -math.log(2)),
     ],
 )
 def test_hand_computed(backend, device, estimator, value, grad):
@@ -116,7 +118,7 @@ def test_reference_gradcheck(estimator, clamp):
     assert torch.autograd.gradcheck(lambda a, b: kl_penalty_ref(a, b, estimator, clamp), (lp, ref))
 
 
-@pytest.mark.parametrize("estimator", ["k1+", "k3+"])
+@pytest.mark.parametrize("estimator", ["k1+", "k3+", "abs+", "k2+"])
 def test_reference_straight_through_uses_k2_gradient(estimator):
     lp = torch.randn(6, dtype=torch.float64, requires_grad=True)
     ref = torch.randn(6, dtype=torch.float64)

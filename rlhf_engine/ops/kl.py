@@ -107,9 +107,10 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "
         ref_logp: same shape as ``logp``, any float dtype: the same under the reference.
         estimator: with ``kappa = ref - lp`` (Schulman 2020, "Approximating KL divergence"):
             ``"k1"`` ``lp - ref``; ``"abs"`` ``|lp - ref|``; ``"k2"`` ``(lp - ref)^2 / 2``;
-            ``"k3"`` ``exp(kappa) - kappa - 1``; ``"k1+"`` / ``"k3+"`` the value of k1 / k3
-            with k2's gradient (straight-through). verl's names ``"kl"``, ``"mse"``,
-            ``"low_var_kl"`` (and ``"kl+"``, ``"low_var_kl+"``) are aliases.
+            ``"k3"`` ``exp(kappa) - kappa - 1``; ``"k1+"`` / ``"k3+"`` / ``"abs+"`` the
+            value of k1 / k3 / abs with k2's gradient (straight-through; ``"k2+"`` is k2).
+            verl's names ``"kl"``, ``"mse"``, ``"low_var_kl"`` (and ``"kl+"``, ``"mse+"``,
+            ``"low_var_kl+"``) are aliases.
         clamp: verl's clamping of k3 (``kappa`` to [-20, 20], the value to [-10, 10]);
             no effect on k1 / abs / k2. TRL does not clamp (the default).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``rlhf_engine._backend``).

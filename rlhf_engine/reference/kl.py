@@ -10,7 +10,9 @@ name (verl alias)     value                       d value / d lp
 ``abs``               ``|lp - ref|``              ``sign(lp - ref)``
 ``k2`` (``mse``)      ``(lp - ref)^2 / 2``        ``lp - ref``
 ``k3`` (low_var_kl)   ``exp(kappa) - kappa - 1``  ``1 - exp(kappa)``
-``k1+``, ``k3+``      value of k1 / k3            gradient of k2 (straight-through)
+``k1+``, ``k3+``,     value of k1 / k3 / abs      gradient of k2 (straight-through)
+``abs+``
+``k2+`` (``mse+``)    k2 (its own gradient)       ``lp - ref``
 ====================  ==========================  ==========================
 
 ``clamp=True`` is verl's clamping, which verl applies to ``k3`` only: ``kappa`` is
@@ -41,6 +43,10 @@ ESTIMATORS = {
     "low_var_kl": ("k3", False),
     "kl+": ("k1", True),
     "low_var_kl+": ("k3", True),
+    # verl strips any "+" and takes k2's gradient: for k2 / mse that is k2 itself.
+    "abs+": ("abs", True),
+    "k2+": ("k2", True),
+    "mse+": ("k2", True),
 }
 
 KAPPA_CLAMP = 20.0  # verl: clamp ref - lp before exp

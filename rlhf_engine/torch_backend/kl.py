@@ -40,5 +40,5 @@ def kl_estimate_and_grad(lp: torch.Tensor, ref: torch.Tensor, estimator: str, cl
     if base == "k1":
         return diff, (diff.clone() if straight_through else torch.ones_like(diff))
     if base == "abs":
-        return diff.abs(), diff.sign_()
-    return diff.square().mul_(0.5), diff
+        return diff.abs(), (diff if straight_through else diff.sign_())
+    return diff.square().mul_(0.5), diff  # k2's gradient is its own: k2+ is k2
