@@ -273,3 +273,30 @@ def test_patch_fused_linear_swaps_verls_entry_points():
         assert kernel_module.linear_cross_entropy is ours.linear_cross_entropy
     finally:
         torch_functional.FusedLinearForPPO, kernel_module.linear_cross_entropy = saved
+
+
+# ---------------------------------------------------------------------------------------
+# Import behaviour
+# ---------------------------------------------------------------------------------------
+
+
+def _python(code):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_importing_rlhf_engine_never_imports_verl():
+    done = _python("import sys, rlhf_engine, rlhf_engine.ops, rlhf_engine.integrations; "
+                   "assert 'verl' not in sys.modules, 'verl was imported'")
+    assert done.returncode == 0, done.stderr
+
+
+def test_missing_verl_names_the_install_command():
+    # sys.modules[name] = None makes `import verl` raise ImportError, as if it were absent.
+    done = _python("import sys; sys.modules['verl'] = None; import rlhf_engine.integrations.verl")
+    assert done.returncode != 0
+    assert "pip install --no-deps verl==0.9.1" in done.stderr and "rlhf-engine[verl]" in done.stderr, done.stderr
