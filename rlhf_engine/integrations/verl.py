@@ -134,6 +134,8 @@ def _aggregation(op: str, loss_agg_mode: str, response_mask: torch.Tensor, confi
         denominator = denominator * (response_mask.shape[-1] if scale is None else scale)
     if denominator is None:
         return loss_agg_mode, None
+    if isinstance(denominator, torch.Tensor):  # an all-reduced count may sit on another device
+        denominator = denominator.to(response_mask.device)
     return loss_agg_mode, denominator / dp_size
 
 
