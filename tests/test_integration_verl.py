@@ -272,7 +272,8 @@ def test_fused_linear_for_ppo_keeps_verls_dtypes_in_bf16():
     labels = torch.randint(0, V, (2, 5))
     verl_logp, verl_entropy = VerlFusedLinearForPPO().forward(hidden, weight, labels)
     our_logp, our_entropy = ours.FusedLinearForPPO(backend="torch").forward(hidden, weight, labels)
-    assert (our_logp.dtype, our_entropy.dtype) == (verl_logp.dtype, verl_entropy.dtype) == (torch.float32, torch.bfloat16)
+    dtypes = (torch.float32, torch.bfloat16)
+    assert (our_logp.dtype, our_entropy.dtype) == (verl_logp.dtype, verl_entropy.dtype) == dtypes
     torch.testing.assert_close(our_logp, verl_logp, rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(our_entropy.float(), verl_entropy.float(), rtol=2e-2, atol=5e-2)
 

@@ -80,7 +80,7 @@ def _config_value(config, name: str, default):
     return getattr(config, name, default)
 
 
-def _check_inputs(op: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights):
+def _check_inputs(op, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights):
     """verl's inputs: every tensor ``[B, T]``; a config; a known ``loss_agg_mode``."""
     if config is None:
         raise ValueError(f"{op}: config is required (verl's ActorConfig: clip ratios, global_batch_info)")
