@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before any @triton.jit function is defined, so it i
 here, before the tests import rlhf_engine.kernels.
 """
 
+import importlib.util
 import os
 import random
 import zlib
@@ -23,6 +24,16 @@ from rlhf_engine._backend import (  # noqa: E402
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# A regular package named `tests` elsewhere on the path (verl 0.9.1's wheel installs one
+# into site-packages) shadows this directory, and every `from tests.tolerance import ...`
+# would fail with a puzzling ModuleNotFoundError: say what it is instead.
+_TESTS_SPEC = importlib.util.find_spec("tests")
+if _TESTS_SPEC is not None and _TESTS_SPEC.origin and not _TESTS_SPEC.origin.startswith(os.path.dirname(__file__)):
+    raise ImportError(
+        f"the module 'tests' is {_TESTS_SPEC.origin}, not this directory: remove that package (verl 0.9.1's wheel "
+        "installs a top-level tests/ into site-packages; `make install` removes it)"
+    )
 
 # Fresh random inputs on every run; the run's seed is printed in the header, and
 # RLHF_ENGINE_TEST_SEED=<seed> replays a failing run exactly.
