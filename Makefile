@@ -6,11 +6,9 @@ TORCH_SPEC ?= torch==2.13.0
 # verl is installed without its deps (its pins would replace transformers); the `verl` extra
 # brings what its core_algos needs to import. tests/test_integration_verl.py needs it.
 VERL_SPEC ?= verl==0.9.1
-# verl 0.9.1's wheel also installs top-level `tests` and `scripts` packages into
-# site-packages; that `tests` shadows ours (`from tests.tolerance import ...` fails), so the
-# install removes both (verl itself never imports them).
-export REMOVE_VERL_STRAYS := import importlib.metadata as m, shutil; d = m.distribution("verl"); \
-	[shutil.rmtree(d.locate_file(p), ignore_errors=True) for p in ("tests", "scripts")]
+# verl 0.9.1's wheel also installs a top-level `tests` package into site-packages; ours is
+# a regular package too (tests/__init__.py) and comes first on the path from the repository
+# root, so `from tests.tolerance import ...` resolves here (tests/conftest.py checks it).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rlhf-engine-installed
@@ -27,7 +25,6 @@ $(STAMP): $(PY) pyproject.toml setup.py $(NATIVE_SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,verl]"
 	$(PY) -m pip install -q --no-deps "$(VERL_SPEC)"
-	$(PY) -c "$$REMOVE_VERL_STRAYS"
 	touch $(STAMP)
 
 install: $(STAMP)

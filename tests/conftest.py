@@ -31,8 +31,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _TESTS_SPEC = importlib.util.find_spec("tests")
 if _TESTS_SPEC is not None and _TESTS_SPEC.origin and not _TESTS_SPEC.origin.startswith(os.path.dirname(__file__)):
     raise ImportError(
-        f"the module 'tests' is {_TESTS_SPEC.origin}, not this directory: remove that package (verl 0.9.1's wheel "
-        "installs a top-level tests/ into site-packages; `make install` removes it)"
+        f"the module 'tests' is {_TESTS_SPEC.origin}, not this directory: run pytest from the repository root "
+        "(`make test`), where this regular package comes first (verl 0.9.1's wheel installs another top-level "
+        "`tests` into site-packages)"
     )
 
 # Fresh random inputs on every run; the run's seed is printed in the header, and
