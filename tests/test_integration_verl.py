@@ -10,6 +10,8 @@ Our ops compute in fp32 whatever the input dtype, so fp64 inputs are compared at
 tolerances (verl computes those in fp64).
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -47,7 +49,14 @@ def _loss_inputs(dtype, with_weights):
     mask = _mask()
     old = -torch.rand(B, T, dtype=dtype) * 3
     # log ratios of ~±0.3 put tokens on both sides of the clip range; one beyond +20 checks the clamp
-    log_prob = old + 0.3 * torch.randn(B, T, dtype=dtype)
+    delta = 0.3 * torch.randn(B, T, dtype=dtype)
+    # Off every clip boundary of the configs below (1 - 0.15, 1 + 0.28, c = 2.5; 1 - 0.1,
+    # 1 + 0.3, c = 2): a ratio within fp32 rounding of one may be clipped on one side and
+    # not on the other, a difference of the input dtype, not of the semantics.
+    for bound in map(math.log, (0.85, 1.28, 2.5, 0.9, 1.3, 2.0)):
+        near = (delta - bound).abs() < 1e-3
+        delta = torch.where(near, bound + 2e-3, delta)
+    log_prob = old + delta
     log_prob[0, 1] = old[0, 1] + 25.0
     advantages = torch.randn(B, T, dtype=dtype)
     advantages[0, 1] = -1.0  # with r = e^20 there: the dual clip is active on every seed
