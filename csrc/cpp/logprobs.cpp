@@ -60,11 +60,8 @@ void bwd_rows(In grad_logp, int64_t grad_logp_stride, In grad_entropy, int64_t g
       continue;
     }
     const S* x = base + layout.offset(row);  // may be dx itself: x[i] is read before dx[i] is written
-    GradRow r{lse[row] * kLog2e, -load(grad_logp, row * grad_logp_stride) * inv_t, 0.0f, 0.0f};
-    if (WithEntropy) {
-      r.c_h = -load(grad_entropy, row * grad_entropy_stride) * inv_t;
-      r.h = entropy[row];
-    }
+    const GradRow r =
+        grad_row<WithEntropy>(grad_logp, grad_logp_stride, grad_entropy, grad_entropy_stride, lse, entropy, row, inv_t);
     const int64_t label_col = label - label_offset;
     for (int64_t i = 0; i < vocab; ++i) {
       dx[i] = E::from_float(grad_element<WithEntropy>(E::to_float(x[i]) * log2e_over_t, i == label_col, r));
@@ -77,15 +74,9 @@ void bwd_rows(In grad_logp, int64_t grad_logp_stride, In grad_entropy, int64_t g
 void token_logprobs_fwd(In logits, RowLayout layout, int64_t rows, int64_t vocab, In labels, float* logp,
                         float* entropy, float* lse, float log2e_over_t, float inv_t, int64_t ignore_index,
                         int threads) {
-  dispatch_logits_dtype(logits.dtype, [&](auto tag) {
-    using E = decltype(tag);
-    if (entropy != nullptr) {
-      fwd_rows<E, true>(logits, layout, rows, vocab, labels, logp, entropy, lse, log2e_over_t, inv_t, ignore_index,
-                        threads);
-    } else {
-      fwd_rows<E, false>(logits, layout, rows, vocab, labels, logp, entropy, lse, log2e_over_t, inv_t, ignore_index,
-                         threads);
-    }
+  dispatch_logits(logits.dtype, entropy != nullptr, [&](auto tag, auto with_entropy) {
+    fwd_rows<decltype(tag), decltype(with_entropy)::value>(logits, layout, rows, vocab, labels, logp, entropy, lse,
+                                                           log2e_over_t, inv_t, ignore_index, threads);
   });
 }
 
@@ -93,17 +84,11 @@ void token_logprobs_bwd(In grad_logp, int64_t grad_logp_stride, In grad_entropy,
                         In logits, RowLayout layout, void* dlogits, RowLayout d_layout, int64_t rows, int64_t vocab,
                         In labels, const float* lse, const float* entropy, float log2e_over_t, float inv_t,
                         int64_t ignore_index, int64_t label_offset, int threads) {
-  dispatch_logits_dtype(logits.dtype, [&](auto tag) {
-    using E = decltype(tag);
-    if (grad_entropy.ptr != nullptr) {
-      bwd_rows<E, true>(grad_logp, grad_logp_stride, grad_entropy, grad_entropy_stride, logits, layout, dlogits,
-                        d_layout, rows, vocab, labels, lse, entropy, log2e_over_t, inv_t, ignore_index, label_offset,
-                        threads);
-    } else {
-      bwd_rows<E, false>(grad_logp, grad_logp_stride, grad_entropy, grad_entropy_stride, logits, layout, dlogits,
-                         d_layout, rows, vocab, labels, lse, entropy, log2e_over_t, inv_t, ignore_index, label_offset,
-                         threads);
-    }
+  dispatch_logits(logits.dtype, grad_entropy.ptr != nullptr, [&](auto tag, auto with_entropy) {
+    bwd_rows<decltype(tag), decltype(with_entropy)::value>(grad_logp, grad_logp_stride, grad_entropy,
+                                                           grad_entropy_stride, logits, layout, dlogits, d_layout,
+                                                           rows, vocab, labels, lse, entropy, log2e_over_t, inv_t,
+                                                           ignore_index, label_offset, threads);
   });
 }
 

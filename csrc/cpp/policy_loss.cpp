@@ -9,13 +9,7 @@ namespace {
 // The mean delta = lp - old over the sequence's valid tokens (mask-weighted), 0 without one.
 float mean_log_ratio(const PolicyLossInputs& in, int64_t start, int64_t end) {
   double weighted = 0, count = 0;
-  for (int64_t i = start; i < end; ++i) {
-    const float m = load(in.mask, i);
-    if (m != 0.0f) {  // masked tokens are never read (padding may hold NaN)
-      weighted += double((load(in.logp, i) - load(in.old_logp, i)) * m);
-      count += m;
-    }
-  }
+  for (int64_t i = start; i < end; ++i) add_log_ratio(in, i, weighted, count);
   return count > 0 ? float(weighted / count) : 0.0f;
 }
 
@@ -31,16 +25,7 @@ void policy_loss_fwd(const PolicyLossInputs& in, const PolicyLossOptions& o, flo
     const float seq_log_ratio = o.loss == kGspo ? mean_log_ratio(in, start, end) : 0.0f;
     double acc[kNumPartials];
     for (int k = 0; k < kNumPartials; ++k) acc[k] = partial_identity(k);
-    for (int64_t i = start; i < end; ++i) {
-      const float m = load(in.mask, i);
-      if (m == 0.0f) {
-        g[i] = 0.0f;
-        continue;
-      }
-      const TokenOut t = policy_loss_token(in, o, i, seq, m, seq_log_ratio);
-      g[i] = t.g;
-      add_token(acc, t);
-    }
+    for (int64_t i = start; i < end; ++i) accumulate_token(in, o, i, seq, seq_log_ratio, g, acc);
     float* row = partials + seq * kNumPartials;
     for (int k = 0; k < kNumPartials; ++k) row[k] = float(acc[k]);
   }

@@ -151,11 +151,8 @@ __global__ void __launch_bounds__(kThreads)
     // May be dx itself: each thread loads a group before it stores that same group.
     const typename E::Storage* x = logits + layout.offset(row);
     const bool vector = aligned16(x) && aligned16(dx);
-    GradRow r{lse[row] * kLog2e, -load(grad_logp, row * grad_logp_stride) * inv_t, 0.0f, 0.0f};
-    if (WithEntropy) {
-      r.c_h = -load(grad_entropy, row * grad_entropy_stride) * inv_t;
-      r.h = entropy[row];
-    }
+    const GradRow r =
+        grad_row<WithEntropy>(grad_logp, grad_logp_stride, grad_entropy, grad_entropy_stride, lse, entropy, row, inv_t);
     const int64_t label_col = label - label_offset;
     for (int64_t g = lane; g < groups; g += kRowThreads) {
       const int64_t col = g * W;
@@ -225,14 +222,9 @@ void token_logprobs_fwd(In logits, RowLayout layout, int64_t rows, int64_t vocab
                         std::uintptr_t stream) {
   if (rows == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_logits_dtype(logits.dtype, [&](auto tag) {
-    using E = decltype(tag);
-    if (entropy != nullptr) {
-      launch_fwd<E, true>(logits, layout, rows, vocab, labels, logp, entropy, lse, log2e_over_t, inv_t, ignore_index, s);
-    } else {
-      launch_fwd<E, false>(logits, layout, rows, vocab, labels, logp, entropy, lse, log2e_over_t, inv_t, ignore_index,
-                           s);
-    }
+  dispatch_logits(logits.dtype, entropy != nullptr, [&](auto tag, auto with_entropy) {
+    launch_fwd<decltype(tag), decltype(with_entropy)::value>(logits, layout, rows, vocab, labels, logp, entropy, lse,
+                                                             log2e_over_t, inv_t, ignore_index, s);
   });
 }
 
@@ -242,17 +234,11 @@ void token_logprobs_bwd(In grad_logp, int64_t grad_logp_stride, In grad_entropy,
                         int64_t ignore_index, int64_t label_offset, std::uintptr_t stream) {
   if (rows == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_logits_dtype(logits.dtype, [&](auto tag) {
-    using E = decltype(tag);
-    if (grad_entropy.ptr != nullptr) {
-      launch_bwd<E, true>(grad_logp, grad_logp_stride, grad_entropy, grad_entropy_stride, logits, layout, dlogits,
-                          d_layout, rows, vocab, labels, lse, entropy, log2e_over_t, inv_t, ignore_index, label_offset,
-                          s);
-    } else {
-      launch_bwd<E, false>(grad_logp, grad_logp_stride, grad_entropy, grad_entropy_stride, logits, layout, dlogits,
-                           d_layout, rows, vocab, labels, lse, entropy, log2e_over_t, inv_t, ignore_index,
-                           label_offset, s);
-    }
+  dispatch_logits(logits.dtype, grad_entropy.ptr != nullptr, [&](auto tag, auto with_entropy) {
+    launch_bwd<decltype(tag), decltype(with_entropy)::value>(grad_logp, grad_logp_stride, grad_entropy,
+                                                             grad_entropy_stride, logits, layout, dlogits, d_layout,
+                                                             rows, vocab, labels, lse, entropy, log2e_over_t, inv_t,
+                                                             ignore_index, label_offset, s);
   });
 }
 

@@ -64,13 +64,7 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
   float seq_log_ratio = 0.0f;
   if (o.loss == kGspo) {  // uniform over the block: the reduction's barriers are reached by all
     float sums[2] = {0.0f, 0.0f};  // sum delta m, sum m over valid tokens
-    for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
-      const float m = load(in.mask, i);
-      if (m != 0.0f) {  // masked tokens are never read (padding may hold NaN)
-        sums[0] += (load(in.logp, i) - load(in.old_logp, i)) * m;
-        sums[1] += m;
-      }
-    }
+    for (int64_t i = start + threadIdx.x; i < end; i += kThreads) add_log_ratio(in, i, sums[0], sums[1]);
     block_reduce_all(sums, SumOps(), scratch);
     seq_log_ratio = sums[1] > 0.0f ? sums[0] / sums[1] : 0.0f;
   }
@@ -78,16 +72,7 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
   float acc[kNumPartials];
 #pragma unroll
   for (int k = 0; k < kNumPartials; ++k) acc[k] = partial_identity(k);
-  for (int64_t i = start + threadIdx.x; i < end; i += kThreads) {
-    const float m = load(in.mask, i);
-    if (m == 0.0f) {
-      g[i] = 0.0f;
-      continue;
-    }
-    const TokenOut t = policy_loss_token(in, o, i, seq, m, seq_log_ratio);
-    g[i] = t.g;
-    add_token(acc, t);
-  }
+  for (int64_t i = start + threadIdx.x; i < end; i += kThreads) accumulate_token(in, o, i, seq, seq_log_ratio, g, acc);
   block_reduce_all(acc, PartialOps(), scratch);
   if (threadIdx.x == 0) {
 #pragma unroll

@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "rlhf/elements.h"
 
@@ -151,6 +152,19 @@ struct GradRow {
   float h;     // the row's entropy
 };
 
+// Row `row`'s GradRow from the saved forward outputs and the upstream gradients
+// (grad_entropy / entropy unread without the entropy term).
+template <bool WithEntropy>
+RLHF_HD GradRow grad_row(In grad_logp, int64_t grad_logp_stride, In grad_entropy, int64_t grad_entropy_stride,
+                         const float* lse, const float* entropy, int64_t row, float inv_t) {
+  GradRow r{lse[row] * kLog2e, -load(grad_logp, row * grad_logp_stride) * inv_t, 0.0f, 0.0f};
+  if (WithEntropy) {
+    r.c_h = -load(grad_entropy, row * grad_entropy_stride) * inv_t;
+    r.h = entropy[row];
+  }
+  return r;
+}
+
 // d loss / d logits of one element with u = logit * log2(e) / T.
 template <bool WithEntropy>
 RLHF_HD float grad_element(float u, bool is_label, GradRow r) {
@@ -173,6 +187,19 @@ void dispatch_logits_dtype(int dtype, F&& f) {
       throw std::invalid_argument("rlhf_engine._C: token_logprobs takes fp32, fp16 or bf16 logits, got dtype code " +
                                   std::to_string(dtype));
   }
+}
+
+// Calls f(type tag, std::bool_constant<with_entropy>{}): the logits dtype and the entropy
+// switch become template arguments once per launch.
+template <class F>
+void dispatch_logits(int dtype, bool with_entropy, F&& f) {
+  dispatch_logits_dtype(dtype, [&](auto tag) {
+    if (with_entropy) {
+      f(tag, std::true_type{});
+    } else {
+      f(tag, std::false_type{});
+    }
+  });
 }
 
 }  // namespace logprobs

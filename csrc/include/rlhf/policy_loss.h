@@ -192,6 +192,32 @@ RLHF_HD void add_token(Acc (&acc)[kNumPartials], const TokenOut& t) {
   }
 }
 
+// Token i's share of its sequence: g[i] (0 on a masked token, whose inputs are never read:
+// padding may hold NaN) and, on a valid one, its partials added into `acc`.
+template <class Acc>
+RLHF_HD void accumulate_token(const PolicyLossInputs& in, const PolicyLossOptions& o, int64_t i, int64_t seq,
+                              float seq_log_ratio, float* g, Acc (&acc)[kNumPartials]) {
+  const float m = load(in.mask, i);
+  if (m == 0.0f) {
+    g[i] = 0.0f;
+    return;
+  }
+  const TokenOut t = policy_loss_token(in, o, i, seq, m, seq_log_ratio);
+  g[i] = t.g;
+  add_token(acc, t);
+}
+
+// GSPO's first pass, token i: adds (lp - old) m and m into `weighted` / `count` for a valid
+// token; the sequence's mean log-ratio is weighted / count (0 without a valid token).
+template <class Acc>
+RLHF_HD void add_log_ratio(const PolicyLossInputs& in, int64_t i, Acc& weighted, Acc& count) {
+  const float m = load(in.mask, i);
+  if (m != 0.0f) {
+    weighted += Acc((load(in.logp, i) - load(in.old_logp, i)) * m);
+    count += Acc(m);
+  }
+}
+
 namespace cpu {
 // OpenMP over sequences; each sequence's sums in double, in token order (thread-count independent).
 void policy_loss_fwd(const PolicyLossInputs& in, const PolicyLossOptions& o, float* g, float* partials,
