@@ -29,6 +29,7 @@ except ImportError as err:  # a clear message instead of a skip: CI must run the
     ) from err
 
 from rlhf_engine.integrations import verl as ours  # noqa: E402
+from rlhf_engine.integrations.verl.policy_losses import _clip_ratios  # noqa: E402
 
 NATIVE_BACKENDS = True  # the backend fixture also runs cpp (CPU) / cuda (GPU)
 MODES = ours.LOSS_AGG_MODES
@@ -128,7 +129,7 @@ def test_vanilla_with_a_dictconfig_matches_verl(mode):
     # verl's vanilla also accepts a plain DictConfig (the legacy actor config)
     config = OmegaConf.create(dict(clip_ratio=0.2, clip_ratio_low=0.1, clip_ratio_high=0.3, clip_ratio_c=2.0,
                                    global_batch_info={}))
-    assert ours._clip_ratios(config) == (0.1, 0.3)
+    assert _clip_ratios(config) == (0.1, 0.3)
     _compare_loss("vanilla", mode, config, _loss_inputs(torch.float32, True), "torch")
 
 
