@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -147,12 +148,13 @@ def record_all() -> list[Launch]:
         # on the PPO loss with every option: each constexpr value at least once.
         cases = [(loss, "k3", flags) for loss in LOSSES for flags in (False, True)]
         cases += [("ppo", estimator, True) for estimator in ESTIMATORS if estimator != "k3"]
-        for loss, estimator, on in cases:  # on: KL + entropy, per-sequence adv + IS, dual clip + delta + clamp
+        for loss, estimator, on in cases:  # on: KL (times the ratio) + entropy, per-sequence adv + IS, dual clip + delta + clamps
             policy_loss.policy_loss_fwd(
                 tok, tok, _meta(seqs) if on else tok, mask, cu, tok if on else None, tok if on else None,
                 _meta(seqs) if on else None, loss=loss, clip_low=0.2, clip_high=5.0 if loss == "cispo-trl" else 0.28,
-                dual_clip=3.0 if on else None, delta=4.0 if on else None, kl_coef=0.04, kl_estimator=estimator,
-                kl_clamp=on, entropy_coef=0.01, seq_len=tokens // seqs,
+                dual_clip=3.0 if on else None, delta=4.0 if on else None, log_ratio_min=-20.0 if on else -math.inf,
+                log_ratio_max=20.0 if on else math.inf, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_coef=0.04,
+                kl_estimator=estimator, kl_clamp=on, kl_ratio_weight=on, entropy_coef=0.01, seq_len=tokens // seqs,
             )  # fmt: skip
         policy_loss.seq_scale_bwd(_meta(()), _meta(seqs), tok, cu, 1.0, tokens // seqs, torch.float32)
         value_loss.value_loss_fwd(tok, tok, tok, mask, cu, clip=0.2, seq_len=tokens // seqs)

@@ -25,6 +25,7 @@ from rlhf_engine.algos.dpo import DPOConfig, DPOTrainer, response_logprob_sums
 from rlhf_engine.algos.grpo import GRPO_VARIANTS, grpo_config
 from rlhf_engine.algos.kl_control import KLController
 from rlhf_engine.algos.loop import run_steps
+from rlhf_engine.algos.loss_semantics import preset_loss_options
 from rlhf_engine.algos.ppo import ppo_config
 from rlhf_engine.algos.reinforce_pp import reinforce_pp_config
 from rlhf_engine.algos.rejection_sampling import RejectionSamplingConfig, RejectionSamplingTrainer
@@ -537,6 +538,8 @@ BAD_CONFIGS = [
     (RLConfig, dict(top_p=0.0), "top_p"),
     (RLConfig, dict(top_p=1.5), "top_p"),
     (RLConfig, dict(lr=0.0), "lr"),
+    (RLConfig, dict(sapo_tau_neg=0.0), "sapo_tau_neg"),
+    (RLConfig, dict(kl_ratio_weight=1), "kl_ratio_weight"),
     (RLConfig, dict(critic_lr=-1.0), "critic_lr"),
     (RLConfig, dict(kl_coef=-0.1), "kl_coef"),
     (RLConfig, dict(entropy_coef=-0.1), "entropy_coef"),
@@ -577,6 +580,20 @@ def test_presets_are_valid_configs():
     assert reinforce_pp_config(baseline=True).advantage == "reinforce_pp_baseline"
     with pytest.raises(ValueError, match="variant"):
         grpo_config("ppo")
+
+
+@pytest.mark.parametrize("loss", ["ppo", "gspo"])
+def test_preset_loss_options_set_each_frameworks_semantics(loss):
+    # Every option of policy_loss the presets decide, and the config's override of kl_ratio_weight.
+    trl, verl = preset_loss_options("trl", loss), preset_loss_options("verl", loss)
+    assert trl == dict(log_ratio_min=None, log_ratio_max=None, kl_ratio_weight=True, entropy_aggregation="token-mean",
+                       count_empty_seqs=True, is_weights_per_sequence=loss == "gspo")  # fmt: skip
+    assert verl == dict(log_ratio_min=None if loss == "gspo" else -20.0, log_ratio_max=10.0 if loss == "gspo" else 20.0,
+                        kl_ratio_weight=False, entropy_aggregation=None, count_empty_seqs=False,
+                        is_weights_per_sequence=False)  # fmt: skip
+    assert preset_loss_options("trl", loss, kl_ratio_weight=False)["kl_ratio_weight"] is False
+    with pytest.raises(ValueError, match="preset must be"):
+        preset_loss_options("openrlhf", loss)
 
 
 def test_config_from_dict_builds_and_coerces():

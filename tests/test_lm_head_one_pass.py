@@ -45,21 +45,21 @@ def _rl_inputs(hidden, weight, bias, lead, vocab, device):
     )  # fmt: skip
 
 
-def _ours(rl, backend, chunk_size, scale):
+def _ours(rl, backend, chunk_size, scale, loss_kw=LOSS_KW):
     def fn(hidden, weight, bias):
         loss, _ = fused_linear_policy_loss(
             hidden, weight, rl["labels"], rl["old_logp"], rl["advantages"], rl["mask"], bias=bias,
-            ref_logp=rl["ref_logp"], chunk_size=chunk_size, backend=backend, **LOSS_KW,
+            ref_logp=rl["ref_logp"], chunk_size=chunk_size, backend=backend, **loss_kw,
         )  # fmt: skip
         return loss * scale
 
     return fn
 
 
-def _spec(rl, logprobs_fn, scale):
+def _spec(rl, logprobs_fn, scale, loss_kw=LOSS_KW):
     def fn(hidden, weight, bias):
-        logp, entropy = logprobs_fn(hidden, weight, rl["labels"], bias, LOSS_KW["temperature"], -100, True)
-        options = {k: v for k, v in LOSS_KW.items() if k != "temperature"}
+        logp, entropy = logprobs_fn(hidden, weight, rl["labels"], bias, loss_kw["temperature"], -100, True)
+        options = {k: v for k, v in loss_kw.items() if k != "temperature"}
         loss, _ = policy_loss_ref(
             logp, rl["old_logp"].to(logp.dtype), rl["advantages"].to(logp.dtype), rl["mask"],
             ref_logp=rl["ref_logp"].to(logp.dtype), entropy=entropy, **options,
@@ -106,6 +106,37 @@ def test_one_pass_matches_reference(backend, device, shape, dtype, frozen_weight
         _assert_grad_within_tolerance(grad, ref, base, dtype, what=f"{backend} d{name}")
     masked = ~rl["mask"]
     assert (dleaves[0][masked] == 0).all(), "a masked token got a hidden gradient"
+
+
+# The options of TRL's and verl's semantics (rlhf_engine.ops.policy_loss), on both paths:
+# one pass (token-level losses) and recompute (gspo).
+OPTION_SETS = {
+    "trl-grpo": dict(log_ratio_min=None, log_ratio_max=None, kl_ratio_weight=True, entropy_aggregation="token-mean",
+                     count_empty_seqs=True),
+    "trl-cispo": dict(loss="cispo-trl", clip_high=1.2, log_ratio_min=None, log_ratio_max=None, kl_ratio_weight=True),
+    "sapo-taus": dict(loss="sapo", sapo_tau_pos=0.5, sapo_tau_neg=2.0, log_ratio_min=-0.2, log_ratio_max=0.25),
+    "gspo-kl-ratio": dict(loss="gspo", clip_low=0.02, clip_high=0.03, kl_ratio_weight=True, log_ratio_max=10.0,
+                          log_ratio_min=None, entropy_aggregation="token-mean"),
+    "norm-non-empty": dict(aggregation="seq-mean-token-sum-norm", count_empty_seqs=False),
+}
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_semantics_options_match_reference(backend, device, options):
+    lead, hdim, vocab, chunk_size = SHAPES["ragged_chunks"]
+    (hidden, weight, bias), _ = _lm_head(lead, hdim, vocab, torch.float32, device)
+    rl = _rl_inputs(hidden, weight, bias, lead, vocab, device)
+    loss_kw = {**LOSS_KW, **OPTION_SETS[options]}
+    grads = [torch.ones((), dtype=torch.float64)]
+    leaves = [hidden, weight, bias]
+    outs, dleaves = _fwd_bwd(_ours(rl, backend, chunk_size, 1.0, loss_kw), leaves, grads)
+    ref_outs, ref_dleaves = _fwd_bwd(
+        _spec(rl, fused_linear_logprobs_ref, 1.0, loss_kw), [x.double() for x in leaves], grads
+    )
+    base_outs, base_dleaves = _fwd_bwd(_spec(rl, fused_linear_logprobs_ref, 1.0, loss_kw), leaves, grads)
+    assert_within_tolerance(outs[0], ref_outs[0], base_outs[0], torch.float32, what="loss")
+    for name, grad, ref, base in zip(("hidden", "weight", "bias"), dleaves, ref_dleaves, base_dleaves):
+        _assert_grad_within_tolerance(grad, ref, base, torch.float32, what=f"{backend} d{name}")
 
 
 _GEMMS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2)}  # op -> positions of its two factors

@@ -128,14 +128,16 @@ def run_update(models: dict, rollout: Rollout, phase: str, target: torch.Tensor,
 
 
 # -- the updates --------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["trl", "verl"])  # their loss semantics: algos/loss_semantics.py
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_policy_update_over_micro_batches_equals_the_whole_minibatch_update(aggregation):
+def test_policy_update_over_micro_batches_equals_the_whole_minibatch_update(aggregation, preset):
     seed = fresh_seed()
     generator = torch.Generator().manual_seed(seed)
     models = tiny_models(seed)
     # KL in the loss and an entropy bonus: every term of the loss goes through the normalizer.
     # A small grad_clip so that clipping acts: it must act on the accumulated gradient.
-    config = dict(aggregation=aggregation, kl_coef=0.1, entropy_coef=0.01, grad_clip=0.05, advantage="grpo", seed=seed)
+    config = dict(aggregation=aggregation, kl_coef=0.1, entropy_coef=0.01, grad_clip=0.05, advantage="grpo", seed=seed,
+                  preset=preset)
     rollout = scored_rollout(build_trainer(models, **config), generator)
     advantages = torch.randn(rollout.response_ids.shape, generator=generator) * rollout.response_mask
     expected, expected_metrics = run_update(models, rollout, "policy", advantages, **config)

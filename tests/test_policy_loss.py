@@ -436,6 +436,150 @@ def test_bad_inputs_name_the_argument(device):
             ops.policy_loss(**flat, cu_seqlens=cu.to(device))
 
 
+# The options that make TRL's and verl's semantics exact, each switched on over every loss.
+SEMANTICS_OPTIONS = {
+    "unbounded-ratio": dict(log_ratio_min=None, log_ratio_max=None),
+    # tight bounds: the clamp is active on many tokens (no ratio gradient there)
+    "tight-bounds": dict(log_ratio_min=-0.15, log_ratio_max=0.1),
+    "upper-bound-only": dict(log_ratio_min=None, log_ratio_max=0.1),
+    "kl-ratio-weight": dict(kl_ratio_weight=True, kl_estimator="k3"),
+    "kl-ratio-weight-bounded": dict(kl_ratio_weight=True, kl_estimator="k1+", log_ratio_min=-0.15, log_ratio_max=0.1),
+    "sapo-taus": dict(sapo_tau_pos=0.5, sapo_tau_neg=2.0),
+    "entropy-token-mean": dict(entropy_aggregation="token-mean", aggregation="seq-mean-token-sum", normalizer=7.0),
+    "is-weights-per-sequence": dict(is_weights_per_sequence=True),
+    "count-empty-seqs": dict(count_empty_seqs=True, aggregation="seq-mean-token-mean"),
+    "norm-non-empty": dict(count_empty_seqs=False, aggregation="seq-mean-token-sum-norm"),
+}
+
+
+@pytest.mark.parametrize("layout", [dict(shape=(4, 21), all_masked_row=2), dict(lengths=[6, 0, 25, 3], float_mask=True)],
+                         ids=["padded", "packed"])
+@pytest.mark.parametrize("options", SEMANTICS_OPTIONS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_semantics_options_match_reference(backend, device, loss, options, layout):
+    # Per-token advantages and IS weights (is_weights_per_sequence averages them), every term on.
+    batch = make_batch(device, **layout)
+    assert_matches(backend, batch, loss=loss, kl_coef=0.1, entropy_coef=0.05, **{**LOSS_OPTIONS[loss],
+                                                                              **SEMANTICS_OPTIONS[options]})
+
+
+def test_semantics_options_match_reference_in_bf16(backend, device):
+    batch = make_batch(device, shape=(3, 37), all_masked_row=1)
+    for loss in ("ppo", "gspo", "cispo-trl"):
+        assert_matches(backend, batch, torch.bfloat16, loss=loss, kl_coef=0.1, entropy_coef=0.05,
+                       kl_ratio_weight=True, log_ratio_min=None, log_ratio_max=None, entropy_aggregation="token-mean",
+                       count_empty_seqs=True, **LOSS_OPTIONS[loss])  # fmt: skip
+
+
+def _trl_style_loss(lp, old, adv, mask, ref, entropy, *, sequence_level, beta, entropy_coef, eps_low, eps_high):
+    """TRL 1.16's GRPO ``loss_type="grpo"`` written out in plain torch (no clamp, KL times the
+    differentiable importance weight, token-mean entropy bonus, divide by all B): an
+    independent check of the options' meaning (tests/test_integration_trl_grpo.py runs TRL)."""
+    m = mask.to(lp.dtype)
+    log_ratio = lp - old
+    if sequence_level:
+        log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_ratio)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    a = adv.unsqueeze(1)
+    per_token = -torch.min(coef_1 * a, coef_2 * a)
+    kl = (torch.exp(ref - lp) - (ref - lp) - 1) * coef_1
+    per_token = per_token + beta * kl
+    loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    return loss - entropy_coef * (entropy * m).sum() / m.sum().clamp(min=1.0)
+
+
+@pytest.mark.parametrize("sequence_level", [False, True], ids=["token", "sequence"])
+def test_trl_options_reproduce_trls_grpo_formula(backend, device, sequence_level):
+    batch = make_batch(device, shape=(4, 13), per_seq=True, all_masked_row=3)
+    args = {k: batch[k].double() for k in ("logp", "old_logp", "advantages", "ref_logp", "entropy")}
+    lp, ent = args["logp"].requires_grad_(), args["entropy"].requires_grad_()
+    expected = _trl_style_loss(lp, args["old_logp"], args["advantages"], batch["mask"], args["ref_logp"], ent,
+                               sequence_level=sequence_level, beta=0.3, entropy_coef=0.05, eps_low=0.2, eps_high=0.28)
+    expected.backward()
+    lp32, ent32 = batch["logp"].clone().requires_grad_(), batch["entropy"].clone().requires_grad_()
+    ours, _ = ops.policy_loss(
+        lp32, batch["old_logp"], batch["advantages"], batch["mask"], loss="gspo" if sequence_level else "ppo",
+        clip_low=0.2, clip_high=0.28, log_ratio_min=None, log_ratio_max=None, ref_logp=batch["ref_logp"], kl_coef=0.3,
+        kl_ratio_weight=True, entropy=ent32, entropy_coef=0.05, entropy_aggregation="token-mean",
+        aggregation="seq-mean-token-mean", count_empty_seqs=True, backend=backend,
+    )  # fmt: skip
+    ours.backward()
+    torch.testing.assert_close(ours.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp32.grad.double(), lp.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ent32.grad.double(), ent.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_hand_ppo_kl_and_cispo_clip_ratio(backend, device):
+    # One sequence of three valid tokens and a masked one: delta = 0.5, -0.1, 30 (clamped to 20).
+    lp = torch.tensor([[-1.0, -1.0, -1.0, -1.0]], device=device)
+    old = torch.tensor([[-1.5, -0.9, -31.0, float("nan")]], device=device)
+    adv = torch.tensor([[1.0, 1.0, -1.0, 1.0]], device=device)
+    mask = torch.tensor([[True, True, True, False]], device=device)
+    _, metrics = ops.policy_loss(lp, old, adv, mask, loss="cispo-trl", clip_high=1.5, backend=backend)
+    assert metrics["ppo_kl"].item() == pytest.approx(-(0.5 - 0.1 + 20.0) / 3, rel=1e-6)
+    # r = e^0.5 = 1.65 > 1.5 with A > 0 counts; e^20 > 1.5 has A < 0; e^-0.1 is under the cap
+    assert metrics["cispo_clip_ratio"].item() == pytest.approx(1 / 3, rel=1e-6)
+    _, metrics = ops.policy_loss(lp, old, adv, mask, loss="cispo", clip_high=0.28, backend=backend)
+    assert metrics["cispo_clip_ratio"].item() == pytest.approx(1 / 3, rel=1e-6)  # 1.65 > 1.28
+    _, metrics = ops.policy_loss(lp, old, adv, mask, loss="ppo", log_ratio_min=None, log_ratio_max=None,
+                                 backend=backend)  # fmt: skip
+    assert metrics["ppo_kl"].item() == pytest.approx(-(0.5 - 0.1 + 30.0) / 3, rel=1e-6)
+    assert metrics["cispo_clip_ratio"].item() == 0.0
+    # gspo: verl reports the unclamped token mean whatever the sequence clamp
+    _, metrics = ops.policy_loss(lp, old, adv, mask, loss="gspo", log_ratio_max=10.0, backend=backend)
+    assert metrics["ppo_kl"].item() == pytest.approx(-(0.5 - 0.1 + 30.0) / 3, rel=1e-6)
+    assert metrics["ratio_max"].item() == pytest.approx(math.exp(10.0), rel=1e-6)
+
+
+def test_hand_count_empty_seqs(backend, device):
+    # Rows: loss sums 2 and 4 over 1 and 2 tokens (reinforce, -A lp with A = 1, lp = -2); row 3 empty.
+    lp = torch.full((3, 2), -2.0, device=device)
+    adv = torch.ones(3, device=device)
+    mask = torch.tensor([[True, False], [True, True], [False, False]], device=device)
+
+    def loss(aggregation, count_empty_seqs):
+        value, _ = ops.policy_loss(lp, lp, adv, mask, loss="reinforce", aggregation=aggregation,
+                                   count_empty_seqs=count_empty_seqs, backend=backend)  # fmt: skip
+        return value.item()
+
+    assert loss("seq-mean-token-mean", None) == pytest.approx((2 + 2) / 2)
+    assert loss("seq-mean-token-mean", True) == pytest.approx((2 + 2) / 3)
+    assert loss("seq-mean-token-sum", True) == pytest.approx((2 + 4) / 3)
+    assert loss("seq-mean-token-sum-norm", None) == pytest.approx((2 + 4) / (3 * 2))
+    assert loss("seq-mean-token-sum-norm", False) == pytest.approx((2 + 4) / (2 * 2))
+    assert loss("token-mean", True) == pytest.approx(6 / 3)  # no sequence count to change
+
+
+def test_hand_is_weights_per_sequence(backend, device):
+    # reinforce, token-sum: l_t = -A lp w; the per-sequence mean of w = (1 + 3) / 2 on both valid tokens.
+    lp = torch.tensor([[-1.0, -2.0, -3.0]], device=device, requires_grad=True)
+    isw = torch.tensor([[1.0, 3.0, float("nan")]], device=device)
+    mask = torch.tensor([[True, True, False]], device=device)
+    value, _ = ops.policy_loss(lp, lp.detach(), torch.ones(1, device=device), mask, loss="reinforce", is_weights=isw,
+                               is_weights_per_sequence=True, aggregation="token-sum", backend=backend)  # fmt: skip
+    value.backward()
+    assert value.item() == pytest.approx(2.0 * 3.0)
+    assert lp.grad.tolist() == [[-2.0, -2.0, 0.0]]
+
+
+def test_bad_semantics_options_name_the_argument(device):
+    b = make_batch(device, shape=(2, 5))
+    args = dict(logp=b["logp"], old_logp=b["old_logp"], advantages=b["advantages"], mask=b["mask"])
+    cases = [
+        (ValueError, "log_ratio_min must be < log_ratio_max", dict(log_ratio_min=1.0, log_ratio_max=0.5)),
+        (TypeError, "log_ratio_max must be a number", dict(log_ratio_max="10")),
+        (ValueError, "sapo_tau_neg must be > 0", dict(sapo_tau_neg=0.0)),
+        (TypeError, "kl_ratio_weight must be a bool", dict(kl_ratio_weight=1)),
+        (TypeError, "is_weights_per_sequence must be a bool", dict(is_weights_per_sequence="yes")),
+        (TypeError, "count_empty_seqs must be None or a bool", dict(count_empty_seqs=0)),
+        (ValueError, "entropy_aggregation must be one of", dict(entropy_aggregation="seq-mean-token-mean")),
+    ]
+    for error, message, override in cases:
+        with pytest.raises(error, match=message):
+            ops.policy_loss(**{**args, **override})
+
+
 @pytest.mark.gpu
 def test_cuda_graph_capture_forward_backward():
     # Capturable only if nothing on the op path syncs with the host.
@@ -475,8 +619,9 @@ def _launcher_args(batch, **kw):
     if cu is None:
         rows, cols = batch["logp"].shape
         cu = torch.arange(0, (rows + 1) * cols, cols, dtype=torch.int32, device=batch["logp"].device)
-    options = dict(loss="ppo", clip_low=0.2, clip_high=0.28, dual_clip=3.0, delta=None, kl_coef=0.1,
-                   kl_estimator="k3", kl_clamp=False, entropy_coef=0.01, seq_len=0)
+    options = dict(loss="ppo", clip_low=0.2, clip_high=0.28, dual_clip=3.0, delta=None, log_ratio_min=-20.0,
+                   log_ratio_max=20.0, sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_coef=0.1, kl_estimator="k3",
+                   kl_clamp=False, kl_ratio_weight=False, entropy_coef=0.01, seq_len=0)
     options.update(kw)
     args = (batch["logp"], batch["old_logp"], batch["advantages"], batch["mask"], cu, batch["ref_logp"],
             batch["entropy"], batch["is_weights"])
@@ -489,9 +634,6 @@ def test_native_constants_mirror_the_spec():
     from rlhf_engine.reference import policy_loss as spec
 
     constants = library.module().POLICY_LOSS_CONSTANTS
-    assert constants["LOG_RATIO_CLAMP"] == spec.LOG_RATIO_CLAMP
-    assert constants["SAPO_TAU_POS"] == pytest.approx(spec.SAPO_TAU_POS, rel=1e-7)  # fp32 mirrors
-    assert constants["SAPO_TAU_NEG"] == pytest.approx(spec.SAPO_TAU_NEG, rel=1e-7)
     assert constants["KAPPA_CLAMP"] == kl_ref.KAPPA_CLAMP and constants["K3_CLAMP"] == kl_ref.K3_CLAMP
     assert constants["NUM_PARTIALS"] == len(spec.PARTIALS)
     assert constants["RATIO_MIN_COLUMN"] == spec.PARTIALS.index("ratio_min")

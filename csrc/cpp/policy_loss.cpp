@@ -6,11 +6,11 @@
 namespace rlhf::cpu {
 namespace {
 
-// The mean delta = lp - old over the sequence's valid tokens (mask-weighted), 0 without one.
-float mean_log_ratio(const PolicyLossInputs& in, int64_t start, int64_t end) {
-  double weighted = 0, count = 0;
-  for (int64_t i = start; i < end; ++i) add_log_ratio(in, i, weighted, count);
-  return count > 0 ? float(weighted / count) : 0.0f;
+// GSPO's sequence means (add_seq_stats), summed in token order in double.
+SeqStats sequence_stats(const PolicyLossInputs& in, const PolicyLossOptions& o, int64_t start, int64_t end) {
+  double sums[3] = {0, 0, 0};
+  for (int64_t i = start; i < end; ++i) add_seq_stats(in, o, i, sums);
+  return seq_stats(sums);
 }
 
 }  // namespace
@@ -22,10 +22,10 @@ void policy_loss_fwd(const PolicyLossInputs& in, const PolicyLossOptions& o, flo
   for (int64_t seq = 0; seq < num_seqs; ++seq) {
     const int64_t start = load_index(in.cu_seqlens, seq);
     const int64_t end = load_index(in.cu_seqlens, seq + 1);
-    const float seq_log_ratio = o.loss == kGspo ? mean_log_ratio(in, start, end) : 0.0f;
+    const SeqStats stats = o.loss == kGspo ? sequence_stats(in, o, start, end) : SeqStats{0.0f, 0.0f};
     double acc[kNumPartials];
     for (int k = 0; k < kNumPartials; ++k) acc[k] = partial_identity(k);
-    for (int64_t i = start; i < end; ++i) accumulate_token(in, o, i, seq, seq_log_ratio, g, acc);
+    for (int64_t i = start; i < end; ++i) accumulate_token(in, o, i, seq, stats, g, acc);
     float* row = partials + seq * kNumPartials;
     for (int k = 0; k < kNumPartials; ++k) row[k] = float(acc[k]);
   }

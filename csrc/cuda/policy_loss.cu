@@ -2,7 +2,7 @@
 // the sequence's tokens at a stride of kThreads, accumulating its partials in fp32; the
 // block then reduces all of them at once (warp shuffles, then one warp over the per-warp
 // results) in a fixed order, so results are deterministic (no atomics). GSPO first runs
-// the same loop for the sequence's mean log-ratio. seq_scale_bwd: one block per sequence.
+// the same loop for the sequence's mean log-ratio (and mean KL). seq_scale_bwd: one block per sequence.
 #include <cuda_runtime.h>
 
 #include "rlhf/cuda_runtime.h"
@@ -61,18 +61,18 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
   const int64_t start = load_index(in.cu_seqlens, seq);
   const int64_t end = load_index(in.cu_seqlens, seq + 1);
 
-  float seq_log_ratio = 0.0f;
+  SeqStats stats{0.0f, 0.0f};
   if (o.loss == kGspo) {  // uniform over the block: the reduction's barriers are reached by all
-    float sums[2] = {0.0f, 0.0f};  // sum delta m, sum m over valid tokens
-    for (int64_t i = start + threadIdx.x; i < end; i += kThreads) add_log_ratio(in, i, sums[0], sums[1]);
+    float sums[3] = {0.0f, 0.0f, 0.0f};  // sum delta m, sum m, sum KL m over valid tokens
+    for (int64_t i = start + threadIdx.x; i < end; i += kThreads) add_seq_stats(in, o, i, sums);
     block_reduce_all(sums, SumOps(), scratch);
-    seq_log_ratio = sums[1] > 0.0f ? sums[0] / sums[1] : 0.0f;
+    stats = seq_stats(sums);
   }
 
   float acc[kNumPartials];
 #pragma unroll
   for (int k = 0; k < kNumPartials; ++k) acc[k] = partial_identity(k);
-  for (int64_t i = start + threadIdx.x; i < end; i += kThreads) accumulate_token(in, o, i, seq, seq_log_ratio, g, acc);
+  for (int64_t i = start + threadIdx.x; i < end; i += kThreads) accumulate_token(in, o, i, seq, stats, g, acc);
   block_reduce_all(acc, PartialOps(), scratch);
   if (threadIdx.x == 0) {
 #pragma unroll

@@ -14,19 +14,18 @@ PolicyLossInputs inputs(Tensor logp, Tensor old_logp, Tensor advantages, Tensor 
 }
 
 PolicyLossOptions options(int loss, float clip_low, float clip_high, bool has_dual_clip, float dual_clip,
-                          bool has_delta, float delta, float kl_coef, int kl_base, bool kl_straight_through,
-                          bool kl_clamp, float entropy_coef) {
+                          bool has_delta, float delta, float log_ratio_min, float log_ratio_max, float sapo_tau_pos,
+                          float sapo_tau_neg, float kl_coef, int kl_base, bool kl_straight_through, bool kl_clamp,
+                          bool kl_ratio_weight, float entropy_coef) {
   if (loss < kPpo || loss > kReinforce) throw std::invalid_argument("rlhf_engine._C: unknown policy loss code");
   if (kl_base < kKlK1 || kl_base > kKlK3) throw std::invalid_argument("rlhf_engine._C: unknown KL estimator code");
-  return {loss, clip_low, clip_high, has_dual_clip, has_delta, dual_clip, delta, kl_coef, kl_base, kl_straight_through,
-          kl_clamp, entropy_coef};
+  return {loss,         clip_low,     clip_high,    has_dual_clip, has_delta, dual_clip,           delta,
+          log_ratio_min, log_ratio_max, sapo_tau_pos, sapo_tau_neg,  kl_coef,   kl_base, kl_straight_through,
+          kl_clamp,      kl_ratio_weight, entropy_coef};
 }
 
 void bind(py::module_& m) {
   py::dict constants;
-  constants["LOG_RATIO_CLAMP"] = kLogRatioClamp;
-  constants["SAPO_TAU_POS"] = kSapoTauPos;
-  constants["SAPO_TAU_NEG"] = kSapoTauNeg;
   constants["KAPPA_CLAMP"] = kKlKappaClamp;
   constants["K3_CLAMP"] = kKlK3Clamp;
   constants["NUM_PARTIALS"] = int(kNumPartials);
@@ -53,12 +52,14 @@ void bind(py::module_& m) {
       [](Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor ref_logp, Tensor entropy,
          Tensor is_weights, Tensor cu_seqlens, std::uintptr_t g, std::uintptr_t partials, int64_t num_seqs,
          bool adv_per_seq, bool is_per_seq, int loss, float clip_low, float clip_high, bool has_dual_clip,
-         float dual_clip, bool has_delta, float delta, float kl_coef, int kl_base, bool kl_straight_through,
-         bool kl_clamp, float entropy_coef, int threads) {
+         float dual_clip, bool has_delta, float delta, float log_ratio_min, float log_ratio_max, float sapo_tau_pos,
+         float sapo_tau_neg, float kl_coef, int kl_base, bool kl_straight_through, bool kl_clamp,
+         bool kl_ratio_weight, float entropy_coef, int threads) {
         cpu::policy_loss_fwd(inputs(logp, old_logp, advantages, mask, ref_logp, entropy, is_weights, cu_seqlens,
                                     adv_per_seq, is_per_seq),
-                             options(loss, clip_low, clip_high, has_dual_clip, dual_clip, has_delta, delta, kl_coef,
-                                     kl_base, kl_straight_through, kl_clamp, entropy_coef),
+                             options(loss, clip_low, clip_high, has_dual_clip, dual_clip, has_delta, delta,
+                                     log_ratio_min, log_ratio_max, sapo_tau_pos, sapo_tau_neg, kl_coef, kl_base,
+                                     kl_straight_through, kl_clamp, kl_ratio_weight, entropy_coef),
                              f32_out(g), f32_out(partials), num_seqs, threads);
       },
       NoGil());
@@ -67,13 +68,16 @@ void bind(py::module_& m) {
       [](Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor ref_logp, Tensor entropy,
          Tensor is_weights, Tensor cu_seqlens, std::uintptr_t g, std::uintptr_t partials, int64_t num_seqs,
          bool adv_per_seq, bool is_per_seq, int loss, float clip_low, float clip_high, bool has_dual_clip,
-         float dual_clip, bool has_delta, float delta, float kl_coef, int kl_base, bool kl_straight_through,
-         bool kl_clamp, float entropy_coef, int device, std::uintptr_t stream) {
+         float dual_clip, bool has_delta, float delta, float log_ratio_min, float log_ratio_max, float sapo_tau_pos,
+         float sapo_tau_neg, float kl_coef, int kl_base, bool kl_straight_through, bool kl_clamp,
+         bool kl_ratio_weight, float entropy_coef, int device, std::uintptr_t stream) {
         RLHF_CUDA_CALL(device, cuda::policy_loss_fwd(inputs(logp, old_logp, advantages, mask, ref_logp, entropy,
                                                             is_weights, cu_seqlens, adv_per_seq, is_per_seq),
                                                      options(loss, clip_low, clip_high, has_dual_clip, dual_clip,
-                                                             has_delta, delta, kl_coef, kl_base, kl_straight_through,
-                                                             kl_clamp, entropy_coef),
+                                                             has_delta, delta, log_ratio_min, log_ratio_max,
+                                                             sapo_tau_pos, sapo_tau_neg, kl_coef, kl_base,
+                                                             kl_straight_through, kl_clamp, kl_ratio_weight,
+                                                             entropy_coef),
                                                      f32_out(g), f32_out(partials), num_seqs, stream));
       },
       NoGil());

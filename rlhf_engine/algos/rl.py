@@ -45,6 +45,7 @@ from rlhf_engine.algos.common import (
 from rlhf_engine.algos.config import check_field
 from rlhf_engine.algos.eval_metrics import explained_variance
 from rlhf_engine.algos.kl_control import KLController
+from rlhf_engine.algos.loss_semantics import preset_loss_options
 from rlhf_engine.algos.placement import PhasePlacement, prepare_trained
 from rlhf_engine.algos.precision import DTYPES, make_optimizer, parse_dtype
 from rlhf_engine.models import PolicyModel, ScalarHeadModel
@@ -98,6 +99,11 @@ class RLConfig:
     kl_target: Optional[float] = None
     kl_horizon: int = 10000
     entropy_coef: float = 0.0
+    sapo_tau_pos: float = 1.0  # SAPO's gate temperature where A > 0 (loss "sapo")
+    sapo_tau_neg: float = 1.05  # and where A <= 0
+    # KL term times the importance ratio (TRL's use_bias_correction_kl); None: the preset's
+    # (algos/loss_semantics.py: True for "trl", False for "verl")
+    kl_ratio_weight: Optional[bool] = None
     critic_lr: float = 1e-3
     value_clip: Optional[float] = 0.2
     seed: int = 0
@@ -119,8 +125,10 @@ class RLConfig:
         check_field(self, "temperature", self.temperature > 0, "> 0")
         check_field(self, "top_k", self.top_k >= 0, ">= 0 (0: off)")
         check_field(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
-        for name in ("lr", "critic_lr"):
+        for name in ("lr", "critic_lr", "sapo_tau_pos", "sapo_tau_neg"):
             check_field(self, name, getattr(self, name) > 0, "> 0")
+        check_field(self, "kl_ratio_weight", self.kl_ratio_weight is None or isinstance(self.kl_ratio_weight, bool),
+                    "true, false or null (the preset's)")  # fmt: skip
         for name in ("weight_decay", "grad_clip", "kl_coef", "entropy_coef", "clip_low"):
             check_field(self, name, getattr(self, name) >= 0, ">= 0")
         check_field(self, "advantage", self.advantage in GROUP_ESTIMATORS + TOKEN_ESTIMATORS, f"one of {GROUP_ESTIMATORS + TOKEN_ESTIMATORS}")
@@ -339,6 +347,7 @@ class RLTrainer:
                 "(score the rollout with recompute_old_logprobs true or null)"
             )  # fmt: skip
         kl_in_loss = not cfg.kl_in_reward and self.kl.value > 0
+        semantics = preset_loss_options(cfg.preset, cfg.loss, cfg.kl_ratio_weight)
         self.policy.train()
         sums: dict[str, torch.Tensor] = {}  # summed on the device: one host sync per phase, not per minibatch
         count = 0
@@ -351,8 +360,14 @@ class RLTrainer:
                 normalizer = self._loss_normalizer(rollout.response_mask[index])
                 tokens = rollout.response_mask[index].sum().clamp(min=1)
                 minibatch: dict[str, torch.Tensor] = {}
-                for micro in self._micro_batches(index):
+                micro_batches = self._micro_batches(index)
+                for micro in micro_batches:
                     mb = rollout.select(micro)
+                    entropy_coef = cfg.entropy_coef
+                    if len(micro_batches) > 1 and entropy_coef and semantics["entropy_aggregation"] == "token-mean":
+                        # the op's token mean is the micro-batch's: weighted by its share of the
+                        # minibatch's tokens the bonuses add up to the minibatch's mean (one host read)
+                        entropy_coef *= float(mb.response_mask.sum() / tokens)
                     hidden = self.policy.response_hidden(mb.input_ids, mb.attention_mask, start)
                     loss, metrics, logp, entropy = ops.fused_linear_policy_loss(
                         hidden, self.policy.lm_head_weight, mb.response_ids, mb.old_logprobs, advantages[micro],
@@ -360,8 +375,9 @@ class RLTrainer:
                         return_logprobs=True, loss=cfg.loss, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                         dual_clip=cfg.dual_clip, ref_logp=mb.ref_logprobs if kl_in_loss else None,
                         kl_coef=self.kl.value if kl_in_loss else 0.0, kl_estimator=cfg.kl_estimator,
-                        entropy_coef=cfg.entropy_coef, aggregation=cfg.aggregation, normalizer=normalizer,
-                        chunk_size=cfg.lm_head_chunk_size,
+                        entropy_coef=entropy_coef, aggregation=cfg.aggregation, normalizer=normalizer,
+                        chunk_size=cfg.lm_head_chunk_size, sapo_tau_pos=cfg.sapo_tau_pos,
+                        sapo_tau_neg=cfg.sapo_tau_neg, **semantics,
                     )  # fmt: skip
                     loss.backward()
                     if on_policy:
@@ -387,15 +403,16 @@ class RLTrainer:
     def _loss_normalizer(self, mask: torch.Tensor):
         """The denominator of ``config.aggregation`` over a whole minibatch (``mask`` ``[b, R]``),
         which each of its micro-batches divides by (``reference/aggregation.py``): the valid
-        tokens (``token-mean``), the sequences with a valid token (``seq-mean-token-mean`` /
-        ``-sum``), as 0-d tensors on the device (no host sync); Dr. GRPO's constant ``b *
-        max_new_tokens`` (``seq-mean-token-sum-norm``: the generation budget, not the batch's
-        longest response); None for ``token-sum`` (micro-batch sums add up as they are)."""
+        tokens (``token-mean``), the sequences (``seq-mean-token-mean`` / ``-sum``: all ``b``
+        under preset ``trl``, those with a valid token under ``verl``), as 0-d tensors on the
+        device (no host sync); Dr. GRPO's constant ``b * max_new_tokens``
+        (``seq-mean-token-sum-norm``: the generation budget, not the batch's longest
+        response); None for ``token-sum`` (micro-batch sums add up as they are)."""
         aggregation = self.config.aggregation
         if aggregation == "token-mean":
             return mask.sum()
         if aggregation in ("seq-mean-token-mean", "seq-mean-token-sum"):
-            return mask.any(dim=1).sum()
+            return float(mask.shape[0]) if self.config.preset == "trl" else mask.any(dim=1).sum()
         if aggregation == "seq-mean-token-sum-norm":
             return self.config.max_new_tokens * mask.shape[0]
         return None

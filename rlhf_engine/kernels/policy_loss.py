@@ -4,8 +4,8 @@ Forward: one program per sequence (tokens ``[cu_seqlens[b], cu_seqlens[b+1])``; 
 ``[B, T]`` batch is ``cu_seqlens = arange(B+1) * T``) computes, per token, the loss
 ``l_t`` and ``g_t = m_t dl_t/dlp_t`` (written to an fp32 ``[N]`` buffer saved for
 backward), and per sequence the partial sums of ``reference/policy_loss.PARTIALS``.
-GSPO makes a first pass over its sequence for the mean log-ratio, inside the same
-program. The loss formulas are the ones of ``reference/policy_loss.py``.
+GSPO makes a first pass over its sequence for the mean log-ratio (and, with
+``KL_RATIO_WEIGHT``, the mean KL), inside the same program. The loss formulas are the ones of ``reference/policy_loss.py``.
 
 Backward (shared with the value loss): ``out_t = scale * grad * w_b(t) * x_t`` for the
 per-sequence weights ``w_b = d loss / d L_b`` of ``reference/aggregation.py``.
@@ -18,12 +18,9 @@ import triton
 import triton.language as tl
 
 from rlhf_engine.kernels.kl import estimator_codes, kl_estimate, store_dtype
-from rlhf_engine.reference.policy_loss import LOG_RATIO_CLAMP, LOSSES, PARTIALS, SAPO_TAU_NEG, SAPO_TAU_POS
+from rlhf_engine.reference.policy_loss import LOSSES, PARTIALS
 
 LOSS_CODES = {name: code for code, name in enumerate(LOSSES)}  # ppo 0, gspo 1, cispo 2, cispo-trl 3, sapo 4, reinforce 5
-_LOG_RATIO_MAX = tl.constexpr(LOG_RATIO_CLAMP)
-_TAU_POS = tl.constexpr(SAPO_TAU_POS)
-_TAU_NEG = tl.constexpr(SAPO_TAU_NEG)
 _NUM_PARTIALS = tl.constexpr(len(PARTIALS))
 
 
@@ -43,19 +40,23 @@ def _seq_bounds(cu_ptr):
 @triton.jit
 def _policy_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, isw_ptr, cu_ptr, g_ptr, part_ptr,
-    clip_low, clip_high, dual_clip, delta, kl_coef, entropy_coef,
+    clip_low, clip_high, dual_clip, delta, log_ratio_min, log_ratio_max, tau_pos, tau_neg, kl_coef, entropy_coef,
     LOSS: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_IS: tl.constexpr, IS_PER_SEQ: tl.constexpr,
     HAS_DUAL: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr, KL_BASE: tl.constexpr,
-    KL_STRAIGHT_THROUGH: tl.constexpr, KL_CLAMP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK: tl.constexpr,
+    KL_STRAIGHT_THROUGH: tl.constexpr, KL_CLAMP: tl.constexpr, KL_RATIO_WEIGHT: tl.constexpr, HAS_ENT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid, start, end = _seq_bounds(cu_ptr)
     cols = tl.arange(0, BLOCK)
 
-    # GSPO: log s_b = sum_t delta m / sum_t m, a first pass over the sequence.
+    # GSPO: log s_b = sum_t delta m / sum_t m (and the mean KL, which d(s_b KL)/dlp_t
+    # needs with KL_RATIO_WEIGHT), a first pass over the sequence.
     seq_log_ratio = 0.0
+    seq_kl = 0.0
     if LOSS == 1:
         acc_delta = tl.zeros([BLOCK], tl.float32)
         acc_count = tl.zeros([BLOCK], tl.float32)
+        acc_seq_kl = tl.zeros([BLOCK], tl.float32)
         for off in range(start, end, BLOCK):
             offs = off + cols
             inb = offs < end
@@ -64,8 +65,14 @@ def _policy_loss_fwd_kernel(
             old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
             acc_delta += tl.where(m != 0, (lp - old) * m, 0.0)
             acc_count += m
+            if HAS_KL:
+                if KL_RATIO_WEIGHT:
+                    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+                    kl, _ = kl_estimate(lp, ref, KL_BASE, KL_STRAIGHT_THROUGH, KL_CLAMP)
+                    acc_seq_kl += tl.where(m != 0, kl * m, 0.0)
         total = tl.sum(acc_count, 0)
         seq_log_ratio = tl.where(total > 0, tl.sum(acc_delta, 0) / tl.where(total > 0, total, 1.0), 0.0)
+        seq_kl = tl.where(total > 0, tl.sum(acc_seq_kl, 0) / tl.where(total > 0, total, 1.0), 0.0)
 
     if ADV_PER_SEQ:
         adv_seq = tl.load(adv_ptr + pid).to(tl.float32)
@@ -81,6 +88,8 @@ def _policy_loss_fwd_kernel(
     acc_ratio = tl.zeros([BLOCK], tl.float32)
     acc_kl = tl.zeros([BLOCK], tl.float32)
     acc_ent = tl.zeros([BLOCK], tl.float32)
+    acc_ppo_kl = tl.zeros([BLOCK], tl.float32)
+    acc_cispo = tl.zeros([BLOCK], tl.float32)
     ratio_min = tl.full([BLOCK], float("inf"), tl.float32)
     ratio_max = tl.full([BLOCK], float("-inf"), tl.float32)
     for off in range(start, end, BLOCK):
@@ -99,11 +108,14 @@ def _policy_loss_fwd_kernel(
             ratio_arg = tl.zeros([BLOCK], tl.float32) + seq_log_ratio
         else:
             ratio_arg = log_ratio
-        ratio = tl.exp(tl.minimum(tl.maximum(ratio_arg, -_LOG_RATIO_MAX), _LOG_RATIO_MAX))
-        dratio = tl.where(tl.abs(ratio_arg) <= _LOG_RATIO_MAX, ratio, 0.0)  # d ratio / d lp
+        clamped_arg = tl.minimum(tl.maximum(ratio_arg, log_ratio_min), log_ratio_max)
+        ratio = tl.exp(clamped_arg)
+        # d ratio / d lp: 0 where the clamp is active (or the argument is NaN)
+        dratio = tl.where((ratio_arg >= log_ratio_min) & (ratio_arg <= log_ratio_max), ratio, 0.0)
 
         clipped = tl.zeros([BLOCK], tl.float32)
         lower = tl.zeros([BLOCK], tl.float32)
+        cispo_clipped = tl.zeros([BLOCK], tl.float32)
         if LOSS <= 1:  # ppo, gspo
             if HAS_DELTA:
                 bounded = tl.minimum(ratio, delta)
@@ -128,13 +140,16 @@ def _policy_loss_fwd_kernel(
         elif LOSS <= 3:  # cispo (clip(r, 1-eps_low, 1+eps_high)), cispo-trl (min(r, bound))
             if LOSS == 2:
                 weight = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+                cap = 1.0 + clip_high
             else:
                 weight = tl.minimum(ratio, clip_high)
+                cap = clip_high
             clipped = tl.where(weight != ratio, 1.0, 0.0)
+            cispo_clipped = tl.where((ratio > cap) & (adv > 0), 1.0, 0.0)  # TRL's cispo_clip_ratio
             loss = -weight * adv * lp
             grad = -weight * adv
         elif LOSS == 4:  # sapo
-            tau = tl.where(adv > 0, _TAU_POS, _TAU_NEG)
+            tau = tl.where(adv > 0, tau_pos, tau_neg)
             gate = tl.sigmoid(tau * (ratio - 1.0))
             loss = -adv * gate * 4.0 / tau
             grad = -adv * 4.0 * gate * (1.0 - gate) * dratio
@@ -151,6 +166,12 @@ def _policy_loss_fwd_kernel(
         if HAS_KL:
             ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
             kl, dkl = kl_estimate(lp, ref, KL_BASE, KL_STRAIGHT_THROUGH, KL_CLAMP)
+            if KL_RATIO_WEIGHT:  # r KL with r differentiable (for gspo through every token: the mean KL)
+                if LOSS == 1:
+                    dkl = ratio * dkl + dratio * seq_kl
+                else:
+                    dkl = ratio * dkl + dratio * kl
+                kl = ratio * kl
             loss = loss + kl_coef * kl
             grad = grad + kl_coef * dkl
             acc_kl += tl.where(active, kl * m, 0.0)
@@ -166,6 +187,11 @@ def _policy_loss_fwd_kernel(
         acc_lower += tl.where(active, lower * m, 0.0)
         acc_k2 += tl.where(active, 0.5 * log_ratio * log_ratio * m, 0.0)
         acc_ratio += tl.where(active, ratio * m, 0.0)
+        if LOSS == 1:  # verl's ppo_kl: -delta, clamped like the ratio's argument for the token losses
+            acc_ppo_kl += tl.where(active, -log_ratio * m, 0.0)
+        else:
+            acc_ppo_kl += tl.where(active, -clamped_arg * m, 0.0)
+        acc_cispo += tl.where(active, cispo_clipped * m, 0.0)
         ratio_min = tl.minimum(ratio_min, tl.where(active, ratio, float("inf")))
         ratio_max = tl.maximum(ratio_max, tl.where(active, ratio, float("-inf")))
 
@@ -180,6 +206,8 @@ def _policy_loss_fwd_kernel(
     tl.store(row + 7, tl.max(ratio_max, 0))
     tl.store(row + 8, tl.sum(acc_kl, 0))
     tl.store(row + 9, tl.sum(acc_ent, 0))
+    tl.store(row + 10, tl.sum(acc_ppo_kl, 0))
+    tl.store(row + 11, tl.sum(acc_cispo, 0))
 
 
 def as_loadable(mask: torch.Tensor) -> torch.Tensor:
@@ -189,7 +217,8 @@ def as_loadable(mask: torch.Tensor) -> torch.Tensor:
 
 def policy_loss_fwd(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, *, loss, clip_low, clip_high,
-    dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, seq_len,
+    dual_clip, delta, log_ratio_min, log_ratio_max, sapo_tau_pos, sapo_tau_neg, kl_coef, kl_estimator, kl_clamp,
+    kl_ratio_weight, entropy_coef, seq_len,
 ):
     """Contiguous token inputs of any shape, read as flat ``[N]`` (``advantages`` /
     ``is_weights`` per token or ``[S]``),
@@ -206,11 +235,11 @@ def policy_loss_fwd(
         logp if is_weights is None else is_weights,
         cu_seqlens, g, partials,
         clip_low, clip_high, 0.0 if dual_clip is None else dual_clip, 0.0 if delta is None else delta,
-        kl_coef, entropy_coef,
+        log_ratio_min, log_ratio_max, sapo_tau_pos, sapo_tau_neg, kl_coef, entropy_coef,
         LOSS=LOSS_CODES[loss], ADV_PER_SEQ=advantages.numel() != n, HAS_IS=is_weights is not None,
         IS_PER_SEQ=is_weights is not None and is_weights.numel() != n, HAS_DUAL=dual_clip is not None,
         HAS_DELTA=delta is not None, HAS_KL=ref_logp is not None, KL_BASE=kl_base, KL_STRAIGHT_THROUGH=kl_st,
-        KL_CLAMP=kl_clamp, HAS_ENT=entropy is not None, BLOCK=block_size(n, num_seqs, seq_len),
+        KL_CLAMP=kl_clamp, KL_RATIO_WEIGHT=kl_ratio_weight, HAS_ENT=entropy is not None, BLOCK=block_size(n, num_seqs, seq_len),
     )
     return g, partials
 

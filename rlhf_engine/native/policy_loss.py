@@ -20,7 +20,8 @@ KL_BASE_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 
 def policy_loss_fwd(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, *, loss, clip_low, clip_high,
-    dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, seq_len,
+    dual_clip, delta, log_ratio_min, log_ratio_max, sapo_tau_pos, sapo_tau_neg, kl_coef, kl_estimator, kl_clamp,
+    kl_ratio_weight, entropy_coef, seq_len,
 ):
     """Contiguous token inputs of any shape, read as flat ``[N]`` (``advantages`` /
     ``is_weights`` per token or ``[S]``), ``cu_seqlens`` ``[S+1]`` -> ``(g fp32 in logp's
@@ -37,8 +38,8 @@ def policy_loss_fwd(
         ref(cu_seqlens), g.data_ptr(), partials.data_ptr(), num_seqs,
         advantages.numel() != n, is_weights is not None and is_weights.numel() != n,
         LOSS_CODES[loss], clip_low, clip_high, dual_clip is not None, 0.0 if dual_clip is None else dual_clip,
-        delta is not None, 0.0 if delta is None else delta, kl_coef, KL_BASE_CODES[base], straight_through,
-        kl_clamp, entropy_coef,
+        delta is not None, 0.0 if delta is None else delta, log_ratio_min, log_ratio_max, sapo_tau_pos, sapo_tau_neg,
+        kl_coef, KL_BASE_CODES[base], straight_through, kl_clamp, kl_ratio_weight, entropy_coef,
     )  # fmt: skip
     return g, partials
 

@@ -36,7 +36,7 @@ from rlhf_engine._backend import eager_torch
 from rlhf_engine.ops._lm_head_chunks import chunked_logprobs_with_grads
 from rlhf_engine.ops.logprobs import _BWD as _EPILOGUE_BWD
 from rlhf_engine.ops.logprobs import _FWD as _EPILOGUE_FWD
-from rlhf_engine.ops.policy_loss import _policy_loss_forward
+from rlhf_engine.ops.policy_loss import _policy_loss_forward, entropy_token_mean_weights
 from rlhf_engine.torch_backend.aggregation import Segments, aggregate_partials, fp32, numeric
 
 # Losses whose per-token coefficient needs a statistic of the whole sequence first.
@@ -51,13 +51,21 @@ def one_pass_applies(loss: str, hidden: torch.Tensor, weight: torch.Tensor, bias
     return any(getattr(t, "requires_grad", False) for t in (hidden, weight, bias))
 
 
-def token_weights(mask, seg: Segments, cu_seqlens, normalizer, aggregation: str, normalizer_const: float) -> torch.Tensor:
+def token_weights(
+    mask, seg: Segments, cu_seqlens, normalizer, aggregation: str, normalizer_const: float, count_empty_seqs: bool
+) -> torch.Tensor:
     """fp32 ``[N]``: each token's ``w_b = d loss / d L_b`` of its sequence (mask and normalizer only)."""
     counts = seg.sum(fp32(numeric(seg.tokens(mask))))
     _, w = aggregate_partials(
-        torch.zeros_like(counts), counts, aggregation, cu_seqlens, seg.seq_len, normalizer, normalizer_const
+        torch.zeros_like(counts), counts, aggregation, cu_seqlens, seg.seq_len, normalizer, normalizer_const,
+        count_empty_seqs=count_empty_seqs,
     )
-    return seg.expand(w).expand(seg.shape).reshape(-1)  # always per sequence, even when S == N
+    return _per_token(w, seg)
+
+
+def _per_token(w: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """Per-sequence ``[S]`` -> flat ``[N]`` (always per sequence, even when S == N)."""
+    return seg.expand(w).expand(seg.shape).reshape(-1)
 
 
 def _flat_per_token(x: torch.Tensor | None, seg: Segments) -> torch.Tensor | None:
@@ -79,15 +87,19 @@ def _one_sequence(rows: int, device: torch.device) -> torch.Tensor:
 def _loss_grad_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     old_logp: Optional[torch.Tensor], advantages: torch.Tensor, mask: torch.Tensor, ref_logp: Optional[torch.Tensor],
-    is_weights: Optional[torch.Tensor], token_weight: torch.Tensor, temperature: float, ignore_index: int,
-    with_entropy: bool, chunk_rows: int, need_dhidden: bool, need_dweight: bool, loss: str, clip_low: float,
-    clip_high: float, dual_clip: Optional[float], delta: Optional[float], kl_coef: float, kl_estimator: str,
-    kl_clamp: bool, entropy_coef: float, lm_head_backend: str, loss_backend: str,
+    is_weights: Optional[torch.Tensor], token_weight: torch.Tensor, entropy_weight: torch.Tensor, temperature: float,
+    ignore_index: int, with_entropy: bool, chunk_rows: int, need_dhidden: bool, need_dweight: bool, loss: str,
+    clip_low: float, clip_high: float, dual_clip: Optional[float], delta: Optional[float], log_ratio_min: float,
+    log_ratio_max: float, sapo_tau_pos: float, sapo_tau_neg: float, kl_coef: float, kl_estimator: str,
+    kl_clamp: bool, kl_ratio_weight: bool, entropy_coef: float, lm_head_backend: str, loss_backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden ``[N, H]``, labels and the per-token inputs ``[N]`` -> ``(logp [N], entropy [N]
     or [0], d hidden [N, H] or [0], d weight [V, H] or [0], d bias [V] or [0])`` for an
     upstream gradient of 1. ``old_logp`` None: on-policy, each chunk's own logprobs are its
-    old ones. The body of ``rlhf_engine::fused_linear_policy_loss_grad``."""
+    old ones. ``token_weight`` / ``entropy_weight``: each token's ``d loss / d L_b`` for the
+    loss and for the entropy bonus (the same, or ``1 / sum m`` for
+    ``entropy_aggregation="token-mean"``). The body of
+    ``rlhf_engine::fused_linear_policy_loss_grad``."""
     whole = _one_sequence(chunk_rows, hidden.device)
     last_rows = hidden.shape[0] % chunk_rows
     last = _one_sequence(last_rows, hidden.device) if last_rows else whole
@@ -99,13 +111,15 @@ def _loss_grad_forward(
         # The chunk as one packed sequence summed token by token: its g = m dl/dlp per token.
         _, _, g, _ = _policy_loss_forward(
             logp_c, logp_c if old_logp is None else cut(old_logp), cut(advantages), cut(mask), whole if stop - start == chunk_rows else last,
-            cut(ref_logp), None, cut(is_weights), None, loss, clip_low, clip_high, dual_clip, delta, kl_coef,
-            kl_estimator, kl_clamp, 0.0, "token-sum", 0.0, 0, loss_backend,
+            cut(ref_logp), None, cut(is_weights), None, loss, clip_low, clip_high, dual_clip, delta, log_ratio_min,
+            log_ratio_max, sapo_tau_pos, sapo_tau_neg, kl_coef, kl_estimator, kl_clamp, kl_ratio_weight, 0.0, False,
+            "token-sum", False, 0.0, 0, loss_backend,
         )  # fmt: skip
-        w = token_weight[start:stop]
         # l -= c_H H: d loss / d H_t = -c_H w_b m_t
-        grad_entropy = None if entropy_coef == 0.0 else w * fp32(numeric(mask[start:stop])) * -entropy_coef
-        return g * w, grad_entropy
+        grad_entropy = None
+        if entropy_coef != 0.0:
+            grad_entropy = entropy_weight[start:stop] * fp32(numeric(mask[start:stop])) * -entropy_coef
+        return g * token_weight[start:stop], grad_entropy
 
     logp, entropy, dhidden, dweight, dbias = chunked_logprobs_with_grads(
         hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_rows, need_dhidden, need_dweight,
@@ -120,8 +134,8 @@ _loss_grad_op = torch.library.custom_op(
 
 
 @_loss_grad_op.register_fake
-def _(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, is_weights, token_weight, temperature,
-      ignore_index, with_entropy, chunk_rows, need_dhidden, need_dweight, *rest):  # fmt: skip
+def _(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, is_weights, token_weight, entropy_weight,
+      temperature, ignore_index, with_entropy, chunk_rows, need_dhidden, need_dweight, *rest):  # fmt: skip
     n, f32 = hidden.shape[0], torch.float32
     return (
         hidden.new_empty(n, dtype=f32), hidden.new_empty(n if with_entropy else 0, dtype=f32),
@@ -131,8 +145,8 @@ def _(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, is_wei
     )  # fmt: skip
 
 
-# Positions in the op's 27 arguments (the signature of _loss_grad_forward)
-_HIDDEN, _WEIGHT, _BIAS, _LM_HEAD_BACKEND, _LOSS_BACKEND = 0, 1, 2, 25, 26
+# Positions in the op's 33 arguments (the signature of _loss_grad_forward)
+_HIDDEN, _WEIGHT, _BIAS, _LM_HEAD_BACKEND, _LOSS_BACKEND = 0, 1, 2, 31, 32
 
 
 class _OnePassGrad(torch.autograd.Function):
@@ -177,14 +191,20 @@ def one_pass_logprobs(
     (validated; its ``logp`` a stand-in of the labels' shape, and its ``old_logp`` too when
     ``on_policy``: the loss's ``old_logp=None``)."""
     (stand_in, old, adv, mask, cu, ref, _entropy, isw, norm_tensor, loss, clip_low, clip_high, dual_clip, delta,
-     kl_coef, kl_estimator, kl_clamp, entropy_coef, aggregation, norm_const, seq_len, loss_backend) = policy_args  # fmt: skip
-    seg = Segments(cu, stand_in.numel(), seq_len)  # one sequence-id map for the three uses below
-    weights = token_weights(mask, seg, cu, norm_tensor, aggregation, norm_const)
+     log_ratio_min, log_ratio_max, sapo_tau_pos, sapo_tau_neg, kl_coef, kl_estimator, kl_clamp, kl_ratio_weight,
+     entropy_coef, entropy_token_mean, aggregation, count_empty_seqs, norm_const, seq_len,
+     loss_backend) = policy_args  # fmt: skip
+    seg = Segments(cu, stand_in.numel(), seq_len)  # one sequence-id map for the uses below
+    weights = token_weights(mask, seg, cu, norm_tensor, aggregation, norm_const, count_empty_seqs)
+    entropy_weights = weights
+    if entropy_token_mean:
+        entropy_weights = _per_token(entropy_token_mean_weights(mask, seg.num_seqs), seg)
     op_args = (
         hidden2d, weight, bias, labels1d, None if on_policy else old.reshape(-1), _flat_per_token(adv, seg), mask.reshape(-1),
-        None if ref is None else ref.reshape(-1), _flat_per_token(isw, seg), weights, temperature,
+        None if ref is None else ref.reshape(-1), _flat_per_token(isw, seg), weights, entropy_weights, temperature,
         ignore_index, with_entropy, chunk_rows, hidden2d.requires_grad,
         weight.requires_grad or (bias is not None and bias.requires_grad), loss, clip_low, clip_high, dual_clip, delta,
-        kl_coef, kl_estimator, kl_clamp, entropy_coef, lm_head_backend, loss_backend,
+        log_ratio_min, log_ratio_max, sapo_tau_pos, sapo_tau_neg, kl_coef, kl_estimator, kl_clamp, kl_ratio_weight,
+        entropy_coef, lm_head_backend, loss_backend,
     )  # fmt: skip
     return _OnePassGrad.apply(hidden2d, weight, bias, op_args)

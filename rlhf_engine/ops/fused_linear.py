@@ -28,6 +28,7 @@ from rlhf_engine.ops.logprobs import _FWD as _EPILOGUE_FWD
 from rlhf_engine.ops.logprobs import LOGITS_DTYPES, _check_labels_in_range
 from rlhf_engine.ops._lm_head_loss_grad import one_pass_applies, one_pass_logprobs
 from rlhf_engine.ops.policy_loss import policy_loss, policy_loss_args
+from rlhf_engine.reference.policy_loss import LOG_RATIO_CLAMP, SAPO_TAU_NEG, SAPO_TAU_POS
 from rlhf_engine.torch_backend.aggregation import host_readable
 
 OP = "fused_linear_logprobs"
@@ -340,13 +341,21 @@ def fused_linear_policy_loss(
     clip_high: float | None = None,
     dual_clip: float | None = None,
     delta: float | None = None,
+    log_ratio_min: float | None = -LOG_RATIO_CLAMP,
+    log_ratio_max: float | None = LOG_RATIO_CLAMP,
+    sapo_tau_pos: float = SAPO_TAU_POS,
+    sapo_tau_neg: float = SAPO_TAU_NEG,
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     kl_clamp: bool = False,
+    kl_ratio_weight: bool = False,
     entropy_coef: float = 0.0,
+    entropy_aggregation: str | None = None,
     is_weights: torch.Tensor | None = None,
+    is_weights_per_sequence: bool = False,
     aggregation: str = "token-mean",
+    count_empty_seqs: bool | None = None,
     normalizer=None,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
@@ -380,9 +389,12 @@ def fused_linear_policy_loss(
     op = "fused_linear_policy_loss"
     with_entropy = entropy_coef != 0.0 or return_logprobs
     loss_options = dict(
-        loss=loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta, ref_logp=ref_logp,
-        kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy_coef=entropy_coef,
-        is_weights=is_weights, aggregation=aggregation, normalizer=normalizer, cu_seqlens=cu_seqlens, backend=backend,
+        loss=loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta,
+        log_ratio_min=log_ratio_min, log_ratio_max=log_ratio_max, sapo_tau_pos=sapo_tau_pos,
+        sapo_tau_neg=sapo_tau_neg, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp,
+        kl_ratio_weight=kl_ratio_weight, entropy_coef=entropy_coef, entropy_aggregation=entropy_aggregation,
+        is_weights=is_weights, is_weights_per_sequence=is_weights_per_sequence, aggregation=aggregation,
+        count_empty_seqs=count_empty_seqs, normalizer=normalizer, cu_seqlens=cu_seqlens, backend=backend,
     )  # fmt: skip
     if one_pass_applies(loss, hidden, weight, bias):
         logp, entropy, zero = _run_one_pass(

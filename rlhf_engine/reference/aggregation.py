@@ -13,9 +13,12 @@ aggregation                  loss                                   local denomi
 ``token-sum``                ``sum_b L_b / D``                      ``1``
 ===========================  =====================================  ==========================
 
-A sequence with no active token contributes nothing: not to the numerator and, for the
-sequence means, not to the count either (verl's current rule; TRL's ``grpo`` divides by
-all B, which a caller gets by passing ``normalizer=B``). ``normalizer`` replaces D (the
+A sequence with no active token contributes nothing to the numerator; the sequence
+means' count takes it or not by ``count_empty_seqs``: by default not for
+``seq-mean-token-mean`` / ``-sum`` (verl's rule) and yes for ``seq-mean-token-sum-norm``
+(``S * L_max``); ``count_empty_seqs=True`` counts every sequence (TRL's ``grpo`` divides by
+all B), ``False`` only those with a valid token (verl's ``-norm``: non-empty sequences
+times ``L_max``). ``normalizer`` replaces D (the
 global token or sequence count under data parallelism / gradient accumulation). D = 0
 (an all-masked batch) gives loss 0.
 
@@ -35,23 +38,34 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-
 SEQ_COUNT_AGGREGATIONS = ("seq-mean-token-mean", "seq-mean-token-sum")
 
 
-def aggregate_ref(loss_tok: torch.Tensor, mask: torch.Tensor, bounds: list, aggregation: str, normalizer=None, max_len=None) -> torch.Tensor:
+def counts_empty_seqs(aggregation: str, count_empty_seqs) -> bool:
+    """Whether the sequence means count sequences without a valid token: ``count_empty_seqs``,
+    or by default as the table above (only ``seq-mean-token-sum-norm`` counts them)."""
+    return aggregation == "seq-mean-token-sum-norm" if count_empty_seqs is None else count_empty_seqs
+
+
+def aggregate_ref(
+    loss_tok: torch.Tensor, mask: torch.Tensor, bounds: list, aggregation: str, normalizer=None, max_len=None,
+    count_empty_seqs=None,
+) -> torch.Tensor:
     """The spec: ``loss_tok``, ``mask`` flat ``[N]``; ``bounds`` the ``(start, end)`` of each
-    sequence; ``max_len`` the padded length (default: the longest sequence)."""
+    sequence; ``max_len`` the padded length (default: the longest sequence);
+    ``count_empty_seqs`` see :func:`counts_empty_seqs`."""
     active = mask != 0
     masked = torch.where(active, loss_tok * mask.to(loss_tok.dtype), torch.zeros_like(loss_tok))
     sums = [masked[s:e].sum() for s, e in bounds]
     counts = [mask[s:e].to(loss_tok.dtype).sum() for s, e in bounds]
+    sequences = len(bounds) if counts_empty_seqs(aggregation, count_empty_seqs) else sum(1 for c in counts if c > 0)
     if aggregation == "token-mean":
         numerator, local = sum(sums), sum(counts)
     elif aggregation == "seq-mean-token-mean":
         numerator = sum(s / c for s, c in zip(sums, counts) if c > 0)
-        local = sum(1 for c in counts if c > 0)
+        local = sequences
     elif aggregation == "seq-mean-token-sum":
-        numerator, local = sum(sums), sum(1 for c in counts if c > 0)
+        numerator, local = sum(sums), sequences
     elif aggregation == "seq-mean-token-sum-norm":
         longest = max((e - s for s, e in bounds), default=0)
-        numerator, local = sum(sums), len(bounds) * (longest if max_len is None else max_len)
+        numerator, local = sum(sums), sequences * (longest if max_len is None else max_len)
     else:
         numerator, local = sum(sums), 1
     denominator = float(normalizer) if normalizer is not None else float(local)

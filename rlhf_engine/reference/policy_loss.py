@@ -1,8 +1,10 @@
 """Policy-gradient losses and their training metrics.
 
 Notation: ``lp`` policy logprob of the sampled token, ``old`` the same under the rollout
-policy, ``A`` advantage, ``m`` mask, ``delta_t = lp - old``, ``r = exp(clamp(delta, -20,
-20))`` (verl's clamp; the gradient is zero where it is active).
+policy, ``A`` advantage, ``m`` mask, ``delta_t = lp - old``, ``r = exp(clamp(delta, lo,
+hi))`` with ``lo, hi = log_ratio_min, log_ratio_max`` (default ``-20, 20``, verl's clamp;
+``None`` leaves that side unbounded, TRL's rule; the gradient is zero where the clamp is
+active).
 
 * ``ppo`` (Schulman et al. 2017): ``l = max(-A r', -A clip(r, 1-eps_low, 1+eps_high))``
   with ``r' = min(r, delta)`` when the two-sided bound ``delta`` is set (INTELLECT-2) and
@@ -10,25 +12,36 @@ policy, ``A`` advantage, ``m`` mask, ``delta_t = lp - old``, ``r = exp(clamp(del
   al. 2020), for ``A < 0`` only: ``l = min(l, -A c)``.
 * ``gspo`` (Zheng et al. 2025): the same clipped objective on the sequence ratio
   ``s_b = exp(sum_t delta m / sum_t m)``, per token ``log s_bt = sg(log s_b) + lp - sg(lp)``
-  (value ``s_b``, gradient ``s_b`` w.r.t. each ``lp_t``), clamped like ``r``.
+  (value ``s_b``, gradient ``s_b`` w.r.t. each ``lp_t``), clamped like ``r`` (verl's GSPO:
+  ``lo = None, hi = 10``).
 * ``cispo`` (MiniMax-M1 2025, verl): ``l = -sg(w) A lp``, ``w = clip(r, 1-eps_low,
   1+eps_high)`` (``clip_low``, ``clip_high`` are relative, as in PPO).
 * ``cispo-trl`` (TRL): ``l = -sg(w) A lp``, ``w = min(r, clip_high)``: ``clip_high`` is
   the raw upper bound on the weight (e.g. 5.0) and must be given; ``clip_low`` is unused.
-* ``sapo`` (Qwen 2025): ``l = -A sigmoid(tau (r - 1)) 4 / tau``, ``tau = 1`` if ``A > 0``
-  else ``1.05``.
+* ``sapo`` (Qwen 2025): ``l = -A sigmoid(tau (r - 1)) 4 / tau``, ``tau = sapo_tau_pos``
+  (default 1.0) if ``A > 0`` else ``sapo_tau_neg`` (default 1.05).
 * ``reinforce`` (REINFORCE / GPG): ``l = -A lp``.
 
 Then, per token: ``l <- is_w * l`` (truncated importance weights, on the policy-gradient
 term only, as TRL and verl apply them), ``l += beta KL(lp, ref)`` (``kl_estimator``, see
-``reference/kl.py``), ``l -= c_H H``. Aggregation: ``reference/aggregation.py``.
+``reference/kl.py``; with ``kl_ratio_weight``, ``l += beta r KL`` with ``r`` differentiable,
+TRL's ``use_bias_correction_kl``: for gspo ``r = s_b`` itself, a function of every token
+of the sequence), ``l -= c_H H``. Aggregation: ``reference/aggregation.py``; with
+``entropy_aggregation="token-mean"`` the entropy term leaves ``l`` and the loss gets
+``- c_H sum(H m) / sum(m)`` over the batch instead (TRL's rule, whatever the loss's
+aggregation). ``is_weights_per_sequence`` replaces per-token IS weights by their masked
+mean per sequence (TRL's sequence-level importance sampling spreads them so).
 
 Metrics are masked token means (mask-weighted for a float mask) over the whole batch:
 ``clipfrac`` (ppo/gspo: ``L2 > L1``; cispo: the weight was truncated; 0 for sapo and
 reinforce), ``clipfrac_lower`` (the dual clip is active), ``approx_kl`` (``delta^2 / 2``),
 ``ratio_mean``/``ratio_min``/``ratio_max`` (of ``r``, or ``s_b`` for gspo, min/max over
-tokens with ``m != 0``), ``kl`` and ``entropy`` means when given. An all-masked batch gives
-0 for every metric.
+tokens with ``m != 0``), ``kl`` (of the KL term's ``KL``, or ``r KL`` with
+``kl_ratio_weight``) and ``entropy`` means when given, ``ppo_kl`` (verl's: ``old - lp``,
+clamped like ``r``'s argument for the token-level losses, unclamped for gspo) and
+``cispo_clip_ratio`` (TRL's: ``r > clip_high`` for cispo-trl, ``r > 1 + clip_high`` for
+cispo, and ``A > 0``; 0 for the other losses). An all-masked batch gives 0 for every
+metric.
 
 :func:`policy_loss_ref` is the spec, written for autograd and clarity (packed batches
 loop over sequences in Python). The torch backend, the same math with the derivative
@@ -37,18 +50,28 @@ written out: ``rlhf_engine/torch_backend/policy_loss.py``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rlhf_engine.reference.aggregation import aggregate_ref
 from rlhf_engine.reference.kl import kl_penalty_ref
 
 LOSSES = ("ppo", "gspo", "cispo", "cispo-trl", "sapo", "reinforce")
+# Defaults of the options log_ratio_min / log_ratio_max and sapo_tau_pos / sapo_tau_neg.
 LOG_RATIO_CLAMP = 20.0
 SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05
-METRICS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "kl", "entropy")
-# Columns of the per-sequence partial sums the Triton kernel produces (kernels/policy_loss.py
+ENTROPY_AGGREGATIONS = (None, "token-mean")
+METRICS = (
+    "clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "kl", "entropy", "ppo_kl",
+    "cispo_clip_ratio",
+)
+# Columns of the per-sequence partial sums the kernels produce (kernels/policy_loss.py
 # writes them in this order): masked sums, except the ratio min / max over active tokens.
-PARTIALS = ("loss", "count", "clipped", "clipped_lower", "approx_kl", "ratio", "ratio_min", "ratio_max", "kl", "entropy")
+PARTIALS = (
+    "loss", "count", "clipped", "clipped_lower", "approx_kl", "ratio", "ratio_min", "ratio_max", "kl", "entropy",
+    "ppo_kl", "cispo_clip_ratio",
+)
 
 
 def sequence_bounds(num_tokens: int, batch_shape, cu_seqlens) -> list:
@@ -73,14 +96,33 @@ def _clip(x, low, high):
     return torch.minimum(torch.maximum(x, torch.full_like(x, low)), torch.full_like(x, high))
 
 
+def log_ratio_bounds(log_ratio_min, log_ratio_max) -> tuple[float, float]:
+    """The clamp of the log-ratio as two floats: ``None`` (no bound) becomes ``-inf`` / ``+inf``."""
+    return (-math.inf if log_ratio_min is None else log_ratio_min, math.inf if log_ratio_max is None else log_ratio_max)
+
+
+def _seq_means(x, m, active, bounds):
+    """Each sequence's masked mean of ``x`` (0 without a valid token) on its tokens, differentiable."""
+    zero = torch.zeros_like(x)
+    parts = [
+        (torch.where(active[s:e], x[s:e] * m[s:e], zero[s:e]).sum() / m[s:e].sum()).expand(e - s)
+        if m[s:e].sum() > 0 else zero[s:e]
+        for s, e in bounds
+    ]
+    return torch.cat(parts) if parts else zero
+
+
 def policy_loss_ref(
     logp, old_logp, advantages, mask, *, loss="ppo", clip_low=0.2, clip_high=None, dual_clip=None, delta=None,
-    ref_logp=None, kl_coef=0.0, kl_estimator="k3", kl_clamp=False, entropy=None, entropy_coef=0.0, is_weights=None,
-    aggregation="token-mean", normalizer=None, cu_seqlens=None,
+    log_ratio_min=-LOG_RATIO_CLAMP, log_ratio_max=LOG_RATIO_CLAMP, sapo_tau_pos=SAPO_TAU_POS,
+    sapo_tau_neg=SAPO_TAU_NEG, ref_logp=None, kl_coef=0.0, kl_estimator="k3", kl_clamp=False, kl_ratio_weight=False,
+    entropy=None, entropy_coef=0.0, entropy_aggregation=None, is_weights=None, is_weights_per_sequence=False,
+    aggregation="token-mean", count_empty_seqs=None, normalizer=None, cu_seqlens=None,
 ):
     """The spec. Same arguments as ``ops.policy_loss``; returns ``(loss, metrics dict)`` in
     the inputs' dtype, differentiable w.r.t. ``logp`` and ``entropy``."""
     clip_high = clip_low if clip_high is None else clip_high
+    lo, hi = log_ratio_bounds(log_ratio_min, log_ratio_max)
     n = logp.numel()
     bounds = sequence_bounds(n, logp.shape, cu_seqlens)
     lp = logp.reshape(-1)
@@ -88,19 +130,14 @@ def policy_loss_ref(
     adv = per_token(advantages, logp.shape, bounds).to(lp.dtype)
     m = mask.reshape(-1).to(lp.dtype)
     active = mask.reshape(-1) != 0
-    zero = torch.zeros_like(lp)
 
     log_ratio = lp - old.detach()
     if loss == "gspo":
-        seq_log_ratio = torch.cat([
-            (torch.where(active[s:e], log_ratio[s:e] * m[s:e], zero[s:e]).sum() / m[s:e].sum()).expand(e - s)
-            if m[s:e].sum() > 0 else zero[s:e]
-            for s, e in bounds
-        ]) if bounds else zero
-        log_ratio = seq_log_ratio.detach() + lp - lp.detach()
-    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        log_ratio = _seq_means(log_ratio, m, active, bounds).detach() + lp - lp.detach()
+    ratio = torch.exp(log_ratio.clamp(lo, hi))
 
     clipped = lower = torch.zeros_like(active)
+    cispo_clipped = torch.zeros_like(active)
     if loss in ("ppo", "gspo"):
         bounded = ratio if delta is None else torch.minimum(ratio, torch.full_like(ratio, delta))
         loss1 = -adv * bounded
@@ -114,27 +151,44 @@ def policy_loss_ref(
     elif loss in ("cispo", "cispo-trl"):
         if loss == "cispo":
             weight = _clip(ratio, 1 - clip_low, 1 + clip_high)
+            cispo_clipped = (ratio > 1 + clip_high) & (adv > 0)
         else:
             weight = torch.minimum(ratio, torch.full_like(ratio, clip_high))
+            cispo_clipped = (ratio > clip_high) & (adv > 0)
         clipped = weight != ratio
         loss_tok = -weight.detach() * adv * lp
     elif loss == "sapo":
-        tau = torch.where(adv > 0, SAPO_TAU_POS, SAPO_TAU_NEG).to(lp.dtype)
+        tau = torch.where(adv > 0, sapo_tau_pos, sapo_tau_neg).to(lp.dtype)
         loss_tok = -adv * torch.sigmoid(tau * (ratio - 1)) * 4 / tau
     else:
         loss_tok = -adv * lp
     if is_weights is not None:
-        loss_tok = loss_tok * per_token(is_weights, logp.shape, bounds).to(lp.dtype)
+        isw = per_token(is_weights, logp.shape, bounds).to(lp.dtype)
+        if is_weights_per_sequence:
+            isw = _seq_means(isw, m, active, bounds)
+        loss_tok = loss_tok * isw
     kl = None
     if ref_logp is not None:
         kl = kl_penalty_ref(lp, ref_logp.reshape(-1).to(lp.dtype).detach(), kl_estimator, kl_clamp)
+        if kl_ratio_weight:
+            # TRL multiplies by its importance weight itself: for gspo the sequence ratio with
+            # the gradient of every token's logprob (not the per-token sg form above).
+            full = _seq_means(lp - old, m, active, bounds) if loss == "gspo" else lp - old
+            kl = kl * torch.exp(full.clamp(lo, hi))
         loss_tok = loss_tok + kl_coef * kl
     ent = None
+    entropy_term = 0.0
     if entropy is not None:
         ent = entropy.reshape(-1).to(lp.dtype)
-        loss_tok = loss_tok - entropy_coef * ent
+        if entropy_aggregation == "token-mean":
+            count = m.sum()
+            if count > 0:
+                entropy_term = torch.where(active, ent * m, torch.zeros_like(ent)).sum() / count
+        else:
+            loss_tok = loss_tok - entropy_coef * ent
     max_len = logp.shape[1] if (cu_seqlens is None and logp.dim() == 2) else None
-    total = aggregate_ref(loss_tok, m, bounds, aggregation, normalizer, max_len)
+    total = aggregate_ref(loss_tok, m, bounds, aggregation, normalizer, max_len, count_empty_seqs)
+    total = total - entropy_coef * entropy_term
 
     with torch.no_grad():
         count = m[active].sum()
@@ -143,6 +197,7 @@ def policy_loss_ref(
             return (x.to(lp.dtype) * m)[active].sum() / count if count > 0 else lp.new_zeros(())
 
         r = ratio.detach()
+        delta_tok = (lp - old) if loss == "gspo" else (lp - old).clamp(lo, hi)
         metrics = {
             "clipfrac": mean(clipped),
             "clipfrac_lower": mean(lower),
@@ -150,6 +205,8 @@ def policy_loss_ref(
             "ratio_mean": mean(r),
             "ratio_min": r[active].min() if count > 0 else lp.new_zeros(()),
             "ratio_max": r[active].max() if count > 0 else lp.new_zeros(()),
+            "ppo_kl": mean(-delta_tok),
+            "cispo_clip_ratio": mean(cispo_clipped),
         }
         if kl is not None:
             metrics["kl"] = mean(kl)

@@ -18,7 +18,7 @@ import functools
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from rlhf_engine.reference.aggregation import SEQ_COUNT_AGGREGATIONS
+from rlhf_engine.reference.aggregation import SEQ_COUNT_AGGREGATIONS, counts_empty_seqs
 
 
 class Segments:
@@ -256,36 +256,46 @@ class TokenMask:
         return x
 
 
-def aggregate_sums(sums, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const):
+def aggregate_sums(sums, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count_empty_seqs=None):
     """The torch backends' masked per-sequence sums ``[rows, S]`` (row 0 the loss, row 1
     the token count) -> ``(loss 0-d, w [S], totals [rows], count)``: the batch total of
     every row for the metrics, and the token count (as :func:`host_scalar` gives it)
     reduced once for the denominator and the means."""
     totals = sums.sum(-1)
     count = host_scalar(totals[1])
-    total, w = aggregate_partials(sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count)
+    total, w = aggregate_partials(
+        sums[0], sums[1], aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count, count_empty_seqs
+    )
     return total, w, totals, count
 
 
-def aggregate_partials(loss_sums, counts, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count=None):
+def aggregate_partials(
+    loss_sums, counts, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count=None,
+    count_empty_seqs=None,
+):
     """Per-sequence ``L_b``, ``M_b`` (fp32 ``[S]``) -> ``(loss 0-d, w [S])``, no device sync
     (the denominator is a host float for CPU tensors, see :func:`host_scalar`).
 
     ``seq_len``: the padded length, 0 when packed. ``normalizer``: a tensor denominator or
     None; ``normalizer_const``: a number denominator, or 0 for none. ``count``: ``sum_b
     M_b`` when the caller has it already (as :func:`host_scalar` gives it).
+    ``count_empty_seqs``: whether the sequence means count sequences without a valid token
+    (None: the aggregation's default, ``reference.aggregation.counts_empty_seqs``).
     """
+    every_seq = counts_empty_seqs(aggregation, count_empty_seqs)
     if normalizer is not None:
         denominator = host_scalar(normalizer.to(torch.float32))
     elif normalizer_const > 0:
         denominator = normalizer_const
     elif aggregation == "token-mean":
         denominator = host_scalar(counts.sum()) if count is None else count
-    elif aggregation in SEQ_COUNT_AGGREGATIONS:
-        denominator = host_scalar((counts > 0).sum().to(torch.float32))
-    elif aggregation == "seq-mean-token-sum-norm":
-        longest = seq_len if seq_len else host_scalar((cu_seqlens[1:] - cu_seqlens[:-1]).amax().to(torch.float32))
-        denominator = counts.numel() * longest
+    elif aggregation in SEQ_COUNT_AGGREGATIONS + ("seq-mean-token-sum-norm",):
+        sequences = float(counts.numel()) if every_seq else host_scalar((counts > 0).sum().to(torch.float32))
+        if aggregation == "seq-mean-token-sum-norm":
+            longest = seq_len if seq_len else host_scalar((cu_seqlens[1:] - cu_seqlens[:-1]).amax().to(torch.float32))
+            denominator = sequences * longest
+        else:
+            denominator = sequences
     else:
         denominator = 1.0
     if isinstance(denominator, torch.Tensor):

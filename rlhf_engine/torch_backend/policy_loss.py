@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_engine.reference.policy_loss import LOG_RATIO_CLAMP, SAPO_TAU_NEG, SAPO_TAU_POS
 from rlhf_engine.torch_backend.aggregation import (
     Segments,
     TokenMask,
@@ -23,15 +22,15 @@ from rlhf_engine.torch_backend.aggregation import (
 from rlhf_engine.torch_backend.kl import kl_estimate_and_grad
 
 
-# Rows of the masked per-sequence sums the torch backend reduces in one pass: these six,
+# Rows of the masked per-sequence sums the torch backend reduces in one pass: these eight,
 # then kl and entropy when given.
-_SUM_ROWS = ("loss", "count", "clipped", "clipped_lower", "approx_kl", "ratio")
+_SUM_ROWS = ("loss", "count", "clipped", "clipped_lower", "approx_kl", "ratio", "ppo_kl", "cispo_clip_ratio")
 
 
 def policy_loss_torch(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, normalizer, *, loss, clip_low,
-    clip_high, dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, aggregation, normalizer_const,
-    seq_len,
+    clip_high, dual_clip, delta, log_ratio_min, log_ratio_max, sapo_tau_pos, sapo_tau_neg, kl_coef, kl_estimator,
+    kl_clamp, kl_ratio_weight, entropy_coef, aggregation, count_empty_seqs, normalizer_const, seq_len,
 ):
     """Torch backend: contiguous token inputs (``[N]``, or ``[S, T]`` when padded;
     ``advantages`` / ``is_weights`` per token or ``[S]``)
@@ -39,7 +38,8 @@ def policy_loss_torch(
     and ``w = d loss / d L_b``: what ``rlhf_engine::policy_loss_fwd`` returns.
 
     ``seq_len``: the padded length, 0 when packed (see ``Segments``); ``normalizer`` /
-    ``normalizer_const``: as in ``aggregate_partials``.
+    ``normalizer_const`` / ``count_empty_seqs``: as in ``aggregate_partials``;
+    ``log_ratio_min`` / ``log_ratio_max`` floats (``-inf`` / ``inf`` for no bound).
 
     This is the CPU path, timed against eager code at a few thousand tokens as much as at
     millions, so it is written for few ops and few passes: a padded batch is computed as
@@ -53,8 +53,10 @@ def policy_loss_torch(
     """
     n = logp.numel()
     options = dict(
-        loss=loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy_coef=entropy_coef, seq_len=seq_len,
+        loss=loss, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta,
+        log_ratio_min=log_ratio_min, log_ratio_max=log_ratio_max, sapo_tau_pos=sapo_tau_pos,
+        sapo_tau_neg=sapo_tau_neg, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp,
+        kl_ratio_weight=kl_ratio_weight, entropy_coef=entropy_coef, seq_len=seq_len,
     )
     passes = token_passes(cu_seqlens, n, seq_len)
     if len(passes) == 1:
@@ -78,20 +80,24 @@ def policy_loss_torch(
             extremes.append(pass_extremes)
         sums, extremes = torch.cat(sums, dim=1), torch.stack(extremes)
         extremes = torch.stack([extremes[:, 0].amin(), extremes[:, 1].amax()])
-    total, w, totals, count = aggregate_sums(sums, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const)
-    means = totals[2:] / count  # clipped, clipped_lower, approx_kl, ratio, then kl / entropy when given
+    total, w, totals, count = aggregate_sums(
+        sums, aggregation, cu_seqlens, seq_len, normalizer, normalizer_const, count_empty_seqs
+    )
+    # clipped, clipped_lower, approx_kl, ratio, ppo_kl, cispo_clip_ratio, then kl / entropy when given
+    means = totals[2:] / count
     with_kl, with_entropy = ref_logp is not None, entropy is not None
     if with_kl == with_entropy:
-        tail = [means[4:] if with_kl else totals.new_zeros(2)]
+        given = [means[6:] if with_kl else totals.new_zeros(2)]
     else:  # the one not given is 0
-        tail = [means[4:], totals.new_zeros(1)] if with_kl else [totals.new_zeros(1), means[4:]]
-    metrics = if_counted(torch.cat([means[:4], extremes, *tail]), count)
+        given = [means[6:], totals.new_zeros(1)] if with_kl else [totals.new_zeros(1), means[6:]]
+    metrics = if_counted(torch.cat([means[:4], extremes, *given, means[4:6]]), count)
     return total, metrics, grad, w
 
 
 def _token_pass(
     logp, old_logp, advantages, mask, cu_seqlens, ref_logp, entropy, is_weights, *, loss, clip_low, clip_high,
-    dual_clip, delta, kl_coef, kl_estimator, kl_clamp, entropy_coef, seq_len,
+    dual_clip, delta, log_ratio_min, log_ratio_max, sapo_tau_pos, sapo_tau_neg, kl_coef, kl_estimator, kl_clamp,
+    kl_ratio_weight, entropy_coef, seq_len,
 ):
     """The per-token work of :func:`policy_loss_torch` over whole sequences -> ``(sums
     [rows, S]`` (``_SUM_ROWS``, then kl and entropy when given), ratio extremes ``[2]`` (min,
@@ -102,15 +108,21 @@ def _token_pass(
     token_mask = TokenMask(seg.tokens(mask))
     adv = seg.per_token(fp32(advantages))
     log_ratio = lp - old
-    if loss == "gspo":
-        seq_sum = seg.sum(token_mask.apply(log_ratio))
+    gspo = loss == "gspo"
+    if gspo:
         seq_count = seg.sum(numeric(seg.tokens(mask)).to(f32))
-        seq_mean = torch.where(seq_count > 0, seq_sum / torch.where(seq_count > 0, seq_count, 1.0), 0.0)
-        ratio_arg = seg.expand(seq_mean)
+
+        def seq_mean(x):  # each sequence's masked mean of x on its tokens (0 without a valid one)
+            mean = torch.where(seq_count > 0, seg.sum(token_mask.apply(x)) / torch.where(seq_count > 0, seq_count, 1.0), 0.0)
+            return seg.expand(mean)
+
+        ratio_arg = seq_mean(log_ratio)
     else:
         ratio_arg = log_ratio
-    clamped = ratio_arg.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    clamped = ratio_arg.clamp(log_ratio_min, log_ratio_max)
     ratio = clamped.exp()
+    # d ratio / d lp of the KL term's r (the loss's own gradient selects below)
+    kl_dratio = Where(clamped == ratio_arg).keep(ratio) if kl_ratio_weight and ref_logp is not None else None
     # The ratio's gradient flows where the clamp is inactive (and not NaN). The losses below
     # narrow this bool down to the tokens whose winning term moves with r, and select their
     # gradient once: bool ops cost a third of a select at a few thousand tokens. Without a
@@ -121,7 +133,7 @@ def _token_pass(
     if masked_through:
         through = through & token_mask.active.cond  # not in place: gspo's is per sequence
 
-    clipped = lower = None
+    clipped = lower = cispo_clipped = None
     if loss in ("ppo", "gspo"):
         neg_adv = -adv
         bounded = ratio if delta is None else ratio.clamp(max=delta)
@@ -147,10 +159,12 @@ def _token_pass(
     elif loss in ("cispo", "cispo-trl"):
         weight = ratio.clamp(1 - clip_low, 1 + clip_high) if loss == "cispo" else ratio.clamp(max=clip_high)
         clipped = weight != ratio
+        cap = 1 + clip_high if loss == "cispo" else clip_high
+        cispo_clipped = (ratio > cap).logical_and_(adv > scalar(0.0, adv))  # TRL's cispo_clip_ratio
         grad = -weight * adv
         loss_tok = grad * lp
     elif loss == "sapo":
-        tau = Where(adv > 0).select(scalar(SAPO_TAU_POS, adv), SAPO_TAU_NEG)
+        tau = Where(adv > 0).select(scalar(sapo_tau_pos, adv), sapo_tau_neg)
         gate = torch.sigmoid(tau * (ratio - 1))
         loss_tok = -adv * gate * (4 / tau)
         grad = Where(through).keep(-adv * 4 * gate * (1 - gate) * ratio)
@@ -162,6 +176,9 @@ def _token_pass(
     given = []  # the kl and entropy rows, when given
     if ref_logp is not None:
         kl, dkl = kl_estimate_and_grad(lp, seg.tokens(fp32(ref_logp)), kl_estimator, kl_clamp)
+        if kl_dratio is not None:  # r KL, r differentiable (gspo's r moves with every token: its mean KL)
+            dkl = ratio * dkl + kl_dratio * (seq_mean(kl) if gspo else kl)
+            kl = ratio * kl
         loss_tok, grad = torch.add(loss_tok, kl, alpha=kl_coef), torch.add(grad, dkl, alpha=kl_coef)
         given.append(kl)
     if entropy is not None:
@@ -170,12 +187,14 @@ def _token_pass(
         loss_tok = torch.sub(loss_tok, ent, alpha=entropy_coef)
 
     buf = torch.empty((len(_SUM_ROWS) + len(given),) + seg.shape, dtype=f32, device=lp.device)
-    loss_row, count_row, clipped_row, lower_row, approx_kl_row, ratio_row, *given_rows = buf
+    loss_row, count_row, clipped_row, lower_row, approx_kl_row, ratio_row, ppo_kl_row, cispo_row, *given_rows = buf
     loss_row.copy_(loss_tok)
-    for row, flags in ((clipped_row, clipped), (lower_row, lower)):
+    for row, flags in ((clipped_row, clipped), (lower_row, lower), (cispo_row, cispo_clipped)):
         row.zero_() if flags is None else row.copy_(numeric(flags))
     half_square(log_ratio, out=approx_kl_row)
     ratio_row.copy_(ratio)
+    # verl's ppo_kl: -delta, clamped like the ratio's argument for the token-level losses
+    torch.neg(log_ratio if gspo else clamped, out=ppo_kl_row)
     for row, x in zip(given_rows, given):
         row.copy_(x)
     token_mask.apply_(buf)

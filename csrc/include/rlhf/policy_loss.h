@@ -4,14 +4,17 @@
 // partials); the Triton twin: kernels/policy_loss.py.
 //
 // Forward, per sequence b (tokens [cu[b], cu[b+1]) of the flat [N] inputs), per token with
-// m = mask != 0, delta = lp - old, r = exp(clamp(x, -20, 20)) where x = delta (x = the
-// sequence's mean delta over valid tokens for gspo):
-//   l = pg(r, lp, A) * is_w + kl_coef * KL(lp, ref) - entropy_coef * H
+// m = mask != 0, delta = lp - old, r = exp(clamp(x, log_ratio_min, log_ratio_max)) where
+// x = delta (x = the sequence's mean delta over valid tokens for gspo; a bound may be +-inf):
+//   l = pg(r, lp, A) * is_w + kl_coef * KL(lp, ref) [* r with kl_ratio_weight] - entropy_coef * H
 //   g = m * dl/dlp (fp32 [N], 0 on masked tokens), the gradient saved for backward
-// and the partials[b, :] of reference/policy_loss.PARTIALS (enum Partial below): masked
-// sums of l, m, clipped, clipped_lower, delta^2/2, r, KL, H, and the min / max of r over
-// valid tokens (+inf / -inf, the identities, for a sequence without one, as the Triton
-// kernel writes). pg per loss: see pg_term. A masked token (mask == 0) reads nothing but
+// With kl_ratio_weight r is differentiable; for gspo it is the sequence ratio of every
+// token's logprob, so d(r KL)/dlp_t = r dKL_t + dr * mean_b(KL) (mean over the valid tokens).
+// The partials[b, :] of reference/policy_loss.PARTIALS (enum Partial below): masked sums
+// of l, m, clipped, clipped_lower, delta^2/2, r, KL (r KL with kl_ratio_weight), H,
+// -clamp(delta) (-delta for gspo: verl's ppo_kl), TRL's cispo clip flag, and the min / max
+// of r over valid tokens (+inf / -inf, the identities, for a sequence without one, as the
+// Triton kernel writes). pg per loss: see pg_term. A masked token (mask == 0) reads nothing but
 // its mask, so padding may hold NaN / inf.
 // Inputs: lp, old, ref, H any float dtype [N]; A, is_w any float dtype, [N] or [S]
 // (per sequence); mask any dtype [N]; cu int32 / int64 [S+1]; absent optional tensors
@@ -32,12 +35,6 @@
 
 namespace rlhf {
 
-// Mirrors of rlhf_engine/reference/policy_loss.py LOG_RATIO_CLAMP, SAPO_TAU_POS and
-// SAPO_TAU_NEG (tests/test_policy_loss.py checks they agree via _C.POLICY_LOSS_CONSTANTS).
-constexpr float kLogRatioClamp = 20.0f;
-constexpr float kSapoTauPos = 1.0f;
-constexpr float kSapoTauNeg = 1.05f;
-
 // Codes in the order of reference/policy_loss.LOSSES.
 enum PolicyLossKind : int { kPpo = 0, kGspo = 1, kCispo = 2, kCispoTrl = 3, kSapo = 4, kReinforce = 5 };
 
@@ -53,6 +50,8 @@ enum Partial : int {
   kPartRatioMax,
   kPartKl,
   kPartEntropy,
+  kPartPpoKl,
+  kPartCispoClipped,
   kNumPartials
 };
 
@@ -73,23 +72,27 @@ struct PolicyLossOptions {
   float clip_low, clip_high;
   bool has_dual_clip, has_delta;
   float dual_clip, delta;
+  float log_ratio_min, log_ratio_max;  // the clamp of the log-ratio; -inf / +inf: none
+  float sapo_tau_pos, sapo_tau_neg;
   float kl_coef;
   int kl_base;  // KlBase
-  bool kl_straight_through, kl_clamp;
+  bool kl_straight_through, kl_clamp, kl_ratio_weight;
   float entropy_coef;
 };
 
-// The policy-gradient term of one token: ratio r, loss, d loss / d lp, and the clip flags.
+// The policy-gradient term of one token: ratio r, its derivative w.r.t. lp (0 where the
+// clamp is active), loss, d loss / d lp, and the clip flags.
 struct PgTerm {
-  float ratio, loss, grad, clipped, lower;
+  float ratio, dratio, clamped_arg, loss, grad, clipped, lower, cispo_clipped;
 };
 
 // ratio_arg: delta (or the sequence's mean delta for gspo); the ratio's gradient is 0 where
-// the clamp of ratio_arg is active, as in the reference (verl's clamp).
+// the clamp of ratio_arg is active, as in the reference (verl's clamp; NaN counts as clamped).
 RLHF_HD PgTerm pg_term(const PolicyLossOptions& o, float ratio_arg, float lp, float adv) {
-  const float ratio = expf(fminf(fmaxf(ratio_arg, -kLogRatioClamp), kLogRatioClamp));
-  const float dratio = fabsf(ratio_arg) <= kLogRatioClamp ? ratio : 0.0f;
-  PgTerm t{ratio, 0.0f, 0.0f, 0.0f, 0.0f};
+  const float clamped_arg = fminf(fmaxf(ratio_arg, o.log_ratio_min), o.log_ratio_max);
+  const float ratio = expf(clamped_arg);
+  const float dratio = (ratio_arg >= o.log_ratio_min && ratio_arg <= o.log_ratio_max) ? ratio : 0.0f;
+  PgTerm t{ratio, dratio, clamped_arg, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   if (o.loss == kPpo || o.loss == kGspo) {
     // max(-A min(r, delta?), -A clip(r, 1 - eps_low, 1 + eps_high)), then the dual clip for A < 0.
     const float bounded = o.has_delta ? fminf(ratio, o.delta) : ratio;
@@ -115,11 +118,14 @@ RLHF_HD PgTerm pg_term(const PolicyLossOptions& o, float ratio_arg, float lp, fl
     const float weight =
         o.loss == kCispo ? fminf(fmaxf(ratio, 1.0f - o.clip_low), 1.0f + o.clip_high) : fminf(ratio, o.clip_high);
     t.clipped = weight != ratio ? 1.0f : 0.0f;
+    // TRL's cispo_clip_ratio: capped from above with a positive advantage
+    const float cap = o.loss == kCispo ? 1.0f + o.clip_high : o.clip_high;
+    t.cispo_clipped = (ratio > cap && adv > 0.0f) ? 1.0f : 0.0f;
     t.loss = -weight * adv * lp;
     t.grad = -weight * adv;
   } else if (o.loss == kSapo) {
     // -A sigmoid(tau (r - 1)) 4 / tau
-    const float tau = adv > 0.0f ? kSapoTauPos : kSapoTauNeg;
+    const float tau = adv > 0.0f ? o.sapo_tau_pos : o.sapo_tau_neg;
     const float gate = 1.0f / (1.0f + expf(-tau * (ratio - 1.0f)));
     t.loss = -adv * gate * 4.0f / tau;
     t.grad = -adv * 4.0f * gate * (1.0f - gate) * dratio;
@@ -136,13 +142,20 @@ struct TokenOut {
   float part[kNumPartials];  // the min / max columns hold r itself
 };
 
-// Token i (valid: mask m != 0) of sequence `seq`; seq_log_ratio is read for gspo only.
+// What gspo needs of its whole sequence before its tokens: the mean delta and, with
+// kl_ratio_weight, the mean KL, over the valid tokens (mask-weighted; 0 without one).
+struct SeqStats {
+  float log_ratio, kl;
+};
+
+// Token i (valid: mask m != 0) of sequence `seq`; `stats` is read for gspo only.
 RLHF_HD TokenOut policy_loss_token(const PolicyLossInputs& in, const PolicyLossOptions& o, int64_t i, int64_t seq,
-                                   float m, float seq_log_ratio) {
+                                   float m, SeqStats stats) {
   const float lp = load(in.logp, i);
   const float log_ratio = lp - load(in.old_logp, i);
   const float adv = load(in.advantages, in.adv_per_seq ? seq : i);
-  const PgTerm pg = pg_term(o, o.loss == kGspo ? seq_log_ratio : log_ratio, lp, adv);
+  const bool gspo = o.loss == kGspo;
+  const PgTerm pg = pg_term(o, gspo ? stats.log_ratio : log_ratio, lp, adv);
   float loss = pg.loss;
   float grad = pg.grad;
   if (in.is_weights.ptr != nullptr) {  // truncated IS weights scale the policy-gradient term only
@@ -154,9 +167,15 @@ RLHF_HD TokenOut policy_loss_token(const PolicyLossInputs& in, const PolicyLossO
   out.part[kPartKl] = 0.0f;
   if (in.ref_logp.ptr != nullptr) {
     const KlTerm kl = kl_estimate(lp, load(in.ref_logp, i), o.kl_base, o.kl_straight_through, o.kl_clamp);
-    loss += o.kl_coef * kl.value;
-    grad += o.kl_coef * kl.grad;
-    out.part[kPartKl] = kl.value * m;
+    float value = kl.value;
+    float dvalue = kl.grad;
+    if (o.kl_ratio_weight) {  // TRL's use_bias_correction_kl: r KL, r differentiable
+      value = pg.ratio * kl.value;
+      dvalue = pg.ratio * kl.grad + pg.dratio * (gspo ? stats.kl : kl.value);
+    }
+    loss += o.kl_coef * value;
+    grad += o.kl_coef * dvalue;
+    out.part[kPartKl] = value * m;
   }
   out.part[kPartEntropy] = 0.0f;
   if (in.entropy.ptr != nullptr) {
@@ -171,6 +190,8 @@ RLHF_HD TokenOut policy_loss_token(const PolicyLossInputs& in, const PolicyLossO
   out.part[kPartClippedLower] = pg.lower * m;
   out.part[kPartApproxKl] = 0.5f * log_ratio * log_ratio * m;
   out.part[kPartRatio] = pg.ratio * m;
+  out.part[kPartPpoKl] = -(gspo ? log_ratio : pg.clamped_arg) * m;
+  out.part[kPartCispoClipped] = pg.cispo_clipped * m;
   out.part[kPartRatioMin] = pg.ratio;
   out.part[kPartRatioMax] = pg.ratio;
   return out;
@@ -196,26 +217,36 @@ RLHF_HD void add_token(Acc (&acc)[kNumPartials], const TokenOut& t) {
 // padding may hold NaN) and, on a valid one, its partials added into `acc`.
 template <class Acc>
 RLHF_HD void accumulate_token(const PolicyLossInputs& in, const PolicyLossOptions& o, int64_t i, int64_t seq,
-                              float seq_log_ratio, float* g, Acc (&acc)[kNumPartials]) {
+                              SeqStats stats, float* g, Acc (&acc)[kNumPartials]) {
   const float m = load(in.mask, i);
   if (m == 0.0f) {
     g[i] = 0.0f;
     return;
   }
-  const TokenOut t = policy_loss_token(in, o, i, seq, m, seq_log_ratio);
+  const TokenOut t = policy_loss_token(in, o, i, seq, m, stats);
   g[i] = t.g;
   add_token(acc, t);
 }
 
-// GSPO's first pass, token i: adds (lp - old) m and m into `weighted` / `count` for a valid
-// token; the sequence's mean log-ratio is weighted / count (0 without a valid token).
+// GSPO's first pass, token i: adds (lp - old) m, m and (with kl_ratio_weight and a
+// reference) KL m into sums[0..2] for a valid token; see seq_stats.
 template <class Acc>
-RLHF_HD void add_log_ratio(const PolicyLossInputs& in, int64_t i, Acc& weighted, Acc& count) {
+RLHF_HD void add_seq_stats(const PolicyLossInputs& in, const PolicyLossOptions& o, int64_t i, Acc (&sums)[3]) {
   const float m = load(in.mask, i);
   if (m != 0.0f) {
-    weighted += Acc((load(in.logp, i) - load(in.old_logp, i)) * m);
-    count += Acc(m);
+    const float lp = load(in.logp, i);
+    sums[0] += Acc((lp - load(in.old_logp, i)) * m);
+    sums[1] += Acc(m);
+    if (o.kl_ratio_weight && in.ref_logp.ptr != nullptr) {
+      sums[2] += Acc(kl_estimate(lp, load(in.ref_logp, i), o.kl_base, o.kl_straight_through, o.kl_clamp).value * m);
+    }
   }
+}
+
+// The sequence means from the first pass's sums (0 without a valid token).
+template <class Acc>
+RLHF_HD SeqStats seq_stats(const Acc (&sums)[3]) {
+  return sums[1] > Acc(0) ? SeqStats{float(sums[0] / sums[1]), float(sums[2] / sums[1])} : SeqStats{0.0f, 0.0f};
 }
 
 namespace cpu {

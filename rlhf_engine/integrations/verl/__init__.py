@@ -11,7 +11,9 @@ looks the loss up by name on every micro-batch, so nothing else changes.
 What is here:
 
 * Policy losses (``loss_mode``): ``vanilla`` (PPO, always with verl's dual clip
-  ``c = clip_ratio_c``), ``gpg`` (REINFORCE) and ``cispo``. Each has verl's signature
+  ``c = clip_ratio_c``), ``gpg`` (REINFORCE), ``cispo``, ``gspo`` (the sequence log-ratio
+  clamped from above at 10, as verl) and ``sapo`` (``tau_pos`` / ``tau_neg`` from the
+  config; always ``seq-mean-token-mean``, as verl). Each has verl's signature
   ``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
   rollout_is_weights) -> (0-d loss, metrics)``, with verl's metric names as Python floats,
   and is computed by :func:`rlhf_engine.ops.policy_loss` (any backend).
@@ -25,9 +27,7 @@ What is here:
   lm_head logprob / entropy entry points, computed by
   :func:`rlhf_engine.ops.fused_linear_logprobs`; :func:`patch_fused_linear` swaps them in.
 
-Not supported (verl keeps its own): the losses ``gspo`` (verl clamps the sequence log
-ratio at +10 from above only, ours at ±20), ``sapo`` (verl reads ``tau_pos`` / ``tau_neg``
-from the config, ours are fixed at 1.0 / 1.05), ``dro`` (verl importance-weights the
+Not supported (verl keeps its own): the losses ``dro`` (verl importance-weights the
 quadratic term too), ``dppo_tv``, ``dppo_kl``, ``clip_cov``, ``kl_cov``, ``geo_mean`` and
 ``bypass_mode`` (no matching op), and the estimators ``remax``, ``gpg``, ``grpo_passk``,
 ``gdpo``, ``optimal_token_baseline``, ``tir_optimal_token_baseline``.
@@ -54,6 +54,8 @@ from rlhf_engine.integrations.verl.policy_losses import (
     VERL_VERSION,
     compute_policy_loss_cispo,
     compute_policy_loss_gpg,
+    compute_policy_loss_gspo,
+    compute_policy_loss_sapo,
     compute_policy_loss_vanilla,
     register,
 )

@@ -17,8 +17,8 @@ _INSTALL_HINT = (
 )
 # verl's loss_agg_mode names (ActorConfig.__post_init__) are our aggregation names.
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-# The log-ratio clamp of verl's vanilla / cispo, which their ppo_kl metric reports through.
-_LOG_RATIO_CLAMP = 20.0
+# verl's GSPO clamps the sequence log-ratio from above only (torch.clamp(max=10)).
+_GSPO_LOG_RATIO_MAX = 10.0
 
 
 def _core_algos():
@@ -68,8 +68,9 @@ def _aggregation(op: str, loss_agg_mode: str, response_mask: torch.Tensor, confi
     * seq-mean-token-sum / -mean: ``global_batch_size`` (local default: the sequences with
       a valid token, ours too);
     * seq-mean-token-sum-norm: ``global_batch_size · K`` with ``K = loss_scale_factor``
-      (default ``response_mask.shape[-1]``); the local sequence count is verl's (non-empty
-      sequences), passed as a device tensor (no host sync), since ours would count all.
+      (default ``response_mask.shape[-1]``, our padded length); locally verl counts the
+      non-empty sequences, as ours does with ``count_empty_seqs=False`` (which
+      :func:`_run` passes).
 
     Returns ``(aggregation, normalizer)``; ``normalizer`` None means "our local default".
     """
@@ -85,9 +86,11 @@ def _aggregation(op: str, loss_agg_mode: str, response_mask: torch.Tensor, confi
     if denominator is None and dp_size > 1:
         raise ValueError(f"{op}: config.global_batch_info['{field}'] is required when dp_size > 1 ({loss_agg_mode})")
     if loss_agg_mode == "seq-mean-token-sum-norm":
-        if denominator is None:
-            denominator = (response_mask.sum(-1) > 0).sum().to(torch.float32)
         scale = info.get("loss_scale_factor")
+        if denominator is None and scale is None:
+            return loss_agg_mode, None
+        if denominator is None:  # the local non-empty count, as a device tensor (no host sync)
+            denominator = (response_mask.sum(-1) > 0).sum().to(torch.float32)
         denominator = denominator * (response_mask.shape[-1] if scale is None else scale)
     if denominator is None:
         return loss_agg_mode, None
@@ -103,15 +106,15 @@ def _clip_ratios(config) -> tuple[float, float]:
     return (base if low is None else low), (base if high is None else high)
 
 
-def _ppo_kl(old_log_prob: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """verl's ``actor/ppo_kl``: the masked mean of ``clamp(old − lp, ±20)``, 0-d, detached
-    (0 for an all-masked batch). Our op reports ``approx_kl = mean δ²/2`` instead, so the
-    wrapper computes this one itself: three elementwise ops and two sums."""
-    weight = response_mask.to(log_prob.dtype)
-    kl = torch.clamp(old_log_prob - log_prob.detach(), -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    count = weight.sum()
-    total = torch.where(response_mask != 0, kl * weight, 0.0).sum()
-    return torch.where(count > 0, total / count, 0.0)
+def _metrics(metrics: dict, clipfrac: bool = True, clipfrac_lower: bool = True) -> dict:
+    """verl's three metrics from the op's (``ppo_kl`` is the op's, verl's definition); a
+    loss without a clip fraction reports 0.0, as verl's do."""
+    zero = metrics["ppo_kl"].new_zeros(())
+    return _floats({
+        "actor/pg_clipfrac": metrics["clipfrac"] if clipfrac else zero,
+        "actor/ppo_kl": metrics["ppo_kl"],
+        "actor/pg_clipfrac_lower": metrics["clipfrac_lower"] if clipfrac_lower else zero,
+    })
 
 
 def _floats(metrics: dict) -> dict:
@@ -126,7 +129,7 @@ def _run(op, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, c
     aggregation, normalizer = _aggregation(op, loss_agg_mode, response_mask, config)
     return _policy_loss(
         log_prob, old_log_prob, advantages, response_mask, is_weights=rollout_is_weights, aggregation=aggregation,
-        normalizer=normalizer, backend=backend, **loss_options,
+        count_empty_seqs=False, normalizer=normalizer, backend=backend, **loss_options,
     )
 
 
@@ -163,11 +166,7 @@ def compute_policy_loss_vanilla(
         op, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, backend,
         loss="ppo", clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
     )
-    return loss, _floats({
-        "actor/pg_clipfrac": metrics["clipfrac"],
-        "actor/ppo_kl": _ppo_kl(old_log_prob, log_prob, response_mask),
-        "actor/pg_clipfrac_lower": metrics["clipfrac_lower"],
-    })
+    return loss, _metrics(metrics)
 
 
 def compute_policy_loss_gpg(
@@ -200,11 +199,54 @@ def compute_policy_loss_cispo(
         "verl cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
         backend, loss="cispo", clip_low=clip_low, clip_high=clip_high,
     )
-    return loss, _floats({
-        "actor/pg_clipfrac": metrics["clipfrac"],
-        "actor/ppo_kl": _ppo_kl(old_log_prob, log_prob, response_mask),
-        "actor/pg_clipfrac_lower": metrics["clipfrac"].new_zeros(()),
-    })
+    return loss, _metrics(metrics, clipfrac_lower=False)
+
+
+def compute_policy_loss_gspo(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean", config=None,
+    rollout_is_weights=None, *, backend: str = "auto",
+):
+    """verl's ``gspo`` loss (Zheng et al. 2025): PPO's clipped objective on the sequence
+    ratio, ``ops.policy_loss(loss="gspo")`` with verl's clamp of the sequence log-ratio
+    (from above only, at 10)::
+
+        log s_bt = min(sg(mean_t δ) + lp_t − sg(lp_t), 10),   δ = lp − old
+        l = max(−A s, −A clip(s, 1 − ε_lo, 1 + ε_hi)) · rollout_is_weights
+
+    (no dual clip), aggregated by ``loss_agg_mode``. Arguments as
+    :func:`compute_policy_loss_vanilla`. Metrics: ``actor/pg_clipfrac`` (``L2 > L1``),
+    ``actor/ppo_kl`` (mean ``old − lp``, unclamped), ``actor/pg_clipfrac_lower`` = 0.0."""
+    clip_low, clip_high = _clip_ratios(config) if config is not None else (None, None)
+    loss, metrics = _run(
+        "verl gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+        backend, loss="gspo", clip_low=clip_low, clip_high=clip_high, log_ratio_min=None,
+        log_ratio_max=_GSPO_LOG_RATIO_MAX,
+    )
+    return loss, _metrics(metrics, clipfrac_lower=False)
+
+
+def compute_policy_loss_sapo(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean", config=None,
+    rollout_is_weights=None, *, backend: str = "auto",
+):
+    """verl's ``sapo`` loss (Qwen 2025), ``ops.policy_loss(loss="sapo")``::
+
+        l = −A · sigmoid(τ (r − 1)) · 4 / τ · rollout_is_weights,   r = e^{clamp(lp − old, ±20)}
+
+    with ``τ = config.tau_pos`` where ``A > 0`` and ``config.tau_neg`` elsewhere. Like verl,
+    always aggregated as ``seq-mean-token-mean`` whatever ``loss_agg_mode`` says (with
+    ``config.global_batch_info``'s ``global_batch_size``); the mode is still checked.
+    Metrics: ``actor/ppo_kl`` (as vanilla), ``actor/pg_clipfrac`` and
+    ``actor/pg_clipfrac_lower`` = 0.0."""
+    tau_pos = _config_value(config, "tau_pos", 1.0) if config is not None else None
+    tau_neg = _config_value(config, "tau_neg", 1.05) if config is not None else None
+    _check_inputs("verl sapo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                  rollout_is_weights)  # fmt: skip
+    loss, metrics = _run(
+        "verl sapo", old_log_prob, log_prob, advantages, response_mask, "seq-mean-token-mean", config,
+        rollout_is_weights, backend, loss="sapo", sapo_tau_pos=tau_pos, sapo_tau_neg=tau_neg,
+    )
+    return loss, _metrics(metrics, clipfrac=False, clipfrac_lower=False)
 
 
 # verl loss_mode name -> our implementation with verl's signature.
@@ -212,6 +254,8 @@ POLICY_LOSSES = {
     "vanilla": compute_policy_loss_vanilla,
     "gpg": compute_policy_loss_gpg,
     "cispo": compute_policy_loss_cispo,
+    "gspo": compute_policy_loss_gspo,
+    "sapo": compute_policy_loss_sapo,
 }
 
 
