@@ -143,7 +143,7 @@ def lora_config():
 
 def trainer_args(config_cls, output_dir, **overrides):
     """``config_cls`` (a TRL config class, e.g. ``trl.DPOConfig``) for a short, reproducible
-    CPU run: no saving, no reporting, no dropout, batch 2, 2 steps, plain SGD (Adam turns a
+    CPU run in fp32: no saving, no reporting, no dropout, batch 2, 2 steps, plain SGD (Adam turns a
     gradient difference at rounding level into a full ``lr``-sized step where a gradient is
     near 0, so parity runs use SGD, whose update is proportional to the gradient), logging
     every step, fixed seed, no shuffling difference (same seed, same sampler). ``overrides``
@@ -152,6 +152,7 @@ def trainer_args(config_cls, output_dir, **overrides):
         output_dir=str(output_dir),
         report_to="none",
         use_cpu=True,
+        bf16=False,  # TRL's configs default to bf16 autocast; parity runs are fp32 unless they ask
         save_strategy="no",
         seed=0,
         data_seed=0,
