@@ -1,7 +1,7 @@
 """Package layout and the native extension ``rlhf_engine._C``.
 
-Layout: the top-level ``kernels/`` and ``benchmarks/`` folders install as
-``rlhf_engine.kernels`` and ``rlhf_engine.benchmarks`` (never as top-level packages).
+Layout: the Triton kernels live in ``rlhf_engine/kernels/``; the top-level ``benchmarks/``
+folder installs as ``rlhf_engine.benchmarks`` (never as a top-level package).
 Metadata lives in pyproject.toml.
 
 ``rlhf_engine._C`` (``csrc/``) holds the C++ host twins (backend ``cpp``) and, when
@@ -168,11 +168,8 @@ NATIVE = Extension(
 )
 
 setup(
-    packages=ENGINE_PACKAGES + ["rlhf_engine.kernels", "rlhf_engine.benchmarks"],
-    package_dir={
-        "rlhf_engine.kernels": "kernels",
-        "rlhf_engine.benchmarks": "benchmarks",
-    },
+    packages=ENGINE_PACKAGES + ["rlhf_engine.benchmarks"],
+    package_dir={"rlhf_engine.benchmarks": "benchmarks"},
     ext_modules=[NATIVE],
     cmdclass={"build_ext": BuildNative},
 )

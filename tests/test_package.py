@@ -1,6 +1,7 @@
 """Packaging and import rules: no GPU at import, kernels installed only as
 ``rlhf_engine.kernels``, explicit backend selection with clear errors."""
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -36,23 +37,39 @@ def test_import_touches_no_gpu(tmp_path):
 def test_kernels_are_a_subpackage_not_a_top_level_module(tmp_path):
     code = (
         "import importlib.util, rlhf_engine.kernels, rlhf_engine.benchmarks\n"
-        "assert importlib.util.find_spec('kernels') is None, 'a top-level kernels module is importable'\n"
         "assert importlib.util.find_spec('benchmarks') is None, 'a top-level benchmarks module is importable'\n"
         "print(rlhf_engine.kernels.__file__)"
     )
     out = _python(code, tmp_path)
     assert out.returncode == 0, out.stderr
-    assert os.path.basename(os.path.dirname(out.stdout.strip())) == "kernels"
+    assert os.path.dirname(out.stdout.strip()) == os.path.join(REPO, "rlhf_engine", "kernels")
+
+
+def test_the_repository_root_shadows_no_installed_package():
+    # From the root of a checkout (as pytest and a user's `python -c` see it), no folder of
+    # ours may stand in for a package a dependency imports: transformers imports the hub's
+    # `kernels` package when it is installed (transformers 5.25 requires it), which a
+    # top-level kernels/ folder used to shadow, breaking every model import.
+    # (verl's wheel installs a top-level `tests` too: tests/conftest.py handles that one.)
+    ours = {
+        name for name in os.listdir(REPO)
+        if os.path.exists(os.path.join(REPO, name, "__init__.py")) and name not in ("rlhf_engine", "tests")
+    }
+    installed = set(importlib.metadata.packages_distributions())
+    assert not ours & installed, f"top-level folders named like installed packages: {sorted(ours & installed)}"
+    out = _python("import transformers.activations; print('ok')", REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
 
 
 def test_wheel_holds_only_the_rlhf_engine_package(tmp_path):
-    # A real (non-editable) build: `pip install .` must install kernels/ as rlhf_engine/kernels/.
+    # A real (non-editable) build: `pip install .` must install benchmarks/ as rlhf_engine/benchmarks/.
     # Built from a copy so the in-tree build folder never lands in the checkout.
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(os.path.join(REPO, name), src / name)
-    for name in ("rlhf_engine", "kernels", "benchmarks"):
+    for name in ("rlhf_engine", "benchmarks"):
         shutil.copytree(os.path.join(REPO, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
