@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import types
-from contextlib import nullcontext
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -30,7 +29,9 @@ _STATISTICS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 # Text-config attributes with which a model transforms its logits before the softmax
 # (softcapping, scaling). TRL folds them into its kernel; our ops compute softmax((h W^T + b) / T)
 # only, so such models are refused rather than given logprobs of the wrong distribution.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
+)  # fmt: skip
 IGNORE_INDEX = -100
 
 
@@ -99,19 +100,19 @@ def add_fused_lm_head(
     from trl.trainer.utils import FusedCausalLMOutput
 
     original_forward = model.forward
-    with_entropy = "entropy" in outputs
-    statistics = tuple(name for name in _STATISTICS if name in outputs)
+    score = functools.partial(
+        _score, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=tuple(outputs),
+        backend=backend, chunk_size=chunk_size, output_cls=FusedCausalLMOutput,
+    )
 
     # The same signature as the model's: generate() checks its keyword arguments against it.
     @functools.wraps(type(model).forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if not fused_lm_head:
-            for name, value in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
-                if value is not None:
-                    kwargs[name] = value
-            return original_forward(*args, **kwargs)
+            passed = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
+            return original_forward(*args, **kwargs, **{k: v for k, v in passed.items() if v is not None})
         if kwargs.get("output_router_logits"):
-            raise ValueError("rlhf_engine's fused lm_head does not compute the MoE load-balancing loss (output_router_logits)")
+            raise ValueError("rlhf_engine's fused lm_head does not compute the MoE load-balancing loss")
         kwargs["use_cache"] = False
         # Looked up on every call: FSDP and PEFT replace the backbone and the head after patching.
         hidden = self.base_model(*args, **kwargs).last_hidden_state
@@ -119,39 +120,45 @@ def add_fused_lm_head(
             hidden, targets = hidden[:, :-1], labels[:, 1:]
         else:  # already shifted (context / sequence parallelism)
             targets = shift_labels
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if isinstance(weight, DTensor):  # FSDP2: a differentiable all-gather of the head
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
-        hidden, targets = hidden.to(weight.device), targets.to(weight.device)
-        mask = targets != IGNORE_INDEX
-        dtype = _compute_dtype(hidden, cast_lm_head_to_fp32)
-        context = torch.autocast(hidden.device.type, enabled=False) if cast_lm_head_to_fp32 else nullcontext()
-        with context:
-            # Only the scored positions go through the head: prompt and padding cost nothing.
-            h = hidden[mask].to(dtype)
-            w = weight.to(dtype)
-            b = None if bias is None else bias.to(dtype)
-            y = targets[mask]
-            fields = dict.fromkeys(OUTPUTS)
-            result = fused_linear_logprobs(
-                h, w, y, bias=b, temperature=temperature, return_entropy=with_entropy, chunk_size=chunk_size,
-                backend=backend,
-            )
-            fields["log_probs"], fields["entropy"] = result if with_entropy else (result, None)
-            if statistics:
-                fields.update(vocabulary_statistics(h, w, b, y, temperature, statistics, chunk_size))
-        # masked_scatter keeps the outputs attached to the graph even when no label is scored,
-        # so an all-masked micro-batch backpropagates a zero instead of failing.
-        per_token = {
-            name: None if value is None else value.new_zeros(mask.shape).masked_scatter(mask, value)
-            for name, value in fields.items()
-        }
-        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-per_token["log_probs"].sum() / count, label_mask=mask, **per_token)
+        return score(self.get_output_embeddings(), hidden, targets, num_items_in_batch)
 
     model.forward = types.MethodType(forward, model)
+
+
+def _score(head, hidden, targets, num_items_in_batch, *, temperature, cast_lm_head_to_fp32, outputs, backend,
+           chunk_size, output_cls):  # fmt: skip
+    """The fused head on ``hidden [B, T, H]`` and next-token ``targets [B, T]`` -> a
+    ``FusedCausalLMOutput`` whose requested per-token fields are ``[B, T]``, 0 at -100."""
+    weight, bias = head.weight, head.bias
+    if isinstance(weight, DTensor):  # FSDP2: a differentiable all-gather of the head
+        weight = weight.full_tensor()
+        bias = None if bias is None else bias.full_tensor()
+    hidden, targets = hidden.to(weight.device), targets.to(weight.device)
+    mask = targets != IGNORE_INDEX
+    dtype = _compute_dtype(hidden, cast_lm_head_to_fp32)
+    # The dtype is chosen above; autocast must not change it inside the statistics pass.
+    with torch.autocast(hidden.device.type, enabled=False):
+        # Only the scored positions go through the head: prompt and padding cost nothing.
+        h, y = hidden[mask].to(dtype), targets[mask]
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        fields = dict.fromkeys(OUTPUTS)
+        with_entropy = "entropy" in outputs
+        result = fused_linear_logprobs(
+            h, w, y, bias=b, temperature=temperature, return_entropy=with_entropy, chunk_size=chunk_size,
+            backend=backend,
+        )
+        fields["log_probs"], fields["entropy"] = result if with_entropy else (result, None)
+        statistics = tuple(name for name in _STATISTICS if name in outputs)
+        if statistics:
+            fields.update(vocabulary_statistics(h, w, b, y, temperature, statistics, chunk_size))
+    # masked_scatter keeps the outputs attached to the graph even when no label is scored,
+    # so an all-masked micro-batch backpropagates a zero instead of failing.
+    per_token = {
+        name: None if value is None else value.new_zeros(mask.shape).masked_scatter(mask, value)
+        for name, value in fields.items()
+    }
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return output_cls(loss=-per_token["log_probs"].sum() / count, label_mask=mask, **per_token)
 
 
 def _compute_dtype(hidden: torch.Tensor, cast_lm_head_to_fp32: bool) -> torch.dtype:
