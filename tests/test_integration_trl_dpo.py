@@ -242,3 +242,44 @@ def test_import_without_trl_names_the_install_command():
     )
     assert out.returncode != 0
     assert "ImportError" in out.stderr and "pip install 'rlhf-engine[trl]'" in out.stderr
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["labels", "shift_labels"])
+@pytest.mark.parametrize("cast_lm_head_to_fp32", [False, True], ids=["model-dtype", "fp32-head"])
+def test_head_matches_trl_head(shifted, cast_lm_head_to_fp32):
+    # The drop-in alone, beside TRL's add_fused_lm_head on equal models: every per-token field,
+    # the loss and the parameter gradients of a loss using log_probs and entropy. One row has
+    # no scored label at all (its fields must be 0 and its gradient flow must not fail).
+    from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+
+    generator = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(0, len(trl_support.tokenizer()), (3, 11), generator=generator)
+    labels = input_ids.clone()
+    labels[0, :4] = -100
+    labels[2] = -100
+    kwargs = dict(shift_labels=labels[:, 1:]) if shifted else dict(labels=labels)
+    results = []
+    for add in (trl_add_fused_lm_head, engine_head.add_fused_lm_head):
+        model = trl_support.tiny_causal_lm(0)
+        add(model, temperature=0.7, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=engine_head.OUTPUTS)
+        out = model(input_ids=input_ids[:, :-1] if shifted else input_ids, fused_lm_head=True, **kwargs)
+        weights = torch.linspace(-1, 1, out.log_probs.numel()).view_as(out.log_probs)
+        ((out.log_probs + 0.1 * out.entropy) * weights).sum().backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        results.append((out, grads))
+    (theirs, their_grads), (ours, our_grads) = results
+    for name in engine_head.OUTPUTS + ("loss", "label_mask"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=RTOL, atol=ATOL, msg=name)
+    assert (ours.log_probs[2] == 0).all() and ours.is_top1.dtype == torch.bool
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_head_leaves_the_ordinary_forward_alone():
+    model = trl_support.tiny_causal_lm(0)
+    input_ids = torch.randint(0, len(trl_support.tokenizer()), (2, 7), generator=torch.Generator().manual_seed(6))
+    before = model(input_ids=input_ids, labels=input_ids)
+    engine_head.add_fused_lm_head(model)
+    after = model(input_ids=input_ids, labels=input_ids)
+    torch.testing.assert_close(after.logits, before.logits, rtol=0, atol=0)
+    torch.testing.assert_close(after.loss, before.loss, rtol=0, atol=0)

@@ -115,11 +115,19 @@ def tiny_causal_lm(seed: int = 0, *, tie_word_embeddings: bool = False):
     return Qwen2ForCausalLM(config).to(torch.float32)
 
 
+def _quiet_datasets() -> None:
+    # TRL maps every dataset it is given (tokenize, add EOS, ...): one progress bar each.
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
 def preference_dataset(rows: int = 8, seed: int = 1):
     """``datasets.Dataset`` with ``prompt`` / ``chosen`` / ``rejected`` strings of uneven
     lengths (so padding, and the prompt / completion masks, differ between rows)."""
     from datasets import Dataset
 
+    _quiet_datasets()
     text = _sentences(3 * rows, seed)
     return Dataset.from_dict(
         {"prompt": text[0::3], "chosen": [" " + t for t in text[1::3]], "rejected": [" " + t for t in text[2::3]]}
@@ -130,6 +138,7 @@ def prompt_dataset(rows: int = 8, seed: int = 2):
     """``datasets.Dataset`` with a ``prompt`` column only (for on-policy trainers)."""
     from datasets import Dataset
 
+    _quiet_datasets()
     return Dataset.from_dict({"prompt": _sentences(rows, seed)})
 
 
