@@ -7,7 +7,11 @@ logits/*, entropy, mean_token_accuracy, ...) and the final trainable parameters.
 runs every TRL 1.16 loss type at least once, a weighted list of them, label smoothing,
 the f-divergences, ld_alpha, WPO weighting, precomputed reference logprobs, tied
 embeddings, and PEFT LoRA both ways TRL builds its reference (adapters disabled; a copied
-``ref`` adapter).
+``ref`` adapter), on backend "auto"; one case runs on every backend that runs here (triton
+through the interpreter on a CPU-only machine) and one under bf16 autocast, TRL's default.
+The head alone is compared with TRL's ``add_fused_lm_head`` field by field, gradients
+included. Other tests: TRL's logits path never runs, and what cannot be computed exactly is
+refused at construction.
 
 Tolerance: both sides compute in fp32 on the CPU and differ only in how the lm_head
 logprobs are summed (TRL: tiles with an online logsumexp; ours: the torch backend's
@@ -34,6 +38,8 @@ trl = pytest.importorskip("trl", reason="needs trl==1.16.0: pip install 'rlhf-en
 from rlhf_engine.integrations.trl import FusedDPOTrainer  # noqa: E402
 from rlhf_engine.integrations.trl import lm_head as engine_head  # noqa: E402
 
+# Tiny matmuls gain nothing from threads, and on a busy machine OpenMP spin-waiting slows them ~10x.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RTOL, ATOL = 1e-5, 1e-5
 LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
@@ -120,6 +126,17 @@ def test_training_matches_trl(tmp_path, config, setup):
     # The training steps are all there, with TRL's metrics: the comparison below covers them.
     steps = [entry for entry in trl_history if "loss" in entry]
     assert len(steps) == 2 and {"rewards/margins", "logps/chosen", "mean_token_accuracy"} <= set(steps[0])
+    assert not _mismatches(trl_history, our_history, trl_params, our_params)
+
+
+def test_training_matches_trl_on_each_backend(tmp_path, backend):
+    # The grid runs backend="auto" (torch on the CPU); here each backend of our op that runs
+    # here, e.g. triton through the interpreter on a CPU-only machine.
+    if backend != "torch" and torch.cuda.is_available():
+        pytest.skip("these trainers run on the CPU, where triton needs the interpreter (set on CPU-only machines)")
+    config = dict(loss_type=["sigmoid"], use_weighting=True)
+    trl_history, trl_params, _ = _train(trl.DPOTrainer, tmp_path, config, {})
+    our_history, our_params, _ = _train(FusedDPOTrainer, tmp_path, config, {}, backend=backend)
     assert not _mismatches(trl_history, our_history, trl_params, our_params)
 
 
