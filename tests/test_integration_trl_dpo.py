@@ -240,6 +240,12 @@ def test_transformed_logits_are_refused_at_construction(tmp_path, attribute, val
         _refused(tmp_path, **{attribute: value})
 
 
+def test_identity_logit_scale_is_accepted():
+    model = trl_support.tiny_causal_lm(0)
+    model.config.logits_scaling = 1.0  # Granite's default: no transform
+    engine_head.check_supported(model)
+
+
 def test_moe_load_balancing_loss_is_refused_at_construction(tmp_path):
     with pytest.raises(ValueError, match="router_aux_loss_coef"):
         _refused(tmp_path, dict(router_aux_loss_coef=0.01), output_router_logits=False)

@@ -26,12 +26,12 @@ OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # Fields that need a statistic over the whole vocabulary besides logsumexp (an argmax, a mean,
 # a second logsumexp): one extra no-grad pass computes them, a chunk of tokens at a time.
 _STATISTICS = ("log_sum_sq_probs", "mean_logits", "is_top1")
-# Text-config attributes with which a model transforms its logits before the softmax
-# (softcapping, scaling). TRL folds them into its kernel; our ops compute softmax((h W^T + b) / T)
-# only, so such models are refused rather than given logprobs of the wrong distribution.
-_LOGIT_TRANSFORMS = (
-    "final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
-)  # fmt: skip
+# Text-config attributes with which a model transforms its logits before the softmax: a
+# softcap (any value) and scales (any value but 1). TRL folds them into its kernel; our ops
+# compute softmax((h W^T + b) / T) only, so such models are refused rather than trained on
+# the logprobs of another distribution.
+_LOGIT_SOFTCAP = "final_logit_softcapping"
+_LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 IGNORE_INDEX = -100
 
 
@@ -42,11 +42,12 @@ def check_supported(model) -> None:
     inside the head), or DeepSpeed ZeRO-3 (the backward recomputes the logits from
     ``lm_head.weight`` outside the module's gather hook)."""
     text_config = model.config.get_text_config()
-    for name in _LOGIT_TRANSFORMS:
-        if getattr(text_config, name, None) is not None:
+    for name in (_LOGIT_SOFTCAP,) + _LOGIT_SCALES:
+        value = getattr(text_config, name, None)
+        if value is not None and (name == _LOGIT_SOFTCAP or value != 1.0):
             raise ValueError(
                 f"rlhf_engine's fused lm_head computes softmax((hidden @ W.T + b) / temperature); this model's config "
-                f"sets {name}={getattr(text_config, name)!r}, a transform of the logits it does not apply. "
+                f"sets {name}={value!r}, a transform of the logits it does not apply. "
                 "Use TRL's own trainer for this model."
             )
     if getattr(text_config, "output_router_logits", False):
