@@ -5,7 +5,7 @@ same DPOConfig) for two SGD steps with ``trl.DPOTrainer`` and with ``FusedDPOTra
 and compares every logged value of every step (loss, grad_norm, rewards/*, logps/*,
 logits/*, entropy, mean_token_accuracy, ...) and the final trainable parameters. The grid
 runs every TRL 1.16 loss type at least once, a weighted list of them, label smoothing,
-the f-divergences, ld_alpha, WPO weighting, precomputed reference logprobs, tied
+the f-divergences, ld_alpha, WPO weighting, precomputed reference logprobs, evaluate(), tied
 embeddings, and PEFT LoRA both ways TRL builds its reference (adapters disabled; a copied
 ``ref`` adapter), on backend "auto"; one case runs on every backend that runs here (triton
 through the interpreter on a CPU-only machine) and one under bf16 autocast, TRL's default.
@@ -61,6 +61,7 @@ CASES = [pytest.param(dict(loss_type=[name], **LOSS_OPTIONS.get(name, {})), {}, 
     pytest.param(dict(loss_type=["sigmoid"], use_weighting=True), {}, id="wpo-weighting"),
     pytest.param(dict(loss_type=["ipo"], precompute_ref_log_probs=True), dict(ref="none"), id="precomputed-ref"),
     pytest.param(dict(loss_type=["sigmoid"]), dict(tied=True), id="tied-embeddings"),
+    pytest.param(dict(loss_type=["sigmoid"], per_device_eval_batch_size=3), dict(evaluate=True), id="evaluate"),
     pytest.param(dict(loss_type=["sigmoid"]), dict(peft="config"), id="lora-adapters-disabled-ref"),
     pytest.param(dict(loss_type=["apo_down", "sft"]), dict(peft="model"), id="lora-ref-adapter"),
 ]
@@ -91,12 +92,15 @@ def _train(trainer_cls, tmp_path, config, setup, **trainer_kwargs):
         ref_model=trl_support.tiny_causal_lm(0, tie_word_embeddings=tied) if use_ref_model else None,
         args=args,
         train_dataset=trl_support.preference_dataset(),
+        eval_dataset=trl_support.preference_dataset(rows=5, seed=3) if setup.get("evaluate") else None,
         processing_class=trl_support.tokenizer(),
         peft_config=trl_support.lora_config() if peft == "config" else None,
         **trainer_kwargs,
     )
     initial = trl_support.trainable_parameters(trainer.model)
     trainer.train()
+    if setup.get("evaluate"):
+        trainer.evaluate()  # logs eval_loss and TRL's eval_* metrics into the history
     final = trl_support.trainable_parameters(trainer.model)
     moved = max((final[name] - initial[name]).abs().max().item() for name in final)
     assert moved > 1e-4, f"{trainer_cls.__name__} did not train (largest parameter change {moved})"
@@ -126,6 +130,8 @@ def test_training_matches_trl(tmp_path, config, setup):
     # The training steps are all there, with TRL's metrics: the comparison below covers them.
     steps = [entry for entry in trl_history if "loss" in entry]
     assert len(steps) == 2 and {"rewards/margins", "logps/chosen", "mean_token_accuracy"} <= set(steps[0])
+    if setup.get("evaluate"):
+        assert {"eval_loss", "eval_rewards/margins", "eval_logps/rejected"} <= set(trl_history[-1])
     assert not _mismatches(trl_history, our_history, trl_params, our_params)
 
 
