@@ -25,13 +25,14 @@ TRL is installed by ``make install`` (the ``trl`` extra); without it the file sk
 """
 
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests import trl_support  # noqa: I001  (first: it imports the Hub's `kernels` before transformers can)
+from tests import trl_support
 
 trl = pytest.importorskip("trl", reason="needs trl==1.16.0: pip install 'rlhf-engine[trl]' (make install does)")
 
@@ -41,6 +42,7 @@ from rlhf_engine.integrations.trl import lm_head as engine_head  # noqa: E402
 # Tiny matmuls gain nothing from threads, and on a busy machine OpenMP spin-waiting slows them ~10x.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RTOL, ATOL = 1e-5, 1e-5
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
@@ -267,7 +269,7 @@ def test_unknown_output_field_is_refused():
 def test_import_without_trl_names_the_install_command():
     code = "import sys; sys.modules['trl'] = None\nimport rlhf_engine.integrations.trl"
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=trl_support.REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert out.returncode != 0
     assert "ImportError" in out.stderr and "pip install 'rlhf-engine[trl]'" in out.stderr

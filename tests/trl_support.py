@@ -13,38 +13,10 @@ any difference comes from how the trainer computes its loss.
 from __future__ import annotations
 
 import functools
-import importlib
-import os
 import random
-import sys
 import tempfile
 
 import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _import_hub_kernels() -> None:
-    """Import the Hub's ``kernels`` package (a dependency of transformers >= 5.2, which
-    imports it when its models load) before the repository's top-level ``kernels/``
-    folder can shadow it: that folder installs as ``rlhf_engine.kernels``, but in a
-    checkout it is importable as ``kernels`` whenever the repository root is on
-    ``sys.path``, as it is under pytest. Without this, building any transformers model
-    from the repository root fails with ``cannot import name 'CUDAProperties' from
-    'kernels'``."""
-    if "kernels" in sys.modules:
-        return
-    saved = sys.path[:]
-    sys.path[:] = [p for p in saved if os.path.abspath(p or os.curdir) != REPO]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        pass  # not installed: older transformers do not need it
-    finally:
-        sys.path[:] = saved
-
-
-_import_hub_kernels()
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 _WORDS = (
