@@ -1,6 +1,7 @@
 # `make test` and `make demo` work from a fresh clone: they build .venv, install torch
 # first (only when it is missing, so a CPU wheel is not replaced by a CUDA one), then the
-# package with its dev and verl extras, then verl itself (--no-deps).
+# package with its dev, verl and trl extras, then verl itself (--no-deps).
+# tests/test_integration_trl_dpo.py runs TRL itself (the `trl` extra pins trl==1.16.0).
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 # verl is installed without its deps (its pins would replace transformers); the `verl` extra
@@ -23,7 +24,7 @@ NATIVE_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/include/rl
 
 $(STAMP): $(PY) pyproject.toml setup.py $(NATIVE_SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,verl]"
+	$(PY) -m pip install -q -e ".[dev,verl,trl]"
 	$(PY) -m pip install -q --no-deps "$(VERL_SPEC)"
 	touch $(STAMP)
 

@@ -1,0 +1,44 @@
+"""TRL integration: rlhf_engine's fused lm_head op inside TRL 1.16's own trainers.
+
+One line::
+
+    from rlhf_engine.integrations.trl import FusedDPOTrainer as DPOTrainer
+
+What is here:
+
+* :class:`FusedDPOTrainer`: ``trl.DPOTrainer`` with the policy and reference per-token
+  logprobs (and TRL's per-token metric fields) computed from the last hidden states by
+  :func:`rlhf_engine.ops.fused_linear_logprobs`. Every TRL 1.16 ``loss_type`` (sigmoid,
+  hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired,
+  apo_zero, apo_down, discopop, sft, sigmoid_norm), lists of them with ``loss_weights``,
+  ``label_smoothing``, ``f_divergence_type``, ``ld_alpha``, ``use_weighting``,
+  ``precompute_ref_log_probs``, PEFT (reference = adapters disabled, or a ``ref``
+  adapter) and a separate ``ref_model`` are TRL's own code, unchanged.
+* :func:`add_fused_lm_head`: the drop-in for ``trl.trainer.utils.add_fused_lm_head``
+  (TRL's signature and ``FusedCausalLMOutput``) that the trainer puts in place of TRL's.
+
+Refused with a ValueError at construction: models that softcap or scale their logits
+(``final_logit_softcapping``, ``logit_scale``, ``output_multiplier``,
+``lm_head_multiplier``, ``logits_scaling`` in the text config), the MoE load-balancing
+loss, DeepSpeed ZeRO-3.
+
+Importing this package imports TRL; ``import rlhf_engine`` never does.
+"""
+
+TRL_VERSION = "1.16.0"
+_INSTALL_HINT = f"rlhf_engine.integrations.trl needs trl=={TRL_VERSION}: pip install 'rlhf-engine[trl]'"
+
+try:
+    import trl as _trl
+except ImportError as err:
+    raise ImportError(f"{_INSTALL_HINT} ({err})") from err
+
+# The drop-in replaces one internal seam of TRL (add_fused_lm_head and FusedCausalLMOutput),
+# which other releases may move or change: refuse them instead of training on a guess.
+if _trl.__version__.split(".")[:2] != TRL_VERSION.split(".")[:2]:
+    raise ImportError(f"{_INSTALL_HINT} (found trl=={_trl.__version__})")
+
+from rlhf_engine.integrations.trl.dpo import FusedDPOTrainer  # noqa: E402
+from rlhf_engine.integrations.trl.lm_head import add_fused_lm_head  # noqa: E402
+
+__all__ = ["TRL_VERSION", "FusedDPOTrainer", "add_fused_lm_head"]
