@@ -21,6 +21,10 @@ mask, per token:
   logp 4 + old_logp 4 + ref_logp 4 + mask 1 + d logp 4 = 17 B (advantages: 4 B per sequence).
 * value_loss: values 4 + old_values 4 + returns 4 + mask 1 + d values 4 = 17 B.
 * kl_penalty k3: logp 4 + ref_logp 4 + kl 4 (out) + upstream grad 4 + d logp 4 = 20 B.
+* verl's dppo_tv, dppo_kl, geo_mean (rollout IS weights on): logp 4 + old_logp 4 +
+  advantages 4 + mask 1 + IS weights 4 + d logp 4 = 21 B. Ours through
+  ``rlhf_engine.integrations.verl`` beside verl's own function (``verl.trainer.ppo.core_algos``),
+  both returning verl's metrics as floats; rows only where verl is installed.
 
 The fused losses move 8 B per token more than the floor: the fp32 per-token derivative
 is written in the forward and read in the backward (the aggregation weight that scales
@@ -213,8 +217,56 @@ def _kl_at(device, quick, B, T) -> list[Result]:
     return measure("kl_penalty k3", shape, impls, device=device, bytes_moved=20 * n, quick=quick, dtype=torch.float32)
 
 
+# verl's losses we register (integrations/verl), timed beside verl's own functions.
+VERL_LOSSES = ("dppo_tv", "dppo_kl", "geo_mean")
+
+
+def _verl_config(name):
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    return ActorConfig(
+        strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2, clip_ratio_low=0.2,
+        clip_ratio_high=0.28, policy_loss=PolicyLossConfig(loss_mode=name),
+    )
+
+
+def _verl_losses_at(device, quick, B, T) -> list[Result]:
+    from verl.trainer.ppo import core_algos
+
+    from rlhf_engine.integrations import verl as ours
+
+    x, shape, n = _inputs(device, B, T)
+    lp, old, adv, mask = x["lp"], x["old"], x["adv"], x["mask"]
+    weights = torch.rand_like(old) + 0.5
+    results = []
+    for name in VERL_LOSSES:
+        config = _verl_config(name)
+        ours_fn, verl_fn = ours.POLICY_LOSSES[name], getattr(core_algos, f"compute_policy_loss_{name}")
+        impls = {
+            f"ours ({b})": _fwd_bwd(lambda b=b: ours_fn(old, lp, adv, mask, "token-mean", config, weights, backend=b), lp)
+            for b in our_backends(device, "policy_loss")
+        }
+        impls["verl"] = _fwd_bwd(lambda: verl_fn(old, lp, adv, mask, "token-mean", config, weights), lp)
+        results += measure(f"policy_loss {name}", shape, impls, device=device, bytes_moved=21 * n, quick=quick,
+                           dtype=torch.float32)  # fmt: skip
+    return results
+
+
+def verl_installed() -> bool:
+    try:
+        import verl.trainer.ppo.core_algos  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run(device: torch.device, quick: bool) -> list[Result]:
-    return sum((sweep(run_at, device, quick, **SIZES) for run_at in (_policy_at, _value_at, _kl_at)), [])
+    families = [_policy_at, _value_at, _kl_at]
+    if verl_installed():
+        families.append(_verl_losses_at)
+    else:
+        print("bench_policy_loss: verl not installed (pip install --no-deps verl==0.9.1): no rows for its losses")
+    return sum((sweep(run_at, device, quick, **SIZES) for run_at in families), [])
 
 
 if __name__ == "__main__":

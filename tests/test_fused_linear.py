@@ -302,6 +302,9 @@ LOSS_OPTIONS = {
     "cispo-trl": dict(clip_high=1.3),
     "sapo": {},
     "reinforce": {},
+    "dppo_tv": dict(clip_low=0.05, clip_high=0.08, delta=1.5),
+    "dppo_kl": dict(clip_low=0.01, clip_high=0.02, delta=1.5),
+    "geo_mean": dict(clip_low=0.2, clip_high=0.25),
 }
 
 

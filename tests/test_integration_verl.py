@@ -65,10 +65,12 @@ def _loss_inputs(dtype, with_weights):
     return old, log_prob, advantages, mask, weights
 
 
-def _config(name, **global_batch_info):
+def _config(name, clip=(0.15, 0.28, 2.5), **global_batch_info):
+    """verl's ActorConfig; ``clip`` = (clip_ratio_low, clip_ratio_high, clip_ratio_c)."""
     config = ActorConfig(
-        strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2, clip_ratio_low=0.15,
-        clip_ratio_high=0.28, clip_ratio_c=2.5, tau_pos=1.2, tau_neg=1.6, policy_loss=PolicyLossConfig(loss_mode=name),
+        strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2, clip_ratio_low=clip[0],
+        clip_ratio_high=clip[1], clip_ratio_c=clip[2], tau_pos=1.2, tau_neg=1.6,
+        policy_loss=PolicyLossConfig(loss_mode=name),
     )
     config.global_batch_info.update(global_batch_info)
     return config
@@ -124,6 +126,20 @@ def test_policy_loss_global_batch_info_matches_verl(name, mode):
     _compare_loss(name, mode, _config(name, **info), _loss_inputs(torch.float32, True), "torch")
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("name", ["dppo_tv", "dppo_kl", "geo_mean"])
+def test_tight_bounds_match_verl(name, mode, backend):
+    # Bounds most tokens cross (divergence thresholds for dppo, log-space caps for geo_mean) and
+    # a truncation cap below many ratios: the masks, caps and both clip metrics are exercised.
+    config = _config(name, clip=(0.01, 0.02, 1.1))
+    inputs = _loss_inputs(torch.float32, True)
+    old, log_prob, advantages, mask, weights = inputs
+    _, _, v_metrics = _call(getattr(core_algos, f"compute_policy_loss_{name}"), old, log_prob, advantages, mask, mode,
+                            config, weights)  # fmt: skip
+    assert v_metrics["actor/pg_clipfrac"] > 0 and v_metrics["actor/pg_clipfrac_lower"] > 0, v_metrics
+    _compare_loss(name, mode, config, inputs, backend)
+
+
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
 def test_vanilla_with_a_dictconfig_matches_verl(mode):
     # verl's vanilla also accepts a plain DictConfig (the legacy actor config)
@@ -137,7 +153,7 @@ def test_registered_under_verls_names():
     for name in LOSSES:
         assert core_algos.get_policy_loss_fn(name) is ours.POLICY_LOSSES[name]
     # verl's own losses we do not reproduce exactly stay verl's
-    for name in ("dro", "geo_mean"):
+    for name in ("dro", "bypass_mode"):
         assert core_algos.get_policy_loss_fn(name) is getattr(core_algos, f"compute_policy_loss_{name}")
     try:
         assert ours.register(["vanilla"], backend="torch") == ["vanilla"]

@@ -26,6 +26,10 @@ LOSS_OPTIONS = {
     "cispo-trl": dict(clip_high=1.3),
     "sapo": {},
     "reinforce": {},
+    # divergence bounds that keep tokens on both sides (probabilities move by ~0.1 here)
+    "dppo_tv": dict(clip_low=0.05, clip_high=0.08, delta=1.5),
+    "dppo_kl": dict(clip_low=0.01, clip_high=0.02, delta=1.5),
+    "geo_mean": dict(clip_low=0.2, clip_high=0.25),
 }
 
 
@@ -635,6 +639,7 @@ def test_native_constants_mirror_the_spec():
 
     constants = library.module().POLICY_LOSS_CONSTANTS
     assert constants["KAPPA_CLAMP"] == kl_ref.KAPPA_CLAMP and constants["K3_CLAMP"] == kl_ref.K3_CLAMP
+    assert constants["DPPO_KL_EPS"] == pytest.approx(spec.DPPO_KL_EPS, rel=1e-7)  # an fp32 mirror
     assert constants["NUM_PARTIALS"] == len(spec.PARTIALS)
     assert constants["RATIO_MIN_COLUMN"] == spec.PARTIALS.index("ratio_min")
     assert constants["RATIO_MAX_COLUMN"] == spec.PARTIALS.index("ratio_max")

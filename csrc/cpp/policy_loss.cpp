@@ -6,10 +6,11 @@
 namespace rlhf::cpu {
 namespace {
 
-// GSPO's sequence means (add_seq_stats), summed in token order in double.
-SeqStats sequence_stats(const PolicyLossInputs& in, const PolicyLossOptions& o, int64_t start, int64_t end) {
-  double sums[3] = {0, 0, 0};
-  for (int64_t i = start; i < end; ++i) add_seq_stats(in, o, i, sums);
+// A sequence-level loss's sequence means (add_seq_stats), summed in token order in double.
+SeqStats sequence_stats(const PolicyLossInputs& in, const PolicyLossOptions& o, int64_t seq, int64_t start,
+                        int64_t end) {
+  double sums[kNumSeqSums] = {0, 0, 0, 0};
+  for (int64_t i = start; i < end; ++i) add_seq_stats(in, o, i, seq, sums);
   return seq_stats(sums);
 }
 
@@ -22,7 +23,7 @@ void policy_loss_fwd(const PolicyLossInputs& in, const PolicyLossOptions& o, flo
   for (int64_t seq = 0; seq < num_seqs; ++seq) {
     const int64_t start = load_index(in.cu_seqlens, seq);
     const int64_t end = load_index(in.cu_seqlens, seq + 1);
-    const SeqStats stats = o.loss == kGspo ? sequence_stats(in, o, start, end) : SeqStats{0.0f, 0.0f};
+    const SeqStats stats = sequence_level(o.loss) ? sequence_stats(in, o, seq, start, end) : SeqStats{0.0f, 0.0f, 0.0f};
     double acc[kNumPartials];
     for (int k = 0; k < kNumPartials; ++k) acc[k] = partial_identity(k);
     for (int64_t i = start; i < end; ++i) accumulate_token(in, o, i, seq, stats, g, acc);

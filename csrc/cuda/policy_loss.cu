@@ -2,7 +2,7 @@
 // the sequence's tokens at a stride of kThreads, accumulating its partials in fp32; the
 // block then reduces all of them at once (warp shuffles, then one warp over the per-warp
 // results) in a fixed order, so results are deterministic (no atomics). GSPO first runs
-// the same loop for the sequence's mean log-ratio (and mean KL). seq_scale_bwd: one block per sequence.
+// the same loop for the sequence's mean log-ratio (and mean KL; geo_mean its statistics too). seq_scale_bwd: one block per sequence.
 #include <cuda_runtime.h>
 
 #include "rlhf/cuda_runtime.h"
@@ -61,10 +61,10 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
   const int64_t start = load_index(in.cu_seqlens, seq);
   const int64_t end = load_index(in.cu_seqlens, seq + 1);
 
-  SeqStats stats{0.0f, 0.0f};
-  if (o.loss == kGspo) {  // uniform over the block: the reduction's barriers are reached by all
-    float sums[3] = {0.0f, 0.0f, 0.0f};  // sum delta m, sum m, sum KL m over valid tokens
-    for (int64_t i = start + threadIdx.x; i < end; i += kThreads) add_seq_stats(in, o, i, sums);
+  SeqStats stats{0.0f, 0.0f, 0.0f};
+  if (sequence_level(o.loss)) {  // uniform over the block: the reduction's barriers are reached by all
+    float sums[kNumSeqSums] = {0.0f, 0.0f, 0.0f, 0.0f};  // see add_seq_stats
+    for (int64_t i = start + threadIdx.x; i < end; i += kThreads) add_seq_stats(in, o, i, seq, sums);
     block_reduce_all(sums, SumOps(), scratch);
     stats = seq_stats(sums);
   }

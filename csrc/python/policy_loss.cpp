@@ -17,7 +17,7 @@ PolicyLossOptions options(int loss, float clip_low, float clip_high, bool has_du
                           bool has_delta, float delta, float log_ratio_min, float log_ratio_max, float sapo_tau_pos,
                           float sapo_tau_neg, float kl_coef, int kl_base, bool kl_straight_through, bool kl_clamp,
                           bool kl_ratio_weight, float entropy_coef) {
-  if (loss < kPpo || loss > kReinforce) throw std::invalid_argument("rlhf_engine._C: unknown policy loss code");
+  if (loss < kPpo || loss > kGeoMean) throw std::invalid_argument("rlhf_engine._C: unknown policy loss code");
   if (kl_base < kKlK1 || kl_base > kKlK3) throw std::invalid_argument("rlhf_engine._C: unknown KL estimator code");
   return {loss,         clip_low,     clip_high,    has_dual_clip, has_delta, dual_clip,           delta,
           log_ratio_min, log_ratio_max, sapo_tau_pos, sapo_tau_neg,  kl_coef,   kl_base, kl_straight_through,
@@ -27,6 +27,7 @@ PolicyLossOptions options(int loss, float clip_low, float clip_high, bool has_du
 void bind(py::module_& m) {
   py::dict constants;
   constants["KAPPA_CLAMP"] = kKlKappaClamp;
+  constants["DPPO_KL_EPS"] = kDppoKlEps;
   constants["K3_CLAMP"] = kKlK3Clamp;
   constants["NUM_PARTIALS"] = int(kNumPartials);
   constants["RATIO_MIN_COLUMN"] = int(kPartRatioMin);
@@ -38,6 +39,9 @@ void bind(py::module_& m) {
   losses["cispo-trl"] = int(kCispoTrl);
   losses["sapo"] = int(kSapo);
   losses["reinforce"] = int(kReinforce);
+  losses["dppo_tv"] = int(kDppoTv);
+  losses["dppo_kl"] = int(kDppoKl);
+  losses["geo_mean"] = int(kGeoMean);
   constants["LOSS_CODES"] = losses;
   py::dict kl_bases;
   kl_bases["k1"] = int(kKlK1);

@@ -4,7 +4,8 @@ Forward: one program per sequence (tokens ``[cu_seqlens[b], cu_seqlens[b+1])``; 
 ``[B, T]`` batch is ``cu_seqlens = arange(B+1) * T``) computes, per token, the loss
 ``l_t`` and ``g_t = m_t dl_t/dlp_t`` (written to an fp32 ``[N]`` buffer saved for
 backward), and per sequence the partial sums of ``reference/policy_loss.PARTIALS``.
-GSPO makes a first pass over its sequence for the mean log-ratio (and, with
+The sequence-level losses (gspo, geo_mean) make a first pass over their sequence for the
+mean log-ratio (GMPO's capped one and the mean advantage for geo_mean; with
 ``KL_RATIO_WEIGHT``, the mean KL), inside the same program. The loss formulas are the ones of ``reference/policy_loss.py``.
 
 Backward (shared with the value loss): ``out_t = scale * grad * w_b(t) * x_t`` for the
@@ -18,9 +19,11 @@ import triton
 import triton.language as tl
 
 from rlhf_engine.kernels.kl import estimator_codes, kl_estimate, store_dtype
-from rlhf_engine.reference.policy_loss import LOSSES, PARTIALS
+from rlhf_engine.reference.policy_loss import DPPO_KL_EPS, LOSSES, PARTIALS, SEQUENCE_LEVEL_LOSSES
 
-LOSS_CODES = {name: code for code, name in enumerate(LOSSES)}  # ppo 0, gspo 1, cispo 2, cispo-trl 3, sapo 4, reinforce 5
+# ppo 0, gspo 1, cispo 2, cispo-trl 3, sapo 4, reinforce 5, dppo_tv 6, dppo_kl 7, geo_mean 8
+LOSS_CODES = {name: code for code, name in enumerate(LOSSES)}
+_DPPO_KL_EPS = tl.constexpr(DPPO_KL_EPS)
 _NUM_PARTIALS = tl.constexpr(len(PARTIALS))
 
 
@@ -38,10 +41,16 @@ def _seq_bounds(cu_ptr):
 
 
 @triton.jit
+def _geo_mean_log_ratio(d, adv, clip_low, clip_high):
+    """GMPO's per-token log-ratio: ``d`` capped from above where A > 0, from below where A < 0, 0 at A == 0."""
+    return tl.where(adv > 0, tl.minimum(d, clip_high), tl.where(adv < 0, tl.maximum(d, -clip_low), 0.0))
+
+
+@triton.jit
 def _policy_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, isw_ptr, cu_ptr, g_ptr, part_ptr,
     clip_low, clip_high, dual_clip, delta, log_ratio_min, log_ratio_max, tau_pos, tau_neg, kl_coef, entropy_coef,
-    LOSS: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_IS: tl.constexpr, IS_PER_SEQ: tl.constexpr,
+    LOSS: tl.constexpr, SEQUENCE: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_IS: tl.constexpr, IS_PER_SEQ: tl.constexpr,
     HAS_DUAL: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_KL: tl.constexpr, KL_BASE: tl.constexpr,
     KL_STRAIGHT_THROUGH: tl.constexpr, KL_CLAMP: tl.constexpr, KL_RATIO_WEIGHT: tl.constexpr, HAS_ENT: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -49,21 +58,32 @@ def _policy_loss_fwd_kernel(
     pid, start, end = _seq_bounds(cu_ptr)
     cols = tl.arange(0, BLOCK)
 
-    # GSPO: log s_b = sum_t delta m / sum_t m (and the mean KL, which d(s_b KL)/dlp_t
-    # needs with KL_RATIO_WEIGHT), a first pass over the sequence.
+    # GSPO: log s_b = sum_t delta m / sum_t m; geo_mean: the same of GMPO's capped delta, and
+    # the mean advantage; with KL_RATIO_WEIGHT the mean KL too (d(s_b KL)/dlp_t needs it): a
+    # first pass over the sequence.
     seq_log_ratio = 0.0
     seq_kl = 0.0
-    if LOSS == 1:
+    seq_adv = 0.0
+    if SEQUENCE:
         acc_delta = tl.zeros([BLOCK], tl.float32)
         acc_count = tl.zeros([BLOCK], tl.float32)
         acc_seq_kl = tl.zeros([BLOCK], tl.float32)
+        acc_seq_adv = tl.zeros([BLOCK], tl.float32)
         for off in range(start, end, BLOCK):
             offs = off + cols
             inb = offs < end
             m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
             lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
             old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-            acc_delta += tl.where(m != 0, (lp - old) * m, 0.0)
+            if LOSS == 8:  # geo_mean
+                if ADV_PER_SEQ:
+                    adv = tl.zeros([BLOCK], tl.float32) + tl.load(adv_ptr + pid).to(tl.float32)
+                else:
+                    adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+                acc_delta += tl.where(m != 0, _geo_mean_log_ratio(lp - old, adv, clip_low, clip_high) * m, 0.0)
+                acc_seq_adv += tl.where(m != 0, adv * m, 0.0)
+            else:
+                acc_delta += tl.where(m != 0, (lp - old) * m, 0.0)
             acc_count += m
             if HAS_KL:
                 if KL_RATIO_WEIGHT:
@@ -73,6 +93,7 @@ def _policy_loss_fwd_kernel(
         total = tl.sum(acc_count, 0)
         seq_log_ratio = tl.where(total > 0, tl.sum(acc_delta, 0) / tl.where(total > 0, total, 1.0), 0.0)
         seq_kl = tl.where(total > 0, tl.sum(acc_seq_kl, 0) / tl.where(total > 0, total, 1.0), 0.0)
+        seq_adv = tl.where(total > 0, tl.sum(acc_seq_adv, 0) / tl.where(total > 0, total, 1.0), 0.0)
 
     if ADV_PER_SEQ:
         adv_seq = tl.load(adv_ptr + pid).to(tl.float32)
@@ -104,14 +125,18 @@ def _policy_loss_fwd_kernel(
         else:
             adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         log_ratio = lp - old
-        if LOSS == 1:
+        if SEQUENCE:
             ratio_arg = tl.zeros([BLOCK], tl.float32) + seq_log_ratio
         else:
             ratio_arg = log_ratio
         clamped_arg = tl.minimum(tl.maximum(ratio_arg, log_ratio_min), log_ratio_max)
         ratio = tl.exp(clamped_arg)
-        # d ratio / d lp: 0 where the clamp is active (or the argument is NaN)
+        # d ratio / d lp: 0 where the clamp is active (or the argument is NaN); geo_mean's
+        # per-token log-ratio moves with lp only where GMPO's cap is not active
         dratio = tl.where((ratio_arg >= log_ratio_min) & (ratio_arg <= log_ratio_max), ratio, 0.0)
+        if LOSS == 8:
+            capped = ((adv > 0) & (log_ratio <= clip_high)) | ((adv < 0) & (log_ratio >= -clip_low))
+            dratio = tl.where(capped, dratio, 0.0)
 
         clipped = tl.zeros([BLOCK], tl.float32)
         lower = tl.zeros([BLOCK], tl.float32)
@@ -153,9 +178,32 @@ def _policy_loss_fwd_kernel(
             gate = tl.sigmoid(tau * (ratio - 1.0))
             loss = -adv * gate * 4.0 / tau
             grad = -adv * 4.0 * gate * (1.0 - gate) * dratio
-        else:  # reinforce
+        elif LOSS == 5:  # reinforce
             loss = -adv * lp
             grad = -adv
+        elif LOSS <= 7:  # dppo_tv, dppo_kl: -A sg(min(r, delta?)) lp v
+            p = tl.exp(lp)
+            q = tl.exp(old)
+            if LOSS == 6:
+                valid = tl.where(adv > 0, p - q <= clip_high, p - q >= -clip_low)
+            else:
+                binary_kl = q * (old - lp) + (1.0 - q) * tl.log((1.0 - q + _DPPO_KL_EPS) / (1.0 - p + _DPPO_KL_EPS))
+                valid = tl.where(adv > 0, (binary_kl <= clip_high) | (p <= q), (binary_kl <= clip_low) | (p >= q))
+            v = tl.where(valid, 1.0, 0.0)
+            if HAS_DELTA:
+                weight = tl.minimum(ratio, delta)
+                lower = tl.where((ratio > delta) & valid, 1.0, 0.0)
+            else:
+                weight = ratio
+            clipped = 1.0 - v
+            loss = -adv * weight * lp * v
+            grad = -adv * weight * v
+        else:  # geo_mean: -mean(A) g_b
+            outside = (log_ratio < -clip_low) | (log_ratio > clip_high)
+            clipped = tl.where(outside & (adv > 0), 1.0, 0.0)
+            lower = tl.where(outside & (adv < 0), 1.0, 0.0)
+            loss = -seq_adv * ratio
+            grad = -seq_adv * dratio
         if HAS_IS:
             if IS_PER_SEQ:
                 isw = isw_seq
@@ -166,8 +214,8 @@ def _policy_loss_fwd_kernel(
         if HAS_KL:
             ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
             kl, dkl = kl_estimate(lp, ref, KL_BASE, KL_STRAIGHT_THROUGH, KL_CLAMP)
-            if KL_RATIO_WEIGHT:  # r KL with r differentiable (for gspo through every token: the mean KL)
-                if LOSS == 1:
+            if KL_RATIO_WEIGHT:  # r KL with r differentiable (sequence losses: through every token, the mean KL)
+                if SEQUENCE:
                     dkl = ratio * dkl + dratio * seq_kl
                 else:
                     dkl = ratio * dkl + dratio * kl
@@ -187,7 +235,7 @@ def _policy_loss_fwd_kernel(
         acc_lower += tl.where(active, lower * m, 0.0)
         acc_k2 += tl.where(active, 0.5 * log_ratio * log_ratio * m, 0.0)
         acc_ratio += tl.where(active, ratio * m, 0.0)
-        if LOSS == 1:  # verl's ppo_kl: -delta, clamped like the ratio's argument for the token losses
+        if SEQUENCE:  # verl's ppo_kl: -delta, clamped like the ratio's argument for the token losses
             acc_ppo_kl += tl.where(active, -log_ratio * m, 0.0)
         else:
             acc_ppo_kl += tl.where(active, -clamped_arg * m, 0.0)
@@ -236,7 +284,7 @@ def policy_loss_fwd(
         cu_seqlens, g, partials,
         clip_low, clip_high, 0.0 if dual_clip is None else dual_clip, 0.0 if delta is None else delta,
         log_ratio_min, log_ratio_max, sapo_tau_pos, sapo_tau_neg, kl_coef, entropy_coef,
-        LOSS=LOSS_CODES[loss], ADV_PER_SEQ=advantages.numel() != n, HAS_IS=is_weights is not None,
+        LOSS=LOSS_CODES[loss], SEQUENCE=loss in SEQUENCE_LEVEL_LOSSES, ADV_PER_SEQ=advantages.numel() != n, HAS_IS=is_weights is not None,
         IS_PER_SEQ=is_weights is not None and is_weights.numel() != n, HAS_DUAL=dual_clip is not None,
         HAS_DELTA=delta is not None, HAS_KL=ref_logp is not None, KL_BASE=kl_base, KL_STRAIGHT_THROUGH=kl_st,
         KL_CLAMP=kl_clamp, KL_RATIO_WEIGHT=kl_ratio_weight, HAS_ENT=entropy is not None, BLOCK=block_size(n, num_seqs, seq_len),

@@ -13,11 +13,13 @@ gradient (1 for ``loss.backward()``: exact).
 
 Which losses take which path (:func:`one_pass_applies`):
 
-* one pass: ``ppo``, ``cispo``, ``cispo-trl``, ``sapo``, ``reinforce``, with every
+* one pass: ``ppo``, ``cispo``, ``cispo-trl``, ``sapo``, ``reinforce``, ``dppo_tv``,
+  ``dppo_kl``, with every
   aggregation, KL estimator, entropy bonus, IS weights and normalizer, when a gradient is
   wanted (grad mode on and ``hidden`` / ``weight`` / ``bias`` requiring it);
 * recompute (forward, then the backward recomputes the logits per vocabulary tile):
-  ``gspo``, whose per-token coefficient needs the whole sequence's mean log-ratio first,
+  ``gspo`` and ``geo_mean``, whose per-token coefficient needs the whole sequence's mean
+  log-ratio first,
   and any call without a gradient (scoring, evaluation: the forward alone, on the Triton
   backend the GEMM kernel that holds no logits).
 
@@ -37,10 +39,9 @@ from rlhf_engine.ops._lm_head_chunks import chunked_logprobs_with_grads
 from rlhf_engine.ops.logprobs import _BWD as _EPILOGUE_BWD
 from rlhf_engine.ops.logprobs import _FWD as _EPILOGUE_FWD
 from rlhf_engine.ops.policy_loss import _policy_loss_forward, entropy_token_mean_weights
+from rlhf_engine.reference.policy_loss import SEQUENCE_LEVEL_LOSSES
 from rlhf_engine.torch_backend.aggregation import Segments, aggregate_partials, fp32, numeric
 
-# Losses whose per-token coefficient needs a statistic of the whole sequence first.
-SEQUENCE_LEVEL_LOSSES = ("gspo",)
 
 
 def one_pass_applies(loss: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

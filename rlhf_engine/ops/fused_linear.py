@@ -372,11 +372,11 @@ def fused_linear_policy_loss(
     :func:`fused_linear_logprobs`. Only one chunk of logits exists at a time.
 
     Two paths (``rlhf_engine/ops/_lm_head_loss_grad.py``). When a gradient is wanted and
-    the loss is token-level (every loss but ``gspo``), one pass over token chunks makes
+    the loss is token-level (every loss but ``gspo`` and ``geo_mean``), one pass over token chunks makes
     the logits once and the gradients with them: three GEMMs, ``6·N·H·V`` FLOPs, the
     backward only scales them; ``d weight`` of a 16-bit lm_head is summed over chunks in
     an fp32 ``[V, H]`` buffer when there are several (4 bytes per lm_head parameter
-    during the call). ``gspo`` (its coefficient needs the sequence's mean log-ratio
+    during the call). ``gspo`` and ``geo_mean`` (the coefficient needs the sequence's mean log-ratio
     first) and calls without a gradient run the forward, and the backward recomputes the
     logits per vocabulary tile (``8·N·H·V``). A frozen lm_head (LoRA) gets no ``d weight``
     GEMM on either path.

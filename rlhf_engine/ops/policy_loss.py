@@ -195,6 +195,13 @@ def policy_loss(
     * ``"sapo"``: ``-A sigmoid(tau (r-1)) 4/tau``, tau ``sapo_tau_pos`` (1.0) for ``A > 0``,
       ``sapo_tau_neg`` (1.05) otherwise.
     * ``"reinforce"``: ``-A lp``.
+    * ``"dppo_tv"`` / ``"dppo_kl"`` (DPPO-Binary, verl): ``-A sg(min(r, delta)) lp v`` (``delta``
+      None: no cap), ``v`` 1 where the token's probability moved less than ``clip_high``
+      (``A > 0``) / ``clip_low`` (otherwise) in total variation / binary KL.
+    * ``"geo_mean"`` (GMPO, verl): ``-mean_t(A) exp(mean_t dmin)`` on each token of the
+      sequence, ``dmin`` the log-ratio capped at ``clip_high`` where ``A > 0``, at
+      ``-clip_low`` where ``A < 0`` (sg trick per token like gspo; verl: aggregation
+      ``seq-mean-token-mean`` with ``count_empty_seqs=True``, ``log_ratio_*=None``).
 
     then ``l = is_weights * l + kl_coef * KL(lp, ref_logp) - entropy_coef * entropy``
     (``kl_estimator`` / ``kl_clamp`` as in :func:`kl_penalty`; KL only when ``ref_logp`` is
@@ -223,7 +230,7 @@ def policy_loss(
         ``(loss, metrics)``: ``loss`` a 0-d fp32 tensor; ``metrics`` a dict of 0-d fp32
         tensors (no host sync): ``clipfrac``, ``clipfrac_lower``, ``approx_kl`` (mean
         ``delta^2/2``), ``ratio_mean``, ``ratio_min``, ``ratio_max``, ``ppo_kl`` (verl's: mean
-        ``old - lp``, clamped like ``r``'s argument except for gspo), ``cispo_clip_ratio``
+        ``old - lp``, clamped like ``r``'s argument except for gspo / geo_mean), ``cispo_clip_ratio``
         (TRL's: capped weights with ``A > 0``; 0 for the non-cispo losses) (masked over
         valid tokens; 0 when none), plus ``kl`` (``r KL`` with ``kl_ratio_weight``) /
         ``entropy`` when given.

@@ -21,6 +21,20 @@ active).
 * ``sapo`` (Qwen 2025): ``l = -A sigmoid(tau (r - 1)) 4 / tau``, ``tau = sapo_tau_pos``
   (default 1.0) if ``A > 0`` else ``sapo_tau_neg`` (default 1.05).
 * ``reinforce`` (REINFORCE / GPG): ``l = -A lp``.
+* ``dppo_tv`` / ``dppo_kl`` (DPPO-Binary, arXiv 2602.04879, verl): ``l = -A sg(w) lp v``
+  with ``w = min(r, delta)`` (truncated IS; ``delta`` None: ``w = r``) and ``v`` (constant)
+  1 where the token's probability moved less than a divergence bound: ``p = e^lp``, ``q =
+  e^old``; TV: ``p - q <= clip_high`` for ``A > 0``, ``p - q >= -clip_low`` otherwise;
+  binary KL ``D = q (old - lp) + (1 - q) log((1 - q + 1e-8) / (1 - p + 1e-8))``:
+  ``D <= clip_high or p <= q`` for ``A > 0``, ``D <= clip_low or p >= q`` otherwise
+  (``clip_low`` / ``clip_high`` are the divergence thresholds here).
+* ``geo_mean`` (GMPO, Zhao et al. 2025, verl): the sequence ratio is the geometric mean of
+  token ratios clipped in log space on the advantage's side: ``d_t = lp - old``, ``c_t =
+  clamp(d_t, -clip_low, clip_high)``, ``dmin_t = sgn(A) min(sgn(A) d_t, sgn(A) c_t)``, ``g_b
+  = exp(mean_t dmin)`` (clamped like ``r``), ``l = -mean_t(A) g_b`` on every token of the
+  sequence, per token with the sg trick like gspo (value ``g_b``, gradient ``g_b dmin'_t``
+  w.r.t. ``lp_t``). With ``seq-mean-token-mean`` over all sequences this is verl's mean of
+  ``-A_b g_b`` over the batch.
 
 Then, per token: ``l <- is_w * l`` (truncated importance weights, on the policy-gradient
 term only, as TRL and verl apply them), ``l += beta KL(lp, ref)`` (``kl_estimator``, see
@@ -33,12 +47,14 @@ aggregation). ``is_weights_per_sequence`` replaces per-token IS weights by their
 mean per sequence (TRL's sequence-level importance sampling spreads them so).
 
 Metrics are masked token means (mask-weighted for a float mask) over the whole batch:
-``clipfrac`` (ppo/gspo: ``L2 > L1``; cispo: the weight was truncated; 0 for sapo and
-reinforce), ``clipfrac_lower`` (the dual clip is active), ``approx_kl`` (``delta^2 / 2``),
-``ratio_mean``/``ratio_min``/``ratio_max`` (of ``r``, or ``s_b`` for gspo, min/max over
-tokens with ``m != 0``), ``kl`` (of the KL term's ``KL``, or ``r KL`` with
+``clipfrac`` (ppo/gspo: ``L2 > L1``; cispo: the weight was truncated; dppo: ``v = 0``;
+geo_mean: ``d != c`` with ``A > 0``; 0 for sapo and reinforce), ``clipfrac_lower`` (the
+dual clip is active; dppo: ``r > delta`` with ``v = 1``; geo_mean: ``d != c`` with ``A <
+0``), ``approx_kl`` (``delta^2 / 2``),
+``ratio_mean``/``ratio_min``/``ratio_max`` (of ``r``, or ``s_b`` / ``g_b`` for gspo /
+geo_mean, min/max over tokens with ``m != 0``), ``kl`` (of the KL term's ``KL``, or ``r KL`` with
 ``kl_ratio_weight``) and ``entropy`` means when given, ``ppo_kl`` (verl's: ``old - lp``,
-clamped like ``r``'s argument for the token-level losses, unclamped for gspo) and
+clamped like ``r``'s argument for the token-level losses, unclamped for gspo / geo_mean) and
 ``cispo_clip_ratio`` (TRL's: ``r > clip_high`` for cispo-trl, ``r > 1 + clip_high`` for
 cispo, and ``A > 0``; 0 for the other losses). An all-masked batch gives 0 for every
 metric.
@@ -57,7 +73,11 @@ import torch
 from rlhf_engine.reference.aggregation import aggregate_ref
 from rlhf_engine.reference.kl import kl_penalty_ref
 
-LOSSES = ("ppo", "gspo", "cispo", "cispo-trl", "sapo", "reinforce")
+LOSSES = ("ppo", "gspo", "cispo", "cispo-trl", "sapo", "reinforce", "dppo_tv", "dppo_kl", "geo_mean")
+# Losses whose per-token coefficient needs a statistic of the whole sequence first.
+SEQUENCE_LEVEL_LOSSES = ("gspo", "geo_mean")
+# The binary KL's guard against log(0) in dppo_kl (verl's).
+DPPO_KL_EPS = 1e-8
 # Defaults of the options log_ratio_min / log_ratio_max and sapo_tau_pos / sapo_tau_neg.
 LOG_RATIO_CLAMP = 20.0
 SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05
@@ -112,6 +132,22 @@ def _seq_means(x, m, active, bounds):
     return torch.cat(parts) if parts else zero
 
 
+def _geo_mean_log_ratio(d, adv, clip_low, clip_high):
+    """GMPO's per-token log-ratio ``sgn(A) min(sgn(A) d, sgn(A) clamp(d, -clip_low, clip_high))``:
+    ``d`` capped from above where ``A > 0``, from below where ``A < 0``, 0 where ``A = 0``."""
+    sign = torch.sign(adv)
+    return sign * torch.minimum(sign * d, sign * d.clamp(-clip_low, clip_high))
+
+
+def _dppo_valid(loss, lp, old, adv, clip_low, clip_high):
+    """DPPO's (constant) mask: the token's probability moved less than the divergence bound."""
+    p, q = torch.exp(lp), torch.exp(old)
+    if loss == "dppo_tv":
+        return torch.where(adv > 0, p - q <= clip_high, p - q >= -clip_low)
+    binary_kl = q * (old - lp) + (1 - q) * torch.log((1 - q + DPPO_KL_EPS) / (1 - p + DPPO_KL_EPS))
+    return torch.where(adv > 0, (binary_kl <= clip_high) | (p <= q), (binary_kl <= clip_low) | (p >= q))
+
+
 def policy_loss_ref(
     logp, old_logp, advantages, mask, *, loss="ppo", clip_low=0.2, clip_high=None, dual_clip=None, delta=None,
     log_ratio_min=-LOG_RATIO_CLAMP, log_ratio_max=LOG_RATIO_CLAMP, sapo_tau_pos=SAPO_TAU_POS,
@@ -132,7 +168,11 @@ def policy_loss_ref(
     active = mask.reshape(-1) != 0
 
     log_ratio = lp - old.detach()
-    if loss == "gspo":
+    if loss == "geo_mean":
+        dmin = _geo_mean_log_ratio(log_ratio, adv, clip_low, clip_high)
+        log_ratio = _seq_means(dmin, m, active, bounds).detach() + dmin - dmin.detach()
+        adv = _seq_means(adv, m, active, bounds)
+    elif loss == "gspo":
         log_ratio = _seq_means(log_ratio, m, active, bounds).detach() + lp - lp.detach()
     ratio = torch.exp(log_ratio.clamp(lo, hi))
 
@@ -160,6 +200,19 @@ def policy_loss_ref(
     elif loss == "sapo":
         tau = torch.where(adv > 0, sapo_tau_pos, sapo_tau_neg).to(lp.dtype)
         loss_tok = -adv * torch.sigmoid(tau * (ratio - 1)) * 4 / tau
+    elif loss in ("dppo_tv", "dppo_kl"):
+        valid = _dppo_valid(loss, lp.detach(), old, adv, clip_low, clip_high)
+        weight = ratio if delta is None else torch.minimum(ratio, torch.full_like(ratio, delta))
+        clipped = ~valid
+        if delta is not None:
+            lower = (ratio > delta) & valid
+        loss_tok = -adv * weight.detach() * lp * valid.to(lp.dtype)
+    elif loss == "geo_mean":
+        d = (lp - old).detach()
+        outside = (d < -clip_low) | (d > clip_high)
+        raw_adv = per_token(advantages, logp.shape, bounds).to(lp.dtype)
+        clipped, lower = outside & (raw_adv > 0), outside & (raw_adv < 0)
+        loss_tok = -adv * ratio
     else:
         loss_tok = -adv * lp
     if is_weights is not None:
@@ -173,7 +226,11 @@ def policy_loss_ref(
         if kl_ratio_weight:
             # TRL multiplies by its importance weight itself: for gspo the sequence ratio with
             # the gradient of every token's logprob (not the per-token sg form above).
-            full = _seq_means(lp - old, m, active, bounds) if loss == "gspo" else lp - old
+            if loss == "geo_mean":
+                raw_adv = per_token(advantages, logp.shape, bounds).to(lp.dtype)
+                full = _seq_means(_geo_mean_log_ratio(lp - old, raw_adv, clip_low, clip_high), m, active, bounds)
+            else:
+                full = _seq_means(lp - old, m, active, bounds) if loss == "gspo" else lp - old
             kl = kl * torch.exp(full.clamp(lo, hi))
         loss_tok = loss_tok + kl_coef * kl
     ent = None
@@ -197,7 +254,7 @@ def policy_loss_ref(
             return (x.to(lp.dtype) * m)[active].sum() / count if count > 0 else lp.new_zeros(())
 
         r = ratio.detach()
-        delta_tok = (lp - old) if loss == "gspo" else (lp - old).clamp(lo, hi)
+        delta_tok = (lp - old) if loss in SEQUENCE_LEVEL_LOSSES else (lp - old).clamp(lo, hi)
         metrics = {
             "clipfrac": mean(clipped),
             "clipfrac_lower": mean(lower),

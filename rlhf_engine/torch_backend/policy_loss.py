@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_engine.reference.policy_loss import DPPO_KL_EPS, SEQUENCE_LEVEL_LOSSES
 from rlhf_engine.torch_backend.aggregation import (
     Segments,
     TokenMask,
@@ -25,6 +26,18 @@ from rlhf_engine.torch_backend.kl import kl_estimate_and_grad
 # Rows of the masked per-sequence sums the torch backend reduces in one pass: these eight,
 # then kl and entropy when given.
 _SUM_ROWS = ("loss", "count", "clipped", "clipped_lower", "approx_kl", "ratio", "ppo_kl", "cispo_clip_ratio")
+
+
+def _dppo_valid(loss, lp, old, adv, clip_low, clip_high):
+    """DPPO's mask (spec: ``reference/policy_loss._dppo_valid``): the token's probability moved
+    less than the divergence bound (total variation, or the binary KL)."""
+    p, q = lp.exp(), old.exp()
+    positive = adv > 0
+    if loss == "dppo_tv":
+        diff = p - q
+        return torch.where(positive, diff <= clip_high, diff >= -clip_low)
+    binary_kl = q * (old - lp) + (1 - q) * torch.log((1 - q + DPPO_KL_EPS) / (1 - p + DPPO_KL_EPS))
+    return torch.where(positive, (binary_kl <= clip_high) | (p <= q), (binary_kl <= clip_low) | (p >= q))
 
 
 def policy_loss_torch(
@@ -108,21 +121,32 @@ def _token_pass(
     token_mask = TokenMask(seg.tokens(mask))
     adv = seg.per_token(fp32(advantages))
     log_ratio = lp - old
-    gspo = loss == "gspo"
-    if gspo:
+    sequence, geo_mean = loss in SEQUENCE_LEVEL_LOSSES, loss == "geo_mean"
+    dseq = None  # geo_mean: d (its per-token log-ratio) / d lp, 1 where GMPO's cap is not active
+    if sequence:
         seq_count = seg.sum(numeric(seg.tokens(mask)).to(f32))
 
         def seq_mean(x):  # each sequence's masked mean of x on its tokens (0 without a valid one)
             mean = torch.where(seq_count > 0, seg.sum(token_mask.apply(x)) / torch.where(seq_count > 0, seq_count, 1.0), 0.0)
             return seg.expand(mean)
 
-        ratio_arg = seq_mean(log_ratio)
+        if geo_mean:
+            positive, negative = adv > 0, adv < 0
+            capped = torch.where(positive, log_ratio.clamp(max=clip_high), log_ratio.clamp(min=-clip_low))
+            ratio_arg = seq_mean(Where(positive | negative).keep(capped))
+            seq_adv = seq_mean(adv)
+            dseq = ((positive & (log_ratio <= clip_high)) | (negative & (log_ratio >= -clip_low))).to(f32)
+        else:
+            ratio_arg = seq_mean(log_ratio)
     else:
         ratio_arg = log_ratio
     clamped = ratio_arg.clamp(log_ratio_min, log_ratio_max)
     ratio = clamped.exp()
     # d ratio / d lp of the KL term's r (the loss's own gradient selects below)
-    kl_dratio = Where(clamped == ratio_arg).keep(ratio) if kl_ratio_weight and ref_logp is not None else None
+    kl_dratio = None
+    if kl_ratio_weight and ref_logp is not None:
+        kl_dratio = Where(clamped == ratio_arg).keep(ratio)
+        kl_dratio = kl_dratio if dseq is None else kl_dratio * dseq
     # The ratio's gradient flows where the clamp is inactive (and not NaN). The losses below
     # narrow this bool down to the tokens whose winning term moves with r, and select their
     # gradient once: bool ops cost a third of a select at a few thousand tokens. Without a
@@ -168,6 +192,18 @@ def _token_pass(
         gate = torch.sigmoid(tau * (ratio - 1))
         loss_tok = -adv * gate * (4 / tau)
         grad = Where(through).keep(-adv * 4 * gate * (1 - gate) * ratio)
+    elif loss in ("dppo_tv", "dppo_kl"):
+        valid = _dppo_valid(loss, lp, old, adv, clip_low, clip_high)
+        weight = ratio if delta is None else ratio.clamp(max=delta)
+        clipped = ~valid
+        lower = None if delta is None else (ratio > delta).logical_and_(valid)
+        grad = -adv * weight * valid.to(f32)
+        loss_tok = grad * lp
+    elif geo_mean:
+        outside = (log_ratio < -clip_low) | (log_ratio > clip_high)
+        clipped, lower = outside & (adv > 0), outside & (adv < 0)
+        loss_tok = -seq_adv * ratio
+        grad = Where(through).keep(loss_tok) * dseq
     else:
         loss_tok, grad = -adv * lp, -adv
     if is_weights is not None:
@@ -176,8 +212,8 @@ def _token_pass(
     given = []  # the kl and entropy rows, when given
     if ref_logp is not None:
         kl, dkl = kl_estimate_and_grad(lp, seg.tokens(fp32(ref_logp)), kl_estimator, kl_clamp)
-        if kl_dratio is not None:  # r KL, r differentiable (gspo's r moves with every token: its mean KL)
-            dkl = ratio * dkl + kl_dratio * (seq_mean(kl) if gspo else kl)
+        if kl_dratio is not None:  # r KL, r differentiable (a sequence's r moves with every token: its mean KL)
+            dkl = ratio * dkl + kl_dratio * (seq_mean(kl) if sequence else kl)
             kl = ratio * kl
         loss_tok, grad = torch.add(loss_tok, kl, alpha=kl_coef), torch.add(grad, dkl, alpha=kl_coef)
         given.append(kl)
@@ -194,7 +230,7 @@ def _token_pass(
     half_square(log_ratio, out=approx_kl_row)
     ratio_row.copy_(ratio)
     # verl's ppo_kl: -delta, clamped like the ratio's argument for the token-level losses
-    torch.neg(log_ratio if gspo else clamped, out=ppo_kl_row)
+    torch.neg(log_ratio if sequence else clamped, out=ppo_kl_row)
     for row, x in zip(given_rows, given):
         row.copy_(x)
     token_mask.apply_(buf)

@@ -5,14 +5,15 @@
 //
 // Forward, per sequence b (tokens [cu[b], cu[b+1]) of the flat [N] inputs), per token with
 // m = mask != 0, delta = lp - old, r = exp(clamp(x, log_ratio_min, log_ratio_max)) where
-// x = delta (x = the sequence's mean delta over valid tokens for gspo; a bound may be +-inf):
+// x = delta (x = the sequence's mean delta over valid tokens for gspo, of GMPO's capped delta
+// for geo_mean; a bound may be +-inf):
 //   l = pg(r, lp, A) * is_w + kl_coef * KL(lp, ref) [* r with kl_ratio_weight] - entropy_coef * H
 //   g = m * dl/dlp (fp32 [N], 0 on masked tokens), the gradient saved for backward
 // With kl_ratio_weight r is differentiable; for gspo it is the sequence ratio of every
 // token's logprob, so d(r KL)/dlp_t = r dKL_t + dr * mean_b(KL) (mean over the valid tokens).
 // The partials[b, :] of reference/policy_loss.PARTIALS (enum Partial below): masked sums
 // of l, m, clipped, clipped_lower, delta^2/2, r, KL (r KL with kl_ratio_weight), H,
-// -clamp(delta) (-delta for gspo: verl's ppo_kl), TRL's cispo clip flag, and the min / max
+// -clamp(delta) (-delta for gspo / geo_mean: verl's ppo_kl), TRL's cispo clip flag, and the min / max
 // of r over valid tokens (+inf / -inf, the identities, for a sequence without one, as the
 // Triton kernel writes). pg per loss: see pg_term. A masked token (mask == 0) reads nothing but
 // its mask, so padding may hold NaN / inf.
@@ -36,7 +37,22 @@
 namespace rlhf {
 
 // Codes in the order of reference/policy_loss.LOSSES.
-enum PolicyLossKind : int { kPpo = 0, kGspo = 1, kCispo = 2, kCispoTrl = 3, kSapo = 4, kReinforce = 5 };
+enum PolicyLossKind : int {
+  kPpo = 0,
+  kGspo = 1,
+  kCispo = 2,
+  kCispoTrl = 3,
+  kSapo = 4,
+  kReinforce = 5,
+  kDppoTv = 6,
+  kDppoKl = 7,
+  kGeoMean = 8
+};
+
+// Mirror of rlhf_engine/reference/policy_loss.py DPPO_KL_EPS (checked via _C.POLICY_LOSS_CONSTANTS).
+constexpr float kDppoKlEps = 1e-8f;
+
+RLHF_HD bool sequence_level(int loss) { return loss == kGspo || loss == kGeoMean; }
 
 // Columns of the partials, in the order of reference/policy_loss.PARTIALS.
 enum Partial : int {
@@ -86,12 +102,34 @@ struct PgTerm {
   float ratio, dratio, clamped_arg, loss, grad, clipped, lower, cispo_clipped;
 };
 
-// ratio_arg: delta (or the sequence's mean delta for gspo); the ratio's gradient is 0 where
-// the clamp of ratio_arg is active, as in the reference (verl's clamp; NaN counts as clamped).
-RLHF_HD PgTerm pg_term(const PolicyLossOptions& o, float ratio_arg, float lp, float adv) {
+// GMPO's per-token log-ratio sgn(A) min(sgn(A) d, sgn(A) clamp(d, -clip_low, clip_high)): d
+// capped from above where A > 0, from below where A < 0, 0 where A == 0; and its derivative.
+RLHF_HD float geo_mean_log_ratio(const PolicyLossOptions& o, float d, float adv) {
+  return adv > 0.0f ? fminf(d, o.clip_high) : (adv < 0.0f ? fmaxf(d, -o.clip_low) : 0.0f);
+}
+RLHF_HD float geo_mean_dlog_ratio(const PolicyLossOptions& o, float d, float adv) {
+  return (adv > 0.0f && d <= o.clip_high) || (adv < 0.0f && d >= -o.clip_low) ? 1.0f : 0.0f;
+}
+
+// DPPO's mask: the token's probability p = e^lp moved less than the divergence bound from
+// q = e^old (total variation, or the binary KL).
+RLHF_HD bool dppo_valid(const PolicyLossOptions& o, float lp, float old, float adv) {
+  const float p = expf(lp);
+  const float q = expf(old);
+  if (o.loss == kDppoTv) return adv > 0.0f ? p - q <= o.clip_high : p - q >= -o.clip_low;
+  const float binary_kl = q * (old - lp) + (1.0f - q) * logf((1.0f - q + kDppoKlEps) / (1.0f - p + kDppoKlEps));
+  return adv > 0.0f ? (binary_kl <= o.clip_high || p <= q) : (binary_kl <= o.clip_low || p >= q);
+}
+
+// ratio_arg: delta, or the sequence's statistic (gspo, geo_mean), whose per-token derivative
+// w.r.t. lp is dseq (1, or GMPO's cap); the ratio's gradient is 0 where the clamp of
+// ratio_arg is active, as in the reference (verl's clamp; NaN counts as clamped). adv: the
+// advantage the loss uses (geo_mean: the sequence's mean), adv_token the token's own.
+RLHF_HD PgTerm pg_term(const PolicyLossOptions& o, float ratio_arg, float dseq, float lp, float old, float adv,
+                       float adv_token) {
   const float clamped_arg = fminf(fmaxf(ratio_arg, o.log_ratio_min), o.log_ratio_max);
   const float ratio = expf(clamped_arg);
-  const float dratio = (ratio_arg >= o.log_ratio_min && ratio_arg <= o.log_ratio_max) ? ratio : 0.0f;
+  const float dratio = (ratio_arg >= o.log_ratio_min && ratio_arg <= o.log_ratio_max) ? ratio * dseq : 0.0f;
   PgTerm t{ratio, dratio, clamped_arg, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   if (o.loss == kPpo || o.loss == kGspo) {
     // max(-A min(r, delta?), -A clip(r, 1 - eps_low, 1 + eps_high)), then the dual clip for A < 0.
@@ -129,6 +167,23 @@ RLHF_HD PgTerm pg_term(const PolicyLossOptions& o, float ratio_arg, float lp, fl
     const float gate = 1.0f / (1.0f + expf(-tau * (ratio - 1.0f)));
     t.loss = -adv * gate * 4.0f / tau;
     t.grad = -adv * 4.0f * gate * (1.0f - gate) * dratio;
+  } else if (o.loss == kDppoTv || o.loss == kDppoKl) {
+    // -A sg(min(r, delta?)) lp v: truncated IS on the tokens whose probability moved little
+    const bool valid = dppo_valid(o, lp, old, adv);
+    const float weight = o.has_delta ? fminf(ratio, o.delta) : ratio;
+    const float v = valid ? 1.0f : 0.0f;
+    t.clipped = 1.0f - v;
+    t.lower = (o.has_delta && ratio > o.delta && valid) ? 1.0f : 0.0f;
+    t.loss = -adv * weight * lp * v;
+    t.grad = -adv * weight * v;
+  } else if (o.loss == kGeoMean) {
+    // -mean(A) g_b, g_b the geometric mean of the capped token ratios
+    const float d = lp - old;
+    const bool outside = d < -o.clip_low || d > o.clip_high;
+    t.clipped = outside && adv_token > 0.0f ? 1.0f : 0.0f;
+    t.lower = outside && adv_token < 0.0f ? 1.0f : 0.0f;
+    t.loss = -adv * ratio;
+    t.grad = -adv * dratio;
   } else {  // reinforce: -A lp
     t.loss = -adv * lp;
     t.grad = -adv;
@@ -142,20 +197,25 @@ struct TokenOut {
   float part[kNumPartials];  // the min / max columns hold r itself
 };
 
-// What gspo needs of its whole sequence before its tokens: the mean delta and, with
-// kl_ratio_weight, the mean KL, over the valid tokens (mask-weighted; 0 without one).
+// What a sequence-level loss needs of its whole sequence before its tokens: the mean
+// (capped, for geo_mean) delta, the mean advantage (geo_mean) and, with kl_ratio_weight,
+// the mean KL, over the valid tokens (mask-weighted; 0 without one).
 struct SeqStats {
-  float log_ratio, kl;
+  float log_ratio, kl, adv;
 };
 
-// Token i (valid: mask m != 0) of sequence `seq`; `stats` is read for gspo only.
+// Token i (valid: mask m != 0) of sequence `seq`; `stats` is read for gspo / geo_mean only.
 RLHF_HD TokenOut policy_loss_token(const PolicyLossInputs& in, const PolicyLossOptions& o, int64_t i, int64_t seq,
                                    float m, SeqStats stats) {
   const float lp = load(in.logp, i);
-  const float log_ratio = lp - load(in.old_logp, i);
+  const float old = load(in.old_logp, i);
+  const float log_ratio = lp - old;
   const float adv = load(in.advantages, in.adv_per_seq ? seq : i);
-  const bool gspo = o.loss == kGspo;
-  const PgTerm pg = pg_term(o, gspo ? stats.log_ratio : log_ratio, lp, adv);
+  const bool sequence = sequence_level(o.loss);
+  const bool geo_mean = o.loss == kGeoMean;
+  const PgTerm pg = pg_term(o, sequence ? stats.log_ratio : log_ratio,
+                            geo_mean ? geo_mean_dlog_ratio(o, log_ratio, adv) : 1.0f, lp, old,
+                            geo_mean ? stats.adv : adv, adv);
   float loss = pg.loss;
   float grad = pg.grad;
   if (in.is_weights.ptr != nullptr) {  // truncated IS weights scale the policy-gradient term only
@@ -171,7 +231,7 @@ RLHF_HD TokenOut policy_loss_token(const PolicyLossInputs& in, const PolicyLossO
     float dvalue = kl.grad;
     if (o.kl_ratio_weight) {  // TRL's use_bias_correction_kl: r KL, r differentiable
       value = pg.ratio * kl.value;
-      dvalue = pg.ratio * kl.grad + pg.dratio * (gspo ? stats.kl : kl.value);
+      dvalue = pg.ratio * kl.grad + pg.dratio * (sequence ? stats.kl : kl.value);
     }
     loss += o.kl_coef * value;
     grad += o.kl_coef * dvalue;
@@ -190,7 +250,7 @@ RLHF_HD TokenOut policy_loss_token(const PolicyLossInputs& in, const PolicyLossO
   out.part[kPartClippedLower] = pg.lower * m;
   out.part[kPartApproxKl] = 0.5f * log_ratio * log_ratio * m;
   out.part[kPartRatio] = pg.ratio * m;
-  out.part[kPartPpoKl] = -(gspo ? log_ratio : pg.clamped_arg) * m;
+  out.part[kPartPpoKl] = -(sequence ? log_ratio : pg.clamped_arg) * m;
   out.part[kPartCispoClipped] = pg.cispo_clipped * m;
   out.part[kPartRatioMin] = pg.ratio;
   out.part[kPartRatioMax] = pg.ratio;
@@ -228,14 +288,24 @@ RLHF_HD void accumulate_token(const PolicyLossInputs& in, const PolicyLossOption
   add_token(acc, t);
 }
 
-// GSPO's first pass, token i: adds (lp - old) m, m and (with kl_ratio_weight and a
-// reference) KL m into sums[0..2] for a valid token; see seq_stats.
+// The first pass of a sequence-level loss, token i: adds its log-ratio times m (GMPO's
+// capped one for geo_mean), m, KL m (with kl_ratio_weight and a reference) and A m (geo_mean)
+// into sums[0..3] for a valid token; see seq_stats.
+constexpr int kNumSeqSums = 4;
 template <class Acc>
-RLHF_HD void add_seq_stats(const PolicyLossInputs& in, const PolicyLossOptions& o, int64_t i, Acc (&sums)[3]) {
+RLHF_HD void add_seq_stats(const PolicyLossInputs& in, const PolicyLossOptions& o, int64_t i, int64_t seq,
+                           Acc (&sums)[kNumSeqSums]) {
   const float m = load(in.mask, i);
   if (m != 0.0f) {
     const float lp = load(in.logp, i);
-    sums[0] += Acc((lp - load(in.old_logp, i)) * m);
+    const float log_ratio = lp - load(in.old_logp, i);
+    if (o.loss == kGeoMean) {
+      const float adv = load(in.advantages, in.adv_per_seq ? seq : i);
+      sums[0] += Acc(geo_mean_log_ratio(o, log_ratio, adv) * m);
+      sums[3] += Acc(adv * m);
+    } else {
+      sums[0] += Acc(log_ratio * m);
+    }
     sums[1] += Acc(m);
     if (o.kl_ratio_weight && in.ref_logp.ptr != nullptr) {
       sums[2] += Acc(kl_estimate(lp, load(in.ref_logp, i), o.kl_base, o.kl_straight_through, o.kl_clamp).value * m);
@@ -245,8 +315,9 @@ RLHF_HD void add_seq_stats(const PolicyLossInputs& in, const PolicyLossOptions& 
 
 // The sequence means from the first pass's sums (0 without a valid token).
 template <class Acc>
-RLHF_HD SeqStats seq_stats(const Acc (&sums)[3]) {
-  return sums[1] > Acc(0) ? SeqStats{float(sums[0] / sums[1]), float(sums[2] / sums[1])} : SeqStats{0.0f, 0.0f};
+RLHF_HD SeqStats seq_stats(const Acc (&sums)[kNumSeqSums]) {
+  if (!(sums[1] > Acc(0))) return SeqStats{0.0f, 0.0f, 0.0f};
+  return SeqStats{float(sums[0] / sums[1]), float(sums[2] / sums[1]), float(sums[3] / sums[1])};
 }
 
 namespace cpu {

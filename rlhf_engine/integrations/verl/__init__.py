@@ -12,8 +12,10 @@ What is here:
 
 * Policy losses (``loss_mode``): ``vanilla`` (PPO, always with verl's dual clip
   ``c = clip_ratio_c``), ``gpg`` (REINFORCE), ``cispo``, ``gspo`` (the sequence log-ratio
-  clamped from above at 10, as verl) and ``sapo`` (``tau_pos`` / ``tau_neg`` from the
-  config; always ``seq-mean-token-mean``, as verl). Each has verl's signature
+  clamped from above at 10, as verl), ``sapo`` (``tau_pos`` / ``tau_neg`` from the
+  config; always ``seq-mean-token-mean``, as verl), ``dppo_tv`` / ``dppo_kl`` (the cap
+  ``clip_ratio_c``) and ``geo_mean`` (GMPO: the batch mean of the sequence losses, whatever
+  ``loss_agg_mode``, as verl). Each has verl's signature
   ``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
   rollout_is_weights) -> (0-d loss, metrics)``, with verl's metric names as Python floats,
   and is computed by :func:`rlhf_engine.ops.policy_loss` (any backend).
@@ -28,8 +30,7 @@ What is here:
   :func:`rlhf_engine.ops.fused_linear_logprobs`; :func:`patch_fused_linear` swaps them in.
 
 Not supported (verl keeps its own): the losses ``dro`` (verl importance-weights the
-quadratic term too), ``dppo_tv``, ``dppo_kl``, ``clip_cov``, ``kl_cov``, ``geo_mean`` and
-``bypass_mode`` (no matching op), and the estimators ``remax``, ``gpg``, ``grpo_passk``,
+quadratic term too), ``clip_cov``, ``kl_cov`` and ``bypass_mode`` (no matching op), and the estimators ``remax``, ``gpg``, ``grpo_passk``,
 ``gdpo``, ``optimal_token_baseline``, ``tir_optimal_token_baseline``.
 
 Differences that remain, all below fp32 rounding: our ops compute in fp32 whatever the
@@ -53,6 +54,9 @@ from rlhf_engine.integrations.verl.policy_losses import (
     POLICY_LOSSES,
     VERL_VERSION,
     compute_policy_loss_cispo,
+    compute_policy_loss_dppo_kl,
+    compute_policy_loss_dppo_tv,
+    compute_policy_loss_geo_mean,
     compute_policy_loss_gpg,
     compute_policy_loss_gspo,
     compute_policy_loss_sapo,

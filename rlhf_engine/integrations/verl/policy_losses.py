@@ -249,6 +249,74 @@ def compute_policy_loss_sapo(
     return loss, _metrics(metrics, clipfrac=False, clipfrac_lower=False)
 
 
+def _dppo(name, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, backend):
+    clip_low, clip_high = _clip_ratios(config) if config is not None else (None, None)
+    # verl reads config.get("clip_ratio_c", 20.0): ActorConfig's field (3.0 by default), or 20 for a dict without it
+    cap = _config_value(config, "clip_ratio_c", 20.0) if config is not None else None
+    loss, metrics = _run(
+        f"verl {name}", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+        backend, loss=name, clip_low=clip_low, clip_high=clip_high, delta=cap,
+    )
+    return loss, _metrics(metrics)
+
+
+def compute_policy_loss_dppo_tv(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    rollout_is_weights=None, *, backend: str = "auto",
+):
+    """verl's ``dppo_tv`` loss (DPPO-Binary-TV, arXiv 2602.04879), ``ops.policy_loss(loss="dppo_tv")``::
+
+        l = −A · sg(min(r, c)) · lp · v · rollout_is_weights,   r = e^{clamp(lp − old, ±20)}
+
+    with ``c = clip_ratio_c`` and ``v`` (constant) 1 where ``p − q <= ε_hi`` (``A > 0``) /
+    ``p − q >= −ε_lo`` (otherwise), ``p = e^lp``, ``q = e^old``, ``ε`` verl's clip ratios read
+    as TV thresholds. Arguments as :func:`compute_policy_loss_vanilla`. Metrics:
+    ``actor/pg_clipfrac`` (``v = 0``), ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``
+    (``r > c`` with ``v = 1``)."""
+    return _dppo("dppo_tv", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                 rollout_is_weights, backend)  # fmt: skip
+
+
+def compute_policy_loss_dppo_kl(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    rollout_is_weights=None, *, backend: str = "auto",
+):
+    """verl's ``dppo_kl`` loss (DPPO-Binary-KL): :func:`compute_policy_loss_dppo_tv` with ``v``
+    1 where the binary KL ``q (old − lp) + (1 − q) log((1 − q + 1e-8) / (1 − p + 1e-8))`` is
+    within ``ε_hi`` or ``p <= q`` (``A > 0``), within ``ε_lo`` or ``p >= q`` (otherwise);
+    ``ops.policy_loss(loss="dppo_kl")``. Same arguments and metrics."""
+    return _dppo("dppo_kl", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                 rollout_is_weights, backend)  # fmt: skip
+
+
+def compute_policy_loss_geo_mean(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    rollout_is_weights=None, *, backend: str = "auto",
+):
+    """verl's ``geo_mean`` loss (GMPO), ``ops.policy_loss(loss="geo_mean")``: per sequence
+    ``l_b = −mean_t(A) · exp(mean_t dmin) · w_b`` with ``dmin`` the log-ratio ``lp − old``
+    (unclamped) capped at ``ε_hi`` where ``A > 0`` and at ``−ε_lo`` where ``A < 0``, ``w_b``
+    the geometric mean of the sequence's ``rollout_is_weights``; the loss is the mean of
+    ``l_b`` over all sequences. Like verl, ``loss_agg_mode`` and ``global_batch_info`` do not
+    change it (the mode is still checked). Arguments as :func:`compute_policy_loss_vanilla`.
+    Metrics: ``actor/pg_clipfrac`` / ``actor/pg_clipfrac_lower`` (the cap is active with
+    ``A > 0`` / ``A < 0``), ``actor/ppo_kl`` (mean ``old − lp``)."""
+    op = "verl geo_mean"
+    _check_inputs(op, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+    clip_low, clip_high = _clip_ratios(config)
+    seq_weights = None
+    if rollout_is_weights is not None:  # verl's geometric mean over each sequence's valid tokens
+        weight = response_mask.to(rollout_is_weights.dtype)
+        log_weights = (torch.log(rollout_is_weights + 1e-10) * weight).sum(-1) / (weight.sum(-1) + 1e-8)
+        seq_weights = torch.exp(log_weights)
+    loss, metrics = _policy_loss(
+        log_prob, old_log_prob, advantages, response_mask, loss="geo_mean", clip_low=clip_low, clip_high=clip_high,
+        log_ratio_min=None, log_ratio_max=None, is_weights=seq_weights, aggregation="seq-mean-token-mean",
+        count_empty_seqs=True, backend=backend,
+    )
+    return loss, _metrics(metrics)
+
+
 # verl loss_mode name -> our implementation with verl's signature.
 POLICY_LOSSES = {
     "vanilla": compute_policy_loss_vanilla,
@@ -256,6 +324,9 @@ POLICY_LOSSES = {
     "cispo": compute_policy_loss_cispo,
     "gspo": compute_policy_loss_gspo,
     "sapo": compute_policy_loss_sapo,
+    "dppo_tv": compute_policy_loss_dppo_tv,
+    "dppo_kl": compute_policy_loss_dppo_kl,
+    "geo_mean": compute_policy_loss_geo_mean,
 }
 
 
