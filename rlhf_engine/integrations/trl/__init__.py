@@ -39,6 +39,7 @@ if _trl.__version__.split(".")[:2] != TRL_VERSION.split(".")[:2]:
     raise ImportError(f"{_INSTALL_HINT} (found trl=={_trl.__version__})")
 
 from rlhf_engine.integrations.trl.dpo import FusedDPOTrainer  # noqa: E402
+from rlhf_engine.integrations.trl.grpo import FusedGRPOTrainer  # noqa: E402
 from rlhf_engine.integrations.trl.lm_head import add_fused_lm_head  # noqa: E402
 
-__all__ = ["TRL_VERSION", "FusedDPOTrainer", "add_fused_lm_head"]
+__all__ = ["TRL_VERSION", "FusedDPOTrainer", "FusedGRPOTrainer", "add_fused_lm_head"]
