@@ -41,5 +41,6 @@ if _trl.__version__.split(".")[:2] != TRL_VERSION.split(".")[:2]:
 from rlhf_engine.integrations.trl.dpo import FusedDPOTrainer  # noqa: E402
 from rlhf_engine.integrations.trl.grpo import FusedGRPOTrainer  # noqa: E402
 from rlhf_engine.integrations.trl.lm_head import add_fused_lm_head  # noqa: E402
+from rlhf_engine.integrations.trl.rloo import FusedRLOOTrainer  # noqa: E402
 
-__all__ = ["TRL_VERSION", "FusedDPOTrainer", "FusedGRPOTrainer", "add_fused_lm_head"]
+__all__ = ["TRL_VERSION", "FusedDPOTrainer", "FusedGRPOTrainer", "FusedRLOOTrainer", "add_fused_lm_head"]

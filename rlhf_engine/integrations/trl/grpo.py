@@ -57,7 +57,7 @@ from rlhf_engine.integrations.trl._grpo_metrics import log_loss_metrics
 from rlhf_engine.integrations.trl.lm_head import swapped_into
 
 # Inputs of vision-language batches: the loss step below runs text-only models.
-_MULTIMODAL_INPUTS = (
+MULTIMODAL_INPUTS = (
     "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
     "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
 )  # fmt: skip
@@ -107,7 +107,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         self._op_options = dict(backend=backend, chunk_size=chunk_size)
 
     def _compute_loss(self, model, inputs):
-        present = [name for name in _MULTIMODAL_INPUTS if inputs.get(name) is not None]
+        present = [name for name in MULTIMODAL_INPUTS if inputs.get(name) is not None]
         if present:
             raise ValueError(
                 f"FusedGRPOTrainer runs text-only models; this batch carries {present}: use trl.GRPOTrainer"
