@@ -68,7 +68,7 @@ class FusedGRPOTrainer(GRPOTrainer):
     policy loss is :func:`rlhf_engine.ops.fused_linear_policy_loss` on the completion
     positions' last hidden states: the ``[B, T, V]`` logits never exist, and on the one-pass
     path the lm_head's logits are made once per chunk for value and gradient together.
-    The old / reference / rollout logprobs are :func:`rlhf_engine.ops.fused_linear_logprobs`.
+    The old and reference logprobs are :func:`rlhf_engine.ops.fused_linear_logprobs`.
 
     Supported: every ``loss_type`` of TRL 1.16 (grpo, bnpo, dr_grpo, dapo, luspo, cispo,
     sapo, vespo), ``importance_sampling_level`` token and sequence, ``epsilon`` /
