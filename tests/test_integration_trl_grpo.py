@@ -7,7 +7,7 @@
     importance_sampling_level x (beta 0 / beta > 0 with and without
     use_bias_correction_kl) x delta x top_entropy_quantile x entropy_coef, and the
     off-policy mask, vLLM's importance-sampling ratio (token and sequence modes), tool
-    masks, adaptive entropy control, evaluation mode, the on-policy batch.
+    masks, adaptive entropy control, evaluation mode, the on-policy batch, PEFT LoRA.
 (b) End-to-end ``train()`` runs (generation, scoring, the loss, SGD) with the same logged
     history and final parameters, one with PEFT LoRA.
 (c) What is refused, and (d) that no ``[B, T, V]`` logits exist in the loss step.
@@ -69,15 +69,21 @@ def _grid():
     return cases
 
 
-def _trainer(trainer_cls, tmp_path, config, **kwargs):
+def _trainer(trainer_cls, tmp_path, config, peft=False, **kwargs):
     args = trl_support.trainer_args(
         trl.GRPOConfig, tmp_path / trainer_cls.__name__, per_device_train_batch_size=BATCH, num_generations=BATCH,
         max_completion_length=COMPLETION + 2, model_init_kwargs=dict(dtype=torch.float32), **config,
     )  # fmt: skip
     trainer = trainer_cls(
         trl_support.tiny_causal_lm_dir(0), reward_funcs=trl_support.reward_length, args=args,
-        train_dataset=trl_support.prompt_dataset(), processing_class=trl_support.tokenizer(), **kwargs,
+        train_dataset=trl_support.prompt_dataset(), processing_class=trl_support.tokenizer(),
+        peft_config=trl_support.lora_config() if peft else None, **kwargs,
     )  # fmt: skip
+    if peft:  # LoRA's B starts at 0, which would leave A without gradient
+        torch.manual_seed(1)
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05)
     trainer.current_gradient_accumulation_steps = 2  # set by the training loop; the loss divides by it
     trainer.model.train()  # the loss step's mode (and its metrics' key) follows model.training
     return trainer
@@ -153,13 +159,13 @@ def _differences(expected, actual, rtol=RTOL, atol=ATOL):
     return problems
 
 
-def _compare(tmp_path, config, prepare=None, edit=None, on_policy=False, **our_kwargs):
+def _compare(tmp_path, config, prepare=None, edit=None, on_policy=False, peft=False, **our_kwargs):
     """TRL's loss step and ours on one batch (built with TRL's trainer, so the logprobs the
     batch carries are TRL's) -> ``[TRL's (loss, grads, metrics), ours]``; ``prepare(trainer)``
     adjusts both trainers, ``edit(inputs)`` the batch."""
     results, inputs = [], None
     for trainer_cls, kwargs in ((trl.GRPOTrainer, {}), (FusedGRPOTrainer, our_kwargs)):
-        trainer = _trainer(trainer_cls, tmp_path, config, **kwargs)
+        trainer = _trainer(trainer_cls, tmp_path, config, peft, **kwargs)
         if prepare is not None:
             prepare(trainer)
         if inputs is None:
@@ -236,6 +242,20 @@ def test_on_policy_and_eval_loss_match_trl(tmp_path, loss_type):
         results = _compare(tmp_path, config, evaluating)
     assert set(results[0][2]) == {"eval"}
     assert not _differences(*results)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(loss_type="grpo", beta=0.1, entropy_coef=0.05),
+     dict(loss_type="dapo", importance_sampling_level="sequence", top_entropy_quantile=0.5)],
+    ids=["grpo-kl-entropy", "dapo-sequence-top-entropy"],
+)  # fmt: skip
+def test_lora_loss_step_matches_trl(tmp_path, config):
+    # The backbone's LoRA layers run inside our head_fn forward; the lm_head is frozen (no d weight).
+    expected, actual = _compare(tmp_path, config, peft=True)
+    trained = {name for name, grad in expected[1].items() if grad is not None and grad.abs().max() > 0}
+    assert trained and all("lora_" in name for name in trained)
+    assert not _differences(expected, actual)
 
 
 def test_loss_step_matches_trl_on_each_backend(tmp_path, backend):
