@@ -35,6 +35,7 @@ from rlhf_engine.integrations.trl import lm_head as engine_head  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RTOL, ATOL = 1e-5, 1e-6
+BF16_RTOL, BF16_ATOL = 3e-2, 1e-3  # bf16 autocast: see test_bf16_autocast_loss_step_matches_trl
 BATCH, PROMPT, COMPLETION = 4, 5, 7
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # cispo's epsilon_high is the raw cap on the weight (TRL suggests 5.0); 1.1 makes some weights capped here.
@@ -143,7 +144,7 @@ def _differences(expected, actual, rtol=RTOL, atol=ATOL):
         problems.append(f"loss: TRL {want_loss.item()!r}, ours {loss.item()!r}")
     for name, want in want_grads.items():
         if (want is None) != (grads[name] is None):
-            problems.append(f"grad {name}: TRL {want is None and 'None'}, ours {grads[name] is None and 'None'}")
+            problems.append(f"grad {name}: TRL has one: {want is not None}, ours: {grads[name] is not None}")
         elif want is not None and not torch.allclose(grads[name], want, rtol=rtol, atol=atol):
             problems.append(f"grad {name}: max diff {(grads[name] - want).abs().max().item():.3g}")
     if {m: sorted(v) for m, v in want_metrics.items()} != {m: sorted(v) for m, v in metrics.items()}:
@@ -256,6 +257,25 @@ def test_lora_loss_step_matches_trl(tmp_path, config):
     trained = {name for name, grad in expected[1].items() if grad is not None and grad.abs().max() > 0}
     assert trained and all("lora_" in name for name in trained)
     assert not _differences(expected, actual)
+
+
+def test_bf16_autocast_loss_step_matches_trl(tmp_path, monkeypatch):
+    # TRL's GRPOConfig defaults to bf16 autocast: both heads then run their GEMMs in bf16 (our
+    # op gets bf16 hidden states and weight, as TRL's GEMM). Measured: loss and metrics within
+    # 1e-6 relative (the same bf16 logits, fp32 reductions), gradients within 4e-4 absolute,
+    # 1% of the largest entry (TRL returns the head's gradients accumulated in fp32, ours
+    # rounds them to bf16 once, as the DPO drop-in).
+    dtypes = []
+    exact = _grpo_loss.fused_linear_policy_loss
+
+    def watched(hidden, weight, *args, **kwargs):
+        dtypes.append((hidden.dtype, weight.dtype))
+        return exact(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(_grpo_loss, "fused_linear_policy_loss", watched)
+    results = _compare(tmp_path, dict(loss_type="grpo", beta=0.1, entropy_coef=0.05, bf16=True))
+    assert dtypes == [(torch.bfloat16, torch.bfloat16)]
+    assert not _differences(*results, rtol=BF16_RTOL, atol=BF16_ATOL)
 
 
 def test_loss_step_matches_trl_on_each_backend(tmp_path, backend):
