@@ -25,16 +25,19 @@ gradient-accumulation steps in training, 1 in evaluation):
 loss_type      our op's loss                          aggregation / normalizer
 =============  =====================================  ==========================================
 grpo           ppo (token) / gspo (sequence)          seq-mean-token-mean / ``B·G``
-bnpo           ppo / gspo                             token-mean / ``max(Σ m, 1)·G``
+bnpo           ppo / gspo                             token-sum / ``max(Σ m, 1)·G``
 dr_grpo        ppo / gspo                             token-sum / ``B·max_completion_length·G``
-dapo           ppo / gspo                             token-sum / TRL's ``num_items_in_batch`` rule
+dapo           ppo / gspo                             token-sum / ``max(N, 1) / P · G / S`` (*)
 luspo          ppo / gspo                             token-sum / ``B·G``
 cispo          cispo-trl (token); reinforce weighted  token-sum / as dapo
                by ``sg(min(s_b, ε_high))`` (sequence)
 sapo           sapo (token only)                      seq-mean-token-mean / ``B·G``
 vespo          reinforce weighted by TRL's            token-sum / as dapo
-               ``get_gamma_weights`` (token only)
+               ``get_gamma_weights``
 =============  =====================================  ==========================================
+
+(*) ``N`` = ``num_items_in_batch`` (the generation batch's token count over all ``P``
+processes), ``S`` = ``steps_per_generation``; in evaluation ``max(N, 1) / P``.
 
 ``ppo``/``gspo`` get ``clip_low = epsilon``, ``clip_high = epsilon_high``, ``delta``; no
 log-ratio clamp anywhere (TRL clamps none). ``beta`` is the op's ``kl_coef`` (k3, TRL's
