@@ -182,8 +182,10 @@ def run_workload(device: torch.device, w: Workload, quick: bool) -> list[Result]
         tokens, scored = w.batch * (w.prompt + w.completion), int(batch["completion_mask"].sum())
         flops = 6 * (params - 2 * w.vocab * w.hidden) * tokens + 6 * scored * w.hidden * w.vocab
         bytes_moved = 3 * params * 4 + tokens * 8
+        # On the CPU even --quick times at least 10 calls (as bench_train_step): 3 would leave the ratio noisy.
+        dtype = torch.bfloat16 if w.bf16 else torch.float32
         rows = measure(op, shape, steps, device=device, bytes_moved=bytes_moved, flops=flops,
-                       quick=quick and device.type != "cpu", dtype=torch.bfloat16 if w.bf16 else torch.float32)  # fmt: skip
+                       quick=quick and device.type != "cpu", dtype=dtype)  # fmt: skip
     results = [TRLLossStepResult(**dataclasses.asdict(r)) for r in rows]
     trl_row, our_row = results
     if trl_row.ms and our_row.ms:

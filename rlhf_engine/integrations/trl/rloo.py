@@ -60,7 +60,9 @@ class FusedRLOOTrainer(RLOOTrainer):
     def _compute_loss(self, model, inputs):
         present = [name for name in MULTIMODAL_INPUTS if inputs.get(name) is not None]
         if present:
-            raise ValueError(f"FusedRLOOTrainer runs text-only models; this batch carries {present}: use trl.RLOOTrainer")
+            raise ValueError(
+                f"FusedRLOOTrainer runs text-only models; this batch carries {present}: use trl.RLOOTrainer"
+            )
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
