@@ -223,6 +223,9 @@ SPECIAL = [
                       entropy_target=0.0), None, None, id="adaptive-entropy-gated-off"),  # fmt: skip
     pytest.param(dict(loss_type="dapo", steps_per_generation=4, beta=0.1, entropy_coef=0.05), None, None,
                  id="num-items-steps-per-generation"),
+    # bf16 autocast with an fp32 head: both heads run in fp32 on the same bf16-rounded hidden states.
+    pytest.param(dict(loss_type="dapo", beta=0.1, bf16=True, cast_lm_head_to_fp32=True), None, None,
+                 id="bf16-fp32-head"),
 ]
 
 
