@@ -262,6 +262,24 @@ def test_lora_loss_step_matches_trl(tmp_path, config):
     assert not _differences(expected, actual)
 
 
+def _all_padding(inputs):
+    inputs["completion_mask"] = torch.zeros_like(inputs["completion_mask"])
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
+    return inputs
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(loss_type="grpo", importance_sampling_level="sequence"),
+     dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.05), dict(loss_type="vespo")],
+    ids=["grpo-sequence", "dapo-top-entropy-bonus", "vespo"],
+)  # fmt: skip
+def test_all_padding_batch_matches_trl(tmp_path, config):
+    # No completion token at all (an accumulation step can get one): the op sees zero rows.
+    expected, actual = _compare(tmp_path, dict(config, beta=0.1), edit=_all_padding)
+    assert expected[0].item() == 0.0 and not _differences(expected, actual)
+
+
 def test_bf16_autocast_loss_step_matches_trl(tmp_path, monkeypatch):
     # TRL's GRPOConfig defaults to bf16 autocast: both heads then run their GEMMs in bf16 (our
     # op gets bf16 hidden states and weight, as TRL's GEMM). Measured: loss and metrics within
