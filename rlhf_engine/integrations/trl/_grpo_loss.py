@@ -105,7 +105,7 @@ class LossStep:
     returns, with gradients to ``h``, ``w`` (and ``b``). Keeps, detached, what the metrics
     need: ``logp`` / ``entropy`` ``[B, T]`` (0 off the scored positions), ``old_logp``,
     ``advantages`` (``[B, 1]`` or ``[B, T]``), ``mask``, ``entropy_mask``, ``phi_seq``,
-    ``policy_loss``, ``entropy_coef`` (the coefficient applied)."""
+    ``policy_loss`` (the loss before the entropy bonus and TRL's own accumulation scaling)."""
 
     def __init__(self, trainer, inputs, plan: LossPlan, *, backend: str, chunk_size: int | None):
         self.trainer, self.inputs, self.plan = trainer, inputs, plan
@@ -149,7 +149,7 @@ class LossStep:
         if bonus_apart and entropy_coef != 0.0:
             loss = loss - entropy_coef / self.accumulation * self._masked_entropy(hidden, weight, bias, labels)
         scale = self.accumulation if plan.loss_type in ACCUMULATION_SCALED else 1
-        self.policy_loss, self.entropy_coef = policy * scale, entropy_coef
+        self.policy_loss = policy * scale
         self.logp, self.entropy = self._unpacked(logp), self._unpacked(entropy)
         self.old_logp = self.logp if old is None else old
         return loss
