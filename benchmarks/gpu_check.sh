@@ -14,4 +14,4 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 python3 -c "import rlhf_engine._C as C; print('rlhf_engine._C built_with_cuda =', C.built_with_cuda)" 2>&1 | tee "$out/native.log"
 python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/pytest-gpu.log" | tail -n 30
 python3 -m pytest -q -x -m "not gpu" tests 2>&1 | tee "$out/pytest-all.log" | tail -n 15
-rlhf-engine bench --out "$out" --only advantages fused_linear logprobs policy_loss train_step 2>&1 | tee "$out/bench.log"
+rlhf-engine bench --out "$out" --only advantages fused_linear logprobs policy_loss train_step trl_grpo 2>&1 | tee "$out/bench.log"

@@ -87,6 +87,22 @@ def tiny_causal_lm(seed: int = 0, *, tie_word_embeddings: bool = False):
     return Qwen2ForCausalLM(config).to(torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def tiny_causal_lm_dir(seed: int = 0) -> str:
+    """A directory holding :func:`tiny_causal_lm` ``(seed)`` saved with ``save_pretrained``:
+    trainers that build a reference model from the policy's path (TRL's GRPO / RLOO with
+    ``beta != 0`` and no PEFT) load it from here. Built once per session."""
+    folder = tempfile.mkdtemp(prefix="rlhf-engine-test-model-")
+    tiny_causal_lm(seed).save_pretrained(folder)
+    return folder
+
+
+def reward_length(completions, **kwargs) -> list[float]:
+    """A local reward function for on-policy trainers: a tenth of each completion's length
+    in characters (differs between completions, so group advantages are not all 0)."""
+    return [len(text) / 10 for text in completions]
+
+
 def _quiet_datasets() -> None:
     # TRL maps every dataset it is given (tokenize, add EOS, ...): one progress bar each.
     import datasets

@@ -1,8 +1,10 @@
-"""TRL integration: rlhf_engine's fused lm_head op inside TRL 1.16's own trainers.
+"""TRL integration: rlhf_engine's fused lm_head ops inside TRL 1.16's own trainers.
 
 One line::
 
     from rlhf_engine.integrations.trl import FusedDPOTrainer as DPOTrainer
+    from rlhf_engine.integrations.trl import FusedGRPOTrainer as GRPOTrainer
+    from rlhf_engine.integrations.trl import FusedRLOOTrainer as RLOOTrainer
 
 What is here:
 
@@ -14,13 +16,19 @@ What is here:
   ``label_smoothing``, ``f_divergence_type``, ``ld_alpha``, ``use_weighting``,
   ``precompute_ref_log_probs``, PEFT (reference = adapters disabled, or a ``ref``
   adapter) and a separate ``ref_model`` are TRL's own code, unchanged.
+* :class:`FusedGRPOTrainer`: ``trl.GRPOTrainer`` whose loss step is one
+  :func:`rlhf_engine.ops.fused_linear_policy_loss` call on the completion tokens' hidden
+  states, every ``loss_type`` and option mapped onto the op (:mod:`.grpo`), TRL's metrics
+  recomputed from the op's detached logprobs; old / reference logprobs from our head.
+* :class:`FusedRLOOTrainer`: ``trl.RLOOTrainer`` whose sequence-ratio loss is
+  :func:`rlhf_engine.ops.fused_linear_logprobs` + :func:`rlhf_engine.ops.policy_loss` (:mod:`.rloo`).
 * :func:`add_fused_lm_head`: the drop-in for ``trl.trainer.utils.add_fused_lm_head``
   (TRL's signature and ``FusedCausalLMOutput``) that the trainer puts in place of TRL's.
 
-Refused with a ValueError at construction: models that softcap or scale their logits
-(``final_logit_softcapping``, ``logit_scale``, ``output_multiplier``,
+Refused with a ValueError at construction, by all three trainers: models that softcap or
+scale their logits (``final_logit_softcapping``, ``logit_scale``, ``output_multiplier``,
 ``lm_head_multiplier``, ``logits_scaling`` in the text config), the MoE load-balancing
-loss, DeepSpeed ZeRO-3.
+loss, DeepSpeed ZeRO-3; by the GRPO trainer, the options its docstring names.
 
 Importing this package imports TRL; ``import rlhf_engine`` never does.
 """
@@ -33,12 +41,15 @@ try:
 except ImportError as err:
     raise ImportError(f"{_INSTALL_HINT} ({err})") from err
 
-# The drop-in replaces one internal seam of TRL (add_fused_lm_head and FusedCausalLMOutput),
-# which other releases may move or change: refuse them instead of training on a guess.
+# The drop-ins replace internal seams of TRL (add_fused_lm_head and FusedCausalLMOutput, the
+# GRPO / RLOO trainers' _compute_loss and their inputs), which other releases may move or
+# change: refuse them instead of training on a guess.
 if _trl.__version__.split(".")[:2] != TRL_VERSION.split(".")[:2]:
     raise ImportError(f"{_INSTALL_HINT} (found trl=={_trl.__version__})")
 
 from rlhf_engine.integrations.trl.dpo import FusedDPOTrainer  # noqa: E402
+from rlhf_engine.integrations.trl.grpo import FusedGRPOTrainer  # noqa: E402
 from rlhf_engine.integrations.trl.lm_head import add_fused_lm_head  # noqa: E402
+from rlhf_engine.integrations.trl.rloo import FusedRLOOTrainer  # noqa: E402
 
-__all__ = ["TRL_VERSION", "FusedDPOTrainer", "add_fused_lm_head"]
+__all__ = ["TRL_VERSION", "FusedDPOTrainer", "FusedGRPOTrainer", "FusedRLOOTrainer", "add_fused_lm_head"]

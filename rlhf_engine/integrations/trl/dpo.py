@@ -15,29 +15,10 @@ TRL's signature and output. TRL's loss and metric code runs unchanged.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import threading
-
 import trl.trainer.dpo_trainer as _dpo_module
 from trl import DPOTrainer
 
-from rlhf_engine.integrations.trl.lm_head import add_fused_lm_head
-
-# DPOTrainer.__init__ looks add_fused_lm_head up in its module's globals; two trainers built
-# at once from two threads must not see each other's replacement.
-_SWAP_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _our_lm_head(backend: str, chunk_size: int | None):
-    with _SWAP_LOCK:
-        original = _dpo_module.add_fused_lm_head
-        _dpo_module.add_fused_lm_head = functools.partial(add_fused_lm_head, backend=backend, chunk_size=chunk_size)
-        try:
-            yield
-        finally:
-            _dpo_module.add_fused_lm_head = original
+from rlhf_engine.integrations.trl.lm_head import swapped_into
 
 
 class FusedDPOTrainer(DPOTrainer):
@@ -62,7 +43,7 @@ class FusedDPOTrainer(DPOTrainer):
     """
 
     def __init__(self, *args, backend: str = "auto", chunk_size: int | None = None, **kwargs):
-        with _our_lm_head(backend, chunk_size):
+        with swapped_into(_dpo_module, backend, chunk_size):
             super().__init__(*args, **kwargs)
         # TRL asks the policy for router logits at every step when this is on (checked here,
         # not at the first step; the head itself refuses configs that always return them).

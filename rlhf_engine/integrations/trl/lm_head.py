@@ -12,7 +12,9 @@ calls it instead of TRL's gets our kernels and keeps all of its own loss code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import types
 
 import torch
@@ -33,6 +35,24 @@ _STATISTICS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 _LOGIT_SOFTCAP = "final_logit_softcapping"
 _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 IGNORE_INDEX = -100
+
+
+# A trainer's __init__ looks add_fused_lm_head up in its module's globals; two trainers built
+# at once from two threads must not see each other's replacement.
+_SWAP_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def swapped_into(trainer_module, backend: str, chunk_size: int | None):
+    """Within the block, ``trainer_module.add_fused_lm_head`` (a TRL trainer module's import
+    of ``trl.trainer.utils.add_fused_lm_head``) is ours, with ``backend`` and ``chunk_size``."""
+    with _SWAP_LOCK:
+        original = trainer_module.add_fused_lm_head
+        trainer_module.add_fused_lm_head = functools.partial(add_fused_lm_head, backend=backend, chunk_size=chunk_size)
+        try:
+            yield
+        finally:
+            trainer_module.add_fused_lm_head = original
 
 
 def check_supported(model) -> None:
@@ -90,6 +110,10 @@ def add_fused_lm_head(
     unchanged). As with TRL's, patch the model before wrapping it with PEFT, or patch the
     PEFT model's base model. ``backend`` and ``chunk_size`` go to our op.
 
+    One keyword beyond TRL's: ``head_fn=f`` makes the forward return ``f(h [n, H], w [V,
+    H], b [V] or None, y [n], mask [B, T])`` (:func:`run_head_fn`) instead of the fields, so
+    a trainer can compute its loss from the scored hidden states with a fused loss op.
+
     Raises:
         ValueError: ``outputs`` names an unknown field, or the model is one
             :func:`check_supported` refuses.
@@ -108,8 +132,9 @@ def add_fused_lm_head(
 
     # The same signature as the model's: generate() checks its keyword arguments against it.
     @functools.wraps(type(model).forward)
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
-        if not fused_lm_head:
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                head_fn=None, **kwargs):  # fmt: skip
+        if not fused_lm_head and head_fn is None:
             passed = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
             return original_forward(*args, **kwargs, **{k: v for k, v in passed.items() if v is not None})
         if kwargs.get("output_router_logits"):
@@ -121,15 +146,17 @@ def add_fused_lm_head(
             hidden, targets = hidden[:, :-1], labels[:, 1:]
         else:  # already shifted (context / sequence parallelism)
             targets = shift_labels
+        if head_fn is not None:
+            return run_head_fn(head_fn, self.get_output_embeddings(), hidden, targets, cast_lm_head_to_fp32)
         return score(self.get_output_embeddings(), hidden, targets, num_items_in_batch)
 
     model.forward = types.MethodType(forward, model)
 
 
-def _score(head, hidden, targets, num_items_in_batch, *, temperature, cast_lm_head_to_fp32, outputs, backend,
-           chunk_size, output_cls):  # fmt: skip
-    """The fused head on ``hidden [B, T, H]`` and next-token ``targets [B, T]`` -> a
-    ``FusedCausalLMOutput`` whose requested per-token fields are ``[B, T]``, 0 at -100."""
+def _scored_rows(head, hidden, targets, cast_lm_head_to_fp32):
+    """``hidden [B, T, H]`` and next-token ``targets [B, T]`` -> ``(h [n, H], w [V, H], b [V]
+    or None, y [n], mask [B, T])``: the ``n`` positions whose label is not -100, in row-major
+    order, and the head in the dtype it runs in (see :func:`_compute_dtype`)."""
     weight, bias = head.weight, head.bias
     if isinstance(weight, DTensor):  # FSDP2: a differentiable all-gather of the head
         weight = weight.full_tensor()
@@ -137,11 +164,28 @@ def _score(head, hidden, targets, num_items_in_batch, *, temperature, cast_lm_he
     hidden, targets = hidden.to(weight.device), targets.to(weight.device)
     mask = targets != IGNORE_INDEX
     dtype = _compute_dtype(hidden, cast_lm_head_to_fp32)
+    # Only the scored positions go through the head: prompt and padding cost nothing.
+    h, y = hidden[mask].to(dtype), targets[mask]
+    w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+    return h, w, b, y, mask
+
+
+def run_head_fn(head_fn, head, hidden, targets, cast_lm_head_to_fp32):
+    """``head_fn(h, w, b, y, mask)`` on :func:`_scored_rows`, autocast off (the dtype is chosen
+    already): the seam through which a trainer computes its whole loss from the hidden
+    states inside the model's forward (so DDP, FSDP2 and PEFT see an ordinary forward)."""
+    h, w, b, y, mask = _scored_rows(head, hidden, targets, cast_lm_head_to_fp32)
+    with torch.autocast(h.device.type, enabled=False):
+        return head_fn(h, w, b, y, mask)
+
+
+def _score(head, hidden, targets, num_items_in_batch, *, temperature, cast_lm_head_to_fp32, outputs, backend,
+           chunk_size, output_cls):  # fmt: skip
+    """The fused head on ``hidden [B, T, H]`` and next-token ``targets [B, T]`` -> a
+    ``FusedCausalLMOutput`` whose requested per-token fields are ``[B, T]``, 0 at -100."""
+    h, w, b, y, mask = _scored_rows(head, hidden, targets, cast_lm_head_to_fp32)
     # The dtype is chosen above; autocast must not change it inside the statistics pass.
-    with torch.autocast(hidden.device.type, enabled=False):
-        # Only the scored positions go through the head: prompt and padding cost nothing.
-        h, y = hidden[mask].to(dtype), targets[mask]
-        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+    with torch.autocast(h.device.type, enabled=False):
         fields = dict.fromkeys(OUTPUTS)
         with_entropy = "entropy" in outputs
         result = fused_linear_logprobs(
