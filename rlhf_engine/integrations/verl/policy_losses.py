@@ -249,6 +249,9 @@ def compute_policy_loss_sapo(
     return loss, _metrics(metrics, clipfrac=False, clipfrac_lower=False)
 
 
+# Imported here, not at the top: cov_losses builds on the helpers above.
+from rlhf_engine.integrations.verl.cov_losses import compute_policy_loss_clip_cov, compute_policy_loss_kl_cov  # noqa: E402
+
 # verl loss_mode name -> our implementation with verl's signature.
 POLICY_LOSSES = {
     "vanilla": compute_policy_loss_vanilla,
@@ -256,6 +259,8 @@ POLICY_LOSSES = {
     "cispo": compute_policy_loss_cispo,
     "gspo": compute_policy_loss_gspo,
     "sapo": compute_policy_loss_sapo,
+    "clip_cov": compute_policy_loss_clip_cov,
+    "kl_cov": compute_policy_loss_kl_cov,
 }
 
 
