@@ -20,7 +20,7 @@ NATIVE_BACKENDS = True  # the backend tests also run on cpp (CPU) / cuda (GPU)
 
 # Windows and ratios that pick several tokens of a few dozen (the tests assert they do).
 OPTIONS = {
-    "clip_cov": dict(clip_low=0.2, clip_high=0.28, clip_cov_ratio=0.1, clip_cov_lb=0.05, clip_cov_ub=2.0),
+    "clip_cov": dict(clip_low=0.2, clip_high=0.28, clip_cov_ratio=0.1, clip_cov_lb=0.0, clip_cov_ub=2.0),
     "kl_cov": dict(kl_cov_ratio=0.1, ppo_kl_coef=0.5),
 }
 OPS = {"clip_cov": ops.clip_cov_loss, "kl_cov": ops.kl_cov_loss}
