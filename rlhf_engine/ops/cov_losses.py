@@ -32,7 +32,7 @@ from rlhf_engine.ops._seq_loss import Layout, normalizer_args, per_token_or_seq,
 from rlhf_engine.ops.policy_loss import policy_loss
 from rlhf_engine.reference.aggregation import AGGREGATIONS
 from rlhf_engine.reference.cov_losses import draw_device
-from rlhf_engine.torch_backend.aggregation import Segments, aggregate_partials, fp32, numeric
+from rlhf_engine.torch_backend.aggregation import Segments, TokenMask, aggregate_partials, fp32, numeric
 
 
 class _Tokens(NamedTuple):
@@ -44,6 +44,8 @@ class _Tokens(NamedTuple):
     adv: torch.Tensor  # per token (a per-sequence one broadcast)
     m: torch.Tensor  # mask weights, 0 on masked tokens
     active: torch.Tensor  # bool, m != 0
+    masked: TokenMask  # selects the valid tokens exactly, whatever the masked ones hold
+    count: float  # sum(m), read on the host: the picks need it there anyway
     isw: Optional[torch.Tensor]  # per token, or None
 
 
@@ -63,8 +65,14 @@ def _tokens(op, logp, old_logp, advantages, mask, is_weights, cu_seqlens, aggreg
     def flat(x):
         return None if x is None else seg.per_token(fp32(x.detach())).expand(seg.shape).reshape(-1)
 
-    active = (mask != 0).reshape(-1)
-    return _Tokens(layout, flat(logp), flat(old_logp), flat(adv), fp32(numeric(mask)).reshape(-1), active, flat(isw))
+    mask = mask.reshape(-1)
+    m = fp32(numeric(mask))
+    # a bool mask is its own "active" (a bool != 0 on the CPU is a scalar loop)
+    active = mask if mask.dtype == torch.bool else mask != 0
+    return _Tokens(
+        layout, flat(logp), flat(old_logp), flat(adv), m, active, TokenMask(mask), m.sum(dtype=torch.float64).item(),
+        flat(isw),
+    )
 
 
 def _ratio(op: str, name: str, value) -> float:
@@ -75,10 +83,8 @@ def _ratio(op: str, name: str, value) -> float:
 
 
 def _masked_mean(x: torch.Tensor, t: _Tokens) -> torch.Tensor:
-    """Mask-weighted mean over the valid tokens (0 without one); NaN on masked tokens never
-    reaches it."""
-    count = t.m.sum()
-    return torch.where(t.active, x * t.m, 0.0).sum() / torch.where(count > 0, count, 1.0)
+    """Mask-weighted mean over the valid tokens, 0-d fp32 (0 without one)."""
+    return t.masked.apply(x).sum() / t.count if t.count > 0 else x.new_zeros(())
 
 
 def clip_cov_loss(
@@ -129,10 +135,11 @@ def clip_cov_loss(
         raise TypeError(f"{op}: generator must be a torch.Generator or None, got {type(generator).__name__}")
 
     ratio = torch.exp(t.lp - t.old)
-    clipped = -t.adv * ratio.clamp(1 - clip_low, 1 + clip_high) > -t.adv * ratio
+    # PPO clipped the token where -A clip(r) > -A r, i.e. A clip(r) < A r (negation is exact)
+    kept_by_ppo = t.adv * ratio.clamp(1 - clip_low, 1 + clip_high) >= t.adv * ratio
     cov = (t.adv - _masked_mean(t.adv, t)) * (t.lp - _masked_mean(t.lp, t))
-    candidates = torch.nonzero(t.active & ~clipped & (cov > lb) & (cov < ub)).reshape(-1)
-    keep = max(int(clip_cov_ratio * t.m.sum(dtype=torch.float64).item()), 1)
+    candidates = torch.nonzero(t.active & kept_by_ppo & (cov > lb) & (cov < ub)).reshape(-1)
+    keep = max(int(clip_cov_ratio * t.count), 1)
     corr = torch.ones_like(t.m)
     if candidates.numel() > 0:
         # verl draws a permutation of every candidate, even when it keeps them all: the same
@@ -192,7 +199,7 @@ def kl_cov_loss(
         k = max(1, int(valid.numel() * kl_cov_ratio))
         top = valid[torch.topk(cov, k, largest=True).indices]
         loss = loss + _penalty(logp, top, ppo_kl_coef, t, aggregation, count_empty_seqs, normalizer)
-    return loss, {"ppo_kl": _masked_mean((t.lp - t.old).abs(), t)}
+    return loss, {"ppo_kl": _masked_mean((t.lp - t.old).abs_(), t)}
 
 
 def _penalty(logp, top, coef, t: _Tokens, aggregation, count_empty_seqs, normalizer) -> torch.Tensor:
@@ -201,7 +208,7 @@ def _penalty(logp, top, coef, t: _Tokens, aggregation, count_empty_seqs, normali
     ``w_b`` from the per-sequence counts ``M_b`` exactly as the op aggregates ``L_b``."""
     layout = t.layout
     seg = Segments(layout.cu_seqlens, logp.numel(), layout.seq_len)
-    counts = seg.sum(seg.tokens(torch.where(t.active, t.m, 0.0)))
+    counts = seg.sum(seg.tokens(t.m))  # m is 0 on masked tokens
     norm_tensor, norm_const = normalizer_args("kl_cov_loss", normalizer, logp.device)
     _, w = aggregate_partials(
         counts, counts, aggregation, layout.cu_seqlens, layout.seq_len, norm_tensor, norm_const,
