@@ -16,7 +16,9 @@ computes the per-token loss, its aggregation and gradient:
 
 Unlike the other ops these read values on the host (one sync each, as verl's code does):
 the number of tokens to pick and the draw depend on the data. So they are eager
-functions, not custom ops, and torch.compile breaks the graph around the pre-pass.
+functions, not custom ops, and torch.compile breaks the graph around the pre-pass. On
+fake tensors (a memory planner's trace, ``tests/test_fake_tensor.py``) nothing is read
+and no token is picked: the outputs' shapes are the real ones.
 The spec: ``rlhf_engine/reference/cov_losses.py``.
 """
 
@@ -26,6 +28,7 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from rlhf_engine import _checks
 from rlhf_engine.ops._seq_loss import Layout, normalizer_args, per_token_or_seq, token_layout
@@ -45,7 +48,7 @@ class _Tokens(NamedTuple):
     m: torch.Tensor  # mask weights, 0 on masked tokens
     active: torch.Tensor  # bool, m != 0
     masked: TokenMask  # selects the valid tokens exactly, whatever the masked ones hold
-    count: float  # sum(m), read on the host: the picks need it there anyway
+    count: Optional[float]  # sum(m), read on the host (the picks need it there); None on fake tensors
     isw: Optional[torch.Tensor]  # per token, or None
 
 
@@ -69,10 +72,8 @@ def _tokens(op, logp, old_logp, advantages, mask, is_weights, cu_seqlens, aggreg
     m = fp32(numeric(mask))
     # a bool mask is its own "active" (a bool != 0 on the CPU is a scalar loop)
     active = mask if mask.dtype == torch.bool else mask != 0
-    return _Tokens(
-        layout, flat(logp), flat(old_logp), flat(adv), m, active, TokenMask(mask), m.sum(dtype=torch.float64).item(),
-        flat(isw),
-    )
+    count = None if isinstance(m, FakeTensor) else m.sum(dtype=torch.float64).item()
+    return _Tokens(layout, flat(logp), flat(old_logp), flat(adv), m, active, TokenMask(mask), count, flat(isw))
 
 
 def _ratio(op: str, name: str, value) -> float:
@@ -84,7 +85,11 @@ def _ratio(op: str, name: str, value) -> float:
 
 def _masked_mean(x: torch.Tensor, t: _Tokens) -> torch.Tensor:
     """Mask-weighted mean over the valid tokens, 0-d fp32 (0 without one)."""
-    return t.masked.apply(x).sum() / t.count if t.count > 0 else x.new_zeros(())
+    total = t.masked.apply(x).sum()
+    if t.count is None:  # fake tensors: the same ops on the device, no value read
+        count = t.m.sum()
+        return torch.where(count > 0, total / count, 0.0)
+    return total / t.count if t.count > 0 else x.new_zeros(())
 
 
 def clip_cov_loss(
@@ -136,12 +141,14 @@ def clip_cov_loss(
 
     ratio = torch.exp(t.lp - t.old)
     # PPO clipped the token where -A clip(r) > -A r, i.e. A clip(r) < A r (negation is exact)
-    kept_by_ppo = t.adv * ratio.clamp(1 - clip_low, 1 + clip_high) >= t.adv * ratio
+    clipped = t.adv * ratio.clamp(1 - clip_low, 1 + clip_high) < t.adv * ratio
     cov = (t.adv - _masked_mean(t.adv, t)) * (t.lp - _masked_mean(t.lp, t))
-    candidates = torch.nonzero(t.active & kept_by_ppo & (cov > lb) & (cov < ub)).reshape(-1)
-    keep = max(int(clip_cov_ratio * t.count), 1)
+    in_window = t.active & ~clipped & (cov > lb) & (cov < ub)
     corr = torch.ones_like(t.m)
+    # A fake tensor has no values to pick from: nothing is dropped, the shapes are the same.
+    candidates = corr.new_empty(0, dtype=torch.long) if t.count is None else torch.nonzero(in_window).reshape(-1)
     if candidates.numel() > 0:
+        keep = max(int(clip_cov_ratio * t.count), 1)
         # verl draws a permutation of every candidate, even when it keeps them all: the same
         # draw consumes the generator the same way
         order = torch.randperm(candidates.numel(), generator=generator, device=draw_device(generator))
@@ -187,7 +194,8 @@ def kl_cov_loss(
     kl_cov_ratio = _ratio(op, "kl_cov_ratio", kl_cov_ratio)
     ppo_kl_coef = _checks.check_number(op, "ppo_kl_coef", ppo_kl_coef, nonnegative=True)
 
-    valid = torch.nonzero(t.active).reshape(-1)
+    # A fake tensor has no values to pick from: no penalty, the shapes are the same.
+    valid = t.m.new_empty(0, dtype=torch.long) if t.count is None else torch.nonzero(t.active).reshape(-1)
     loss, _ = policy_loss(
         logp, old_logp, advantages, mask, loss="ppo", clip_low=math.inf, clip_high=math.inf, log_ratio_min=None,
         log_ratio_max=None, is_weights=is_weights, aggregation=aggregation, count_empty_seqs=count_empty_seqs,
