@@ -2,8 +2,8 @@
 (Cui et al. 2025; verl's ``clip_cov`` / ``kl_cov``), composed on the fused
 :func:`~rlhf_engine.ops.policy_loss`, so every backend runs them through ``backend=``.
 
-A pre-pass in plain torch (no gradient) picks the tokens by covariance; the fused op
-computes the per-token loss, its aggregation and gradient:
+A pre-pass in plain torch (no gradient; ``torch_backend/cov_losses.py``) picks the tokens
+by covariance; the fused op computes the per-token loss, its aggregation and gradient:
 
 * clip_cov: the picked tokens get importance weight 0 (``is_weights = corr *
   is_weights``), which zeroes their loss and gradient inside the op.
@@ -25,35 +25,20 @@ The spec: ``rlhf_engine/reference/cov_losses.py``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
 from rlhf_engine import _checks
-from rlhf_engine.ops._seq_loss import Layout, normalizer_args, per_token_or_seq, token_layout
+from rlhf_engine.ops._seq_loss import normalizer_args, per_token_or_seq, token_layout
 from rlhf_engine.ops.policy_loss import policy_loss
 from rlhf_engine.reference.aggregation import AGGREGATIONS
-from rlhf_engine.reference.cov_losses import draw_device
-from rlhf_engine.torch_backend.aggregation import Segments, TokenMask, aggregate_partials, fp32, numeric
+from rlhf_engine.torch_backend.cov_losses import (
+    CovTokens, clip_cov_weights, cov_tokens, kl_cov_penalty, kl_cov_top, masked_mean,
+)
 
 
-class _Tokens(NamedTuple):
-    """The pre-pass's view of the batch: flat ``[N]`` fp32 constants (no gradient)."""
-
-    layout: Layout
-    lp: torch.Tensor
-    old: torch.Tensor
-    adv: torch.Tensor  # per token (a per-sequence one broadcast)
-    m: torch.Tensor  # mask weights, 0 on masked tokens
-    active: torch.Tensor  # bool, m != 0
-    masked: TokenMask  # selects the valid tokens exactly, whatever the masked ones hold
-    count: Optional[float]  # sum(m), read on the host (the picks need it there); None on fake tensors
-    isw: Optional[torch.Tensor]  # per token, or None
-
-
-def _tokens(op, logp, old_logp, advantages, mask, is_weights, cu_seqlens, aggregation) -> _Tokens:
-    """Validate the tensors shared with :func:`policy_loss` (before the pre-pass reads them)."""
+def _tokens(op, logp, old_logp, advantages, mask, is_weights, cu_seqlens, aggregation) -> CovTokens:
+    """Validate the tensors shared with :func:`policy_loss` before the pre-pass reads them."""
     _checks.check_tensor(op, "logp", logp)
     layout = token_layout(op, "logp", logp, cu_seqlens)
     _checks.check_tensor(op, "old_logp", old_logp)
@@ -63,17 +48,7 @@ def _tokens(op, logp, old_logp, advantages, mask, is_weights, cu_seqlens, aggreg
     adv = per_token_or_seq(op, "advantages", advantages, logp, layout.num_seqs)
     isw = per_token_or_seq(op, "is_weights", is_weights, logp, layout.num_seqs)
     _checks.check_choice(op, "aggregation", aggregation, AGGREGATIONS)
-    seg = Segments(layout.cu_seqlens, logp.numel(), layout.seq_len)
-
-    def flat(x):
-        return None if x is None else seg.per_token(fp32(x.detach())).expand(seg.shape).reshape(-1)
-
-    mask = mask.reshape(-1)
-    m = fp32(numeric(mask))
-    # a bool mask is its own "active" (a bool != 0 on the CPU is a scalar loop)
-    active = mask if mask.dtype == torch.bool else mask != 0
-    count = None if isinstance(m, FakeTensor) else m.sum(dtype=torch.float64).item()
-    return _Tokens(layout, flat(logp), flat(old_logp), flat(adv), m, active, TokenMask(mask), count, flat(isw))
+    return cov_tokens(logp, old_logp, adv, mask, isw, layout.cu_seqlens, layout.seq_len)
 
 
 def _ratio(op: str, name: str, value) -> float:
@@ -81,15 +56,6 @@ def _ratio(op: str, name: str, value) -> float:
     if not 0 < value <= 1:
         raise ValueError(f"{op}: {name} must be in (0, 1] (a fraction of the valid tokens), got {value}")
     return value
-
-
-def _masked_mean(x: torch.Tensor, t: _Tokens) -> torch.Tensor:
-    """Mask-weighted mean over the valid tokens, 0-d fp32 (0 without one)."""
-    total = t.masked.apply(x).sum()
-    if t.count is None:  # fake tensors: the same ops on the device, no value read
-        count = t.m.sum()
-        return torch.where(count > 0, total / count, 0.0)
-    return total / t.count if t.count > 0 else x.new_zeros(())
 
 
 def clip_cov_loss(
@@ -139,27 +105,14 @@ def clip_cov_loss(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{op}: generator must be a torch.Generator or None, got {type(generator).__name__}")
 
-    ratio = torch.exp(t.lp - t.old)
-    # PPO clipped the token where -A clip(r) > -A r, i.e. A clip(r) < A r (negation is exact)
-    clipped = t.adv * ratio.clamp(1 - clip_low, 1 + clip_high) < t.adv * ratio
-    cov = (t.adv - _masked_mean(t.adv, t)) * (t.lp - _masked_mean(t.lp, t))
-    in_window = t.active & ~clipped & (cov > lb) & (cov < ub)
-    corr = torch.ones_like(t.m)
-    # A fake tensor has no values to pick from: nothing is dropped, the shapes are the same.
-    candidates = corr.new_empty(0, dtype=torch.long) if t.count is None else torch.nonzero(in_window).reshape(-1)
-    if candidates.numel() > 0:
-        keep = max(int(clip_cov_ratio * t.count), 1)
-        # verl draws a permutation of every candidate, even when it keeps them all: the same
-        # draw consumes the generator the same way
-        order = torch.randperm(candidates.numel(), generator=generator, device=draw_device(generator))
-        corr[candidates[order[:keep].to(candidates.device)]] = 0.0
+    corr = clip_cov_weights(t, clip_low, clip_high, clip_cov_ratio, lb, ub, generator)
     weights = corr if t.isw is None else corr * t.isw
     loss, metrics = policy_loss(
         logp, old_logp, advantages, mask, loss="ppo", clip_low=clip_low, clip_high=clip_high, log_ratio_min=None,
         log_ratio_max=None, is_weights=weights.view(logp.shape), aggregation=aggregation,
         count_empty_seqs=count_empty_seqs, normalizer=normalizer, cu_seqlens=cu_seqlens, backend=backend,
     )
-    return loss, {"clipfrac": _masked_mean((corr == 0).to(torch.float32), t), "ppo_kl": metrics["ppo_kl"]}
+    return loss, {"clipfrac": masked_mean((corr == 0).to(torch.float32), t), "ppo_kl": metrics["ppo_kl"]}
 
 
 def kl_cov_loss(
@@ -194,35 +147,13 @@ def kl_cov_loss(
     kl_cov_ratio = _ratio(op, "kl_cov_ratio", kl_cov_ratio)
     ppo_kl_coef = _checks.check_number(op, "ppo_kl_coef", ppo_kl_coef, nonnegative=True)
 
-    # A fake tensor has no values to pick from: no penalty, the shapes are the same.
-    valid = t.m.new_empty(0, dtype=torch.long) if t.count is None else torch.nonzero(t.active).reshape(-1)
+    norm_tensor, norm_const = normalizer_args(op, normalizer, logp.device)
     loss, _ = policy_loss(
         logp, old_logp, advantages, mask, loss="ppo", clip_low=math.inf, clip_high=math.inf, log_ratio_min=None,
         log_ratio_max=None, is_weights=is_weights, aggregation=aggregation, count_empty_seqs=count_empty_seqs,
         normalizer=normalizer, cu_seqlens=cu_seqlens, backend=backend,
     )
-    if valid.numel() > 0:
-        adv, lp = t.adv[valid], t.lp[valid]
-        cov = (adv - adv.mean()) * (lp - lp.mean())
-        k = max(1, int(valid.numel() * kl_cov_ratio))
-        top = valid[torch.topk(cov, k, largest=True).indices]
-        loss = loss + _penalty(logp, top, ppo_kl_coef, t, aggregation, count_empty_seqs, normalizer)
-    return loss, {"ppo_kl": _masked_mean((t.lp - t.old).abs_(), t)}
-
-
-def _penalty(logp, top, coef, t: _Tokens, aggregation, count_empty_seqs, normalizer) -> torch.Tensor:
-    """``sum_b w_b sum_{t in top, b} coef |delta_t| is_w_t m_t``: the penalty's share of the
-    aggregated loss, differentiable w.r.t. ``logp`` through the k gathered tokens only.
-    ``w_b`` from the per-sequence counts ``M_b`` exactly as the op aggregates ``L_b``."""
-    layout = t.layout
-    seg = Segments(layout.cu_seqlens, logp.numel(), layout.seq_len)
-    counts = seg.sum(seg.tokens(t.m))  # m is 0 on masked tokens
-    norm_tensor, norm_const = normalizer_args("kl_cov_loss", normalizer, logp.device)
-    _, w = aggregate_partials(
-        counts, counts, aggregation, layout.cu_seqlens, layout.seq_len, norm_tensor, norm_const,
-        count_empty_seqs=count_empty_seqs,
-    )
-    seq = torch.searchsorted(layout.cu_seqlens.long(), top, right=True) - 1
-    delta = fp32(logp.reshape(-1)[top]) - t.old[top]
-    scale = t.m[top] if t.isw is None else t.m[top] * t.isw[top]
-    return torch.dot(w[seq], coef * delta.abs() * scale)
+    top = kl_cov_top(t, kl_cov_ratio)
+    if top is not None:
+        loss = loss + kl_cov_penalty(logp, top, ppo_kl_coef, t, aggregation, count_empty_seqs, norm_tensor, norm_const)
+    return loss, {"ppo_kl": masked_mean((t.lp - t.old).abs_(), t)}
