@@ -151,6 +151,32 @@ def test_clip_cov_without_a_candidate_is_ppo_on_the_unclamped_ratio(backend, dev
     torch.testing.assert_close(metrics["ppo_kl"], ppo_metrics["ppo_kl"])
 
 
+@pytest.mark.parametrize("name", OPS)
+def test_bf16_non_contiguous_logp_and_int_mask(backend, device, name):
+    # The pre-pass reads any float dtype, strides and mask dtype as the op does: computed
+    # in fp32 (the loss as the float64 reference on the rounded inputs, to fp32 rounding),
+    # the gradient returned in bf16.
+    batch = make_batch(device, shape=(4, 30))
+    strided = torch.empty(4, 60, dtype=torch.bfloat16, device=device)[:, ::2].copy_(batch["logp"])
+    batch = dict(batch, logp=strided, old_logp=batch["old_logp"].bfloat16(), mask=batch["mask"].long())
+    lp = strided.detach().clone().requires_grad_()
+    assert not strided.is_contiguous()
+    args = {k: v for k, v in batch.items() if k != "logp"}
+    loss, metrics = OPS[name](strided.requires_grad_(), **args, **_with_draw(name, OPTIONS[name], 0), backend=backend)
+    loss.backward()
+    ref_args = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in args.items()}
+    lp64 = lp.detach().double().requires_grad_()
+    r_loss, r_metrics = REFS[name](lp64, **ref_args, **_with_draw(name, OPTIONS[name], 0))
+    r_loss.backward()
+    assert strided.grad.dtype == torch.bfloat16 and strided.grad.shape == strided.shape
+    torch.testing.assert_close(loss.double(), r_loss, rtol=1e-5, atol=1e-6)
+    for key in metrics:
+        torch.testing.assert_close(metrics[key].double(), r_metrics[key], rtol=1e-5, atol=1e-6)
+    # kl_cov's two gradient terms (the op's and the penalty's) reach logp each rounded to
+    # bf16 and autograd sums them in bf16: an ulp of the largest, not of their sum
+    torch.testing.assert_close(strided.grad.double(), lp64.grad, rtol=2**-7, atol=2**-8 * lp64.grad.abs().max().item())
+
+
 def _by_hand_batch(device):
     # r = 1 except on token 0 (delta = 0.5); mean A = 0.5, mean lp = -2.5, so
     # cov = (0.75, -0.75, 0.25, -2.25): token 0 alone lies in (0.5, 1) and has the top cov.
