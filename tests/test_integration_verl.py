@@ -144,11 +144,11 @@ def test_cov_losses_with_larger_ratios_match_verl(name, fields, mode, with_weigh
 
 
 def test_clip_cov_with_verls_defaults_drops_one_token():
-    # verl's defaults (ratio 0.0002, window (1, 5)): one token when any is a candidate; an
-    # advantage far from the mean on a small-ratio token makes one (cov ~ 3 here)
+    # verl's defaults (ratio 0.0002, window (1, 5)): one token when any is a candidate. Row
+    # 1's first token (always valid) is made one: r = 1 (not clipped), A = -1 and a logprob
+    # ~3 below the mean, so cov ~ 3
     old, log_prob, advantages, mask, weights = _loss_inputs(torch.float32, False)
     log_prob[1, 0], old[1, 0], advantages[1, 0] = -4.0, -4.0, -1.0
-    mask[1, 0] = True
     metrics = _compare_loss("clip_cov", "token-mean", _config("clip_cov"), (old, log_prob, advantages, mask, weights),
                             "torch")  # fmt: skip
     assert metrics["actor/pg_clipfrac"] == pytest.approx(1 / mask.sum().item())
@@ -203,6 +203,21 @@ def test_bad_loss_inputs_raise_clearly():
         config = _config("vanilla")
         object.__setattr__(config, "clip_ratio_c", 1.0)
         fn(old, log_prob, advantages, mask, "token-mean", config)
+
+
+def test_bad_cov_loss_inputs_raise_clearly():
+    old, log_prob, advantages, mask, _ = _loss_inputs(torch.float32, False)
+    with pytest.raises(ValueError, match="verl clip_cov: config.policy_loss is required"):
+        ours.compute_policy_loss_clip_cov(old, log_prob, advantages, mask, "token-mean",
+                                          OmegaConf.create(dict(clip_ratio=0.2, global_batch_info={})))  # fmt: skip
+    with pytest.raises(ValueError, match=r"clip_cov_ratio must be in \(0, 1\]"):  # verl asserts > 0
+        ours.compute_policy_loss_clip_cov(old, log_prob, advantages, mask, "token-mean",
+                                          _config("clip_cov", dict(clip_cov_ratio=0.0)))  # fmt: skip
+    with pytest.raises(ValueError, match="clip_cov_lb must be < clip_cov_ub"):
+        ours.compute_policy_loss_clip_cov(old, log_prob, advantages, mask, "token-mean",
+                                          _config("clip_cov", dict(clip_cov_lb=5.0, clip_cov_ub=1.0)))  # fmt: skip
+    with pytest.raises(ValueError, match="loss_agg_mode must be one of"):
+        ours.compute_policy_loss_kl_cov(old, log_prob, advantages, mask, "seq-mean", _config("kl_cov"))
 
 
 # ---------------------------------------------------------------------------------------
