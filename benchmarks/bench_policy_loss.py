@@ -143,13 +143,14 @@ def eager_kl_cov(lp, old, adv, mask):
     maskf = mask.to(lp.dtype)
     delta = lp - old
     per_token = -adv * torch.exp(delta)
+    penalized = per_token + KL_COV["ppo_kl_coef"] * delta.abs()
     valid = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
     a, x = adv[mask].detach().cpu(), lp[mask].detach().cpu()
     cov = (a - a.mean()) * (x - x.mean())
     top = valid[torch.topk(cov, max(1, int(len(cov) * KL_COV["kl_cov_ratio"]))).indices.to(valid.device)]
-    penalty = torch.zeros_like(per_token).view(-1).index_put((top,), KL_COV["ppo_kl_coef"] * delta.reshape(-1)[top].abs())
-    loss = _masked_mean(per_token + penalty.view_as(per_token), maskf)
-    return loss, {"ppo_kl": _masked_mean(delta.abs(), maskf)}
+    rows, cols = top // lp.shape[1], top % lp.shape[1]
+    per_token[rows, cols] = penalized[rows, cols]
+    return _masked_mean(per_token, maskf), {"ppo_kl": _masked_mean(delta.abs(), maskf)}
 
 
 def eager_value_loss(values, old_values, returns, mask, clip=0.2):

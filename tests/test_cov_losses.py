@@ -164,7 +164,8 @@ def test_bf16_non_contiguous_logp_and_int_mask(backend, device, name):
     args = {k: v for k, v in batch.items() if k != "logp"}
     loss, metrics = OPS[name](strided.requires_grad_(), **args, **_with_draw(name, OPTIONS[name], 0), backend=backend)
     loss.backward()
-    ref_args = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in args.items()}
+    ref_args = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                for k, v in args.items()}  # fmt: skip
     lp64 = lp.detach().double().requires_grad_()
     r_loss, r_metrics = REFS[name](lp64, **ref_args, **_with_draw(name, OPTIONS[name], 0))
     r_loss.backward()
@@ -237,7 +238,8 @@ def test_non_finite_values_on_masked_tokens_change_nothing(backend, device, name
     for key, bad in (("logp", float("-inf")), ("old_logp", float("nan")), ("advantages", float("inf")),
                      ("is_weights", float("nan"))):  # fmt: skip
         dirty[key] = batch[key].masked_fill(masked, bad)
-    clean_out, dirty_out = run_ours(name, batch, backend, **OPTIONS[name]), run_ours(name, dirty, backend, **OPTIONS[name])
+    clean_out = run_ours(name, batch, backend, **OPTIONS[name])
+    dirty_out = run_ours(name, dirty, backend, **OPTIONS[name])
     torch.testing.assert_close(dirty_out[0], clean_out[0])
     torch.testing.assert_close(dirty_out[1], clean_out[1])
     torch.testing.assert_close(dirty_out[2], clean_out[2])
