@@ -110,6 +110,21 @@ def test_matches_reference(backend, device, name, aggregation, packed):
     _picked_some(name, assert_matches(name, backend, batch, **kw))
 
 
+@pytest.mark.parametrize("normalizer", ["number", "tensor"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("name", OPS)
+def test_normalizer_matches_reference(backend, device, name, aggregation, normalizer):
+    # A global denominator (data parallelism) replaces the local one in the op's loss and in
+    # kl_cov's penalty alike; the reference takes it as a number.
+    batch = make_batch(device, shape=(4, 19), all_masked_row=2)
+    value = 23.0 if normalizer == "number" else torch.tensor(23.0, device=device)
+    loss, _, grad = run_ours(name, batch, backend, **OPTIONS[name], aggregation=aggregation, normalizer=value)
+    r_loss, _, r_grad = run_ref(name, batch, torch.float64, **OPTIONS[name], aggregation=aggregation, normalizer=23.0)
+    b_loss, _, b_grad = run_ref(name, batch, torch.float32, **OPTIONS[name], aggregation=aggregation, normalizer=23.0)
+    assert_within_tolerance(loss, r_loss, b_loss, torch.float32, "loss")
+    assert_within_tolerance(grad, r_grad, b_grad, torch.float32, "d/d logp")
+
+
 @pytest.mark.parametrize(
     "layout",
     [
