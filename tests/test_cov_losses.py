@@ -277,6 +277,26 @@ def test_clip_cov_draws_like_randperm_on_the_default_generator(device):
     assert other != {default.item()}
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's notes on the graph breaks and lru_cache
+def test_torch_compile_gives_the_eager_result(device):
+    # Not fullgraph: the picks read values on the host (Tensor.item, nonzero), so dynamo
+    # breaks the graph there and compiles the rest (the fused op stays one opaque node).
+    batch = make_batch(device, shape=(4, 19), all_masked_row=2)
+    args = {k: v for k, v in batch.items() if k != "logp"}
+
+    def both(lp):
+        clip, _ = ops.clip_cov_loss(lp, **args, **_with_draw("clip_cov", OPTIONS["clip_cov"], 0), backend="torch")
+        kl, _ = ops.kl_cov_loss(lp, **args, **OPTIONS["kl_cov"], backend="torch")
+        return clip + 2 * kl
+
+    eager_lp, compiled_lp = (batch["logp"].clone().requires_grad_() for _ in range(2))
+    eager, compiled = both(eager_lp), torch.compile(both)(compiled_lp)
+    eager.backward()
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_lp.grad, eager_lp.grad)
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_reference_gradcheck(name):
     batch = make_batch(torch.device("cpu"), lengths=[6, 0, 9], per_seq=True)
