@@ -19,7 +19,8 @@ mask, per token:
   logp 4 + old_logp 4 + advantages 4 + mask 1 + d logp 4 = 17 B.
 * policy_loss GRPO + KL (TRL: per-sequence advantages, k3 in the loss):
   logp 4 + old_logp 4 + ref_logp 4 + mask 1 + d logp 4 = 17 B (advantages: 4 B per sequence).
-* clip_cov / kl_cov (PRIME-RL, verl's defaults): the PPO bytes, 17 B; the covariance
+* clip_cov / kl_cov (PRIME-RL; clip_cov at verl's defaults, kl_cov at the recipe's ratio
+  0.002, as ``CLIP_COV`` / ``KL_COV`` below): the PPO bytes, 17 B; the covariance
   pre-pass reads logp, advantages and the mask once more (plus old_logp for clip_cov),
   which this floor leaves out: a single-pass kernel could do without.
 * value_loss: values 4 + old_values 4 + returns 4 + mask 1 + d values 4 = 17 B.
