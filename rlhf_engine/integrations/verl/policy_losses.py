@@ -250,7 +250,9 @@ def compute_policy_loss_sapo(
 
 
 # Imported here, not at the top: cov_losses builds on the helpers above.
-from rlhf_engine.integrations.verl.cov_losses import compute_policy_loss_clip_cov, compute_policy_loss_kl_cov  # noqa: E402
+from rlhf_engine.integrations.verl.cov_losses import (  # noqa: E402
+    compute_policy_loss_clip_cov, compute_policy_loss_kl_cov,
+)
 
 # verl loss_mode name -> our implementation with verl's signature.
 POLICY_LOSSES = {
