@@ -19,6 +19,10 @@ mask, per token:
   logp 4 + old_logp 4 + advantages 4 + mask 1 + d logp 4 = 17 B.
 * policy_loss GRPO + KL (TRL: per-sequence advantages, k3 in the loss):
   logp 4 + old_logp 4 + ref_logp 4 + mask 1 + d logp 4 = 17 B (advantages: 4 B per sequence).
+* clip_cov / kl_cov (PRIME-RL; clip_cov at verl's defaults, kl_cov at the recipe's ratio
+  0.002, as ``CLIP_COV`` / ``KL_COV`` below): the PPO bytes, 17 B; the covariance
+  pre-pass reads logp, advantages and the mask once more (plus old_logp for clip_cov),
+  which this floor leaves out: a single-pass kernel could do without.
 * value_loss: values 4 + old_values 4 + returns 4 + mask 1 + d values 4 = 17 B.
 * kl_penalty k3: logp 4 + ref_logp 4 + kl 4 (out) + upstream grad 4 + d logp 4 = 20 B.
 * verl's dppo_tv, dppo_kl, geo_mean (rollout IS weights on): logp 4 + old_logp 4 +
@@ -40,6 +44,9 @@ from rlhf_engine import ops
 from rlhf_engine.benchmarks.common import Result, compiled, measure, our_backends, script_main, sweep
 
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP, BETA = 0.2, 0.28, 3.0, 0.04
+# verl's clip_cov defaults; kl_cov at PRIME-RL's recipe ratio (verl's 0.0002 picks ~1 token)
+CLIP_COV = dict(clip_cov_ratio=0.0002, clip_cov_lb=1.0, clip_cov_ub=5.0)
+KL_COV = dict(kl_cov_ratio=0.002, ppo_kl_coef=1.0)
 
 
 # ----------------------------------------------------------- eager code, as trainers write it
@@ -116,6 +123,41 @@ def eager_grpo_kl(lp, old, ref, adv, mask):
     return loss, metrics
 
 
+def eager_clip_cov(lp, old, adv, mask):
+    """verl-style clip_cov (PRIME-RL): PPO on the unclamped ratio, a random few tokens with
+    the covariance in the window dropped, token-mean."""
+    maskf = mask.to(lp.dtype)
+    ratio = torch.exp(lp - old)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - CLIP_LOW, 1 + CLIP_HIGH)
+    with torch.no_grad():
+        cov = (adv - _masked_mean(adv, maskf)) * (lp - _masked_mean(lp, maskf))
+        cov[~mask | (clipped > unclipped)] = -torch.inf
+        keep = max(int(CLIP_COV["clip_cov_ratio"] * maskf.sum().item()), 1)
+        picked = torch.nonzero((cov > CLIP_COV["clip_cov_lb"]) & (cov < CLIP_COV["clip_cov_ub"]))
+        picked = picked[torch.randperm(len(picked))[:keep]]
+        corr = torch.ones_like(adv)
+        corr[picked[:, 0], picked[:, 1]] = 0
+    metrics = {"clipfrac": _masked_mean((corr == 0).float(), maskf), "ppo_kl": _masked_mean(old - lp, maskf)}
+    return _masked_mean(torch.maximum(unclipped, clipped) * corr, maskf), metrics
+
+
+def eager_kl_cov(lp, old, adv, mask):
+    """verl-style kl_cov (PRIME-RL): ``-A r``, plus ``coef |lp - old|`` on the top-k tokens
+    by covariance (picked on the host, as verl does), token-mean."""
+    maskf = mask.to(lp.dtype)
+    delta = lp - old
+    per_token = -adv * torch.exp(delta)
+    penalized = per_token + KL_COV["ppo_kl_coef"] * delta.abs()
+    valid = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
+    a, x = adv[mask].detach().cpu(), lp[mask].detach().cpu()
+    cov = (a - a.mean()) * (x - x.mean())
+    top = valid[torch.topk(cov, max(1, int(len(cov) * KL_COV["kl_cov_ratio"]))).indices.to(valid.device)]
+    rows, cols = top // lp.shape[1], top % lp.shape[1]
+    per_token[rows, cols] = penalized[rows, cols]
+    return _masked_mean(per_token, maskf), {"ppo_kl": _masked_mean(delta.abs(), maskf)}
+
+
 def eager_value_loss(values, old_values, returns, mask, clip=0.2):
     """verl-style clipped value loss."""
     mask = mask.to(values.dtype)
@@ -185,6 +227,23 @@ def _policy_at(device, quick, B, T) -> list[Result]:
     compiled_grpo = compiled(eager_grpo_kl)
     impls["torch.compile (TRL)"] = _fwd_bwd(lambda: compiled_grpo(lp, old, ref, adv_seq, mask), lp)
     results += measure("policy_loss grpo+kl", shape, impls, device=device, bytes_moved=grpo_bytes, quick=quick, dtype=torch.float32)
+    return results
+
+
+def _cov_at(device, quick, B, T) -> list[Result]:
+    """clip_cov and kl_cov: data-dependent picks (a host sync each), so no torch.compile row."""
+    x, shape, n = _inputs(device, B, T)
+    lp, old, adv, mask = x["lp"], x["old"], x["adv"], x["mask"]
+    results = []
+    for name, op, options, eager in (
+        ("clip_cov", ops.clip_cov_loss, dict(CLIP_COV, clip_low=CLIP_LOW, clip_high=CLIP_HIGH), eager_clip_cov),
+        ("kl_cov", ops.kl_cov_loss, KL_COV, eager_kl_cov),
+    ):
+        impls = {f"ours ({b})": _fwd_bwd(lambda b=b, op=op, options=options: op(lp, old, adv, mask, **options, backend=b), lp)
+                 for b in our_backends(device, "policy_loss")}  # fmt: skip
+        impls["eager (verl)"] = _fwd_bwd(lambda eager=eager: eager(lp, old, adv, mask), lp)
+        results += measure(f"policy_loss {name}", shape, impls, device=device, bytes_moved=17 * n, quick=quick,
+                           dtype=torch.float32)  # fmt: skip
     return results
 
 
@@ -261,7 +320,7 @@ def verl_installed() -> bool:
 
 
 def run(device: torch.device, quick: bool) -> list[Result]:
-    families = [_policy_at, _value_at, _kl_at]
+    families = [_policy_at, _cov_at, _value_at, _kl_at]
     if verl_installed():
         families.append(_verl_losses_at)
     else:

@@ -60,6 +60,9 @@ LOSS_OPTIONS = {
     "cispo-trl": dict(clip_high=1.3),
     "sapo": {},
     "reinforce": {},
+    "dppo_tv": dict(clip_low=0.05, clip_high=0.08, delta=1.5),
+    "dppo_kl": dict(clip_low=0.01, clip_high=0.02, delta=1.5),
+    "geo_mean": dict(clip_low=0.2, clip_high=0.25),
 }
 
 
@@ -140,6 +143,16 @@ def _fused_linear_policy_loss(dev, loss, aggregation, packed):
     return out, [hidden, weight]
 
 
+def _cov_loss(dev, name, packed):
+    """clip_cov / kl_cov: on fake tensors the pre-pass runs without picking (no values)."""
+    kw, shape = _policy_inputs(dev, packed, per_seq=packed)
+    del kw["ref_logp"], kw["kl_coef"]
+    logp = _leaf(-torch.rand(shape, device=dev))
+    if name == "clip_cov_loss":
+        return ops.clip_cov_loss(logp, **kw, clip_cov_ratio=0.2, clip_cov_lb=0.0), [logp]
+    return ops.kl_cov_loss(logp, **kw, kl_cov_ratio=0.2, aggregation="seq-mean-token-mean"), [logp]
+
+
 def _value_loss(dev, aggregation, packed, clip):
     shape, cu, _ = _tokens(dev, packed)
     values = _leaf(torch.randn(shape, dtype=BF16, device=dev))
@@ -194,6 +207,8 @@ for packed in (False, True):
         for agg in AGGREGATIONS:
             CASES[f"policy_loss-{loss}-{agg}-{_layout(packed)}"] = (_policy_loss, (loss, agg, packed))
             CASES[f"fused_linear_policy_loss-{loss}-{agg}-{_layout(packed)}"] = (_fused_linear_policy_loss, (loss, agg, packed))
+    for name in ("clip_cov_loss", "kl_cov_loss"):
+        CASES[f"{name}-{_layout(packed)}"] = (_cov_loss, (name, packed))
     for agg in AGGREGATIONS:
         CASES[f"value_loss-{agg}-{_layout(packed)}"] = (_value_loss, (agg, packed, 0.2 if packed else None))
     for whiten in (False, True):
@@ -290,6 +305,9 @@ def test_fake_cuda_forward_runs_the_triton_custom_ops_fake_functions(case, monke
         pytest.skip("the triton package is not installed: backend 'triton' cannot be asked for")
     if not CUDA_BUILT and case == "sequence_logprobs-packed":
         pytest.skip("CPU-only torch build: its per-sequence sum (arithmetic on cu_seqlens slices) raises on fake cuda")
+    if not CUDA_BUILT and case.split("-")[0] in ("clip_cov_loss", "kl_cov_loss"):
+        pytest.skip("CPU-only torch build: the covariance pre-pass (plain torch ops around the custom op: comparisons "
+                    "with a number, cu_seqlens slices) raises on fake cuda")
     monkeypatch.setitem(CASES, case, _no_grad_case(case))
     _assert_like_real(case, "cuda", backward=False, backend="triton")
 

@@ -65,12 +65,13 @@ def _loss_inputs(dtype, with_weights):
     return old, log_prob, advantages, mask, weights
 
 
-def _config(name, clip=(0.15, 0.28, 2.5), **global_batch_info):
-    """verl's ActorConfig; ``clip`` = (clip_ratio_low, clip_ratio_high, clip_ratio_c)."""
+def _config(name, clip=(0.15, 0.28, 2.5), policy_loss=None, **global_batch_info):
+    """verl's ActorConfig; ``clip`` = (clip_ratio_low, clip_ratio_high, clip_ratio_c);
+    ``policy_loss``: PolicyLossConfig fields beyond ``loss_mode`` (verl's defaults otherwise)."""
     config = ActorConfig(
         strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2, clip_ratio_low=clip[0],
         clip_ratio_high=clip[1], clip_ratio_c=clip[2], tau_pos=1.2, tau_neg=1.6,
-        policy_loss=PolicyLossConfig(loss_mode=name),
+        policy_loss=PolicyLossConfig(loss_mode=name, **(policy_loss or {})),
     )
     config.global_batch_info.update(global_batch_info)
     return config
@@ -93,9 +94,14 @@ def _assert_close(name, ours_value, verl_value, atol=ATOL):
 
 
 def _compare_loss(name, mode, config, inputs, backend):
+    """-> our metrics. torch's RNG is seeded alike before each call: clip_cov draws its
+    tokens from it (``torch.randperm``), and the two draws must be the same."""
     old, log_prob, advantages, mask, weights = inputs
     verl_fn = getattr(core_algos, f"compute_policy_loss_{name}")
+    seed = int(torch.randint(2**31, ()))
+    torch.manual_seed(seed)
     v_loss, v_grad, v_metrics = _call(verl_fn, old, log_prob, advantages, mask, mode, config, weights)
+    torch.manual_seed(seed)
     o_loss, o_grad, o_metrics = _call(
         ours.POLICY_LOSSES[name], old, log_prob, advantages, mask, mode, config, weights, backend=backend
     )
@@ -107,6 +113,7 @@ def _compare_loss(name, mode, config, inputs, backend):
     for key, value in v_metrics.items():
         assert isinstance(o_metrics[key], float), f"{name}: {key} must be a Python float like verl's"
         assert o_metrics[key] == pytest.approx(value, rel=RTOL, abs=ATOL), f"{name} {mode}: {key}"
+    return o_metrics
 
 
 @pytest.mark.parametrize("with_weights", [False, True], ids=["no_is", "is_weights"])
@@ -115,6 +122,37 @@ def _compare_loss(name, mode, config, inputs, backend):
 @pytest.mark.parametrize("name", LOSSES)
 def test_policy_loss_matches_verl(name, mode, dtype, with_weights, backend):
     _compare_loss(name, mode, _config(name), _loss_inputs(dtype, with_weights), backend)
+
+
+# Covariance windows and ratios that pick several tokens of the 40-odd valid ones (verl's
+# defaults pick one: max(int(0.0002 n), 1)), so the draw among the candidates matters.
+COV_CONFIGS = {
+    "clip_cov": [dict(clip_cov_ratio=0.1, clip_cov_lb=0.05, clip_cov_ub=3.0),
+                 dict(clip_cov_ratio=1.0, clip_cov_lb=-0.5, clip_cov_ub=0.5)],  # every candidate dropped
+    "kl_cov": [dict(kl_cov_ratio=0.2, ppo_kl_coef=0.5), dict(kl_cov_ratio=1.0, ppo_kl_coef=2.0)],
+}
+
+
+@pytest.mark.parametrize("with_weights", [False, True], ids=["no_is", "is_weights"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name,fields", [(name, f) for name, fs in COV_CONFIGS.items() for f in fs],
+                         ids=[f"{name}{i}" for name, fs in COV_CONFIGS.items() for i in range(len(fs))])
+def test_cov_losses_with_larger_ratios_match_verl(name, fields, mode, with_weights, backend):
+    inputs = _loss_inputs(torch.float32, with_weights)
+    metrics = _compare_loss(name, mode, _config(name, policy_loss=fields), inputs, backend)
+    if name == "clip_cov":  # tokens were dropped (else this compares plain PPO)
+        assert metrics["actor/pg_clipfrac"] > 0
+
+
+def test_clip_cov_with_verls_defaults_drops_one_token():
+    # verl's defaults (ratio 0.0002, window (1, 5)): one token when any is a candidate. Row
+    # 1's first token (always valid) is made one: r = 1 (not clipped), A = -1 and a logprob
+    # ~3 below the mean, so cov ~ 3
+    old, log_prob, advantages, mask, weights = _loss_inputs(torch.float32, False)
+    log_prob[1, 0], old[1, 0], advantages[1, 0] = -4.0, -4.0, -1.0
+    metrics = _compare_loss("clip_cov", "token-mean", _config("clip_cov"), (old, log_prob, advantages, mask, weights),
+                            "torch")  # fmt: skip
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(1 / mask.sum().item())
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -180,6 +218,21 @@ def test_bad_loss_inputs_raise_clearly():
         config = _config("vanilla")
         object.__setattr__(config, "clip_ratio_c", 1.0)
         fn(old, log_prob, advantages, mask, "token-mean", config)
+
+
+def test_bad_cov_loss_inputs_raise_clearly():
+    old, log_prob, advantages, mask, _ = _loss_inputs(torch.float32, False)
+    with pytest.raises(ValueError, match="verl clip_cov: config.policy_loss is required"):
+        ours.compute_policy_loss_clip_cov(old, log_prob, advantages, mask, "token-mean",
+                                          OmegaConf.create(dict(clip_ratio=0.2, global_batch_info={})))  # fmt: skip
+    with pytest.raises(ValueError, match=r"clip_cov_ratio must be in \(0, 1\]"):  # verl asserts > 0
+        ours.compute_policy_loss_clip_cov(old, log_prob, advantages, mask, "token-mean",
+                                          _config("clip_cov", policy_loss=dict(clip_cov_ratio=0.0)))  # fmt: skip
+    with pytest.raises(ValueError, match="clip_cov_lb must be < clip_cov_ub"):
+        ours.compute_policy_loss_clip_cov(old, log_prob, advantages, mask, "token-mean",
+                                          _config("clip_cov", policy_loss=dict(clip_cov_lb=5.0, clip_cov_ub=1.0)))  # fmt: skip
+    with pytest.raises(ValueError, match="loss_agg_mode must be one of"):
+        ours.compute_policy_loss_kl_cov(old, log_prob, advantages, mask, "seq-mean", _config("kl_cov"))
 
 
 # ---------------------------------------------------------------------------------------

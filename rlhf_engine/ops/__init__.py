@@ -17,6 +17,7 @@ trace with fake CPU tensors there. Tests: ``tests/test_fake_tensor.py``.
 """
 
 from rlhf_engine.ops.advantages import group_advantages, masked_whiten
+from rlhf_engine.ops.cov_losses import clip_cov_loss, kl_cov_loss
 from rlhf_engine.ops.fused_linear import fused_linear_logprobs, fused_linear_policy_loss, sequence_logprobs
 from rlhf_engine.ops.gae import discounted_returns, gae
 from rlhf_engine.ops.kl import kl_penalty
@@ -25,11 +26,13 @@ from rlhf_engine.ops.policy_loss import policy_loss
 from rlhf_engine.ops.value_loss import value_loss
 
 __all__ = [
+    "clip_cov_loss",
     "discounted_returns",
     "fused_linear_logprobs",
     "fused_linear_policy_loss",
     "gae",
     "group_advantages",
+    "kl_cov_loss",
     "kl_penalty",
     "masked_whiten",
     "policy_loss",

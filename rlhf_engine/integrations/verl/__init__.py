@@ -14,11 +14,15 @@ What is here:
   ``c = clip_ratio_c``), ``gpg`` (REINFORCE), ``cispo``, ``gspo`` (the sequence log-ratio
   clamped from above at 10, as verl), ``sapo`` (``tau_pos`` / ``tau_neg`` from the
   config; always ``seq-mean-token-mean``, as verl), ``dppo_tv`` / ``dppo_kl`` (the cap
-  ``clip_ratio_c``) and ``geo_mean`` (GMPO: the batch mean of the sequence losses, whatever
-  ``loss_agg_mode``, as verl). Each has verl's signature
+  ``clip_ratio_c``), ``geo_mean`` (GMPO: the batch mean of the sequence losses, whatever
+  ``loss_agg_mode``, as verl), ``clip_cov`` and ``kl_cov`` (PRIME-RL:
+  the covariance pre-pass in torch, the loss by the fused op; ``clip_cov`` draws its tokens
+  with ``torch.randperm`` on torch's default generator as verl does, so the same seed
+  gives verl's pick; ``config.policy_loss``'s fields). Each has verl's signature
   ``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
   rollout_is_weights) -> (0-d loss, metrics)``, with verl's metric names as Python floats,
-  and is computed by :func:`rlhf_engine.ops.policy_loss` (any backend).
+  and is computed by :func:`rlhf_engine.ops.policy_loss` (any backend; the cov losses by
+  :func:`~rlhf_engine.ops.clip_cov_loss` / :func:`~rlhf_engine.ops.kl_cov_loss` on it).
 * Advantage estimators with verl's signatures and returns (:data:`ADVANTAGE_ESTIMATORS`),
   built on :func:`~rlhf_engine.ops.group_advantages`, :func:`~rlhf_engine.ops.gae`,
   :func:`~rlhf_engine.ops.discounted_returns` and :func:`~rlhf_engine.ops.masked_whiten`.
@@ -30,7 +34,7 @@ What is here:
   :func:`rlhf_engine.ops.fused_linear_logprobs`; :func:`patch_fused_linear` swaps them in.
 
 Not supported (verl keeps its own): the losses ``dro`` (verl importance-weights the
-quadratic term too), ``clip_cov``, ``kl_cov`` and ``bypass_mode`` (no matching op), and the estimators ``remax``, ``gpg``, ``grpo_passk``,
+quadratic term too) and ``bypass_mode`` (no matching op), and the estimators ``remax``, ``gpg``, ``grpo_passk``,
 ``gdpo``, ``optimal_token_baseline``, ``tir_optimal_token_baseline``.
 
 Differences that remain, all below fp32 rounding: our ops compute in fp32 whatever the
@@ -54,11 +58,13 @@ from rlhf_engine.integrations.verl.policy_losses import (
     POLICY_LOSSES,
     VERL_VERSION,
     compute_policy_loss_cispo,
+    compute_policy_loss_clip_cov,  # defined in cov_losses, which policy_losses imports last
     compute_policy_loss_dppo_kl,
     compute_policy_loss_dppo_tv,
     compute_policy_loss_geo_mean,
     compute_policy_loss_gpg,
     compute_policy_loss_gspo,
+    compute_policy_loss_kl_cov,
     compute_policy_loss_sapo,
     compute_policy_loss_vanilla,
     register,

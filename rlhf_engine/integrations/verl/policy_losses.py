@@ -317,6 +317,11 @@ def compute_policy_loss_geo_mean(
     return loss, _metrics(metrics)
 
 
+# Imported here, not at the top: cov_losses builds on the helpers above.
+from rlhf_engine.integrations.verl.cov_losses import (  # noqa: E402
+    compute_policy_loss_clip_cov, compute_policy_loss_kl_cov,
+)
+
 # verl loss_mode name -> our implementation with verl's signature.
 POLICY_LOSSES = {
     "vanilla": compute_policy_loss_vanilla,
@@ -327,6 +332,8 @@ POLICY_LOSSES = {
     "dppo_tv": compute_policy_loss_dppo_tv,
     "dppo_kl": compute_policy_loss_dppo_kl,
     "geo_mean": compute_policy_loss_geo_mean,
+    "clip_cov": compute_policy_loss_clip_cov,
+    "kl_cov": compute_policy_loss_kl_cov,
 }
 
 
