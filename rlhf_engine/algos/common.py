@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_engine.algos import precision
+from rlhf_engine.distributed.group import SINGLE, DataParallel
 from rlhf_engine.models import PolicyModel
 from rlhf_engine.rollout import Rollout, SamplingConfig, generate
 from rlhf_engine.rollout.scoring import row_slices
@@ -151,9 +152,11 @@ class SingleModelTrainer:
 
     role = "policy"
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0):
-        self.trained_model = model
-        self.optimizer = make_optimizer(model, lr, weight_decay)
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0, parallel: DataParallel = SINGLE):
+        # Under torchrun the model is sharded (FSDP2) before its optimizer sees the parameters.
+        self.parallel = parallel
+        self.trained_model = parallel.shard(model)
+        self.optimizer = make_optimizer(self.trained_model, lr, weight_decay)
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
@@ -180,6 +183,8 @@ def clip_and_step(optimizer: torch.optim.Optimizer, grad_clip: float | None) -> 
         optimizer.grads_to_masters()
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: the global norm of the DTensor gradients, replicated
+        norm = norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm.detach()

@@ -48,6 +48,7 @@ from rlhf_engine.algos.kl_control import KLController
 from rlhf_engine.algos.loss_semantics import preset_loss_options
 from rlhf_engine.algos.placement import PhasePlacement, prepare_trained
 from rlhf_engine.algos.precision import DTYPES, make_optimizer, parse_dtype
+from rlhf_engine.distributed.group import SINGLE, DataParallel
 from rlhf_engine.models import PolicyModel, ScalarHeadModel
 from rlhf_engine.models.lora import AdapterDisabledPolicy
 from rlhf_engine.reference.kl import ESTIMATORS as KL_ESTIMATORS
@@ -216,6 +217,7 @@ class RLTrainer:
         critic: ScalarHeadModel | None = None,
         gold_fn: ScoreFn | None = None,
         placement=None,
+        parallel: DataParallel = SINGLE,
     ):
         if (reward_fn is None) == (reward_model is None):
             raise ValueError("RLTrainer: pass exactly one of reward_fn and reward_model")
@@ -224,7 +226,7 @@ class RLTrainer:
         if (reference is None) != (config.lora_rank > 0):
             raise ValueError("RLTrainer: pass a reference for full fine-tuning, and None with lora_rank > 0 "
                              f"(the reference is then the adapter-disabled policy); lora_rank={config.lora_rank}")  # fmt: skip
-        self.config, self.prompts = config, prompts
+        self.config, self.prompts, self.parallel = config, prompts, parallel
         self.policy = prepare_trained(policy, config.dtype, config.lora_rank, config.lora_alpha,
                                       config.policy_gradient_checkpointing, config.seed)  # fmt: skip
         frozen = config.frozen_dtype or config.dtype
