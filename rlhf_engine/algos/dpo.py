@@ -84,6 +84,6 @@ class DPOTrainer(SingleModelTrainer):
         )  # fmt: skip
         world = self.parallel.world_size
         # the global loss is the mean of the ranks' means (equal shares); FSDP sums the gradients
-        out = self.parallel.sum_floats({"loss": float(loss) / world, **{k: float(v) / world for k, v in metrics.items()}})
+        out = self.parallel.sum_floats({"loss": float(loss.detach()) / world, **{k: float(v) / world for k, v in metrics.items()}})
         out["grad_norm"] = float(optimizer_step(self.optimizer, loss / world if world > 1 else loss, cfg.grad_clip))
         return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -96,7 +97,9 @@ def load_sharded_checkpoint(
     missing = sorted(set(state) - set(_saved_roles(path)))
     if missing:
         raise ValueError(f"load_sharded_checkpoint: {path} has no state for {missing}")
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():  # a single process loading a sharded checkpoint is meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=str(path))
     for role, model in models.items():
         if role in optimizers:
             set_state_dict(model, optimizers[role], model_state_dict=state[role]["model"], optim_state_dict=state[role]["optim"])

@@ -1,0 +1,193 @@
+"""Data-parallel training on FSDP2 under torchrun (CPU, gloo, 2 processes).
+
+Each algorithm runs on the built-in tiny model: 2 ranks against 1 process on the same global
+batch, resume from a sharded checkpoint at 2 ranks and at 1, the exported model loaded by
+plain ``transformers``, and the world-size errors raised before any model is loaded.
+
+Tolerance: the 2-rank run sums the same fp32 terms in another order (each rank's partial sums
+of the loss and of the gradients, then an all-reduce / a reduce-scatter), so its parameters
+differ from the single process's by rounding: about 1e-7 after a few AdamW steps here. The
+tests allow ``ATOL`` = 1e-5 and check that training moved the parameters by far more than
+that (a rank training on the wrong rows, or a normalizer off by the world size, moves them
+by ~1e-3 differently).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_engine.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ATOL = 1e-5
+TIMEOUT_S = 240
+
+SFT = [{"prompt": "ab", "response": "ba"}, {"prompt": "cba", "response": "abc"}, {"prompt": "ca", "response": "ac"}]
+PAIRS = [
+    {"prompt": "ab", "chosen": "ab", "rejected": "ba"},
+    {"prompt": "cba", "chosen": "abc", "rejected": "cab"},
+    {"prompt": "ca", "chosen": "ac", "rejected": "c"},
+]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def jsonl(path: Path, records: list) -> str:
+    return write(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def launch(nproc: int, *args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
+    """``rlhf-engine train ... --nproc N`` (or ``torchrun ... -m rlhf_engine.cli train``) in a
+    subprocess importing this tree; the ranks' output is shown when it fails."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    if torchrun:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   "-m", "rlhf_engine.cli", "train", *args]  # fmt: skip
+    else:
+        command = [sys.executable, "-m", "rlhf_engine.cli", "train", *args, "--nproc", str(nproc)]
+    try:
+        done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"{' '.join(command)} ran past {TIMEOUT_S} s:\n{error.stdout}\n{error.stderr}")
+    return done
+
+
+def launch_ok(nproc: int, *args: str, torchrun: bool = False) -> None:
+    done = launch(nproc, *args, torchrun=torchrun)
+    assert done.returncode == 0, f"exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+
+
+def train_args(algo: str, data: str, config: str, out: Path, *extra: str) -> list[str]:
+    return ["--algo", algo, "--model", "tiny", "--data", data, "--config", config, "--out", str(out), "--quiet",
+            "--device", "cpu", *extra]  # fmt: skip
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(got: Path, want: Path, start: dict[str, torch.Tensor]) -> None:
+    a, b = weights(got), weights(want)
+    assert a.keys() == b.keys()
+    moved = max(float((b[k] - start[k]).abs().max()) for k in b)
+    assert moved > 100 * ATOL, f"training moved the weights by {moved} only: the comparison would prove nothing"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=ATOL, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+def assert_same_metrics(got: Path, want: Path, keys: tuple[str, ...]) -> None:
+    a, b = metrics(got), metrics(want)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for k in keys:
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), (x["step"], k, x[k], y[k])
+
+
+def initial_weights(tmp_path: Path, data: str) -> dict[str, torch.Tensor]:
+    """The tiny model's starting weights (a 0-step SFT run exports them)."""
+    out = tmp_path / "init"
+    assert main(["train", *train_args("sft", data, write(tmp_path / "zero.yaml", "steps: 0\nbatch_size: 2\n"), out)]) == 0
+    return weights(out)
+
+
+def check_two_ranks_and_resume(tmp_path: Path, algo: str, data: str, head: str, steps: int, stop: int,
+                               metric_keys: tuple[str, ...], init: dict[str, torch.Tensor], *extra: str) -> None:  # fmt: skip
+    """1 process for ``steps`` steps; 2 ranks stopped after ``stop`` steps (sharded checkpoint),
+    then resumed at 2 ranks and, from a copy, in 1 process: all three end with the same weights,
+    the 2-rank log equals the single process's (global metrics)."""
+    full = write(tmp_path / "full.yaml", f"{head}steps: {steps}\n")
+    part = write(tmp_path / "part.yaml", f"{head}steps: {stop}\n")
+    single, two = tmp_path / "single", tmp_path / "two"
+    assert main(["train", *train_args(algo, data, full, single, *extra)]) == 0
+    launch_ok(2, *train_args(algo, data, part, two, *extra))
+    assert (two / "checkpoints" / f"step-{stop - 1:08d}" / ".metadata").is_file()  # sharded (DCP)
+    assert sorted(p.name for p in (two / "checkpoints" / f"step-{stop - 1:08d}").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    one = tmp_path / "resumed-at-1"
+    shutil.copytree(two, one)
+    launch_ok(2, *train_args(algo, data, full, two, "--resume", *extra), torchrun=True)
+    assert_same_weights(two, single, init)
+    assert_same_metrics(two, single, metric_keys)
+    assert main(["train", *train_args(algo, data, full, one, "--resume", *extra)]) == 0
+    assert_same_weights(one, single, init)
+    assert [r["step"] for r in metrics(one)] == list(range(steps))
+
+
+def test_sft_two_ranks_match_one_process_and_resume_at_two_and_one(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = jsonl(tmp_path / "sft.jsonl", SFT)
+    check_two_ranks_and_resume(tmp_path, "sft", data, "batch_size: 4\n", 5, 3, ("loss", "tokens", "grad_norm"),
+                               initial_weights(tmp_path, data))  # fmt: skip
+    # The model the 2 ranks gathered is a plain Hugging Face folder, and the --model of a later run.
+    out = tmp_path / "two"
+    lm = AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True)
+    saved = weights(out)
+    assert "lm_head.weight" not in saved  # tied to the embeddings: stored once, as PolicyModel.save does
+    assert lm.lm_head.weight is lm.get_input_embeddings().weight
+    for name, tensor in lm.state_dict().items():
+        torch.testing.assert_close(tensor, saved.get(name, saved["model.embed_tokens.weight"]), atol=0, rtol=0)
+    later = train_args("sft", data, write(tmp_path / "later.yaml", "steps: 1\nbatch_size: 2\n"), tmp_path / "later")
+    later[later.index("tiny")] = str(out / "model")
+    assert main(["train", *later]) == 0
+
+
+def test_dpo_two_ranks_under_torchrun_match_one_process(tmp_path):
+    data = jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    config = write(tmp_path / "dpo.yaml", "steps: 3\nbatch_size: 4\nnll_coef: 0.5\n")
+    single, two = tmp_path / "single", tmp_path / "two"
+    assert main(["train", *train_args("dpo", data, config, single)]) == 0
+    launch_ok(2, *train_args("dpo", data, config, two), torchrun=True)
+    assert_same_weights(two, single, initial_weights(tmp_path, jsonl(tmp_path / "sft.jsonl", SFT)))
+    assert_same_metrics(two, single, ("loss", "chosen_reward", "reward_margin", "nll_loss", "grad_norm"))
+
+
+@pytest.mark.parametrize("algo, records, text, words", [
+    ("sft", SFT, "batch_size: 3\n", ["SFTConfig.batch_size = 3", "2 ranks", "multiple of 2", "[1, 3]"]),
+    ("dpo", PAIRS, "batch_size: 5\n", ["DPOConfig.batch_size = 5", "2 ranks"]),
+    ("grpo", [{"prompt": "ab", "answer": ""}], "prompts_per_step: 3\ngroup_size: 4\n",
+     ["RLConfig.prompts_per_step = 3", "2 ranks", "whole groups of group_size = 4"]),
+    ("grpo", [{"prompt": "ab", "answer": ""}], "prompts_per_step: 4\ngroup_size: 4\nminibatch_size: 5\n",
+     ["RLConfig.minibatch_size = 5", "2 ranks"]),
+])  # fmt: skip
+def test_a_world_size_that_does_not_split_the_batch_fails_before_any_model_loads(algo, records, text, words, tmp_path,
+                                                                                 monkeypatch, capsys):  # fmt: skip
+    """Under the torchrun environment of rank 0 of 2 (in this process): the error names the field,
+    the world size and what would divide, before the process group is joined or a model read."""
+    import rlhf_engine.train as train
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("reached past the world-size check")
+
+    for name in ("init_process_group", "load_policy", "load_tokenizer", "load_records"):
+        monkeypatch.setattr(train, name, must_not_run)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    data = jsonl(tmp_path / "data.jsonl", records)
+    assert main(["train", *train_args(algo, data, write(tmp_path / "c.yaml", text), tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_nproc_checks_the_world_size_before_launching(tmp_path, capsys):
+    data = jsonl(tmp_path / "sft.jsonl", SFT)
+    assert main(["train", *train_args("sft", data, write(tmp_path / "c.yaml", "batch_size: 4\n"), tmp_path / "out"), "--nproc", "3"]) == 2
+    assert "SFTConfig.batch_size = 4 does not split over 3 ranks" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
