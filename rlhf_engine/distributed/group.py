@@ -62,6 +62,19 @@ class DataParallel:
         dist.all_reduce(out, op=getattr(dist.ReduceOp, op))
         return out.to(tensor.device)
 
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (the same shape on every rank) concatenated along dim 0 in rank
+        order: the global batch, when each rank holds its :meth:`rows`."""
+        if not self.distributed:
+            return tensor
+        import torch.distributed as dist
+
+        # gloo gathers no bool tensors: as uint8 and back
+        local = tensor.detach().to(self.device, dtype=torch.uint8 if tensor.dtype == torch.bool else tensor.dtype).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).to(device=tensor.device, dtype=tensor.dtype)
+
     def sum_floats(self, values: dict[str, float]) -> dict[str, float]:
         """``{name: sum over ranks}`` in one all-reduce (fp64)."""
         if not self.distributed or not values:

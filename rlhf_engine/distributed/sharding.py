@@ -21,6 +21,8 @@ needs no collective (and so cannot fall out of lockstep) and costs one copy per 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 # Wrapper methods that run a forward of the root (what the trainers and the sampler call).
@@ -55,6 +57,8 @@ def shard_model(model: torch.nn.Module, mesh, *, param_dtype: torch.dtype | None
     for name in FORWARD_METHODS:
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
+    # ScalarHeadModel.values returns a view (its squeeze), which the trainers only slice out of place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPScalarHeadModel\) returned a view tensor")
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
