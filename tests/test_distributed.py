@@ -36,7 +36,25 @@ PAIRS = [
     {"prompt": "ca", "chosen": "ac", "rejected": "c"},
 ]
 
+PROMPTS = [{"prompt": "ab"}, {"prompt": "cba"}, {"prompt": "ca"}]
+# 4 prompts of 2 ranks: 2 whole groups per rank. GRPO: an on-policy update (one minibatch of
+# all 16 rows) in micro-batches of 4 with an entropy bonus; PPO: 2 epochs of 2 minibatches of 4
+# (2 rows per rank each) for the policy and the critic, with an adaptive KL coefficient (state
+# a resume must restore).
+GRPO = "prompts_per_step: 4\ngroup_size: 4\nmax_new_tokens: 3\nminibatch_size: 16\nmicro_batch_size: 4\nentropy_coef: 0.01\n"
+PPO = "prompts_per_step: 4\ngroup_size: 2\nmax_new_tokens: 3\nminibatch_size: 4\nepochs: 2\nkl_target: 0.1\n"
+RL_METRICS = ("reward_mean", "kl", "reward_std", "entropy", "policy_loss", "grad_norm", "approx_kl", "kl_coef", "response_length")
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory) -> str:
+    """A reward model trained for 3 steps (continuous scores: the advantages are not all 0)."""
+    root = tmp_path_factory.mktemp("rm")
+    data, config = jsonl(root / "pairs.jsonl", PAIRS), write(root / "rm.yaml", "steps: 3\nbatch_size: 4\n")
+    assert main(["train", *train_args("rm", data, config, root / "out")]) == 0
+    return str(root / "out" / "model")
 
 
 def write(path: Path, text: str) -> str:
@@ -155,6 +173,25 @@ def test_dpo_two_ranks_under_torchrun_match_one_process(tmp_path):
     launch_ok(2, *train_args("dpo", data, config, two), torchrun=True)
     assert_same_weights(two, single, initial_weights(tmp_path, jsonl(tmp_path / "sft.jsonl", SFT)))
     assert_same_metrics(two, single, ("loss", "chosen_reward", "reward_margin", "nll_loss", "grad_norm"))
+
+
+def test_grpo_two_ranks_match_one_process(tmp_path, reward_model):
+    data = jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    config = write(tmp_path / "grpo.yaml", f"{GRPO}steps: 3\n")
+    single, two = tmp_path / "single", tmp_path / "two"
+    extra = ("--reward-model", reward_model)
+    assert main(["train", *train_args("grpo", data, config, single, *extra)]) == 0
+    launch_ok(2, *train_args("grpo", data, config, two, *extra), torchrun=True)
+    assert_same_weights(two, single, initial_weights(tmp_path, jsonl(tmp_path / "sft.jsonl", SFT)))
+    assert_same_metrics(two, single, RL_METRICS + ("logprob_gap_max",))
+
+
+def test_ppo_with_a_critic_two_ranks_match_one_process_and_resume_at_two_and_one(tmp_path, reward_model):
+    """The critic is sharded and checkpointed too: GAE reads its values, so a critic that trained
+    or resumed differently changes the policy's updates (and ``value_loss``)."""
+    data = jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    check_two_ranks_and_resume(tmp_path, "ppo", data, PPO, 4, 2, RL_METRICS + ("value_loss", "explained_variance"),
+                               initial_weights(tmp_path, jsonl(tmp_path / "sft.jsonl", SFT)), "--reward-model", reward_model)  # fmt: skip
 
 
 @pytest.mark.parametrize("algo, records, text, words", [
