@@ -43,6 +43,7 @@ PROMPTS = [{"prompt": "ab"}, {"prompt": "cba"}, {"prompt": "ca"}]
 # a resume must restore).
 GRPO = "prompts_per_step: 4\ngroup_size: 4\nmax_new_tokens: 3\nminibatch_size: 16\nmicro_batch_size: 4\nentropy_coef: 0.01\n"
 PPO = "prompts_per_step: 4\ngroup_size: 2\nmax_new_tokens: 3\nminibatch_size: 4\nepochs: 2\nkl_target: 0.1\n"
+LORA = "lora_rank: 4\npolicy_gradient_checkpointing: true\nlr: 0.01\n"
 RL_METRICS = ("reward_mean", "kl", "reward_std", "entropy", "policy_loss", "grad_norm", "approx_kl", "kl_coef", "response_length")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -175,9 +176,13 @@ def test_dpo_two_ranks_under_torchrun_match_one_process(tmp_path):
     assert_same_metrics(two, single, ("loss", "chosen_reward", "reward_margin", "nll_loss", "grad_norm"))
 
 
-def test_grpo_two_ranks_match_one_process(tmp_path, reward_model):
+@pytest.mark.parametrize("levers", ["", LORA], ids=["full", "lora-checkpointing"])
+def test_grpo_two_ranks_match_one_process(levers, tmp_path, reward_model):
+    """Full fine-tuning, and LoRA (peft layers inside the FSDP units; the reference is the
+    adapter-disabled sharded policy; the export merges the gathered adapters) with gradient
+    checkpointing (each checkpointed layer all-gathered again for its recompute)."""
     data = jsonl(tmp_path / "prompts.jsonl", PROMPTS)
-    config = write(tmp_path / "grpo.yaml", f"{GRPO}steps: 3\n")
+    config = write(tmp_path / "grpo.yaml", f"{GRPO}steps: 3\n{levers}")
     single, two = tmp_path / "single", tmp_path / "two"
     extra = ("--reward-model", reward_model)
     assert main(["train", *train_args("grpo", data, config, single, *extra)]) == 0
