@@ -12,9 +12,11 @@ that (a rank training on the wrong rows, or a normalizer off by the world size, 
 by ~1e-3 differently).
 """
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +49,20 @@ LORA = "lora_rank: 4\npolicy_gradient_checkpointing: true\nlr: 0.01\n"
 RL_METRICS = ("reward_mean", "kl", "reward_std", "entropy", "policy_loss", "grad_norm", "approx_kl", "kl_coef", "response_length")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@contextlib.contextmanager
+def torchrun_of_one():
+    """This process as rank 0 of a 1-process torchrun launch (``--nproc-per-node 1``): the FSDP2
+    path, in process; ``run_train`` joins and leaves the process group itself."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": str(port)}.items():  # fmt: skip
+            patch.setenv(name, value)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +153,7 @@ def check_two_ranks_and_resume(tmp_path: Path, algo: str, data: str, head: str, 
     launch_ok(2, *train_args(algo, data, part, two, *extra))
     assert (two / "checkpoints" / f"step-{stop - 1:08d}" / ".metadata").is_file()  # sharded (DCP)
     assert sorted(p.name for p in (two / "checkpoints" / f"step-{stop - 1:08d}").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    shutil.copytree(two, tmp_path / "two-stopped")
     one = tmp_path / "resumed-at-1"
     shutil.copytree(two, one)
     launch_ok(2, *train_args(algo, data, full, two, "--resume", *extra), torchrun=True)
@@ -145,14 +162,21 @@ def check_two_ranks_and_resume(tmp_path: Path, algo: str, data: str, head: str, 
     assert main(["train", *train_args(algo, data, full, one, "--resume", *extra)]) == 0
     assert_same_weights(one, single, init)
     assert [r["step"] for r in metrics(one)] == list(range(steps))
+    return part, full
 
 
 def test_sft_two_ranks_match_one_process_and_resume_at_two_and_one(tmp_path):
     from transformers import AutoModelForCausalLM
 
     data = jsonl(tmp_path / "sft.jsonl", SFT)
-    check_two_ranks_and_resume(tmp_path, "sft", data, "batch_size: 4\n", 5, 3, ("loss", "tokens", "grad_norm"),
-                               initial_weights(tmp_path, data))  # fmt: skip
+    init = initial_weights(tmp_path, data)
+    _, full = check_two_ranks_and_resume(tmp_path, "sft", data, "batch_size: 4\n", 5, 3, ("loss", "tokens", "grad_norm"), init)
+    # and at one rank under torchrun (FSDP2, world size 1, in process) from the same 2-rank checkpoint
+    fsdp_one = tmp_path / "resumed-at-1-under-torchrun"
+    shutil.copytree(tmp_path / "two-stopped", fsdp_one)
+    with torchrun_of_one():
+        assert main(["train", *train_args("sft", data, full, fsdp_one, "--resume")]) == 0
+    assert_same_weights(fsdp_one, tmp_path / "single", init)
     # The model the 2 ranks gathered is a plain Hugging Face folder, and the --model of a later run.
     out = tmp_path / "two"
     lm = AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True)
@@ -197,6 +221,45 @@ def test_ppo_with_a_critic_two_ranks_match_one_process_and_resume_at_two_and_one
     data = jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     check_two_ranks_and_resume(tmp_path, "ppo", data, PPO, 4, 2, RL_METRICS + ("value_loss", "explained_variance"),
                                initial_weights(tmp_path, jsonl(tmp_path / "sft.jsonl", SFT)), "--reward-model", reward_model)  # fmt: skip
+
+
+def test_a_crash_mid_save_leaves_the_last_checkpoint_and_resume_at_one_rank_reproduces_the_run(tmp_path, monkeypatch):
+    """Under torchrun with one rank (FSDP2, world size 1, in process): the save of step 2 dies after
+    writing part of its shards; ``latest`` still names step 1, no step-2 folder is visible, and
+    ``--resume`` (again FSDP2 at one rank) ends where the uninterrupted single process ends."""
+    import torch.distributed.checkpoint as dcp
+
+    from rlhf_engine.distributed.group import current
+    from rlhf_engine.train import run_train
+
+    data = jsonl(tmp_path / "sft.jsonl", SFT)
+    config = write(tmp_path / "c.yaml", "steps: 4\nbatch_size: 2\n")
+    single, out = tmp_path / "single", tmp_path / "out"
+    real_save, saves = dcp.save, []
+
+    def dying_save(state, *, checkpoint_id):
+        saves.append(checkpoint_id)
+        if len(saves) == 3:
+            Path(checkpoint_id).mkdir(parents=True, exist_ok=True)
+            (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half a shard")
+            raise RuntimeError("killed mid-save")
+        return real_save(state, checkpoint_id=checkpoint_id)
+
+    monkeypatch.setattr(dcp, "save", dying_save)
+    with torchrun_of_one(), pytest.raises(RuntimeError, match="killed mid-save"):
+        run_train("sft", "tiny", data, out, config_path=config, checkpoint_every=1, quiet=True)
+    assert current().distributed is False  # the process group was left
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-00000001"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000000", "step-00000001"]
+    assert (checkpoints / "step-00000001" / ".metadata").is_file()  # written by the FSDP2 path (DCP)
+    monkeypatch.setattr(dcp, "save", real_save)
+    with torchrun_of_one():
+        run_train("sft", "tiny", data, out, config_path=config, checkpoint_every=1, quiet=True, resume=True)
+    assert not (checkpoints / ".tmp-step-00000002").exists()
+    assert [r["step"] for r in metrics(out)] == [0, 1, 2, 3]
+    assert main(["train", *train_args("sft", data, config, single)]) == 0
+    assert_same_weights(out, single, initial_weights(tmp_path, data))
 
 
 @pytest.mark.parametrize("algo, records, text, words", [
