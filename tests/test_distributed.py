@@ -262,6 +262,22 @@ def test_a_crash_mid_save_leaves_the_last_checkpoint_and_resume_at_one_rank_repr
     assert_same_weights(out, single, initial_weights(tmp_path, data))
 
 
+def test_bf16_under_torchrun_is_fsdp_mixed_precision_with_fp32_masters(tmp_path, reward_model):
+    """``dtype: bf16`` at one FSDP rank (in process), PPO with its critic: the passes compute in bf16
+    (``MixedPrecisionPolicy``), the sharded parameters (the masters) and so the export stay fp32.
+    Not compared with the single process's bf16 run: that one rounds its gradients in bf16 before
+    moving them to its masters, FSDP reduces them in fp32, so the sampled responses soon differ."""
+    data = jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    config = write(tmp_path / "bf16.yaml", f"{PPO}steps: 2\ndtype: bf16\n")
+    out = tmp_path / "out"
+    with torchrun_of_one():
+        assert main(["train", *train_args("ppo", data, config, out, "--reward-model", reward_model)]) == 0
+    saved, init = weights(out), initial_weights(tmp_path, jsonl(tmp_path / "sft.jsonl", SFT))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert max(float((saved[k] - init[k]).abs().max()) for k in init) > 1e-3
+    assert all(torch.isfinite(torch.tensor(r["policy_loss"])) and torch.isfinite(torch.tensor(r["value_loss"])) for r in metrics(out))
+
+
 @pytest.mark.parametrize("algo, records, text, words", [
     ("sft", SFT, "batch_size: 3\n", ["SFTConfig.batch_size = 3", "2 ranks", "multiple of 2", "[1, 3]"]),
     ("dpo", PAIRS, "batch_size: 5\n", ["DPOConfig.batch_size = 5", "2 ranks"]),

@@ -227,26 +227,30 @@ class RLTrainer:
             raise ValueError("RLTrainer: pass a reference for full fine-tuning, and None with lora_rank > 0 "
                              f"(the reference is then the adapter-disabled policy); lora_rank={config.lora_rank}")  # fmt: skip
         self.config, self.prompts, self.parallel = config, prompts, parallel
-        # Under torchrun the trained roles are sharded (FSDP2) after their precision, LoRA and
-        # checkpointing are set, before their optimizers see the parameters; the frozen roles are
-        # full replicas on every rank (no collective in their passes).
-        self.policy = parallel.shard(prepare_trained(policy, config.dtype, config.lora_rank, config.lora_alpha,
-                                                     config.policy_gradient_checkpointing, config.seed))  # fmt: skip
+        # Under torchrun the trained roles are sharded (FSDP2) after their LoRA and checkpointing
+        # are set, before their optimizers see the parameters. bf16 there is FSDP's mixed precision:
+        # the sharded parameters stay fp32 (they are the master weights, the optimizer a plain fp32
+        # AdamW), all-gathered in bf16 for the passes, gradients reduced in fp32. The frozen roles
+        # are full replicas on every rank in their dtype (no collective in their passes).
+        trained_dtype = "fp32" if parallel.distributed else config.dtype
+        compute = parse_dtype(config.dtype) if parallel.distributed and config.dtype != "fp32" else None
+        self.policy = parallel.shard(prepare_trained(policy, trained_dtype, config.lora_rank, config.lora_alpha,
+                                                     config.policy_gradient_checkpointing, config.seed), compute)  # fmt: skip
         frozen = config.frozen_dtype or config.dtype
         placed = {"dtype": parse_dtype(frozen), **({"device": parallel.device} if parallel.distributed else {})}
         self.reference = AdapterDisabledPolicy(self.policy) if reference is None else freeze(reference.to(**placed))
         self.reward_model = freeze(reward_model.to(**placed)) if reward_model is not None else None
         if critic is not None:
-            critic = parallel.shard(prepare_trained(critic, config.dtype, config.critic_lora_rank, config.lora_alpha,
-                                                    config.critic_gradient_checkpointing, config.seed + 1))  # fmt: skip
+            critic = parallel.shard(prepare_trained(critic, trained_dtype, config.critic_lora_rank, config.lora_alpha,
+                                                    config.critic_gradient_checkpointing, config.seed + 1), compute)  # fmt: skip
         self.reward_fn, self.critic, self.gold_fn = reward_fn, critic, gold_fn
         self.pad_token_id = pad_token_id
         self.sampling = SamplingConfig(
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
             top_p=config.top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         )  # fmt: skip
-        self.optimizer = make_optimizer(self.policy, config.lr, config.weight_decay, dtype=config.dtype)
-        self.critic_optimizer = make_optimizer(critic, config.critic_lr, dtype=config.dtype) if critic is not None else None
+        self.optimizer = make_optimizer(self.policy, config.lr, config.weight_decay, dtype=trained_dtype)
+        self.critic_optimizer = make_optimizer(critic, config.critic_lr, dtype=trained_dtype) if critic is not None else None
         self.kl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.placement = PhasePlacement(self, placement)
 

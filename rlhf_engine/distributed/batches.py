@@ -42,5 +42,3 @@ def check_world_size(algo: str, config, world_size: int) -> None:
     if config.generate_micro_batch_size is not None:
         raise ValueError(f"RLConfig.generate_micro_batch_size = {config.generate_micro_batch_size}: under torchrun each "
                          "rank samples its share of the rollout in one batch (set it to null)")  # fmt: skip
-    if config.dtype != "fp32":
-        raise ValueError(f"RLConfig.dtype = {config.dtype!r}: under torchrun the trained roles are fp32 for now")
