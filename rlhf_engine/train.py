@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import os
 from pathlib import Path
@@ -322,26 +323,38 @@ def _run_distributed(algo: str, config, model: str, data, out, device: torch.dev
         raise ValueError("--plan auto plans one GPU; under torchrun the run is not planned yet (use --plan off)")
     parallel = init_process_group(device)
     try:
-        tokenizer = load_tokenizer(model)
-        records = load_records(algo, data, tokenizer)
-        torch.manual_seed(config.seed)
-        policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, parallel.device)
-        trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel)
-        out = Path(out)
-        if parallel.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if resume:
-                _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
+        history = _train_ranks(algo, config, model, data, Path(out), parallel, resume=resume, reward_model_path=reward_model_path,
+                               checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet)  # fmt: skip
+        # Every rank done with every collective, and the models (whose FSDP state holds gloo work
+        # and tensors) freed, before the group goes: a gloo group torn down under a live peer or
+        # with pending work can abort the process at exit.
         parallel.barrier()
-        log = RunLog(out / "metrics.jsonl", total=config.steps, desc=algo, quiet=quiet) if parallel.is_main else None
-        with log if log is not None else contextlib.nullcontext():
-            history = run_steps(
-                trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
-                checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after,
-            )  # fmt: skip
-        export_policy(trainer.models["policy"], out / "model", parallel)
-        if parallel.is_main:
-            tokenizer.save(out / "model")
-        return history
     finally:
+        gc.collect()
         destroy_process_group()
+    return history
+
+
+def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataParallel, *, resume: bool,
+                 reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool) -> list[dict]:  # fmt: skip
+    """The body of :func:`_run_distributed` (its models go out of scope when it returns)."""
+    tokenizer = load_tokenizer(model)
+    records = load_records(algo, data, tokenizer)
+    torch.manual_seed(config.seed)
+    policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, parallel.device)
+    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel)
+    if parallel.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
+    parallel.barrier()
+    log = RunLog(out / "metrics.jsonl", total=config.steps, desc=algo, quiet=quiet) if parallel.is_main else None
+    with log if log is not None else contextlib.nullcontext():
+        history = run_steps(
+            trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
+            checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after,
+        )  # fmt: skip
+    export_policy(trainer.models["policy"], out / "model", parallel)
+    if parallel.is_main:
+        tokenizer.save(out / "model")
+    return history

@@ -5,8 +5,8 @@ and scores whole groups (a prompt's ``group_size`` samples stay on one rank), so
 
 * SFT, DPO: ``batch_size`` divisible by the world size;
 * RL: ``prompts_per_step`` divisible by it (whole groups per rank), and ``minibatch_size``
-  too (each global minibatch is split evenly over the ranks; the last, shorter one then
-  splits evenly as well, since the rollout's rows do).
+  too when it is smaller than the rollout (each global minibatch is split evenly over the
+  ranks; the last, shorter one then splits evenly as well, since the rollout's rows do).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def check_world_size(algo: str, config, world_size: int) -> None:
         raise ValueError("--algo rm does not run under torchrun yet; train the reward model in one process")
     _require(config, "prompts_per_step", world_size,
              f"each rank samples whole groups of group_size = {config.group_size} samples of its own prompts")  # fmt: skip
-    _require(config, "minibatch_size", world_size, "each global minibatch is split evenly over the ranks")
+    if config.minibatch_size < config.prompts_per_step * config.group_size:  # else one minibatch of the whole rollout
+        _require(config, "minibatch_size", world_size, "each global minibatch is split evenly over the ranks")
     if config.generate_micro_batch_size is not None:
         raise ValueError(f"RLConfig.generate_micro_batch_size = {config.generate_micro_batch_size}: under torchrun each "
                          "rank samples its share of the rollout in one batch (set it to null)")  # fmt: skip

@@ -129,6 +129,9 @@ def init_process_group(device: torch.device) -> DataParallel:
 def destroy_process_group() -> None:
     import torch.distributed as dist
 
+    from rlhf_engine.distributed.sharding import forget_meshes
+
+    forget_meshes()  # they belong to the group destroyed here
     if dist.is_initialized():
         dist.destroy_process_group()
     _CURRENT[0] = SINGLE

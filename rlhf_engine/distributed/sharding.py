@@ -70,6 +70,11 @@ def shard_model(model: torch.nn.Module, mesh, *, param_dtype: torch.dtype | None
 _MESHES: dict = {}
 
 
+def forget_meshes() -> None:
+    """Drop the meshes made by :func:`device_mesh` (their process group is being destroyed)."""
+    _MESHES.clear()
+
+
 def device_mesh(group) -> object:
     """The 1-D data-parallel mesh over every rank of ``group`` (a :class:`DataParallel`), made once."""
     from torch.distributed.device_mesh import init_device_mesh
