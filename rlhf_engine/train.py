@@ -47,7 +47,7 @@ from rlhf_engine.algos.rl import RLConfig, RLTrainer
 from rlhf_engine.algos.rloo import RLOO_DEFAULTS
 from rlhf_engine.algos.sft import SFTConfig, SFTTrainer
 from rlhf_engine.distributed.batches import check_world_size
-from rlhf_engine.distributed.checkpoint import export_policy
+from rlhf_engine.distributed.checkpoint import export_policy, export_scalar_head
 from rlhf_engine.distributed.group import SINGLE, DataParallel, destroy_process_group, init_process_group, launched_by_torchrun
 from rlhf_engine.models import PolicyModel, ScalarHeadModel, llama_config
 from rlhf_engine.models.checkpoint import atomic_write_bytes, latest_checkpoint
@@ -165,7 +165,7 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
     if algo == "sft":
         return SFTTrainer(policy, records, config, pad_id=pad, parallel=parallel)
     if algo == "rm":
-        return RewardModelTrainer(ScalarHeadModel.from_policy(policy), records, config, pad_id=pad)
+        return RewardModelTrainer(ScalarHeadModel.from_policy(policy), records, config, pad_id=pad, parallel=parallel)
     if algo == "dpo":
         return DPOTrainer(policy, copy.deepcopy(policy), records, config, pad_id=pad, parallel=parallel)
     prompts = [r["prompt"] for r in records]
@@ -354,7 +354,10 @@ def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataP
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
             checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after,
         )  # fmt: skip
-    export_policy(trainer.models["policy"], out / "model", parallel)
+    if algo == "rm":
+        export_scalar_head(trainer.models["reward_model"], out / "model", parallel)
+    else:
+        export_policy(trainer.models["policy"], out / "model", parallel)
     if parallel.is_main:
         tokenizer.save(out / "model")
     return history

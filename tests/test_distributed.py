@@ -38,6 +38,7 @@ PAIRS = [
     {"prompt": "ca", "chosen": "ac", "rejected": "c"},
 ]
 
+RANKINGS = [{"prompt": "ab", "responses": ["ab", "ba", "b"]}, {"prompt": "cba", "responses": ["abc", "cab"]}]
 PROMPTS = [{"prompt": "ab"}, {"prompt": "cba"}, {"prompt": "ca"}]
 # 4 prompts of 2 ranks: 2 whole groups per rank. GRPO: an on-policy update (one minibatch of
 # all 16 rows) in micro-batches of 4 with an entropy bonus; PPO: 2 epochs of 2 minibatches of 4
@@ -204,6 +205,27 @@ def test_dpo_two_ranks_under_torchrun_match_one_process(tmp_path):
     assert_same_metrics(two, single, ("loss", "chosen_reward", "reward_margin", "nll_loss", "grad_norm"))
 
 
+def test_reward_model_on_rankings_two_ranks_match_one_process(tmp_path):
+    """InstructGPT's K-choose-2 loss on rankings of 3 and 2 responses (each rank scores its own
+    records' responses: different row counts, one forward each); the gathered export is the
+    sequence-classification folder ``ScalarHeadModel.save`` writes."""
+    from transformers import AutoModelForSequenceClassification
+
+    data = jsonl(tmp_path / "rankings.jsonl", RANKINGS)
+    config = write(tmp_path / "rm.yaml", "steps: 3\nbatch_size: 4\n")
+    single, two = tmp_path / "single", tmp_path / "two"
+    assert main(["train", *train_args("rm", data, config, single)]) == 0
+    launch_ok(2, *train_args("rm", data, config, two), torchrun=True)
+    a, b = weights(two), weights(single)
+    assert a.keys() == b.keys() and "score.weight" in a
+    assert float(b["score.weight"].abs().max()) > 100 * ATOL  # the head starts at 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=ATOL, rtol=0, msg=lambda m: f"{k}: {m}")
+    assert_same_metrics(two, single, ("loss", "accuracy", "margin", "grad_norm"))
+    scorer = AutoModelForSequenceClassification.from_pretrained(two / "model", local_files_only=True)
+    torch.testing.assert_close(scorer.score.weight.detach(), a["score.weight"], atol=0, rtol=0)
+
+
 def test_grpo_with_lora_and_checkpointing_two_ranks_match_one_process(tmp_path, reward_model):
     """LoRA (peft layers inside the FSDP units; the reference is the adapter-disabled sharded
     policy; the export merges the gathered adapters) with gradient checkpointing (each
@@ -288,6 +310,7 @@ def test_bf16_under_torchrun_is_fsdp_mixed_precision_with_fp32_masters(tmp_path,
 @pytest.mark.parametrize("algo, records, text, words", [
     ("sft", SFT, "batch_size: 3\n", ["SFTConfig.batch_size = 3", "2 ranks", "multiple of 2", "[1, 3]"]),
     ("dpo", PAIRS, "batch_size: 5\n", ["DPOConfig.batch_size = 5", "2 ranks"]),
+    ("rm", PAIRS, "batch_size: 7\n", ["RewardModelConfig.batch_size = 7", "2 ranks"]),
     ("grpo", [{"prompt": "ab", "answer": ""}], "prompts_per_step: 3\ngroup_size: 4\n",
      ["RLConfig.prompts_per_step = 3", "2 ranks", "whole groups of group_size = 4"]),
     ("grpo", [{"prompt": "ab", "answer": ""}], "prompts_per_step: 4\ngroup_size: 4\nminibatch_size: 5\n",

@@ -3,7 +3,7 @@
 Every rank trains on a contiguous equal share of each global batch, and an RL rank samples
 and scores whole groups (a prompt's ``group_size`` samples stay on one rank), so:
 
-* SFT, DPO: ``batch_size`` divisible by the world size;
+* SFT, DPO, reward model: ``batch_size`` divisible by the world size;
 * RL: ``prompts_per_step`` divisible by it (whole groups per rank), and ``minibatch_size``
   too when it is smaller than the rollout (each global minibatch is split evenly over the
   ranks; the last, shorter one then splits evenly as well, since the rollout's rows do).
@@ -31,11 +31,9 @@ def check_world_size(algo: str, config, world_size: int) -> None:
     cannot run data-parallel on ``world_size`` ranks (nothing is loaded before this check)."""
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
-    if algo in ("sft", "dpo"):
+    if algo in ("sft", "dpo", "rm"):
         _require(config, "batch_size", world_size, "each rank trains on an equal share of every batch")
         return
-    if algo == "rm":
-        raise ValueError("--algo rm does not run under torchrun yet; train the reward model in one process")
     _require(config, "prompts_per_step", world_size,
              f"each rank samples whole groups of group_size = {config.group_size} samples of its own prompts")  # fmt: skip
     if config.minibatch_size < config.prompts_per_step * config.group_size:  # else one minibatch of the whole rollout

@@ -134,6 +134,16 @@ def export_policy(policy: torch.nn.Module, directory: str | Path, group: DataPar
     group.barrier()
 
 
+def export_scalar_head(model: torch.nn.Module, directory: str | Path, group: DataParallel) -> None:
+    """Every rank: gather the sharded ``ScalarHeadModel`` and, on rank 0, write the sequence-
+    classification folder :meth:`ScalarHeadModel.save` writes."""
+    gathered = full_state_dict(model)
+    if group.is_main:
+        backbone = {k[len("backbone.") :]: v for k, v in gathered.items() if k.startswith("backbone.")}
+        model.save_weights(plain_weights(model.backbone, backbone), gathered["head.weight"], directory)
+    group.barrier()
+
+
 def plain_weights(lm: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The full state dict ``tensors`` of the transformer ``lm`` (names relative to it) as plain
     ``transformers`` loads it: the output embedding dropped when tied to the input embedding, and
