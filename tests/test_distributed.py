@@ -154,6 +154,9 @@ def check_two_ranks_and_resume(tmp_path: Path, algo: str, data: str, head: str, 
     part = write(tmp_path / "part.yaml", f"{head}steps: {stop}\n")
     single, two = tmp_path / "single", tmp_path / "two"
     assert main(["train", *train_args(algo, data, full, single, *extra)]) == 0
+    # the single process took the plain path: no process group, its own checkpoint format
+    assert not torch.distributed.is_initialized()
+    assert not (single / "checkpoints" / f"step-{steps - 1:08d}" / ".metadata").exists()
     launch_ok(2, *train_args(algo, data, part, two, *extra))
     assert (two / "checkpoints" / f"step-{stop - 1:08d}" / ".metadata").is_file()  # sharded (DCP)
     assert sorted(p.name for p in (two / "checkpoints" / f"step-{stop - 1:08d}").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
@@ -305,6 +308,15 @@ def test_bf16_under_torchrun_is_fsdp_mixed_precision_with_fp32_masters(tmp_path,
     assert {t.dtype for t in saved.values()} == {torch.float32}
     assert max(float((saved[k] - init[k]).abs().max()) for k in init) > 1e-3
     assert all(torch.isfinite(torch.tensor(r["policy_loss"])) and torch.isfinite(torch.tensor(r["value_loss"])) for r in metrics(out))
+
+
+def test_a_torchrun_resume_from_a_single_process_checkpoint_is_a_clear_error(tmp_path, capsys):
+    data = jsonl(tmp_path / "sft.jsonl", SFT)
+    config = write(tmp_path / "c.yaml", "steps: 2\nbatch_size: 2\n")
+    assert main(["train", *train_args("sft", data, config, tmp_path / "out")]) == 0
+    with torchrun_of_one():
+        assert main(["train", *train_args("sft", data, config, tmp_path / "out", "--resume")]) == 2
+    assert "is a single-process checkpoint; a torchrun run resumes from sharded ones only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("algo, records, text, words", [
