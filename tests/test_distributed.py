@@ -310,6 +310,40 @@ def test_bf16_under_torchrun_is_fsdp_mixed_precision_with_fp32_masters(tmp_path,
     assert all(torch.isfinite(torch.tensor(r["policy_loss"])) and torch.isfinite(torch.tensor(r["value_loss"])) for r in metrics(out))
 
 
+def test_sampling_keeps_the_sharded_layers_gathered_for_the_whole_rollout():
+    """Inside ``DataParallel.unsharded`` a decoder layer's parameters stay the gathered (plain)
+    tensors after each forward, so a rollout all-gathers each layer once, not once per decode
+    step; on exit they are sharded (DTensors) again. Outside it, every forward reshards."""
+    from torch.distributed.tensor import DTensor
+
+    from rlhf_engine.algos.common import sample_responses
+    from rlhf_engine.distributed.group import destroy_process_group, init_process_group
+    from rlhf_engine.models import PolicyModel, llama_config
+    from rlhf_engine.models.tokenizers import ByteTokenizer
+    from rlhf_engine.rollout import SamplingConfig
+
+    tok = ByteTokenizer()
+    config = llama_config("tiny", tok.vocab_size, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id)  # fmt: skip
+    sampling = SamplingConfig(max_new_tokens=4, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torchrun_of_one():
+        parallel = init_process_group(torch.device("cpu"))
+        try:
+            policy = parallel.shard(PolicyModel.from_config(config, seed=0))
+            layer = policy.lm.model.layers[0]
+            sample = lambda: sample_responses(policy, [[1, 5, 6]], 2, sampling, torch.Generator().manual_seed(0),  # noqa: E731
+                                              parallel=parallel, prompt_width=3)  # fmt: skip
+            plain = sample()
+            assert isinstance(layer.self_attn.q_proj.weight, DTensor)  # resharded after every forward
+            with parallel.unsharded(policy):
+                gathered = sample()
+                assert not isinstance(layer.self_attn.q_proj.weight, DTensor)
+            assert isinstance(layer.self_attn.q_proj.weight, DTensor)
+            assert torch.equal(plain.response_ids, gathered.response_ids)
+        finally:
+            destroy_process_group()
+
+
 def test_a_torchrun_resume_from_a_single_process_checkpoint_is_a_clear_error(tmp_path, capsys):
     data = jsonl(tmp_path / "sft.jsonl", SFT)
     config = write(tmp_path / "c.yaml", "steps: 2\nbatch_size: 2\n")

@@ -288,10 +288,12 @@ class RLTrainer:
         generator = step_generator(cfg.seed, step, "sample")
         if not parallel.distributed:
             return sample_responses(self.policy, prompts, cfg.group_size, self.sampling, generator, cfg.generate_micro_batch_size)
-        # this rank's whole groups: its contiguous share of the step's prompts
+        # this rank's whole groups: its contiguous share of the step's prompts, sampled with the
+        # policy's layers gathered once for the whole rollout (not once per decode step)
         width = max(len(p) for p in prompts)
-        return sample_responses(self.policy, prompts[parallel.rows(cfg.prompts_per_step)], cfg.group_size, self.sampling,
-                                generator, parallel=parallel, prompt_width=width)  # fmt: skip
+        with parallel.unsharded(self.policy):
+            return sample_responses(self.policy, prompts[parallel.rows(cfg.prompts_per_step)], cfg.group_size, self.sampling,
+                                    generator, parallel=parallel, prompt_width=width)  # fmt: skip
 
     def score(self, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
         """Phase 2: old (unless ``config.old_logprob_pass`` is False) and reference logprobs,

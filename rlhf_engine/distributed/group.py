@@ -8,6 +8,7 @@ trainers have one code path and the single-process run pays nothing for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -90,6 +91,15 @@ class DataParallel:
         from rlhf_engine.distributed.sharding import device_mesh, shard_model
 
         return shard_model(model.to(self.device), device_mesh(self), param_dtype=param_dtype)
+
+    def unsharded(self, model: torch.nn.Module):
+        """Context in which a sharded ``model``'s layers stay gathered (for sampling:
+        :func:`rlhf_engine.distributed.sharding.unsharded_layers`); single-process: nothing."""
+        if not self.distributed:
+            return contextlib.nullcontext()
+        from rlhf_engine.distributed.sharding import unsharded_layers
+
+        return unsharded_layers(model)
 
     def barrier(self) -> None:
         if self.distributed:

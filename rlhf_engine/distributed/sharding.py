@@ -21,7 +21,9 @@ needs no collective (and so cannot fall out of lockstep) and costs one copy per 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -65,6 +67,25 @@ def shard_model(model: torch.nn.Module, mesh, *, param_dtype: torch.dtype | None
             # a plain SUM reduce-scatter (gloo has no PREMUL_SUM; nccl's zero-copy path wants SUM)
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+@contextlib.contextmanager
+def unsharded_layers(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block the decoder layers of the sharded ``model`` stay unsharded after their first
+    forward, and are resharded on exit: sampling then all-gathers each layer once per rollout
+    instead of once per decode step (at the cost of the full weights on every rank meanwhile).
+    The root unit is left alone (it never reshards after its forward, see the module docstring)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    layers = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
+            layer.reshard()
 
 
 _MESHES: dict = {}
