@@ -2,8 +2,9 @@
 
 * ``demo [--out DIR] [--seed S]``: the embedded pipeline (SFT, reward model, PPO, GRPO)
   on the built-in sorting task; see ``rlhf_engine.demo``.
-* ``train --algo A --model PATH|tiny --data FILE.jsonl [--config FILE.yaml] [--resume]``:
-  one algorithm on a local model and data; see ``rlhf_engine.train``.
+* ``train --algo A --model PATH|tiny --data FILE.jsonl [--config FILE.yaml] [--resume] [--nproc N]``:
+  one algorithm on a local model and data; see ``rlhf_engine.train``. Data-parallel on FSDP2:
+  ``torchrun --nproc-per-node N -m rlhf_engine.cli train ...``, or ``--nproc N`` which launches that.
 * ``plan --algo A --model PATH|config.json [--reward-model ...] [--gpu NAME | --gpu-memory SIZE]
   [--config FILE.yaml] [--prompt-length N] [--no-offload] [--json]``: will the run fit one GPU? The
   memory plan per phase and role; exit status 1 when it does not fit; see ``rlhf_engine.memory``.
@@ -78,8 +79,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from rlhf_engine.distributed.group import launched_by_torchrun
     from rlhf_engine.train import run_train
 
+    if args.nproc is not None and not launched_by_torchrun():
+        return _launch_train(args)
+    rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
     try:
         history = run_train(
             args.algo, args.model, args.data, args.out, config_path=args.config, resume=args.resume,
@@ -88,12 +93,42 @@ def _train(args: argparse.Namespace) -> int:
             gpu_memory=args.gpu_memory,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
-        print(f"rlhf-engine train: {error}", file=sys.stderr)
+        print(f"rlhf-engine train{f' (rank {rank})' if launched_by_torchrun() else ''}: {error}", file=sys.stderr)
         return 2
+    if rank != 0:  # rank 0 reports for every rank (the metrics are global)
+        return 0
     last = history[-1] if history else {}
     print(f"{args.algo}: {len(history)} steps run; last step: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
     print(f"model written to {args.out}/model, metrics to {args.out}/metrics.jsonl")
     return 0
+
+
+def _launch_train(args: argparse.Namespace) -> int:
+    """``train --nproc N``: this command line again, without ``--nproc``, under
+    ``torch.distributed.run`` with N processes on this node (``--standalone``: a free port). The
+    world-size checks run here first, so a bad size fails before any process starts."""
+    import subprocess
+
+    from rlhf_engine.distributed.batches import check_world_size
+    from rlhf_engine.train import load_config
+
+    try:
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        check_world_size(args.algo, load_config(args.algo, args.config), args.nproc)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"rlhf-engine train: {error}", file=sys.stderr)
+        return 2
+    argv, rest = list(args.argv), []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--nproc":
+            argv.pop(0)
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "rlhf_engine.cli", *rest]  # fmt: skip
+    return subprocess.run(command).returncode
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -142,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto (default on CUDA for RL algorithms): plan GPU memory, offload and micro-batch to fit, or "
                             "refuse before loading anything; off (default elsewhere): everything resident, as configured")
     train.add_argument("--gpu-memory", metavar="SIZE", help="plan for this much GPU memory (default: the device's)")
+    train.add_argument("--nproc", type=int, metavar="N",
+                       help="data-parallel over N processes on this node: re-launches itself under torchrun "
+                            "(FSDP2; the same as torchrun --nproc-per-node N -m rlhf_engine.cli train ...)")
     train.set_defaults(handler=_train)
     plan = commands.add_parser("plan", help="will an RL run fit one GPU? memory per phase and role, before any model is loaded")
     plan.add_argument("--algo", required=True, choices=["ppo", "grpo", "rloo", "reinforce_pp"])
@@ -167,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `train --nproc` re-launches
     return args.handler(args)
 
 

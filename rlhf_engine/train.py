@@ -22,9 +22,12 @@ checkpoint there, first dropping the log lines of steps after it (they are run a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import gc
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,9 @@ from rlhf_engine.algos.reward_model import RewardModelConfig, RewardModelTrainer
 from rlhf_engine.algos.rl import RLConfig, RLTrainer
 from rlhf_engine.algos.rloo import RLOO_DEFAULTS
 from rlhf_engine.algos.sft import SFTConfig, SFTTrainer
+from rlhf_engine.distributed.batches import check_world_size
+from rlhf_engine.distributed.checkpoint import export_policy, export_scalar_head
+from rlhf_engine.distributed.group import SINGLE, DataParallel, destroy_process_group, init_process_group, launched_by_torchrun
 from rlhf_engine.models import PolicyModel, ScalarHeadModel, llama_config
 from rlhf_engine.models.checkpoint import atomic_write_bytes, latest_checkpoint
 from rlhf_engine.models.configs import MODEL_SIZES
@@ -154,14 +160,14 @@ def _answer_reward(tokenizer, answers: dict[tuple[int, ...], str]):
 
 
 def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokenizer, reward_model_path: str | None, placement=None,
-                  device: torch.device | None = None):  # fmt: skip
+                  device: torch.device | None = None, parallel: DataParallel = SINGLE):  # fmt: skip
     pad = tokenizer.pad_token_id
     if algo == "sft":
-        return SFTTrainer(policy, records, config, pad_id=pad)
+        return SFTTrainer(policy, records, config, pad_id=pad, parallel=parallel)
     if algo == "rm":
-        return RewardModelTrainer(ScalarHeadModel.from_policy(policy), records, config, pad_id=pad)
+        return RewardModelTrainer(ScalarHeadModel.from_policy(policy), records, config, pad_id=pad, parallel=parallel)
     if algo == "dpo":
-        return DPOTrainer(policy, copy.deepcopy(policy), records, config, pad_id=pad)
+        return DPOTrainer(policy, copy.deepcopy(policy), records, config, pad_id=pad, parallel=parallel)
     prompts = [r["prompt"] for r in records]
 
     def sample_prompts(n: int, generator: torch.Generator) -> list[list[int]]:
@@ -182,7 +188,7 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
         _place_for_first_phase(placement, device, policy=policy, reference=reference, **scoring)
     return RLTrainer(
         config, policy=policy, reference=reference, prompts=sample_prompts, pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id, placement=placement, **scoring,
+        eos_token_id=tokenizer.eos_token_id, placement=placement, parallel=parallel, **scoring,
     )  # fmt: skip
 
 
@@ -278,6 +284,9 @@ def run_train(
         raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
     device = check_device(device)
     config = load_config(algo, config_path)
+    if launched_by_torchrun():
+        return _run_distributed(algo, config, model, data, out, device, plan, resume=resume, reward_model_path=reward_model_path,
+                                checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet)  # fmt: skip
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
     mode = plan or ("auto" if device.type == "cuda" and algo in RL_ALGOS else "off")
@@ -300,4 +309,55 @@ def run_train(
     final = trainer.models["reward_model" if algo == "rm" else "policy"]
     final.save(out / "model")
     tokenizer.save(out / "model")  # so the folder can be the --model of a later run
+    return history
+
+
+def _run_distributed(algo: str, config, model: str, data, out, device: torch.device, plan: str | None, *, resume: bool,
+                     reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool) -> list[dict]:  # fmt: skip
+    """:func:`run_train` on every rank of a torchrun launch: FSDP2 for the trained roles, each rank
+    its share of every batch, sharded checkpoints; rank 0 alone writes the log and the model folder
+    (gathered). The world-size checks run before anything is read or loaded."""
+    world_size = int(os.environ["WORLD_SIZE"])
+    check_world_size(algo, config, world_size)
+    if plan == "auto":
+        raise ValueError("--plan auto plans one GPU; under torchrun the run is not planned yet (use --plan off)")
+    parallel = init_process_group(device)
+    try:
+        history = _train_ranks(algo, config, model, data, Path(out), parallel, resume=resume, reward_model_path=reward_model_path,
+                               checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet)  # fmt: skip
+        # Every rank done with every collective, and the models (whose FSDP state holds gloo work
+        # and tensors) freed, before the group goes: a gloo group torn down under a live peer or
+        # with pending work can abort the process at exit.
+        parallel.barrier()
+    finally:
+        gc.collect()
+        destroy_process_group()
+    return history
+
+
+def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataParallel, *, resume: bool,
+                 reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool) -> list[dict]:  # fmt: skip
+    """The body of :func:`_run_distributed` (its models go out of scope when it returns)."""
+    tokenizer = load_tokenizer(model)
+    records = load_records(algo, data, tokenizer)
+    torch.manual_seed(config.seed)
+    policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, parallel.device)
+    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel)
+    if parallel.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
+    parallel.barrier()
+    log = RunLog(out / "metrics.jsonl", total=config.steps, desc=algo, quiet=quiet) if parallel.is_main else None
+    with log if log is not None else contextlib.nullcontext():
+        history = run_steps(
+            trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
+            checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after,
+        )  # fmt: skip
+    if algo == "rm":
+        export_scalar_head(trainer.models["reward_model"], out / "model", parallel)
+    else:
+        export_policy(trainer.models["policy"], out / "model", parallel)
+    if parallel.is_main:
+        tokenizer.save(out / "model")
     return history

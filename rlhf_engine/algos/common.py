@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_engine.algos import precision
+from rlhf_engine.distributed.group import SINGLE, DataParallel
 from rlhf_engine.models import PolicyModel
 from rlhf_engine.rollout import Rollout, SamplingConfig, generate
 from rlhf_engine.rollout.scoring import row_slices
@@ -64,7 +65,7 @@ def prompt_batch(prompts: list[list[int]], pad_id: int, device: torch.device) ->
 
 def sample_responses(
     policy: PolicyModel, prompts: list[list[int]], n: int, sampling: SamplingConfig, generator: torch.Generator | None,
-    micro_batch_size: int | None = None,
+    micro_batch_size: int | None = None, *, parallel: DataParallel = SINGLE, prompt_width: int | None = None,
 ) -> Rollout:
     """``n`` samples per prompt, grouped consecutively (``group_ids`` = the prompt's index),
     from ``policy`` in eval mode without gradients, on the policy's device.
@@ -75,14 +76,23 @@ def sample_responses(
     run in row order and draw from ``generator`` in turn: chunk k's uniforms are the ones that
     follow chunk k-1's last draw, so the samples depend on the seed and the chunk size only.
     Responses are right-padded (``pad_token_id``, masked, logprob 0) to the longest chunk.
+
+    Data-parallel (``parallel``): ``prompts`` are this rank's share of the step's, left-padded to
+    ``prompt_width`` (the longest of all the ranks' prompts), sampled as rows of the global
+    batch (:func:`rlhf_engine.rollout.generate`), with global group ids.
     """
     rows = row_slices("sample_responses", len(prompts) * n, micro_batch_size)
     prompt_ids, prompt_mask = prompt_batch([p for p in prompts for _ in range(n)], sampling.pad_token_id, model_device(policy))
+    if prompt_width is not None and prompt_width > prompt_ids.shape[1]:
+        pad = (prompt_width - prompt_ids.shape[1], 0)
+        prompt_ids = torch.nn.functional.pad(prompt_ids, pad, value=sampling.pad_token_id)
+        prompt_mask = torch.nn.functional.pad(prompt_mask, pad, value=False)
     policy.eval()
     with torch.no_grad():
-        parts = [generate(policy, prompt_ids[r], prompt_mask[r], sampling, generator=generator) for r in rows]
+        parts = [generate(policy, prompt_ids[r], prompt_mask[r], sampling, generator=generator, parallel=parallel) for r in rows]
     rollout = parts[0] if len(parts) == 1 else concat_rollouts(parts, sampling.pad_token_id)
-    rollout.group_ids = torch.arange(len(prompts), device=prompt_ids.device).repeat_interleave(n)
+    first = parallel.rank * len(prompts)
+    rollout.group_ids = torch.arange(first, first + len(prompts), device=prompt_ids.device).repeat_interleave(n)
     return rollout
 
 
@@ -151,9 +161,11 @@ class SingleModelTrainer:
 
     role = "policy"
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0):
-        self.trained_model = model
-        self.optimizer = make_optimizer(model, lr, weight_decay)
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0, parallel: DataParallel = SINGLE):
+        # Under torchrun the model is sharded (FSDP2) before its optimizer sees the parameters.
+        self.parallel = parallel
+        self.trained_model = parallel.shard(model)
+        self.optimizer = make_optimizer(self.trained_model, lr, weight_decay)
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
@@ -180,6 +192,8 @@ def clip_and_step(optimizer: torch.optim.Optimizer, grad_clip: float | None) -> 
         optimizer.grads_to_masters()
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: the global norm of the DTensor gradients, replicated
+        norm = norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm.detach()

@@ -21,6 +21,7 @@ from rlhf_engine.algos.common import (
 )  # fmt: skip
 from rlhf_engine.algos.config import OptimConfig, check_field
 from rlhf_engine.algos.preference_losses import DPO_LOSS_TYPES, dpo_loss
+from rlhf_engine.distributed.group import SINGLE, DataParallel
 from rlhf_engine.models import PolicyModel
 
 
@@ -49,18 +50,25 @@ def response_logprob_sums(policy: PolicyModel, batch: SequenceBatch) -> torch.Te
 
 
 class DPOTrainer(SingleModelTrainer):
-    """DPO on ``{"prompt", "chosen", "rejected"}`` records against a frozen reference."""
+    """DPO on ``{"prompt", "chosen", "rejected"}`` records against a frozen reference.
 
-    def __init__(self, policy: PolicyModel, reference: PolicyModel, pairs: list[dict], config: DPOConfig, *, pad_id: int):
+    Under ``parallel`` every rank draws the same global batch of pairs and trains on its
+    contiguous share; the reference is a full replica on every rank (no collective). The loss
+    and the metrics are means over the global pairs (the ranks' means, equal shares, averaged).
+    """
+
+    def __init__(self, policy: PolicyModel, reference: PolicyModel, pairs: list[dict], config: DPOConfig, *, pad_id: int,
+                 parallel: DataParallel = SINGLE):  # fmt: skip
         if not pairs:
             raise ValueError("DPOTrainer: pairs is empty")
-        super().__init__(policy, config.lr, config.weight_decay)
-        self.policy, self.reference, self.pairs, self.config, self.pad_id = policy, freeze(reference), pairs, config, pad_id
+        super().__init__(policy, config.lr, config.weight_decay, parallel)
+        reference = freeze(reference.to(parallel.device) if parallel.distributed else reference)
+        self.policy, self.reference, self.pairs, self.config, self.pad_id = self.trained_model, reference, pairs, config, pad_id
 
     def step(self, step: int) -> dict[str, float]:
         cfg = self.config
         index = torch.randint(len(self.pairs), (cfg.batch_size,), generator=step_generator(cfg.seed, step, "dpo")).tolist()
-        records = [self.pairs[i] for i in index]
+        records = [self.pairs[i] for i in index[self.parallel.rows(cfg.batch_size)]]
         batch = pair_batch(records, self.pad_id, model_device(self.policy))
         self.policy.train()
         policy_chosen, policy_rejected = response_logprob_sums(self.policy, batch).split(len(records))
@@ -74,6 +82,8 @@ class DPOTrainer(SingleModelTrainer):
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss_type,
             label_smoothing=cfg.label_smoothing, nll_loss=nll, nll_coef=cfg.nll_coef,
         )  # fmt: skip
-        out = {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
-        out["grad_norm"] = float(optimizer_step(self.optimizer, loss, cfg.grad_clip))
+        world = self.parallel.world_size
+        # the global loss is the mean of the ranks' means (equal shares); FSDP sums the gradients
+        out = self.parallel.sum_floats({"loss": float(loss.detach()) / world, **{k: float(v) / world for k, v in metrics.items()}})
+        out["grad_norm"] = float(optimizer_step(self.optimizer, loss / world if world > 1 else loss, cfg.grad_clip))
         return out

@@ -5,6 +5,10 @@ A trainer is any object with ``models`` and ``optimizers`` (dicts by role),
 small JSON state (e.g. the adaptive KL coefficient). Because each step draws its
 randomness from ``step_generator(seed, k, ...)``, restoring weights, optimizer state and
 that small state is all a resume needs to reproduce the uninterrupted run.
+
+A data-parallel trainer (its ``parallel`` distributed) writes sharded checkpoints
+(``rlhf_engine.distributed.checkpoint``); either format resumes a run of any number of
+ranks, the single process included, except that a sharded run needs a sharded checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from rlhf_engine.distributed.checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
+from rlhf_engine.distributed.group import SINGLE
 from rlhf_engine.models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf_engine.runlog import RunLog
 
@@ -36,13 +42,14 @@ def run_steps(
     many steps of this call (used to test resume). ``on_step(k, metrics)`` may add to the
     metrics before they are logged.
     """
+    parallel = getattr(trainer, "parallel", SINGLE)
     start = 0
     if resume:
         if checkpoint_dir is None:
             raise ValueError(f"{phase}: resume needs a checkpoint directory")
         path = latest_checkpoint(checkpoint_dir)
         if path is not None:
-            state = load_checkpoint(path, models=trainer.models, optimizers=trainer.optimizers)
+            state = _load(path, trainer)
             if hasattr(trainer, "load_state_dict"):
                 trainer.load_state_dict(state.get("trainer", {}))
             start = int(state["step"]) + 1
@@ -59,7 +66,20 @@ def run_steps(
             state = {"step": k, "phase": phase}
             if hasattr(trainer, "state_dict"):
                 state["trainer"] = trainer.state_dict()
-            save_checkpoint(checkpoint_dir, k, models=trainer.models, optimizers=trainer.optimizers, state=state)
+            if parallel.distributed:
+                save_sharded_checkpoint(checkpoint_dir, k, models=trainer.models, optimizers=trainer.optimizers, state=state,
+                                        group=parallel)  # fmt: skip
+            else:
+                save_checkpoint(checkpoint_dir, k, models=trainer.models, optimizers=trainer.optimizers, state=state)
         if stop_after is not None and len(history) == stop_after:
             break
     return history
+
+
+def _load(path: Path, trainer) -> dict:
+    """Load the step folder ``path`` (either format) into the trainer; returns its saved state."""
+    if is_sharded_checkpoint(path):
+        return load_sharded_checkpoint(path, models=trainer.models, optimizers=trainer.optimizers)
+    if getattr(trainer, "parallel", SINGLE).distributed:
+        raise ValueError(f"resume: {path} is a single-process checkpoint; a torchrun run resumes from sharded ones only")
+    return load_checkpoint(path, models=trainer.models, optimizers=trainer.optimizers)

@@ -19,6 +19,7 @@ from rlhf_engine.algos.common import SingleModelTrainer, collate, model_device, 
 from rlhf_engine.algos.config import OptimConfig, check_field
 from rlhf_engine.algos.eval_metrics import expected_calibration_error, fit_temperature, pairwise_accuracy
 from rlhf_engine.algos.preference_losses import bradley_terry_loss, k_choose_2_pairs, plackett_luce_loss
+from rlhf_engine.distributed.group import SINGLE, DataParallel
 from rlhf_engine.models import ScalarHeadModel
 
 RANKING_LOSSES = ("k_choose_2", "plackett_luce")
@@ -54,19 +55,21 @@ def _is_ranking(record: dict) -> bool:
 
 
 class RewardModelTrainer(SingleModelTrainer):
-    """Trains a ``ScalarHeadModel`` on pair or ranking records (all of one kind)."""
+    """Trains a ``ScalarHeadModel`` on pair or ranking records (all of one kind); under ``parallel``
+    each rank trains on its contiguous share of every step's global batch."""
 
     role = "reward_model"
 
-    def __init__(self, model: ScalarHeadModel, records: list[dict], config: RewardModelConfig, *, pad_id: int):
+    def __init__(self, model: ScalarHeadModel, records: list[dict], config: RewardModelConfig, *, pad_id: int,
+                 parallel: DataParallel = SINGLE):  # fmt: skip
         if not records:
             raise ValueError("RewardModelTrainer: records is empty")
         kinds = {_is_ranking(r) for r in records}
         if len(kinds) != 1:
             raise ValueError("RewardModelTrainer: records mix pairs (chosen/rejected) and rankings (responses)")
         self.rankings = kinds.pop()
-        super().__init__(model, config.lr, config.weight_decay)
-        self.model, self.records, self.config, self.pad_id = model, records, config, pad_id
+        super().__init__(model, config.lr, config.weight_decay, parallel)
+        self.model, self.records, self.config, self.pad_id = self.trained_model, records, config, pad_id
 
     def _pair_loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict]:
         chosen, rejected = pair_rewards(self.model, batch, self.pad_id)
@@ -100,11 +103,15 @@ class RewardModelTrainer(SingleModelTrainer):
     def step(self, step: int) -> dict[str, float]:
         generator = step_generator(self.config.seed, step, "reward_model")
         index = torch.randint(len(self.records), (self.config.batch_size,), generator=generator).tolist()
-        batch = [self.records[i] for i in index]
+        batch = [self.records[i] for i in index[self.parallel.rows(self.config.batch_size)]]
         self.model.train()
         loss, metrics = (self._ranking_loss if self.rankings else self._pair_loss)(batch)
-        out = {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
-        out["grad_norm"] = float(optimizer_step(self.optimizer, loss, self.config.grad_clip))
+        # Every loss here is a mean over records (pairs, or prompts of a ranking) and each rank has
+        # an equal share: the global loss and metrics are the ranks' means averaged, and FSDP sums
+        # the gradients of the losses scaled by 1 / world size.
+        world = self.parallel.world_size
+        out = self.parallel.sum_floats({"loss": float(loss.detach()) / world, **{k: float(v) / world for k, v in metrics.items()}})
+        out["grad_norm"] = float(optimizer_step(self.optimizer, loss / world if world > 1 else loss, self.config.grad_clip))
         return out
 
 

@@ -48,6 +48,7 @@ from rlhf_engine.algos.kl_control import KLController
 from rlhf_engine.algos.loss_semantics import preset_loss_options
 from rlhf_engine.algos.placement import PhasePlacement, prepare_trained
 from rlhf_engine.algos.precision import DTYPES, make_optimizer, parse_dtype
+from rlhf_engine.distributed.group import SINGLE, DataParallel
 from rlhf_engine.models import PolicyModel, ScalarHeadModel
 from rlhf_engine.models.lora import AdapterDisabledPolicy
 from rlhf_engine.reference.kl import ESTIMATORS as KL_ESTIMATORS
@@ -216,6 +217,7 @@ class RLTrainer:
         critic: ScalarHeadModel | None = None,
         gold_fn: ScoreFn | None = None,
         placement=None,
+        parallel: DataParallel = SINGLE,
     ):
         if (reward_fn is None) == (reward_model is None):
             raise ValueError("RLTrainer: pass exactly one of reward_fn and reward_model")
@@ -224,23 +226,31 @@ class RLTrainer:
         if (reference is None) != (config.lora_rank > 0):
             raise ValueError("RLTrainer: pass a reference for full fine-tuning, and None with lora_rank > 0 "
                              f"(the reference is then the adapter-disabled policy); lora_rank={config.lora_rank}")  # fmt: skip
-        self.config, self.prompts = config, prompts
-        self.policy = prepare_trained(policy, config.dtype, config.lora_rank, config.lora_alpha,
-                                      config.policy_gradient_checkpointing, config.seed)  # fmt: skip
+        self.config, self.prompts, self.parallel = config, prompts, parallel
+        # Under torchrun the trained roles are sharded (FSDP2) after their LoRA and checkpointing
+        # are set, before their optimizers see the parameters. bf16 there is FSDP's mixed precision:
+        # the sharded parameters stay fp32 (they are the master weights, the optimizer a plain fp32
+        # AdamW), all-gathered in bf16 for the passes, gradients reduced in fp32. The frozen roles
+        # are full replicas on every rank in their dtype (no collective in their passes).
+        trained_dtype = "fp32" if parallel.distributed else config.dtype
+        compute = parse_dtype(config.dtype) if parallel.distributed and config.dtype != "fp32" else None
+        self.policy = parallel.shard(prepare_trained(policy, trained_dtype, config.lora_rank, config.lora_alpha,
+                                                     config.policy_gradient_checkpointing, config.seed), compute)  # fmt: skip
         frozen = config.frozen_dtype or config.dtype
-        self.reference = AdapterDisabledPolicy(self.policy) if reference is None else freeze(reference.to(parse_dtype(frozen)))
-        self.reward_model = freeze(reward_model.to(parse_dtype(frozen))) if reward_model is not None else None
+        placed = {"dtype": parse_dtype(frozen), **({"device": parallel.device} if parallel.distributed else {})}
+        self.reference = AdapterDisabledPolicy(self.policy) if reference is None else freeze(reference.to(**placed))
+        self.reward_model = freeze(reward_model.to(**placed)) if reward_model is not None else None
         if critic is not None:
-            critic = prepare_trained(critic, config.dtype, config.critic_lora_rank, config.lora_alpha,
-                                     config.critic_gradient_checkpointing, config.seed + 1)  # fmt: skip
+            critic = parallel.shard(prepare_trained(critic, trained_dtype, config.critic_lora_rank, config.lora_alpha,
+                                                    config.critic_gradient_checkpointing, config.seed + 1), compute)  # fmt: skip
         self.reward_fn, self.critic, self.gold_fn = reward_fn, critic, gold_fn
         self.pad_token_id = pad_token_id
         self.sampling = SamplingConfig(
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
             top_p=config.top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         )  # fmt: skip
-        self.optimizer = make_optimizer(self.policy, config.lr, config.weight_decay, dtype=config.dtype)
-        self.critic_optimizer = make_optimizer(critic, config.critic_lr, dtype=config.dtype) if critic is not None else None
+        self.optimizer = make_optimizer(self.policy, config.lr, config.weight_decay, dtype=trained_dtype)
+        self.critic_optimizer = make_optimizer(critic, config.critic_lr, dtype=trained_dtype) if critic is not None else None
         self.kl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.placement = PhasePlacement(self, placement)
 
@@ -273,10 +283,17 @@ class RLTrainer:
         """Phase 1: ``group_size`` samples for each prompt of step ``step``, from the step's
         ``"sample"`` stream: the whole batch at once, or chunks of ``generate_micro_batch_size``
         rows drawing from it in turn (``sample_responses``)."""
-        cfg = self.config
+        cfg, parallel = self.config, self.parallel
         prompts = self.prompts(cfg.prompts_per_step, step_generator(cfg.seed, step, "prompts"))
         generator = step_generator(cfg.seed, step, "sample")
-        return sample_responses(self.policy, prompts, cfg.group_size, self.sampling, generator, cfg.generate_micro_batch_size)
+        if not parallel.distributed:
+            return sample_responses(self.policy, prompts, cfg.group_size, self.sampling, generator, cfg.generate_micro_batch_size)
+        # this rank's whole groups: its contiguous share of the step's prompts, sampled with the
+        # policy's layers gathered once for the whole rollout (not once per decode step)
+        width = max(len(p) for p in prompts)
+        with parallel.unsharded(self.policy):
+            return sample_responses(self.policy, prompts[parallel.rows(cfg.prompts_per_step)], cfg.group_size, self.sampling,
+                                    generator, parallel=parallel, prompt_width=width)  # fmt: skip
 
     def score(self, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
         """Phase 2: old (unless ``config.old_logprob_pass`` is False) and reference logprobs,
@@ -300,6 +317,26 @@ class RLTrainer:
         metrics = dict(metrics)
         if self.gold_fn is not None:
             metrics["gold"] = float(self.gold_fn(*rollout.token_lists()).mean())
+        if self.parallel.distributed:
+            rollout, metrics = self._gather(rollout, metrics)
+        return rollout, metrics
+
+    def _gather(self, rollout: Rollout, metrics: dict[str, float]) -> tuple[Rollout, dict[str, float]]:
+        """Data-parallel: every rank's scored rows gathered into the global rollout (the same on every
+        rank, in rank order: the single process's rows), and the scoring metrics made global.
+
+        The rollout is small next to the models (tokens and per-token fp32 scalars), and with all of
+        it every rank computes the advantages of the global batch (batch whitening included) and
+        takes its share of each global minibatch."""
+        parallel = self.parallel
+        rollout = Rollout(**{f.name: None if getattr(rollout, f.name) is None else parallel.gather_rows(getattr(rollout, f.name))
+                             for f in dataclasses.fields(rollout)})  # fmt: skip
+        mask = rollout.response_mask
+        if "logprob_gap_max" in metrics:
+            metrics["logprob_gap_max"] = float(((rollout.old_logprobs - rollout.logprobs).abs() * mask).max())
+            metrics["entropy"] = float((rollout.entropy * mask).sum() / mask.sum().clamp(min=1))
+        if "gold" in metrics:  # a mean over equal shares
+            metrics["gold"] = parallel.sum_floats({"gold": metrics["gold"]})["gold"] / parallel.world_size
         return rollout, metrics
 
     def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -360,11 +397,13 @@ class RLTrainer:
                 normalizer = self._loss_normalizer(rollout.response_mask[index])
                 tokens = rollout.response_mask[index].sum().clamp(min=1)
                 minibatch: dict[str, torch.Tensor] = {}
-                micro_batches = self._micro_batches(index)
+                # data-parallel: this rank's contiguous share of the global minibatch (all of it in one process)
+                micro_batches = self._micro_batches(index[self.parallel.rows(index.numel())])
                 for micro in micro_batches:
                     mb = rollout.select(micro)
                     entropy_coef = cfg.entropy_coef
-                    if len(micro_batches) > 1 and entropy_coef and semantics["entropy_aggregation"] == "token-mean":
+                    split = len(micro_batches) > 1 or self.parallel.distributed
+                    if split and entropy_coef and semantics["entropy_aggregation"] == "token-mean":
                         # the op's token mean is the micro-batch's: weighted by its share of the
                         # minibatch's tokens the bonuses add up to the minibatch's mean (one host read)
                         entropy_coef *= float(mb.response_mask.sum() / tokens)
@@ -394,6 +433,13 @@ class RLTrainer:
                 grad_norm = clip_and_step(self.optimizer, cfg.grad_clip)
                 _accumulate(sums, {"policy_loss": minibatch.pop("policy_loss"), "grad_norm": grad_norm, **minibatch})
                 count += 1
+        if self.parallel.distributed:
+            # the ranks' parts of the global minibatches add up (losses under the global normalizer,
+            # metrics weighted by the global token share); the clipped norm is already global
+            summed = [k for k in sums if k != "grad_norm"]
+            sums.update(zip(summed, self.parallel.sum(torch.stack([sums[k].float() for k in summed]))))
+            if on_policy:  # each row was computed by one rank, zeros elsewhere
+                own_logprobs, gap = self.parallel.sum(own_logprobs), self.parallel.max(gap)
         out = {k: float(v) / count for k, v in sums.items()}
         if on_policy:
             rollout.old_logprobs = own_logprobs
@@ -432,7 +478,7 @@ class RLTrainer:
             for index in minibatch_indices(returns.shape[0], cfg.minibatch_size, generator, returns.device):
                 tokens = rollout.response_mask[index].sum()  # the minibatch's token-mean denominator
                 total = None
-                for micro in self._micro_batches(index):
+                for micro in self._micro_batches(index[self.parallel.rows(index.numel())]):
                     mb = rollout.select(micro)
                     values = self.critic.values(mb.input_ids, mb.attention_mask)[:, start - 1 : -1]
                     loss, _ = ops.value_loss(
@@ -443,7 +489,7 @@ class RLTrainer:
                 clip_and_step(self.critic_optimizer, cfg.grad_clip)
                 losses.append(total)
         return {
-            "value_loss": float(torch.stack(losses).mean()),
+            "value_loss": float(self.parallel.sum(torch.stack(losses)).mean()),
             "explained_variance": float(explained_variance(rollout.values, returns, rollout.response_mask)),
         }
 

@@ -145,6 +145,11 @@ class ScalarHeadModel(torch.nn.Module):
         Raises:
             ValueError when transformers has no sequence-classification class for the model type.
         """
+        self.save_weights(merged_state_dict(self.backbone), self.head.weight, directory)
+
+    def save_weights(self, backbone: dict[str, torch.Tensor], head: torch.Tensor, directory) -> None:
+        """:meth:`save` of the given weights: ``backbone`` (plain names of the backbone, adapters
+        merged) and ``head`` ``[1, H]`` (a data-parallel run passes the ones it gathered)."""
         model_type = self.config.model_type
         architecture = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
         if architecture is None:
@@ -153,8 +158,8 @@ class ScalarHeadModel(torch.nn.Module):
         config.architectures = [architecture]
         config.num_labels = 1
         prefix = self.backbone.base_model_prefix
-        tensors = {f"{prefix}.{name}": t for name, t in merged_state_dict(self.backbone).items()}
-        tensors["score.weight"] = self.head.weight
+        tensors = {f"{prefix}.{name}": t for name, t in backbone.items()}
+        tensors["score.weight"] = head
         save_pretrained_layout(tensors, config, directory)
 
     @classmethod

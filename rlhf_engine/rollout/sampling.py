@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from transformers import StaticCache
 
+from rlhf_engine.distributed.group import SINGLE, DataParallel
 from rlhf_engine.models.inputs import check_token_batch, position_ids_from_mask
 from rlhf_engine.models.policy import PolicyModel
 from rlhf_engine.torch_backend.aggregation import host_readable
@@ -158,6 +159,7 @@ def generate(
     config: SamplingConfig,
     *,
     generator: torch.Generator | None = None,
+    parallel: DataParallel = SINGLE,
 ) -> Rollout:
     """Sample one response per prompt row, batched, with the KV cache.
 
@@ -176,6 +178,13 @@ def generate(
     Host syncs: one per :data:`SYNC_EVERY` steps (every step on the CPU); steps run past
     the end before a sync sees it are trimmed and their draws undone. With
     ``config.drop_finished_rows``, stopped rows leave the batch at those syncs.
+
+    Data-parallel (``parallel`` distributed): the rows are this rank's share
+    (``parallel.rows``) of a global batch of ``B · world_size`` rows; each step draws the global
+    batch's uniforms and keeps this rank's, every rank runs the same number of steps (they
+    agree on "every row of every rank stopped"; rows are not dropped), and the responses are
+    padded to the global longest, so each rank's rows are exactly those one process sampling
+    the global batch gets, whatever the number of ranks.
 
     Args:
         policy: the model (its train/eval mode is left as is; no gradients are recorded).
@@ -207,7 +216,9 @@ def generate(
     device, (batch, prompt_len), steps = prompt_ids.device, prompt_ids.shape, config.max_new_tokens
     rng = generator if generator is not None else _default_generator(device)
     every = CPU_SYNC_EVERY if device.type == "cpu" else SYNC_EVERY
-    drop_rows = config.drop_finished_rows and not config.static_cache
+    drop_rows = config.drop_finished_rows and not config.static_cache and not parallel.distributed
+    # The global batch's rows and this rank's among them (all of them in one process).
+    total, mine = batch * parallel.world_size, slice(parallel.rank * batch, (parallel.rank + 1) * batch)
     response_ids = torch.full((batch, steps), config.pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros(batch, steps, dtype=torch.bool, device=device)
     logprobs = torch.zeros(batch, steps, dtype=torch.float32, device=device)
@@ -225,7 +236,7 @@ def generate(
             count = min(every, steps - start)
             rng_state = rng.get_state()
             # The whole batch's draws for the chunk, in today's per-step order.
-            uniforms = [draw_uniforms(batch, rng, device) for _ in range(count)]
+            uniforms = [draw_uniforms(total, rng, device)[mine] for _ in range(count)]
             chunk_tokens, chunk_logprobs, chunk_alive = [], [], []
             for s in range(start, start + count):
                 width = attention.shape[1] if config.static_cache else prompt_len + s
@@ -249,18 +260,18 @@ def generate(
             response_mask[where, start : start + count] = torch.stack(chunk_alive, dim=1)
             start += count
             stopped = int(done.sum())  # the host sync
-            finished = stopped == done.shape[0]
+            finished = int(parallel.sum(done.sum())) == total if parallel.distributed else stopped == done.shape[0]
             if drop_rows and not finished and 2 * stopped >= done.shape[0] and stopped > 0:
                 keep = (~done).nonzero().squeeze(1)
                 decoder.keep_rows(keep)
                 rows = keep if rows is None else rows[keep]
                 attention, done, seen, step_ids, positions = (t[keep] for t in (attention, done, seen, step_ids, positions))
-        length = int(response_mask.sum(dim=1).max())
+        length = int(parallel.max(response_mask.sum(dim=1).max()))
         if length < start:
             # Steps past the end drew uniforms today's loop never drew: undo them.
             rng.set_state(rng_state)
             for _ in range(length - (start - count)):
-                draw_uniforms(batch, rng, device)
+                draw_uniforms(total, rng, device)
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=mask,
