@@ -1,0 +1,268 @@
+"""The estimate per rank under FSDP2: each role's bytes on one of ``N`` GPUs.
+
+The convention is the trainer's under torchrun (``rlhf_engine/distributed/sharding.py``):
+every trained role is ``fully_shard``-ed per decoder layer, then at its root (the wrapper:
+embeddings, final norm, lm_head or scalar head); its parameters are fp32 (the masters
+AdamW steps, no separate copy) and a bf16 role computes in bf16 through
+``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``. A frozen role is either
+replicated (a full copy per rank) or sharded like a trained one in its own dtype, with
+its root resharded after each forward (:class:`Sharding`). Everything stays resident
+(the offload executor is for one GPU). Each rank takes ``1/N`` of the step's sequences
+(:func:`per_rank_workload`), so activations, KV cache and logits are the single-GPU
+terms of :mod:`rlhf_engine.memory.estimate` at the rank's share.
+
+The FSDP terms, per role, and where FSDP2 allocates them (torch 2.13,
+``torch/distributed/fsdp/_fully_shard/``):
+
+* ``weights``: the sharded parameters. ``FSDPParam._init_sharded_param`` chunks each
+  parameter on dim 0 into ``N`` and pads every chunk to ``ceil(rows / N)`` rows
+  (``_sharded_param_data``), so rank 0 holds ``ceil(rows / N) · (numel / rows)`` elements
+  of every parameter (the padding counted), 4 B each for a trained role. A replicated
+  frozen role: its full weights.
+* ``optimizer``: AdamW's two fp32 moments of the trainable sharded parameters
+  (``zeros_like`` of the local shard: 8 B per element of it).
+* ``grads``: the sharded fp32 gradients (``FSDPParamGroup.post_backward``'s reduce-scatter
+  output, accumulated into ``sharded_param.grad``) once a micro-batch has run, and the
+  root's unsharded gradient in the compute dtype while the backward runs (the root's
+  reduce-scatter is the backward's last; the one-pass lm_head loss makes it in the
+  forward).
+* ``unsharded``: the root's all-gathered parameters in the compute dtype, padded
+  (``foreach_all_gather`` output, ``N · ceil(rows / N)`` rows a parameter): the root is not
+  resharded after its forward (``reshard_after_forward`` is False for a root), so they
+  stay for the whole phase of a trained role.
+* ``all_gather``: the decoder layers all-gathered at once: the layer in compute and the next
+  one (FSDP2's default prefetch of one layer: issued ahead on the all-gather stream in the
+  forward, explicitly in the backward), in the compute dtype, padded; for a sharded frozen
+  role its root too (resharded after its forward). Transient: in score, only the pass
+  that runs holds it.
+* ``reduce_scatter``: in the update, one layer's unsharded gradients in the compute dtype
+  and its reduce-scatter input, fp32 (``foreach_reduce``'s flat buffer of
+  ``N · ceil(rows / N)`` rows a parameter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from rlhf_engine.memory.estimate import (
+    KINDS, PHASES, PhaseEstimate, RoleSpec, Workload, generate_bytes, phase_roles, score_bytes, update_pass_bytes, update_terms,
+    _policy_passes_in_score,
+)  # fmt: skip
+from rlhf_engine.memory.shapes import ModelShape
+
+FROZEN_PLACEMENTS = ("replicate", "shard")
+FSDP_KINDS = ("unsharded", "all_gather", "reduce_scatter")
+PER_RANK_KINDS = KINDS + FSDP_KINDS
+# Decoder layers gathered at once: the one computing and the one prefetched.
+GATHERED_LAYERS = 2
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """``world_size`` ranks (FSDP2 over all of them) and where the frozen roles are:
+    ``"replicate"`` (a full copy per rank) or ``"shard"`` (sharded per layer like the
+    trained roles, all-gathered for each forward)."""
+
+    world_size: int
+    frozen: str = "replicate"
+
+    def __post_init__(self):
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"Sharding.world_size must be an int >= 1, got {self.world_size!r}")
+        if self.frozen not in FROZEN_PLACEMENTS:
+            raise ValueError(f"Sharding.frozen must be one of {FROZEN_PLACEMENTS}, got {self.frozen!r}")
+
+
+def per_rank_workload(work: Workload, world_size: int) -> Workload:
+    """One rank's share of a step of ``work`` (the global batch): ``prompts_per_step`` and
+    ``minibatch_size`` over ``world_size`` (whole groups per rank); the micro-batches are
+    per rank already.
+
+    Raises:
+        ValueError naming the field ``world_size`` does not divide."""
+    for name in ("prompts_per_step", "minibatch_size"):
+        value = getattr(work, name)
+        if value % world_size:
+            raise ValueError(
+                f"{world_size} GPUs do not divide {name}={value}: each rank takes whole prompt groups and an "
+                f"equal share of every minibatch"
+            )
+    return dataclasses.replace(work, prompts_per_step=work.prompts_per_step // world_size,
+                               minibatch_size=work.minibatch_size // world_size)  # fmt: skip
+
+
+# -- the parameters FSDP2 shards -------------------------------------------------------
+def unit_parameters(shape: ModelShape, head: str, lora_rank: int = 0) -> dict[str, list[tuple[int, int, bool]]]:
+    """``{"root": [...], "layer": [...]}``: ``(rows, numel, trainable_with_lora)`` of every
+    parameter of the root unit and of one decoder layer, in ``transformers``' layouts
+    (``nn.Linear.weight`` is ``[out, in]``; peft's ``lora_A`` ``[r, in]``, ``lora_B``
+    ``[out, r]``)."""
+    h, v = shape.hidden_size, shape.vocab_size
+    root = [(v, v * h, False), (h, h, False)]
+    if head == "lm" and not shape.tied_embeddings:
+        root.append((v, v * h, False))
+    if head == "scalar":
+        root.append((1, h, True))  # the score row is trained under LoRA too
+    layer = [(out, out * inp, False) for inp, out in shape.linear_shapes()]
+    vectors = [h, h] + ([shape.head_dim] * 2 if shape.qk_norm else [])
+    vectors += [shape.q_size, shape.kv_size, shape.kv_size] if shape.qkv_bias else []
+    vectors += [h] if shape.o_bias else []
+    vectors += [shape.intermediate_size, shape.intermediate_size, h] if shape.mlp_bias else []
+    layer += [(n, n, False) for n in vectors]
+    if lora_rank:
+        for inp, out in shape.linear_shapes():
+            layer += [(lora_rank, lora_rank * inp, True), (out, out * lora_rank, True)]
+    return {"root": root, "layer": layer}
+
+
+def shard_elements(params, world_size: int, trainable_only: bool = False, lora: bool = False) -> int:
+    """Rank 0's elements of ``params`` sharded over ``world_size``: ``ceil(rows / N)`` rows each."""
+    return sum(-(-rows // world_size) * (numel // rows) for rows, numel, lora_trained in params
+               if not trainable_only or not lora or lora_trained)  # fmt: skip
+
+
+def unsharded_elements(params, world_size: int, trainable_only: bool = False, lora: bool = False) -> int:
+    """Elements of ``params`` all-gathered over ``world_size``, padding included."""
+    return world_size * shard_elements(params, world_size, trainable_only, lora)
+
+
+def _head_parameter(spec: RoleSpec) -> tuple[int, int, bool]:
+    """The root's output head: the lm_head (the embedding when tied) or the score row."""
+    root = unit_parameters(spec.shape, spec.head, spec.lora_rank)["root"]
+    return root[0] if spec.head == "lm" and spec.shape.tied_embeddings else root[-1]
+
+
+def _all_params(spec: RoleSpec) -> list:
+    units = unit_parameters(spec.shape, spec.head, spec.lora_rank)
+    return units["root"] + units["layer"] * spec.shape.num_layers
+
+
+def sharded_role_bytes(spec: RoleSpec, world_size: int) -> dict[str, int]:
+    """Rank 0's resident bytes of a sharded role: its weights (fp32 for a trained role, else
+    its dtype) and, trained, AdamW's fp32 moments of the trainable ones."""
+    params = _all_params(spec)
+    weight_bytes = 4 if spec.trained else spec.element_bytes
+    out = {"weights": shard_elements(params, world_size) * weight_bytes, "optimizer": 0}
+    if spec.trained:
+        out["optimizer"] = 8 * shard_elements(params, world_size, trainable_only=True, lora=bool(spec.lora_rank))
+    return out
+
+
+# -- the estimate ------------------------------------------------------------------------
+def estimate_per_rank(specs: dict[str, RoleSpec], work: Workload, sharding: Sharding,
+                      phases: tuple[str, ...] | None = None) -> dict[str, PhaseEstimate]:
+    """Bytes on rank 0 per phase, role and kind (:data:`PER_RANK_KINDS`) with every role
+    resident; ``work`` is one rank's share (:func:`per_rank_workload`)."""
+    n = sharding.world_size
+    run_phases = [p for p in PHASES if p != "update_critic" or "critic" in specs]
+    phases = run_phases if phases is None else [p for p in phases if p in run_phases]
+    out = {}
+    for phase in phases:
+        result = PhaseEstimate()
+        for role, spec in specs.items():
+            kinds = dict.fromkeys(PER_RANK_KINDS, 0)
+            sharded = spec.trained or sharding.frozen == "shard"
+            if spec.is_adapter_view:
+                pass
+            elif sharded:
+                kinds.update(sharded_role_bytes(spec, n))
+            else:
+                kinds["weights"] = spec.parameters * spec.element_bytes
+            if role in phase_roles(phase, specs) and not spec.is_adapter_view and _passes(phase, role, specs, work):
+                kinds.update(_pass_bytes(phase, role, spec, work, n if sharded else 0))
+            result.roles[role] = kinds
+        if phase == "score":
+            _one_pass_at_a_time(result, specs)
+        out[phase] = result
+    return out
+
+
+def _passes(phase: str, role: str, specs, work: Workload) -> bool:
+    return phase != "score" or role != "policy" or _policy_passes_in_score(specs, work)
+
+
+def _pass_bytes(phase: str, role: str, spec: RoleSpec, work: Workload, world_size: int) -> dict[str, int]:
+    """The role's pass in ``phase``: the single-GPU transients at the rank's share and, when
+    sharded (``world_size`` > 0), the FSDP buffers at the highest of the pass's moments
+    (:func:`_forward_moments`, :func:`_update_moments`)."""
+    if not world_size:
+        if phase == "generate":
+            return generate_bytes(spec, work)
+        return score_bytes(spec, work, role) if phase == "score" else update_pass_bytes(spec, work)
+    moments = _update_moments(spec, work, world_size) if phase.startswith("update") else _forward_moments(phase, role, spec, work, world_size)
+    return max(moments, key=lambda kinds: sum(kinds.values()))
+
+
+def _unit_bytes(spec: RoleSpec, world_size: int, trainable_only: bool = False) -> tuple[int, int]:
+    """``(root, layer)``: the all-gathered bytes of the root and of one decoder layer in the
+    compute dtype, padding included (``trainable_only``: of their trainable parameters)."""
+    units = unit_parameters(spec.shape, spec.head, spec.lora_rank)
+    lora = bool(spec.lora_rank)
+    return tuple(unsharded_elements(units[u], world_size, trainable_only, lora) * spec.element_bytes for u in ("root", "layer"))
+
+
+def _forward_moments(phase: str, role: str, spec: RoleSpec, work: Workload, world_size: int) -> list[dict[str, int]]:
+    """A no-grad pass (generate, score) of a sharded role has two high points:
+
+    * computing: the single-GPU activations / logits / KV cache, the root's parameters and
+      :data:`GATHERED_LAYERS` layers unsharded;
+    * copying out the largest unit's all-gather (``foreach_all_gather_copy_out``): its flat
+      all-gather output and its unsharded parameters at once (the root's, for a large
+      vocabulary), with only the KV cache of the pass alive.
+
+    A trained role's root stays unsharded after its forward (``unsharded``, for the phase);
+    a frozen sharded role's is resharded (``all_gather``, transient)."""
+    base = generate_bytes(spec, work) if phase == "generate" else score_bytes(spec, work, role)
+    root, layer = _unit_bytes(spec, world_size)
+    persistent = {"unsharded": root} if spec.trained else {}
+    computing = {**base, **persistent, "all_gather": GATHERED_LAYERS * layer + (0 if spec.trained else root)}
+    largest = max(root, layer)
+    copying = {"kv_cache": base.get("kv_cache", 0), **persistent, "all_gather": largest + (0 if spec.trained else largest)}
+    return [computing, copying]
+
+
+def _update_moments(spec: RoleSpec, work: Workload, world_size: int) -> list[dict[str, int]]:
+    """An update micro-batch of a sharded role has three high points (``prior``: the sharded
+    fp32 gradients the earlier micro-batches left, when there are several; with LoRA the
+    adapters' are counted throughout, they are small):
+
+    * at the lm_head: the saved activations, the fused lm_head's workspace, the root's
+      parameters unsharded, and a trained head's gradient ``d weight`` and its scaled copy
+      (``2·V·H·a``; FSDP reduces each micro-batch, so no unsharded sum is kept);
+    * in the last block's backward: the saved activations and its transient, the root
+      unsharded and the head's gradient (reduced with the root, last), :data:`GATHERED_LAYERS`
+      layers gathered, and one layer's reduce-scatter: its unsharded gradients in the
+      compute dtype and the fp32 reduce-scatter input;
+    * the root's reduce-scatter at the end of the backward (activations freed, the root's
+      parameters resharded): every sharded gradient, the root's unsharded gradients and its
+      fp32 reduce-scatter input."""
+    a = spec.element_bytes
+    terms = update_terms(spec, work)
+    lora = bool(spec.lora_rank)
+    several = work.update_micro_batch < work.update_rows
+    trainable = shard_elements(_all_params(spec), world_size, trainable_only=True, lora=lora) * 4
+    prior = trainable if several or lora else 0
+    root, layer = _unit_bytes(spec, world_size)
+    root_grad, layer_grad = _unit_bytes(spec, world_size, trainable_only=True)
+    head_grad = 0 if lora and spec.head == "lm" else unsharded_elements([_head_parameter(spec)], world_size) * a
+    at_head = {"activations": terms["saved"], "logits": terms["logits"], "unsharded": root, "grads": prior + 2 * head_grad}
+    in_blocks = {"activations": terms["saved"] + terms["blocks"], "unsharded": root, "grads": prior + head_grad,
+                 "all_gather": GATHERED_LAYERS * layer, "reduce_scatter": layer_grad * (4 + a) // a}  # fmt: skip
+    root_reduce = {"grads": trainable + root_grad, "reduce_scatter": root_grad * 4 // a}
+    return [at_head, in_blocks, root_reduce]
+
+
+def _one_pass_at_a_time(result: PhaseEstimate, specs) -> None:
+    """Score runs one model at a time: only the largest pass's transients (activations,
+    logits, gathered layers) count."""
+    transient = ("activations", "logits", "all_gather")
+    largest = max(specs, key=lambda role: sum(result.roles[role][k] for k in transient))
+    for role in specs:
+        if role != largest:
+            for kind in transient:
+                result.roles[role][kind] = 0
+
+
+__all__ = ["FROZEN_PLACEMENTS", "FSDP_KINDS", "PER_RANK_KINDS", "Sharding", "estimate_per_rank", "per_rank_workload",
+           "sharded_role_bytes", "unit_parameters"]
