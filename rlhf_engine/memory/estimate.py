@@ -368,9 +368,10 @@ def update_terms(spec: RoleSpec, work: Workload) -> dict[str, int]:
 
 def estimate(
     specs: dict[str, RoleSpec], work: Workload, residency: dict[str, dict[str, str]] | None = None,
-    phases: tuple[str, ...] | None = None, shard: int = 1,
+    phases: tuple[str, ...] | None = None,
 ) -> dict[str, PhaseEstimate]:
-    """Bytes on the GPU per phase, role and kind.
+    """Bytes on the GPU per phase, role and kind, on one GPU (per rank under FSDP2:
+    :func:`rlhf_engine.memory.fsdp.estimate_per_rank`).
 
     Args:
         specs: the run's roles (``policy`` required; ``reference``, ``critic``,
@@ -382,8 +383,6 @@ def estimate(
             ``"<role>.optimizer"``, where its optimizer state is. None: everything on the
             device (``--plan off``).
         phases: only these (default: every phase the run has).
-        shard: the GPUs that weights, gradients and optimizer state are split over (FSDP2's
-            full sharding: each holds ``1/shard`` of them); the workload is per GPU.
 
     Returns:
         ``{phase: PhaseEstimate}`` for the phases the run has (``update_critic`` only with a critic).
@@ -413,9 +412,6 @@ def estimate(
                         kinds.update(score_bytes(spec, work, role))
                 else:
                     kinds.update(update_bytes(spec, work))
-            if shard > 1:
-                for kind in ("weights", "grads", "optimizer"):
-                    kinds[kind] = -(-kinds[kind] // shard)
             result.roles[role] = kinds
         if phase == "score":
             _score_one_pass_at_a_time(result, specs)

@@ -75,21 +75,42 @@ class Sharding:
 
 
 def per_rank_workload(work: Workload, world_size: int) -> Workload:
-    """One rank's share of a step of ``work`` (the global batch): ``prompts_per_step`` and
-    ``minibatch_size`` over ``world_size`` (whole groups per rank); the micro-batches are
-    per rank already.
+    """One rank's share of a step of ``work`` (the global batch), as the trainer splits it
+    under torchrun (``rlhf_engine/distributed/batches.py``): ``prompts_per_step / N`` prompts
+    with their whole groups, ``minibatch_size / N`` sequences of every minibatch (one
+    minibatch of the whole rollout when it is at least the rollout), and each rank sampling
+    its share in one batch. Micro-batches are per rank.
 
     Raises:
         ValueError naming the field ``world_size`` does not divide."""
-    for name in ("prompts_per_step", "minibatch_size"):
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"--gpus must be an int >= 1, got {world_size!r}")
+    fields = ["prompts_per_step"] + (["minibatch_size"] if work.minibatch_size < work.rollout_batch else [])
+    for name in fields:
         value = getattr(work, name)
         if value % world_size:
             raise ValueError(
-                f"{world_size} GPUs do not divide {name}={value}: each rank takes whole prompt groups and an "
-                f"equal share of every minibatch"
+                f"--gpus {world_size} does not divide {name} = {value}: each rank takes "
+                + ("whole prompt groups" if name == "prompts_per_step" else "an equal share of every minibatch")
+                + f" (world sizes that divide it: {', '.join(str(d) for d in divisors(value))})"
             )
-    return dataclasses.replace(work, prompts_per_step=work.prompts_per_step // world_size,
-                               minibatch_size=work.minibatch_size // world_size)  # fmt: skip
+    prompts = work.prompts_per_step // world_size
+    minibatch = work.minibatch_size // world_size if "minibatch_size" in fields else prompts * work.group_size
+    return dataclasses.replace(work, prompts_per_step=prompts, minibatch_size=minibatch, generate_micro_batch=None)
+
+
+def divisors(value: int, limit: int = 1024) -> list[int]:
+    """The world sizes up to ``limit`` that divide ``value``."""
+    return [d for d in range(1, min(value, limit) + 1) if value % d == 0]
+
+
+def world_sizes(work: Workload, limit: int = 1024) -> list[int]:
+    """Every world size up to ``limit`` the trainer can split ``work`` over (see
+    :func:`per_rank_workload`), ascending."""
+    sizes = divisors(work.prompts_per_step, limit)
+    if work.minibatch_size < work.rollout_batch:
+        sizes = [d for d in sizes if work.minibatch_size % d == 0]
+    return sizes
 
 
 # -- the parameters FSDP2 shards -------------------------------------------------------
@@ -265,4 +286,4 @@ def _one_pass_at_a_time(result: PhaseEstimate, specs) -> None:
 
 
 __all__ = ["FROZEN_PLACEMENTS", "FSDP_KINDS", "PER_RANK_KINDS", "Sharding", "estimate_per_rank", "per_rank_workload",
-           "sharded_role_bytes", "unit_parameters"]
+           "sharded_role_bytes", "unit_parameters", "world_sizes"]
