@@ -140,7 +140,9 @@ def _generate(policy, spec: RoleSpec, work: Workload, fresh) -> None:
         del logits, cache, z, logp
 
 
-def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh) -> None:
+def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh, after_pass=lambda role: None) -> None:
+    """Each model's no-grad pass in turn; ``after_pass(role)`` runs after each role's (the
+    FSDP trace reshards a frozen sharded root there, as the trainer must)."""
     from rlhf_engine import ops
 
     length = work.prompt_length + work.response_length
@@ -165,6 +167,7 @@ def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh) -> N
                 else:
                     model.values(ids, mask)
             del ids, mask
+        after_pass(role)
     if "reference" in specs and specs["reference"].is_adapter_view:
         from rlhf_engine.models.lora import adapter_disabled
 

@@ -18,8 +18,10 @@ The trainer's convention under torchrun (``RLTrainer`` on a data-parallel group)
   steps) and, for ``dtype: bf16``, computes in bf16 through
   ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``;
 * a frozen role is either replicated (a full copy per rank, in its dtype) or, with
-  ``frozen="shard"``, sharded the same way without mixed precision and with
-  ``reshard_after_forward=True`` on its root too (it has no backward to reshard it later).
+  ``frozen="shard"``, sharded the same way without mixed precision. Its root stays
+  unsharded after the forward, as every root does (the fused lm_head op reads the full
+  weight after the forward returns), and is resharded after the role's pass (it has no
+  backward to reshard it).
 
 The phases are :mod:`rlhf_engine.memory.trace`'s, run on each rank's share of the batch
 (``work`` is per rank); the fused lm_head's invisible workspace is added the same way.
@@ -59,7 +61,7 @@ def fake_process_group(world_size: int):
         dist.destroy_process_group()
 
 
-def _shard(model: torch.nn.Module, mesh, mp_policy, root_reshards: bool) -> None:
+def _shard(model: torch.nn.Module, mesh, mp_policy) -> None:
     """``fully_shard`` each decoder layer of ``model`` (its ``_no_split_modules`` classes),
     then the model, and register the wrapper's forward methods, as the trainer does."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -67,7 +69,7 @@ def _shard(model: torch.nn.Module, mesh, mp_policy, root_reshards: bool) -> None
     names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
     for layer in [m for m in model.modules() if type(m).__name__ in names]:
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=root_reshards)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     for name in FORWARD_METHODS:
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
@@ -81,11 +83,11 @@ def _build_sharded(spec: RoleSpec, mesh, frozen: str):
     if spec.trained:
         model = _build(dataclasses.replace(spec, dtype="fp32"))
         mp = MixedPrecisionPolicy(param_dtype=spec.torch_dtype, reduce_dtype=torch.float32) if spec.dtype != "fp32" else MixedPrecisionPolicy()
-        _shard(model, mesh, mp, root_reshards=False)
+        _shard(model, mesh, mp)
         return model, True
     model = _build(spec)
     if frozen == "shard":
-        _shard(model, mesh, MixedPrecisionPolicy(), root_reshards=True)
+        _shard(model, mesh, MixedPrecisionPolicy())
         return model, True
     return model, False
 
@@ -175,7 +177,8 @@ def trace_phase_fsdp(phase: str, specs: dict[str, RoleSpec], work: Workload, wor
             elif phase == "score":
                 for model in models.values():
                     model.eval()
-                _score(models, specs, work, fresh)
+                frozen_sharded = {r for r, m in models.items() if not specs[r].trained and any(m is s for s in sharded)}
+                _score(models, specs, work, fresh, after_pass=lambda r: models[r].reshard() if r in frozen_sharded else None)
             else:
                 _update(updated, models[updated], optimizers[updated], specs[updated], work, fresh)
         snapshot = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
