@@ -224,37 +224,49 @@ def _unit_bytes(spec: RoleSpec, world_size: int, trainable_only: bool = False) -
 
 
 def _forward_moments(phase: str, role: str, spec: RoleSpec, work: Workload, world_size: int) -> list[dict[str, int]]:
-    """A no-grad pass (generate, score) of a sharded role has two high points:
-
-    * computing: the single-GPU activations / logits / KV cache, the root's parameters and
-      :data:`GATHERED_LAYERS` layers unsharded;
-    * copying out the largest unit's all-gather (``foreach_all_gather_copy_out``): its flat
-      all-gather output and its unsharded parameters at once (the root's, for a large
-      vocabulary), with only the KV cache of the pass alive.
-
-    A trained role's root stays unsharded after its forward (``unsharded``, for the phase);
-    a frozen sharded role's is resharded (``all_gather``, transient)."""
+    """A no-grad pass (generate, score) of a sharded role has two high points: computing
+    (the single-GPU activations / logits / KV cache with the units :func:`_gathered`), and
+    the root's all-gather (:func:`_copying_root`, the KV cache still alive). A trained
+    role's root stays unsharded after its forward (``unsharded``, for the phase); a frozen
+    sharded role's is resharded after its pass (``all_gather``, transient)."""
     base = generate_bytes(spec, work) if phase == "generate" else score_bytes(spec, work, role)
+    return [{**base, **_gathered(spec, world_size)}, {"kv_cache": base.get("kv_cache", 0), **_copying_root(spec, world_size)}]
+
+
+def _gathered(spec: RoleSpec, world_size: int) -> dict[str, int]:
+    """While a sharded role computes: its root unsharded and :data:`GATHERED_LAYERS` layers."""
     root, layer = _unit_bytes(spec, world_size)
-    persistent = {"unsharded": root} if spec.trained else {}
-    computing = {**base, **persistent, "all_gather": GATHERED_LAYERS * layer + (0 if spec.trained else root)}
-    largest = max(root, layer)
-    copying = {"kv_cache": base.get("kv_cache", 0), **persistent, "all_gather": largest + (0 if spec.trained else largest)}
-    return [computing, copying]
+    if spec.trained:
+        return {"unsharded": root, "all_gather": GATHERED_LAYERS * layer}
+    return {"all_gather": root + GATHERED_LAYERS * layer}
+
+
+def _copying_root(spec: RoleSpec, world_size: int) -> dict[str, int]:
+    """While the root's all-gather is copied out (``foreach_all_gather_copy_out``): its flat
+    all-gather output and its unsharded parameters at once, and a layer's all-gather output
+    and parameters (FSDP2 keeps the last all-gather result until the next one is done)."""
+    root, layer = _unit_bytes(spec, world_size)
+    if spec.trained:
+        return {"unsharded": root, "all_gather": root + GATHERED_LAYERS * layer}
+    return {"all_gather": 2 * root + GATHERED_LAYERS * layer}
 
 
 def _update_moments(spec: RoleSpec, work: Workload, world_size: int) -> list[dict[str, int]]:
-    """An update micro-batch of a sharded role has three high points (``prior``: the sharded
+    """The high points of an update micro-batch of a sharded role (``prior``: the sharded
     fp32 gradients the earlier micro-batches left, when there are several; with LoRA the
     adapters' are counted throughout, they are small):
 
-    * at the lm_head: the saved activations, the fused lm_head's workspace, the root's
-      parameters unsharded, and a trained head's gradient ``d weight`` and its scaled copy
+    * the root's all-gather at the start of the forward (:func:`_copying_root`);
+    * the end of the lm_head loss's forward: the saved activations, the fused lm_head's
+      workspace, the root unsharded and a trained head's gradient ``d weight`` (the one-pass
+      loss makes it in the forward);
+    * the start of the backward: the workspace freed, ``d weight`` and its scaled copy
       (``2·V·H·a``; FSDP reduces each micro-batch, so no unsharded sum is kept);
-    * in the last block's backward: the saved activations and its transient, the root
-      unsharded and the head's gradient (reduced with the root, last), :data:`GATHERED_LAYERS`
-      layers gathered, and one layer's reduce-scatter: its unsharded gradients in the
-      compute dtype and the fp32 reduce-scatter input;
+    * in the last block's backward: its transient on the saved activations, the root and
+      :data:`GATHERED_LAYERS` layers gathered, ``d weight`` (reduced with the root, last) and
+      the layer's unsharded gradients in the compute dtype;
+    * that layer's reduce-scatter (``FSDPParamGroup.post_backward``), its transient freed: the
+      same plus the fp32 reduce-scatter input;
     * the root's reduce-scatter at the end of the backward (activations freed, the root's
       parameters resharded): every sharded gradient, the root's unsharded gradients and its
       fp32 reduce-scatter input."""
@@ -264,14 +276,17 @@ def _update_moments(spec: RoleSpec, work: Workload, world_size: int) -> list[dic
     several = work.update_micro_batch < work.update_rows
     trainable = shard_elements(_all_params(spec), world_size, trainable_only=True, lora=lora) * 4
     prior = trainable if several or lora else 0
-    root, layer = _unit_bytes(spec, world_size)
+    root, _ = _unit_bytes(spec, world_size)
     root_grad, layer_grad = _unit_bytes(spec, world_size, trainable_only=True)
     head_grad = 0 if lora and spec.head == "lm" else unsharded_elements([_head_parameter(spec)], world_size) * a
-    at_head = {"activations": terms["saved"], "logits": terms["logits"], "unsharded": root, "grads": prior + 2 * head_grad}
-    in_blocks = {"activations": terms["saved"] + terms["blocks"], "unsharded": root, "grads": prior + head_grad,
-                 "all_gather": GATHERED_LAYERS * layer, "reduce_scatter": layer_grad * (4 + a) // a}  # fmt: skip
+    gathering = {"grads": prior, **_copying_root(spec, world_size)}
+    head_end = {"activations": terms["saved"], "logits": terms["logits"], "unsharded": root, "grads": prior + head_grad}
+    head_backward = {"activations": terms["saved"], "unsharded": root, "grads": prior + 2 * head_grad}
+    in_blocks = {"activations": terms["saved"] + terms["blocks"], "grads": prior + head_grad + layer_grad,
+                 **_gathered(spec, world_size)}  # fmt: skip
+    layer_reduce = {**in_blocks, "activations": terms["saved"], "reduce_scatter": layer_grad * 4 // a}
     root_reduce = {"grads": trainable + root_grad, "reduce_scatter": root_grad * 4 // a}
-    return [at_head, in_blocks, root_reduce]
+    return [gathering, head_end, head_backward, in_blocks, layer_reduce, root_reduce]
 
 
 def _one_pass_at_a_time(result: PhaseEstimate, specs) -> None:

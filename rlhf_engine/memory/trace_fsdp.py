@@ -24,7 +24,9 @@ The trainer's convention under torchrun (``RLTrainer`` on a data-parallel group)
   backward to reshard it).
 
 The phases are :mod:`rlhf_engine.memory.trace`'s, run on each rank's share of the batch
-(``work`` is per rank); the fused lm_head's invisible workspace is added the same way.
+(``work`` is per rank); the fused lm_head's invisible workspace is held as a placeholder
+tensor while the op runs (so it counts only if the peak is there: under FSDP the peak
+can be the root's all-gather instead).
 """
 
 from __future__ import annotations
@@ -180,10 +182,13 @@ def trace_phase_fsdp(phase: str, specs: dict[str, RoleSpec], work: Workload, wor
                 frozen_sharded = {r for r, m in models.items() if not specs[r].trained and any(m is s for s in sharded)}
                 _score(models, specs, work, fresh, after_pass=lambda r: models[r].reshard() if r in frozen_sharded else None)
             else:
-                _update(updated, models[updated], optimizers[updated], specs[updated], work, fresh)
+                # The lm_head workspace held at its moment: under FSDP the peak may be elsewhere
+                # (the root's all-gather), where adding it would overstate the peak.
+                _update(updated, models[updated], optimizers[updated], specs[updated], work, fresh,
+                        workspace=lm_head_workspace(phase, specs, work))
         snapshot = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     by_kind = {getattr(kind, "value", kind): count for kind, count in snapshot.items() if count}
-    return TracedPeak(tracked=by_kind.pop("Total"), workspace=lm_head_workspace(phase, specs, work), by_kind=by_kind)
+    return TracedPeak(tracked=by_kind.pop("Total"), workspace=0, by_kind=by_kind)
 
 
 __all__ = ["FROZEN_PLACEMENTS", "fake_process_group", "trace_phase_fsdp"]
