@@ -290,14 +290,25 @@ def _update_moments(spec: RoleSpec, work: Workload, world_size: int) -> list[dic
 
 
 def _one_pass_at_a_time(result: PhaseEstimate, specs) -> None:
-    """Score runs one model at a time: only the largest pass's transients (activations,
-    logits, gathered layers) count."""
+    """Score runs one model at a time, in :func:`phase_roles` order: during a role's pass
+    only its transients (activations, logits, gathered units) are alive, beside the roots
+    of the trained roles that ran before it (a root stays unsharded after its forward) and
+    its own. The peak is the highest of those passes; the others' bytes are set to what is
+    alive then."""
     transient = ("activations", "logits", "all_gather")
-    largest = max(specs, key=lambda role: sum(result.roles[role][k] for k in transient))
-    for role in specs:
-        if role != largest:
-            for kind in transient:
-                result.roles[role][kind] = 0
+    order = list(phase_roles("score", specs))
+
+    def alive(k: int, role: str, kind: str) -> int:
+        i = order.index(role)
+        if kind in transient:
+            return result.roles[role][kind] if i == k else 0
+        return result.roles[role][kind] if kind != "unsharded" or i <= k else 0
+
+    def total(k: int) -> int:
+        return sum(alive(k, role, kind) for role in order for kind in result.roles[role])
+
+    peak = max(range(len(order)), key=total)
+    result.roles = {role: {kind: alive(peak, role, kind) for kind in kinds} for role, kinds in result.roles.items()}
 
 
 __all__ = ["FROZEN_PLACEMENTS", "FSDP_KINDS", "PER_RANK_KINDS", "Sharding", "estimate_per_rank", "per_rank_workload",

@@ -22,6 +22,10 @@ bytes per off-period in the cycle of phases); a frozen model offloaded keeps its
 CPU copy, so only the copy in moves (1x); ``swap`` moves the reference in and the
 policy's weights out and back (``R + 2P``).
 
+With ``gpus`` > 1 (:func:`plan_per_rank`) the plan is rank 0's under FSDP2
+(:mod:`rlhf_engine.memory.fsdp`): every role resident, the frozen roles replicated when that
+fits, else sharded; :func:`fewest_gpus` finds the smallest world size that fits.
+
 Budget: the GPU's total memory less the CUDA context (:data:`CUDA_CONTEXT_BYTES`) and a
 margin (:data:`ALLOCATOR_RESERVE_FRACTION` of the peak, for the caching allocator's
 rounding and fragmentation and the estimate's tolerance); the phases' predicted peaks are
