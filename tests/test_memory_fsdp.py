@@ -160,3 +160,21 @@ def test_the_gpu_suggestion_is_the_per_rank_plan_it_names():
     (suggestion,) = [s for s in one.suggestions if "gpus" in s.change]
     replanned = plan(specs, WORK, budget, PlanOptions(offload=False), gpus=suggestion.change["gpus"])
     assert replanned.fits and replanned.peak_bytes == suggestion.peak_bytes <= usable_bytes(budget)
+
+
+def test_roots_left_gathered_by_earlier_no_grad_passes_are_counted():
+    """FSDP2 reshards a root only in its backward: an on-policy score (no policy pass) still
+    holds the policy's root from generate, and update_policy the critic's from score. Both
+    the estimate and the trace (which gathers them first) count them."""
+    from rlhf_engine.memory.trace_fsdp import trace_phase_fsdp
+
+    specs = cell_specs(Cell("qwen2.5-0.5b", "bf16", False, False), layers=2)
+    work = dataclasses.replace(per_rank_workload(WORK, 2), score_policy_pass=False)
+    predicted = estimate_per_rank(specs, work, Sharding(2))
+    for phase, role in (("score", "policy"), ("update_policy", "critic")):
+        root = predicted[phase].roles[role]["unsharded"]
+        assert root > 100 << 20  # Qwen2.5-0.5B's embeddings, bf16, about 260 MiB
+        traced = trace_phase_fsdp(phase, specs, work, 2)
+        assert abs(predicted[phase].peak_bytes / traced.peak - 1) <= TOLERANCE, phase
+        without = dataclasses.replace(traced, tracked=traced.tracked - root)  # the root is what closes the gap
+        assert abs(predicted[phase].peak_bytes / without.peak - 1) > abs(predicted[phase].peak_bytes / traced.peak - 1)

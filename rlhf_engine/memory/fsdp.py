@@ -180,7 +180,7 @@ def estimate_per_rank(specs: dict[str, RoleSpec], work: Workload, sharding: Shar
     phases = run_phases if phases is None else [p for p in phases if p in run_phases]
     out = {}
     for phase in phases:
-        result = PhaseEstimate()
+        result, carried = PhaseEstimate(), carried_roots(phase, specs, work)
         for role, spec in specs.items():
             kinds = dict.fromkeys(PER_RANK_KINDS, 0)
             sharded = spec.trained or sharding.frozen == "shard"
@@ -192,11 +192,26 @@ def estimate_per_rank(specs: dict[str, RoleSpec], work: Workload, sharding: Shar
                 kinds["weights"] = spec.parameters * spec.element_bytes
             if role in phase_roles(phase, specs) and not spec.is_adapter_view and _passes(phase, role, specs, work):
                 kinds.update(_pass_bytes(phase, role, spec, work, n if sharded else 0))
+            elif role in carried:
+                kinds["unsharded"] = _unit_bytes(spec, n)[0]
             result.roles[role] = kinds
         if phase == "score":
             _one_pass_at_a_time(result, specs)
         out[phase] = result
     return out
+
+
+def carried_roots(phase: str, specs: dict[str, RoleSpec], work: Workload) -> list[str]:
+    """The trained roles whose root is still all-gathered when ``phase`` starts without the
+    phase computing with them first: FSDP2 reshards a root in its post-backward, and a
+    no-grad forward has none, so the policy's root stays from generate into score (counted
+    here when score runs no policy pass) and a critic's from its score pass into
+    update_policy. The trainer could reshard them (``FSDPModule.reshard()``); it does not."""
+    if phase == "score" and "policy" in specs and not _passes("score", "policy", specs, work):
+        return ["policy"]
+    if phase == "update_policy" and "critic" in specs:
+        return ["critic"]
+    return []
 
 
 def _passes(phase: str, role: str, specs, work: Workload) -> bool:
@@ -312,4 +327,4 @@ def _one_pass_at_a_time(result: PhaseEstimate, specs) -> None:
 
 
 __all__ = ["FROZEN_PLACEMENTS", "FSDP_KINDS", "PER_RANK_KINDS", "Sharding", "estimate_per_rank", "per_rank_workload",
-           "sharded_role_bytes", "unit_parameters", "world_sizes"]
+           "carried_roots", "sharded_role_bytes", "unit_parameters", "world_sizes"]

@@ -23,6 +23,11 @@ The trainer's convention under torchrun (``RLTrainer`` on a data-parallel group)
   weight after the forward returns), and is resharded after the role's pass (it has no
   backward to reshard it).
 
+A trained root stays unsharded after a no-grad pass until its next backward, so a phase
+starts with the roots the step's earlier phases left gathered
+(:func:`rlhf_engine.memory.fsdp.carried_roots`): a one-token pass gathers them inside the
+tracker, and the phase's peak is measured from there.
+
 The phases are :mod:`rlhf_engine.memory.trace`'s, run on each rank's share of the batch
 (``work`` is per rank); the fused lm_head's invisible workspace is held as a placeholder
 tensor while the op runs (so it counts only if the peak is there: under FSDP the peak
@@ -37,7 +42,8 @@ import dataclasses
 import torch
 
 from rlhf_engine.memory.estimate import PHASES, RoleSpec, Workload, lm_head_workspace
-from rlhf_engine.memory.trace import TracedPeak, _build, _generate, _optimizer, _score, _triton_fakes, _update
+from rlhf_engine.memory.fsdp import carried_roots
+from rlhf_engine.memory.trace import TracedPeak, _build, _generate, _optimizer, _score, _tokens, _triton_fakes, _update
 
 FROZEN_PLACEMENTS = ("replicate", "shard")
 # The wrapper methods that run a forward of the root (the trainer registers the same ones).
@@ -133,6 +139,11 @@ def _tracker_class():
         def _fsdp_param_group_post_backward(self, fsdp_mod, orig):
             return self._known(fsdp_mod, super()._fsdp_param_group_post_backward(fsdp_mod, orig))
 
+        def restart_peak(self) -> None:
+            """The peak from now on: what is allocated now, not what was before."""
+            self._peak_mem = {device: snap[_TOTAL_KEY] for device, snap in self._curr_mem_snap.items()}
+            self._peak_mem_snap = {device: dict(snap) for device, snap in self._curr_mem_snap.items()}
+
         def _update_peak_stats(self, peak_state) -> None:
             # Only the device-wide peak is read (see trace.py: the per-module peaks are
             # quadratic in depth).
@@ -172,6 +183,14 @@ def trace_phase_fsdp(phase: str, specs: dict[str, RoleSpec], work: Workload, wor
         tracker = _tracker_class()(sharded, main, replicated, others)
         fresh = tracker.reset_mod_stats
         with tracker:
+            # The roots the step's earlier no-grad passes left unsharded (see fsdp.carried_roots):
+            # gathered by a one-token pass, then the peak starts from there.
+            for role in carried_roots(phase, specs, work):
+                models[role].eval()
+                forward = models[role].values if specs[role].head == "scalar" else models[role].hidden_states
+                with torch.no_grad():
+                    forward(*_tokens(1, 2))
+            tracker.restart_peak()
             if phase == "generate":
                 models["policy"].eval()
                 with torch.no_grad():
