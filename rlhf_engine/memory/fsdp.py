@@ -184,12 +184,10 @@ def estimate_per_rank(specs: dict[str, RoleSpec], work: Workload, sharding: Shar
         for role, spec in specs.items():
             kinds = dict.fromkeys(PER_RANK_KINDS, 0)
             sharded = spec.trained or sharding.frozen == "shard"
-            if spec.is_adapter_view:
-                pass
-            elif sharded:
+            if sharded and not spec.is_adapter_view:
                 kinds.update(sharded_role_bytes(spec, n))
-            else:
-                kinds["weights"] = spec.parameters * spec.element_bytes
+            elif not sharded:
+                kinds["weights"] = spec.parameters * spec.element_bytes  # an adapter view: 0
             if role in phase_roles(phase, specs) and not spec.is_adapter_view and _passes(phase, role, specs, work):
                 kinds.update(_pass_bytes(phase, role, spec, work, n if sharded else 0))
             elif role in carried:
