@@ -4,19 +4,15 @@
   torch's ``FSDPMemTracker`` measures on ``fully_shard`` models of a fake process group
   under ``FakeTensorMode`` (rlhf_engine.memory.trace_fsdp), at world sizes 2 and 8, on
   real-size widths and vocabularies at two layers (the per-layer terms are the same at any
-  depth; a two-layer trace takes about a second). Measured estimate / traced (torch 2.13,
-  generate, score, update_policy, update_critic):
+  depth; a two-layer trace takes about a second). Measured estimate / traced (torch 2.13):
 
-  =====================================  ====  =====  =====  =====  =====
-  cell                                   N     gen    score  upd_p  upd_c
-  =====================================  ====  =====  =====  =====  =====
-  Qwen2.5-0.5B bf16, frozen replicated   2     1.005  0.992  0.994  1.000
-  Qwen2.5-0.5B bf16, frozen replicated   8     1.001  0.986  0.991  1.034
-  Qwen2.5-7B bf16 LoRA ckpt, frozen shard 2    1.003  0.986  0.993  0.993
-  Qwen2.5-7B bf16 LoRA ckpt, frozen shard 8    1.001  0.977  0.997  0.996
-  Llama-3-8B fp32, frozen replicated     2     1.007  0.994  1.026  1.033
-  Llama-3-8B fp32, frozen replicated     8     1.003  0.991  1.039  1.054
-  =====================================  ====  =====  =====  =====  =====
+      cell                                        N  generate  score  update_policy  update_critic
+      Qwen2.5-0.5B bf16, frozen replicated        2  1.005     0.992  0.994          1.000
+      Qwen2.5-0.5B bf16, frozen replicated        8  1.001     0.986  0.991          1.034
+      Qwen2.5-7B bf16 LoRA ckpt, frozen sharded   2  1.003     0.986  0.993          0.993
+      Qwen2.5-7B bf16 LoRA ckpt, frozen sharded   8  1.001     0.977  0.997          0.996
+      Llama-3-8B fp32, frozen replicated          2  1.007     0.994  1.026          1.033
+      Llama-3-8B fp32, frozen replicated          8  1.003     0.991  1.039          1.054
 
 * The sharding arithmetic (padding to ``ceil(rows / N)`` rows, the root / layer split)
   exactly as FSDP2 lays the shards out, on awkward sizes.
