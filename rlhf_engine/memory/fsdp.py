@@ -5,11 +5,11 @@ every trained role is ``fully_shard``-ed per decoder layer, then at its root (th
 embeddings, final norm, lm_head or scalar head); its parameters are fp32 (the masters
 AdamW steps, no separate copy) and a bf16 role computes in bf16 through
 ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``. A frozen role is either
-replicated (a full copy per rank) or sharded like a trained one in its own dtype, with
-its root resharded after each forward (:class:`Sharding`). Everything stays resident
-(the offload executor is for one GPU). Each rank takes ``1/N`` of the step's sequences
-(:func:`per_rank_workload`), so activations, KV cache and logits are the single-GPU
-terms of :mod:`rlhf_engine.memory.estimate` at the rank's share.
+replicated (a full copy per rank) or sharded like a trained one in its own dtype, its root
+resharded after each pass (:class:`Sharding`). Everything stays resident (the offload
+executor is for one GPU). Each rank takes ``1/N`` of the step's sequences
+(:func:`per_rank_workload`), so activations, KV cache and logits are the single-GPU terms
+of :mod:`rlhf_engine.memory.estimate` at the rank's share, in the compute dtype.
 
 The FSDP terms, per role, and where FSDP2 allocates them (torch 2.13,
 ``torch/distributed/fsdp/_fully_shard/``):
@@ -22,22 +22,26 @@ The FSDP terms, per role, and where FSDP2 allocates them (torch 2.13,
 * ``optimizer``: AdamW's two fp32 moments of the trainable sharded parameters
   (``zeros_like`` of the local shard: 8 B per element of it).
 * ``grads``: the sharded fp32 gradients (``FSDPParamGroup.post_backward``'s reduce-scatter
-  output, accumulated into ``sharded_param.grad``) once a micro-batch has run, and the
-  root's unsharded gradient in the compute dtype while the backward runs (the root's
-  reduce-scatter is the backward's last; the one-pass lm_head loss makes it in the
-  forward).
-* ``unsharded``: the root's all-gathered parameters in the compute dtype, padded
-  (``foreach_all_gather`` output, ``N · ceil(rows / N)`` rows a parameter): the root is not
-  resharded after its forward (``reshard_after_forward`` is False for a root), so they
-  stay for the whole phase of a trained role.
-* ``all_gather``: the decoder layers all-gathered at once: the layer in compute and the next
-  one (FSDP2's default prefetch of one layer: issued ahead on the all-gather stream in the
-  forward, explicitly in the backward), in the compute dtype, padded; for a sharded frozen
-  role its root too (resharded after its forward). Transient: in score, only the pass
-  that runs holds it.
-* ``reduce_scatter``: in the update, one layer's unsharded gradients in the compute dtype
-  and its reduce-scatter input, fp32 (``foreach_reduce``'s flat buffer of
-  ``N · ceil(rows / N)`` rows a parameter).
+  output, accumulated into ``sharded_param.grad``) once a micro-batch has run; the head's
+  unsharded ``d weight`` in the compute dtype (the one-pass lm_head loss makes it in the
+  forward; it is reduced with the root, last); a layer's unsharded gradients during its
+  backward; at the end, the root's.
+* ``unsharded``: a trained role's root all-gathered in the compute dtype, padded
+  (``foreach_all_gather`` output, ``N · ceil(rows / N)`` rows a parameter): a root is not
+  resharded after its forward (``reshard_after_forward`` is False for a root), so it stays
+  for the phase, and after a no-grad pass until the role's next backward
+  (:func:`carried_roots`).
+* ``all_gather``: the decoder layers all-gathered at once, the one in compute and the next
+  (FSDP2's default prefetch of one layer: issued ahead on the all-gather stream in the
+  forward, explicitly in the backward), in the compute dtype, padded; while the root's
+  all-gather is copied out (``foreach_all_gather_copy_out``), its flat output beside its
+  parameters; a sharded frozen role's root.
+* ``reduce_scatter``: the fp32 reduce-scatter input (``foreach_reduce``'s flat buffer of
+  ``N · ceil(rows / N)`` rows a parameter) of a layer, or of the root at the end of the
+  backward.
+
+A pass is the highest of its moments (:func:`_forward_moments`, :func:`_update_moments`),
+not the sum of every term.
 """
 
 from __future__ import annotations
