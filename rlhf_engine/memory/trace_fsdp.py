@@ -71,8 +71,9 @@ def fake_process_group(world_size: int):
 
 def _shard(model: torch.nn.Module, mesh, mp_policy) -> None:
     """``fully_shard`` each decoder layer of ``model`` (its ``_no_split_modules`` classes),
-    then the model, and register the wrapper's forward methods, as the trainer does."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    then the model, register the wrapper's forward methods, and reduce gradients by a plain
+    sum, as the trainer does (its losses carry the global normalizer)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
     for layer in [m for m in model.modules() if type(m).__name__ in names]:
@@ -81,11 +82,16 @@ def _shard(model: torch.nn.Module, mesh, mp_policy) -> None:
     for name in FORWARD_METHODS:
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def _build_sharded(spec: RoleSpec, mesh, frozen: str):
-    """The role's model on ``mesh``: trained roles in fp32 with mixed precision to their dtype;
-    frozen ones replicated (None returned as the second value) or sharded in their dtype."""
+    """``(model, sharded)``: the role's model on ``mesh``, a trained role in fp32 with mixed
+    precision to its dtype, a frozen one in its dtype, replicated or (``frozen="shard"``)
+    sharded."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if spec.trained:
