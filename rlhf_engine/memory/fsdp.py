@@ -50,7 +50,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from rlhf_engine.memory.estimate import (
-    KINDS, PHASES, PhaseEstimate, RoleSpec, Workload, generate_bytes, phase_roles, score_bytes, update_pass_bytes, update_terms,
+    KINDS, PHASES, PhaseEstimate, RoleSpec, Workload, no_grad_bytes, phase_roles, score_bytes, update_terms,
     _policy_passes_in_score,
 )  # fmt: skip
 from rlhf_engine.memory.shapes import ModelShape
@@ -221,13 +221,11 @@ def _passes(phase: str, role: str, specs, work: Workload) -> bool:
 
 
 def _pass_bytes(phase: str, role: str, spec: RoleSpec, work: Workload, world_size: int) -> dict[str, int]:
-    """The role's pass in ``phase``: the single-GPU transients at the rank's share and, when
-    sharded (``world_size`` > 0), the FSDP buffers at the highest of the pass's moments
-    (:func:`_forward_moments`, :func:`_update_moments`)."""
+    """The role's pass in ``phase``: for a replicated frozen role (``world_size`` 0; it only
+    scores) the single-GPU pass at the rank's share; for a sharded one the highest of the
+    pass's moments with FSDP's buffers (:func:`_forward_moments`, :func:`_update_moments`)."""
     if not world_size:
-        if phase == "generate":
-            return generate_bytes(spec, work)
-        return score_bytes(spec, work, role) if phase == "score" else update_pass_bytes(spec, work)
+        return score_bytes(spec, work, role)
     moments = _update_moments(spec, work, world_size) if phase.startswith("update") else _forward_moments(phase, role, spec, work, world_size)
     return max(moments, key=lambda kinds: sum(kinds.values()))
 
@@ -241,13 +239,29 @@ def _unit_bytes(spec: RoleSpec, world_size: int, trainable_only: bool = False) -
 
 
 def _forward_moments(phase: str, role: str, spec: RoleSpec, work: Workload, world_size: int) -> list[dict[str, int]]:
-    """A no-grad pass (generate, score) of a sharded role has two high points: computing
-    (the single-GPU activations / logits / KV cache with the units :func:`_gathered`), and
-    the root's all-gather (:func:`_copying_root`, the KV cache still alive). A trained
+    """A no-grad pass (generate, score) of a sharded role has these high points: computing
+    (the single-GPU activations / logits / KV cache with the units :func:`_gathered`; for
+    generation the prefill and the last decode step apart), and the root's all-gather at
+    the pass's start (:func:`_copying_root`). A trained
     role's root stays unsharded after its forward (``unsharded``, for the phase); a frozen
     sharded role's is resharded after its pass (``all_gather``, transient)."""
-    base = generate_bytes(spec, work) if phase == "generate" else score_bytes(spec, work, role)
-    return [{**base, **_gathered(spec, world_size)}, {"kv_cache": base.get("kv_cache", 0), **_copying_root(spec, world_size)}]
+    gathered, copying = _gathered(spec, world_size), _copying_root(spec, world_size)
+    if phase == "score":
+        return [{**score_bytes(spec, work, role), **gathered}, copying]
+    return [{**kinds, **gathered} for kinds in _generate_moments(spec, work)] + [copying]
+
+
+def _generate_moments(spec: RoleSpec, work: Workload) -> list[dict[str, int]]:
+    """Generation's two computing moments, apart (``estimate.generate_bytes`` adds the final
+    cache to the larger of them): the prompt's prefill beside the prompt's KV
+    cache, and the last decode step's logits beside the cache at its final length. The
+    root's all-gather comes first, before any cache exists (a trained root then stays
+    gathered for the whole generation)."""
+    shape, a, n = spec.shape, spec.element_bytes, work.generate_micro_batch
+    per_token = shape.kv_bytes_per_token(a)
+    prefill = n * work.prompt_length * no_grad_bytes(shape, a, work.prompt_length)
+    return [{"activations": prefill, "kv_cache": n * work.prompt_length * per_token},
+            {"logits": n * shape.vocab_size * (a + 30), "kv_cache": n * work.sequence_length * per_token}]  # fmt: skip
 
 
 def _gathered(spec: RoleSpec, world_size: int) -> dict[str, int]:
