@@ -7,12 +7,17 @@
   depth; a two-layer trace takes about a second). Measured estimate / traced (torch 2.13):
 
       cell                                        N  generate  score  update_policy  update_critic
-      Qwen2.5-0.5B bf16, frozen replicated        2  1.005     0.992  0.994          1.000
-      Qwen2.5-0.5B bf16, frozen replicated        8  1.001     0.986  0.991          1.034
-      Qwen2.5-7B bf16 LoRA ckpt, frozen sharded   2  1.003     0.986  0.993          0.993
-      Qwen2.5-7B bf16 LoRA ckpt, frozen sharded   8  1.001     0.977  0.997          0.996
-      Llama-3-8B fp32, frozen replicated          2  1.007     0.994  1.026          1.033
-      Llama-3-8B fp32, frozen replicated          8  1.003     0.991  1.039          1.054
+      Qwen2.5-0.5B bf16, frozen replicated        2  1.000     0.992  0.994          1.000
+      Qwen2.5-0.5B bf16, frozen replicated        8  0.997     0.986  0.991          1.034
+      Qwen2.5-7B bf16 LoRA ckpt, frozen sharded   2  0.994     0.986  0.993          0.993
+      Qwen2.5-7B bf16 LoRA ckpt, frozen sharded   8  0.998     0.977  0.997          0.996
+      Llama-3-8B fp32, frozen replicated          2  0.996     0.994  1.026          1.033
+      Llama-3-8B fp32, frozen replicated          8  0.998     0.991  1.039          1.054
+
+  At full depth (not run here: minutes a cell): Qwen2.5-7B bf16 frozen replicated 0.998 to
+  1.015; Qwen2.5-1.5B bf16 LoRA ckpt frozen sharded up to 1.05 (generate) and 1.082 (score at
+  8 ranks: the single-GPU no-grad activation term, ``estimate.no_grad_bytes``, runs high at
+  depth, which the small sharded resident state no longer hides).
 
 * The sharding arithmetic (padding to ``ceil(rows / N)`` rows, the root / layer split)
   exactly as FSDP2 lays the shards out, on awkward sizes.
