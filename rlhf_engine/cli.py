@@ -6,8 +6,9 @@
   one algorithm on a local model and data; see ``rlhf_engine.train``. Data-parallel on FSDP2:
   ``torchrun --nproc-per-node N -m rlhf_engine.cli train ...``, or ``--nproc N`` which launches that.
 * ``plan --algo A --model PATH|config.json [--reward-model ...] [--gpu NAME | --gpu-memory SIZE]
-  [--config FILE.yaml] [--prompt-length N] [--no-offload] [--json]``: will the run fit one GPU? The
-  memory plan per phase and role; exit status 1 when it does not fit; see ``rlhf_engine.memory``.
+  [--config FILE.yaml] [--prompt-length N] [--no-offload] [--gpus N|auto] [--json]``: will the run
+  fit one GPU (or each of N under FSDP2, and how many it needs)? The memory plan per phase and
+  role; exit status 1 when it does not fit; see ``rlhf_engine.memory``.
 * ``bench [--quick] [--only NAME ...] [--out DIR] [--device DEV]`` runs every benchmark module in ``rlhf_engine.benchmarks`` (the top-level
 ``benchmarks/`` folder, one ``bench_*.py`` per op family) on the device at hand, prints
 one table and writes one JSON file per family under ``--out``.
@@ -134,23 +135,51 @@ def _launch_train(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from rlhf_engine.memory.plan import gpu_budget, parse_memory, plan
+    from rlhf_engine.memory.plan import fewest_gpus, gpu_budget, parse_memory, plan
     from rlhf_engine.memory.report import format_plan
-    from rlhf_engine.memory.run_specs import plan_options, role_specs, workload
+    from rlhf_engine.memory.run_specs import check_gpus, plan_options, role_specs, workload
     from rlhf_engine.train import load_config
 
     try:
         if args.prompt_length < 1:
             raise ValueError(f"--prompt-length must be >= 1, got {args.prompt_length}")
+        gpus = _parse_gpus(args.gpus)
         budget = parse_memory(args.gpu_memory) if args.gpu_memory else gpu_budget(args.gpu)
         config = load_config(args.algo, args.config)
+        check_gpus(config, gpus)
         specs = role_specs(args.algo, config, args.model, args.reward_model)
-        chosen = plan(specs, workload(config, args.prompt_length), budget, plan_options(config, offload=not args.no_offload))
+        work, options = workload(config, args.prompt_length), plan_options(config, offload=not args.no_offload)
+        fewest = fewest_gpus(specs, work, budget, options) if args.gpus != "1" else None
+        if gpus == "auto":
+            chosen = fewest or plan(specs, work, budget, options, gpus=_largest_world_size(work))
+        else:
+            chosen = plan(specs, work, budget, options, gpus=gpus)
     except (ValueError, TypeError) as error:
         print(f"rlhf-engine plan: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(chosen.to_dict(), indent=1) if args.json else format_plan(chosen))
+    if args.gpus != "1":
+        chosen.fewest_gpus = fewest.gpus if fewest else None
+    print(json.dumps(chosen.to_dict(), indent=1) if args.json else format_plan(chosen, asked_fewest=args.gpus != "1"))
     return 0 if chosen.fits else 1
+
+
+def _parse_gpus(text: str) -> int | str:
+    """``--gpus``: a world size >= 1, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != text.strip():
+        raise ValueError(f"--gpus must be a number of GPUs >= 1 or 'auto', got {text!r}")
+    return value
+
+
+def _largest_world_size(work) -> int:
+    from rlhf_engine.memory.fsdp import world_sizes
+
+    return world_sizes(work)[-1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data-parallel over N processes on this node: re-launches itself under torchrun "
                             "(FSDP2; the same as torchrun --nproc-per-node N -m rlhf_engine.cli train ...)")
     train.set_defaults(handler=_train)
-    plan = commands.add_parser("plan", help="will an RL run fit one GPU? memory per phase and role, before any model is loaded")
+    plan = commands.add_parser("plan", help="will an RL run fit one GPU, or N? memory per phase and role, before any model is loaded")
     plan.add_argument("--algo", required=True, choices=["ppo", "grpo", "rloo", "reinforce_pp"])
     plan.add_argument("--model", required=True, metavar="PATH", help="the policy: a model folder or a bare config.json")
     plan.add_argument("--reward-model", metavar="PATH", help="the reward model (PPO's critic has its shape): folder or config.json")
@@ -192,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--prompt-length", type=int, default=512, metavar="N", help="longest prompt in tokens (default 512)")
     plan.add_argument("--no-offload", action="store_true",
                       help="predict exactly the configuration given: everything resident, the config's micro-batches and checkpointing")
+    plan.add_argument("--gpus", default="1", metavar="N|auto",
+                      help="plan rank 0 of N GPUs under FSDP2 (default 1: one GPU, offloading allowed), and name the fewest "
+                           "GPUs that fit; auto: plan at that fewest number")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=_plan)
     bench = commands.add_parser("bench", help="benchmark every op family against eager PyTorch, torch.compile and Liger")

@@ -430,8 +430,10 @@ def test_without_offloading_nothing_moves_and_the_suggestions_fit_when_applied()
             options = PlanOptions(offload=change["offload"])
         elif "max_new_tokens" in change:
             new_work = dataclasses.replace(WORK, response_length=change["max_new_tokens"])
-        else:  # FSDP over several GPUs: the per-GPU peak it reports is within the budget
+        else:  # FSDP2 over several GPUs: rank 0's plan
             assert set(change) == {"gpus"} and suggestion.peak_bytes <= usable_bytes(budget)
+            replanned = plan(specs, WORK, budget, options, gpus=change["gpus"])
+            assert replanned.fits and replanned.gpus == change["gpus"] and replanned.peak_bytes == suggestion.peak_bytes
             continue
         replanned = plan(new_specs, new_work, budget, options)
         assert replanned.fits and replanned.peak_bytes == suggestion.peak_bytes, suggestion.what

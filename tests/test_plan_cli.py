@@ -6,6 +6,7 @@ The printed table is read back and compared with the ``--json`` plan of the same
 workload, built independently through ``run_specs``; bad input must exit 2 naming the problem.
 """
 
+import dataclasses
 import json
 import re
 
@@ -217,5 +218,75 @@ def test_bad_input_exits_2_naming_the_problem(case, match, qwen, tmp_path, capsy
         "no-config-json": ppo(str(tmp_path / "nowhere"), config),
     }[case]
     code, out, err = run(args, capsys)
+    assert code == 2 and out == ""
+    assert re.search(match, err), err
+
+
+# -- --gpus: per rank under FSDP2, and the fewest GPUs -------------------------------------------
+# README's worked example: GRPO on a Qwen2.5-7B-shaped policy, full bf16 fine-tuning, 32 prompts x 8
+# samples of 512 + 1024 tokens: too large for one H100 even with offloading.
+GRPO_7B = "prompts_per_step: 32\ngroup_size: 8\nmax_new_tokens: 1024\nminibatch_size: 64\ndtype: bf16\n"
+
+
+def grpo(model: str, config: str, *extra: str) -> list[str]:
+    return ["--algo", "grpo", "--model", model, "--config", config, "--gpu", "h100-80gb", *extra]
+
+
+def test_gpus_n_prints_rank_zeros_plan_with_fsdp_buffers_and_the_fewest_gpus(qwen, tmp_path, capsys):
+    from rlhf_engine.memory.fsdp import PER_RANK_KINDS, Sharding, estimate_per_rank, per_rank_workload
+
+    path = write(tmp_path / "grpo.yaml", GRPO_7B)
+    code, out, _ = run(grpo(qwen, path, "--gpus", "8", "--json"), capsys)
+    data = json.loads(out)
+    assert code == 0 and data["fits"] and data["gpus"] == 8 and data["frozen"] == "replicate"
+    assert 1 < data["fewest_gpus"] <= 8
+    # The JSON is the per-rank estimate of independently built specs at the chosen micro-batches.
+    config = load_config("grpo", path)
+    specs, work = role_specs("grpo", config, QWEN25_7B), per_rank_workload(workload(config, 512), 8)
+    for phase, entry in data["phases"].items():
+        field = {"generate": "generate_micro_batch", "score": "score_micro_batch"}.get(phase, "update_micro_batch")
+        local = dataclasses.replace(work, **{field: entry["micro_batch"]}, lm_head_chunk_rows=entry.get("lm_head_chunk_rows"))
+        expected = estimate_per_rank(specs, local, Sharding(8, "replicate"), phases=(phase,))[phase]
+        assert entry["peak_bytes"] == expected.peak_bytes
+        assert {r: e["bytes"] for r, e in entry["roles"].items()} == expected.roles
+        assert {r: e["residency"] for r, e in entry["roles"].items()} == {"policy": "sharded", "reference": "replicated"}
+    code, text, _ = run(grpo(qwen, path, "--gpus", "8"), capsys)
+    assert code == 0 and "8 GPUs with FSDP2, bytes per rank (rank 0)" in text
+    for header, rows in table_sections(text).values():
+        assert header == ["role", "residency", *PER_RANK_KINDS, "total"] and sorted(rows) == ["policy", "reference"]
+    assert f"fewest GPUs: {data['fewest_gpus']} " in text
+
+
+def test_the_fewest_gpus_fit_and_one_fewer_world_size_does_not(qwen, tmp_path, capsys):
+    path = write(tmp_path / "grpo.yaml", GRPO_7B)
+    code, out, _ = run(grpo(qwen, path, "--gpus", "auto", "--json"), capsys)
+    data = json.loads(out)
+    fewest = data["fewest_gpus"]
+    assert code == 0 and data["fits"] and data["gpus"] == fewest > 1
+    smaller = max(d for d in range(1, fewest) if 32 % d == 0)  # the next world size down that divides the step
+    code, out, _ = run(grpo(qwen, path, "--gpus", str(smaller), "--json"), capsys)
+    below = json.loads(out)
+    assert code == 1 and not below["fits"] and below["fewest_gpus"] == fewest
+    assert {"gpus": fewest} in [s["change"] for s in below["suggestions"]]
+    code, text, _ = run(grpo(qwen, path), capsys)  # the default: one GPU, today's output
+    assert code == 1 and "fewest GPUs" not in text and f"  - {fewest} GPUs with FSDP2" in text
+
+
+def test_gpus_auto_exits_1_when_no_world_size_fits(qwen, tmp_path, capsys):
+    path = write(tmp_path / "grpo.yaml", GRPO_7B)
+    code, out, _ = run(["--algo", "grpo", "--model", qwen, "--config", path, "--gpu-memory", "4GiB", "--gpus", "auto", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 1 and not data["fits"] and "fewest_gpus" not in data and data["gpus"] == 32
+
+
+@pytest.mark.parametrize("value, config, match", [
+    ("0", GRPO_7B, r"--gpus must be a number of GPUs >= 1 or 'auto', got '0'"),
+    ("two", GRPO_7B, r"--gpus must be a number of GPUs >= 1 or 'auto', got 'two'"),
+    ("3", GRPO_7B, r"--gpus 3 does not divide prompts_per_step = 32: each rank takes whole prompt groups"),
+    ("16", GRPO_7B.replace("minibatch_size: 64", "minibatch_size: 24"), r"--gpus 16 does not divide minibatch_size = 24"),
+    ("2", GRPO_7B + "generate_micro_batch_size: 8\n", r"RLConfig.generate_micro_batch_size = 8.*set it to null"),
+])  # fmt: skip
+def test_bad_gpus_exit_2_naming_the_flag_and_field(value, config, match, qwen, tmp_path, capsys):
+    code, out, err = run(grpo(qwen, write(tmp_path / "grpo.yaml", config), "--gpus", value), capsys)
     assert code == 2 and out == ""
     assert re.search(match, err), err

@@ -304,7 +304,18 @@ def score_bytes(spec: RoleSpec, work: Workload, role: str) -> dict[str, int]:
 
 
 def update_bytes(spec: RoleSpec, work: Workload) -> dict[str, int]:
-    """The trained role's update over one minibatch in micro-batches of ``n`` sequences.
+    """The trained role's update (:func:`update_pass_bytes`), or its optimizer step when that
+    is the higher point: fused AdamW has no temporaries, but it holds fp32 gradients, 4 B per
+    trained parameter (a bf16 role's move to its fp32 masters), and no activations."""
+    passes = update_pass_bytes(spec, work)
+    step = spec.trainable_parameters * 4
+    if step > sum(passes.values()):
+        return {"grads": step, "activations": 0, "logits": 0}
+    return passes
+
+
+def update_pass_bytes(spec: RoleSpec, work: Workload) -> dict[str, int]:
+    """The trained role's forward and backward over one minibatch in micro-batches of ``n`` sequences.
 
     Saved activations of every block (with checkpointing only each block's input, ``a·H``
     per token), then the higher of two moments of the backward: at the lm_head, a trained
@@ -314,44 +325,53 @@ def update_bytes(spec: RoleSpec, work: Workload) -> dict[str, int]:
     lm_head (LoRA) gets no ``d weight``. Gradients: all
     of them once a first micro-batch has run; with one micro-batch only the lm_head's, as
     the blocks' gradients appear while their activations are freed. For the policy, the
-    fused lm_head's workspace (:func:`lm_head_workspace`). The optimizer step (fused AdamW: no temporaries)
-    holds fp32 gradients, 4 B per trained parameter, and no activations."""
+    fused lm_head's workspace (:func:`lm_head_workspace`)."""
+    shape, a = spec.shape, spec.element_bytes
+    terms = update_terms(spec, work)
+    several = work.update_micro_batch < work.update_rows
+    head = shape.vocab_size * shape.hidden_size if spec.head == "lm" else shape.hidden_size
+    head_trained = spec.trained and not spec.lora_rank
+    at_head = head * a * (2 if several else 1) if head_trained else 0
+    activations = terms["saved"] + max(terms["blocks"], at_head)
+    if several or spec.lora_rank:
+        grads = grads_bytes(spec)
+    else:
+        grads = min(grads_bytes(spec), head * a)
+    logits = terms["logits"]
+    return {"grads": grads, "activations": activations, "logits": logits}
+
+
+def update_terms(spec: RoleSpec, work: Workload) -> dict[str, int]:
+    """The update's activation terms for a micro-batch of ``n`` sequences: ``saved``, what
+    every block keeps for backward (with checkpointing each block's input, ``a·H`` per
+    token); ``blocks``, the last block's backward transient on top (with checkpointing its
+    recomputed activations too); ``logits``, the fused lm_head's workspace (lm roles)."""
     shape, a, n, t = spec.shape, spec.element_bytes, work.update_micro_batch, work.sequence_length
     tokens = n * t
     per_layer = layer_activation_bytes(shape, a, t)
-    several = n < work.update_rows
-    head = shape.vocab_size * shape.hidden_size if spec.head == "lm" else shape.hidden_size
-    head_trained = spec.trained and not spec.lora_rank
     if spec.checkpointing:
         saved = tokens * shape.num_layers * a * shape.hidden_size
         blocks = tokens * (per_layer + backward_transient_bytes(shape, a))
     else:
         saved = tokens * shape.num_layers * per_layer
         blocks = tokens * backward_transient_bytes(shape, a)
-    at_head = head * a * (2 if several else 1) if head_trained else 0
-    activations = saved + max(blocks, at_head)
-    if several or spec.lora_rank:
-        grads = grads_bytes(spec)
-    else:
-        grads = min(grads_bytes(spec), head * a)
     logits = 0
     if spec.head == "lm":
         tokens_out = n * work.response_length
+        head_trained = spec.trained and not spec.lora_rank
         if work.lm_head_one_pass:
             logits = lm_head_one_pass_workspace(tokens_out, shape, a, head_trained, work.lm_head_chunk_rows)
         else:
             logits = lm_head_backward_workspace(tokens_out, shape, a, work.lm_head_chunk_rows)
-    step = spec.trainable_parameters * 4
-    if step > grads + activations + logits:  # the optimizer step is the higher point
-        return {"grads": step, "activations": 0, "logits": 0}
-    return {"grads": grads, "activations": activations, "logits": logits}
+    return {"saved": saved, "blocks": blocks, "logits": logits}
 
 
 def estimate(
     specs: dict[str, RoleSpec], work: Workload, residency: dict[str, dict[str, str]] | None = None,
-    phases: tuple[str, ...] | None = None, shard: int = 1,
+    phases: tuple[str, ...] | None = None,
 ) -> dict[str, PhaseEstimate]:
-    """Bytes on the GPU per phase, role and kind.
+    """Bytes on the GPU per phase, role and kind, on one GPU (per rank under FSDP2:
+    :func:`rlhf_engine.memory.fsdp.estimate_per_rank`).
 
     Args:
         specs: the run's roles (``policy`` required; ``reference``, ``critic``,
@@ -363,8 +383,6 @@ def estimate(
             ``"<role>.optimizer"``, where its optimizer state is. None: everything on the
             device (``--plan off``).
         phases: only these (default: every phase the run has).
-        shard: the GPUs that weights, gradients and optimizer state are split over (FSDP2's
-            full sharding: each holds ``1/shard`` of them); the workload is per GPU.
 
     Returns:
         ``{phase: PhaseEstimate}`` for the phases the run has (``update_critic`` only with a critic).
@@ -394,9 +412,6 @@ def estimate(
                         kinds.update(score_bytes(spec, work, role))
                 else:
                     kinds.update(update_bytes(spec, work))
-            if shard > 1:
-                for kind in ("weights", "grads", "optimizer"):
-                    kinds[kind] = -(-kinds[kind] // shard)
             result.roles[role] = kinds
         if phase == "score":
             _score_one_pass_at_a_time(result, specs)

@@ -22,6 +22,10 @@ bytes per off-period in the cycle of phases); a frozen model offloaded keeps its
 CPU copy, so only the copy in moves (1x); ``swap`` moves the reference in and the
 policy's weights out and back (``R + 2P``).
 
+With ``gpus`` > 1 (:func:`plan_per_rank`) the plan is rank 0's under FSDP2
+(:mod:`rlhf_engine.memory.fsdp`): every role resident, the frozen roles replicated when that
+fits, else sharded; :func:`fewest_gpus` finds the smallest world size that fits.
+
 Budget: the GPU's total memory less the CUDA context (:data:`CUDA_CONTEXT_BYTES`) and a
 margin (:data:`ALLOCATOR_RESERVE_FRACTION` of the peak, for the caching allocator's
 rounding and fragmentation and the estimate's tolerance); the phases' predicted peaks are
@@ -36,6 +40,7 @@ import re
 from dataclasses import dataclass, field
 
 from rlhf_engine.memory.estimate import PHASES, KINDS, RoleSpec, Workload, estimate, phase_roles
+from rlhf_engine.memory.fsdp import Sharding, estimate_per_rank, per_rank_workload, world_sizes
 from rlhf_engine.ops._lm_head_chunks import MIN_CHUNK_ROWS
 
 GIB = 1 << 30
@@ -111,6 +116,9 @@ class Plan:
     checkpointing: dict[str, bool]
     bytes_moved_per_step: int
     suggestions: list[Suggestion] = field(default_factory=list)
+    gpus: int = 1  # FSDP2 ranks; above 1 the bytes are rank 0's (rlhf_engine.memory.fsdp)
+    frozen: str | None = None  # with gpus > 1: "replicate" or "shard", where the frozen roles are
+    fewest_gpus: int | None = None  # the smallest world size that fits, when asked (fewest_gpus())
 
     @property
     def peak_bytes(self) -> int:
@@ -134,6 +142,9 @@ class Plan:
         """The plan for programs (what ``rlhf-engine plan --json`` prints)."""
         return {
             "fits": self.fits,
+            "gpus": self.gpus,
+            **({"frozen": self.frozen} if self.gpus > 1 else {}),
+            **({"fewest_gpus": self.fewest_gpus} if self.fewest_gpus is not None else {}),
             "budget_bytes": self.budget_bytes,
             "usable_bytes": self.usable_bytes,
             "cuda_context_bytes": CUDA_CONTEXT_BYTES,
@@ -234,22 +245,25 @@ def _by_phase(residency: dict[str, dict[str, str]], phases: list[str]) -> dict[s
     return out
 
 
-def _peak(phase: str, specs, work: Workload, by_phase, micro: int, shard: int = 1) -> tuple[int, dict]:
+def _peak(phase: str, specs, work: Workload, by_phase, micro: int, sharding: Sharding | None = None) -> tuple[int, dict]:
     work = dataclasses.replace(work, **{_phase_micro_batch_field(phase): micro})
-    result = estimate(specs, work, by_phase, phases=(phase,), shard=shard)[phase]
+    if sharding is None:
+        result = estimate(specs, work, by_phase, phases=(phase,))[phase]
+    else:
+        result = estimate_per_rank(specs, work, sharding, phases=(phase,))[phase]
     return result.peak_bytes, result.roles
 
 
-def _largest_fitting_micro_batch(phase, specs, work, by_phase, usable, fixed: int | None, shard: int = 1):
+def _largest_fitting_micro_batch(phase, specs, work, by_phase, usable, fixed: int | None, sharding: Sharding | None = None):
     """``(micro, peak, roles, lm_head_chunk_rows)``: :func:`_micro_batch_search`, and for the
     policy's update, where the op's chunk rule would leave the minibatch split, the same with
     the smallest chunk the rule allows (``MIN_CHUNK_ROWS``: less lm_head workspace, the GEMM
     still efficient) when that fits a larger micro-batch (``lm_head_chunk_rows`` then set)."""
-    micro, peak, roles = _micro_batch_search(phase, specs, work, by_phase, usable, fixed, shard)
+    micro, peak, roles = _micro_batch_search(phase, specs, work, by_phase, usable, fixed, sharding)
     if phase != "update_policy" or work.lm_head_chunk_rows or (peak <= usable and micro == _phase_rows(phase, work)):
         return micro, peak, roles, work.lm_head_chunk_rows
     rows = MIN_CHUNK_ROWS["cuda"]
-    small = _micro_batch_search(phase, specs, dataclasses.replace(work, lm_head_chunk_rows=rows), by_phase, usable, fixed, shard)
+    small = _micro_batch_search(phase, specs, dataclasses.replace(work, lm_head_chunk_rows=rows), by_phase, usable, fixed, sharding)
     # Only for a larger micro-batch (a smaller chunk is more GEMMs), or, when neither fits,
     # a lower peak (closer to fitting).
     def rank(candidate_micro, candidate_peak):
@@ -261,28 +275,28 @@ def _largest_fitting_micro_batch(phase, specs, work, by_phase, usable, fixed: in
     return micro, peak, roles, None
 
 
-def _micro_batch_search(phase, specs, work, by_phase, usable, fixed: int | None, shard: int = 1):
+def _micro_batch_search(phase, specs, work, by_phase, usable, fixed: int | None, sharding: Sharding | None = None):
     """The largest micro-batch of ``phase`` whose peak fits ``usable`` (the peak grows with
     the micro-batch), or the smallest one's peak when none fits. ``fixed``: only that size."""
     rows = _phase_rows(phase, work)
     if fixed is not None:
         micro = min(fixed, rows)
-        peak, roles = _peak(phase, specs, work, by_phase, micro, shard)
+        peak, roles = _peak(phase, specs, work, by_phase, micro, sharding)
         return micro, peak, roles
-    peak, roles = _peak(phase, specs, work, by_phase, rows, shard)
+    peak, roles = _peak(phase, specs, work, by_phase, rows, sharding)
     if peak <= usable:
         return rows, peak, roles
     low, high = 1, rows  # invariant: high does not fit
     best = None
     while low < high:
         mid = (low + high) // 2
-        mid_peak, mid_roles = _peak(phase, specs, work, by_phase, mid, shard)
+        mid_peak, mid_roles = _peak(phase, specs, work, by_phase, mid, sharding)
         if mid_peak <= usable:
             best, low = (mid, mid_peak, mid_roles), mid + 1
         else:
             high = mid
     if best is None:
-        peak, roles = _peak(phase, specs, work, by_phase, 1, shard)
+        peak, roles = _peak(phase, specs, work, by_phase, 1, sharding)
         return 1, peak, roles
     return best
 
@@ -299,17 +313,77 @@ class PlanOptions:
     micro_batches: dict = field(default_factory=dict)
 
 
-def plan(specs: dict[str, RoleSpec], work: Workload, budget_bytes: int, options: PlanOptions = PlanOptions()) -> Plan:
+def plan(specs: dict[str, RoleSpec], work: Workload, budget_bytes: int, options: PlanOptions = PlanOptions(),
+         gpus: int = 1) -> Plan:
     """Choose residency, micro-batches and checkpointing for ``specs`` on a GPU of
-    ``budget_bytes`` (see the module docstring). Never raises for a run that does not fit:
-    the plan says ``fits=False`` and carries :attr:`Plan.suggestions`."""
-    chosen = _search(specs, work, budget_bytes, options)
+    ``budget_bytes`` (see the module docstring); with ``gpus`` > 1, rank 0's plan under FSDP2
+    (:func:`plan_per_rank`: ``work`` is the global step). Never raises for a run that does
+    not fit: the plan says ``fits=False`` and carries :attr:`Plan.suggestions`.
+
+    Raises:
+        ValueError when ``gpus`` cannot split ``work`` (:func:`~rlhf_engine.memory.fsdp.per_rank_workload`)."""
+    chosen = _fit(specs, work, budget_bytes, options, gpus)
     if not chosen.fits:
-        chosen.suggestions = suggest(specs, work, budget_bytes, options)
+        chosen.suggestions = suggest(specs, work, budget_bytes, options, gpus)
     return chosen
 
 
-def _search(specs, work, budget_bytes, options, shard: int = 1) -> Plan:
+def _fit(specs, work, budget_bytes, options, gpus: int) -> Plan:
+    return _search(specs, work, budget_bytes, options) if gpus == 1 else plan_per_rank(specs, work, budget_bytes, options, gpus)
+
+
+def plan_per_rank(specs: dict[str, RoleSpec], work: Workload, budget_bytes: int, options: PlanOptions, gpus: int) -> Plan:
+    """Rank 0's plan on ``gpus`` ranks under FSDP2 (:mod:`rlhf_engine.memory.fsdp`), ``work``
+    being the global step: every role resident (the offload executor is for one GPU), each
+    rank sampling its share in one batch, the other micro-batches and checkpointing chosen
+    as on one GPU. The frozen roles are replicated when that fits (it moves nothing: sharded,
+    their weights are all-gathered for every forward), else sharded; when neither fits, the
+    one closer to fitting."""
+    local = per_rank_workload(work, gpus)
+    resident = dataclasses.replace(options, offload=False, micro_batches={**options.micro_batches, "generate": local.rollout_batch})
+    placements = ("replicate", "shard") if any(not s.trained and not s.is_adapter_view for s in specs.values()) else ("replicate",)
+    best = None
+    for frozen in placements:
+        found = _search(specs, local, budget_bytes, resident, Sharding(gpus, frozen))
+        _label_per_rank(found, specs, gpus, frozen)
+        if found.fits:
+            return found
+        if best is None or found.peak_bytes < best.peak_bytes:
+            best = found
+    return best
+
+
+def _label_per_rank(found: Plan, specs: dict[str, RoleSpec], gpus: int, frozen: str) -> None:
+    """Name where each role is in a per-rank plan: ``sharded``, ``replicated`` or ``adapter``."""
+    def where(role: str) -> str:
+        spec = specs[role.split(".")[0]]
+        if spec.is_adapter_view:
+            return "adapter"
+        return "sharded" if spec.trained or frozen == "shard" else "replicated"
+
+    found.gpus, found.frozen = gpus, frozen
+    found.residency = {role: {p: where(role) for p in phases} for role, phases in found.residency.items()}
+    for phase_plan in found.phases.values():
+        for role, entry in phase_plan.roles.items():
+            entry["residency"] = where(role)
+
+
+def fewest_gpus(specs: dict[str, RoleSpec], work: Workload, budget_bytes: int, options: PlanOptions = PlanOptions(),
+                limit: int = 1024, start: int = 1) -> Plan | None:
+    """The plan at the smallest world size from ``start`` up to ``limit`` that fits (one GPU
+    with offloading as :func:`plan` allows, or FSDP2 per rank), trying every world size the
+    trainer can split ``work`` over (:func:`~rlhf_engine.memory.fsdp.world_sizes`: the
+    divisors of ``prompts_per_step``, and of ``minibatch_size`` when it splits the rollout),
+    not only powers of two; None when none fits."""
+    for gpus in world_sizes(work, limit):
+        if gpus >= start:
+            found = _fit(specs, work, budget_bytes, options, gpus)
+            if found.fits:
+                return found
+    return None
+
+
+def _search(specs, work, budget_bytes, options, sharding: Sharding | None = None) -> Plan:
     usable = usable_bytes(budget_bytes)
     phases = [p for p in PHASES if p != "update_critic" or "critic" in specs]
     trained = [r for r, s in specs.items() if s.trained]
@@ -342,7 +416,7 @@ def _search(specs, work, budget_bytes, options, shard: int = 1) -> Plan:
                 key = (phase, tuple(sorted(by_phase[phase].items())), ckpt.get(updated))
                 if key not in cache:  # many combinations place a given phase alike
                     cache[key] = _largest_fitting_micro_batch(
-                        phase, run_specs, work, by_phase, usable, options.micro_batches.get(phase), shard
+                        phase, run_specs, work, by_phase, usable, options.micro_batches.get(phase), sharding
                     )
                 micro, peak, roles, chunk_rows = cache[key]
                 fits &= peak <= usable
@@ -360,12 +434,13 @@ def _search(specs, work, budget_bytes, options, shard: int = 1) -> Plan:
     return best
 
 
-def suggest(specs: dict[str, RoleSpec], work: Workload, budget_bytes: int, options: PlanOptions) -> list[Suggestion]:
-    """What would make a run that does not fit fit, each with its largest phase peak."""
+def suggest(specs: dict[str, RoleSpec], work: Workload, budget_bytes: int, options: PlanOptions, gpus: int = 1) -> list[Suggestion]:
+    """What would make a run that does not fit on ``gpus`` GPUs fit, each with its largest
+    phase peak (per rank with several GPUs)."""
     out = []
 
     def attempt(what: str, new_specs, new_work, change: dict, new_options=options) -> bool:
-        found = _search(new_specs, new_work, budget_bytes, new_options)
+        found = _fit(new_specs, new_work, budget_bytes, new_options, gpus)
         if found.fits:
             out.append(Suggestion(what, found.peak_bytes, change))
         return found.fits
@@ -380,36 +455,26 @@ def suggest(specs: dict[str, RoleSpec], work: Workload, budget_bytes: int, optio
     if any(s.dtype == "fp32" for s in specs.values()):
         bf16 = {r: dataclasses.replace(s, dtype="bf16") for r, s in specs.items()}
         attempt("bf16 weights for every role (fp32 master weights and optimizer state for the trained ones)", bf16, work, {"dtype": "bf16"})
-    if not options.offload:
+    if not options.offload and gpus == 1:
         attempt("allow offloading to pinned CPU memory (--plan auto)", specs, work, {"offload": True}, dataclasses.replace(options, offload=True))
     if work.response_length > 1:
         low, high, best = 1, work.response_length - 1, None
         while low <= high:
             mid = (low + high) // 2
-            if _search(specs, dataclasses.replace(work, response_length=mid), budget_bytes, options).fits:
+            if _fit(specs, dataclasses.replace(work, response_length=mid), budget_bytes, options, gpus).fits:
                 best, low = mid, mid + 1
             else:
                 high = mid - 1
         if best is not None:
             attempt(f"responses of at most {best} tokens (max_new_tokens, now {work.response_length})",
                     specs, dataclasses.replace(work, response_length=best), {"max_new_tokens": best})  # fmt: skip
-    for gpus in (2, 4, 8, 16, 32, 64):
-        sharded = sharded_peak(specs, work, budget_bytes, options, gpus)
-        if sharded is not None:
-            out.append(Suggestion(f"{gpus} GPUs with FSDP2 sharding of weights, gradients and optimizer state", sharded, {"gpus": gpus}))
-            break
+    more = fewest_gpus(specs, work, budget_bytes, options, start=gpus + 1)
+    if more is not None:
+        frozen = {"replicate": "frozen roles replicated", "shard": "frozen roles sharded too"}[more.frozen]
+        out.append(Suggestion(f"{more.gpus} GPUs with FSDP2 (weights, gradients and optimizer state sharded, {frozen})",
+                              more.peak_bytes, {"gpus": more.gpus}))  # fmt: skip
     return out
 
 
-def sharded_peak(specs, work, budget_bytes, options, gpus: int) -> int | None:
-    """The largest phase peak per GPU with weights, gradients and optimizer state sharded
-    over ``gpus`` (FSDP2's full sharding) and each GPU taking ``1/gpus`` of the sequences,
-    or None when that does not fit either."""
-    per_gpu_work = dataclasses.replace(
-        work, prompts_per_step=max(1, -(-work.prompts_per_step // gpus)), minibatch_size=max(1, -(-work.minibatch_size // gpus))
-    )
-    found = _search(specs, per_gpu_work, budget_bytes, options, shard=gpus)
-    return found.peak_bytes if found.fits else None
-
-
-__all__ = ["GPU_MEMORY", "KINDS", "Plan", "PlanOptions", "Suggestion", "gpu_budget", "parse_memory", "plan", "usable_bytes"]
+__all__ = ["GPU_MEMORY", "KINDS", "Plan", "PlanOptions", "Suggestion", "fewest_gpus", "gpu_budget", "parse_memory", "plan",
+           "plan_per_rank", "usable_bytes"]

@@ -78,5 +78,16 @@ def plan_options(config, *, offload: bool) -> PlanOptions:
     return PlanOptions(offload=False, checkpointing=False, micro_batches=whole)
 
 
+def check_gpus(config, gpus: int | str) -> None:
+    """ValueError when ``config`` cannot be planned over several GPUs (``gpus`` > 1 or
+    ``"auto"``): under torchrun each rank samples its share of the rollout in one batch, so
+    ``generate_micro_batch_size`` must be unset (the trainer refuses it too)."""
+    if gpus != 1 and config.generate_micro_batch_size is not None:
+        raise ValueError(
+            f"--gpus {gpus}: RLConfig.generate_micro_batch_size = {config.generate_micro_batch_size}, but under torchrun "
+            "each rank samples its share of the rollout in one batch (set it to null)"
+        )
+
+
 def _source(config: Any, flag: str) -> str:
     return str(config) if isinstance(config, str) or hasattr(config, "__fspath__") else flag

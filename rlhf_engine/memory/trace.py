@@ -140,7 +140,9 @@ def _generate(policy, spec: RoleSpec, work: Workload, fresh) -> None:
         del logits, cache, z, logp
 
 
-def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh) -> None:
+def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh, after_pass=lambda role: None) -> None:
+    """Each model's no-grad pass in turn; ``after_pass(role)`` runs after each role's (the
+    FSDP trace reshards a frozen sharded root there, as the trainer must)."""
     from rlhf_engine import ops
 
     length = work.prompt_length + work.response_length
@@ -165,6 +167,7 @@ def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh) -> N
                 else:
                     model.values(ids, mask)
             del ids, mask
+        after_pass(role)
     if "reference" in specs and specs["reference"].is_adapter_view:
         from rlhf_engine.models.lora import adapter_disabled
 
@@ -176,7 +179,11 @@ def _score(models: dict, specs: dict[str, RoleSpec], work: Workload, fresh) -> N
                 ops.fused_linear_logprobs(hidden, models["policy"].lm_head_weight, ids[:, start:], backend="triton")
 
 
-def _update(role: str, model, optimizer, spec: RoleSpec, work: Workload, fresh) -> None:
+def _update(role: str, model, optimizer, spec: RoleSpec, work: Workload, fresh, workspace: int = 0) -> None:
+    """Two update micro-batches and the optimizer step. ``workspace``: bytes of the fused
+    lm_head's invisible workspace to hold as a placeholder tensor while the op computes (its
+    forward on the one-pass path, its backward on GSPO's), so the trace sees it at its moment
+    (0: the caller adds it to the peak instead)."""
     from rlhf_engine import ops
 
     length = work.prompt_length + work.response_length
@@ -187,12 +194,18 @@ def _update(role: str, model, optimizer, spec: RoleSpec, work: Workload, fresh) 
         per_token = torch.zeros(rows, work.response_length, device=DEVICE)
         response_mask = mask[:, start:]
         fresh()
+        held = []
         if role == "policy":
             hidden = model.response_hidden(ids, mask, start)
+            held.append(torch.empty(workspace if work.lm_head_one_pass else 0, dtype=torch.uint8, device=DEVICE))
             loss, _ = ops.fused_linear_policy_loss(
                 hidden, model.lm_head_weight, ids[:, start:], per_token, torch.zeros(rows, device=DEVICE), response_mask,
                 bias=model.lm_head_bias, normalizer=float(work.minibatch_size * work.response_length), backend="triton",
             )  # fmt: skip
+            held.clear()
+            if not work.lm_head_one_pass:  # the recompute backward: until the op has made d hidden
+                held.append(torch.empty(workspace, dtype=torch.uint8, device=DEVICE))
+                hidden.register_hook(lambda grad: held.clear())
         else:
             values = model.values(ids, mask)[:, start - 1 : -1]
             loss, _ = ops.value_loss(values, per_token, per_token, response_mask, clip=0.2,
