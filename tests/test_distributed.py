@@ -255,6 +255,52 @@ def test_ppo_with_a_critic_two_ranks_match_one_process_and_resume_at_one(tmp_pat
                                resume_at_two=False)  # fmt: skip
 
 
+def test_ppo_with_sharded_frozen_roles_two_ranks_match_one_process(tmp_path, reward_model):
+    """frozen_sharding "shard": the reference and the reward model are FSDP2 units too (each
+    score pass all-gathers them layer by layer, and their roots are resharded after it); the
+    update equals the single process's (which has no sharding to choose)."""
+    data = jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    config = write(tmp_path / "ppo.yaml", f"{PPO}steps: 2\nfrozen_sharding: shard\n")
+    single, two = tmp_path / "single", tmp_path / "two"
+    extra = ("--reward-model", reward_model)
+    assert main(["train", *train_args("ppo", data, config, single, *extra)]) == 0
+    launch_ok(2, *train_args("ppo", data, config, two, *extra))
+    assert_same_weights(two, single, initial_weights(tmp_path, jsonl(tmp_path / "sft.jsonl", SFT)))
+    assert_same_metrics(two, single, RL_METRICS + ("value_loss",))
+
+
+def test_frozen_roles_shard_on_the_mesh_and_reshard_after_scoring(monkeypatch):
+    """In one process under torchrun (a mesh of one rank): with frozen_sharding "shard" the
+    frozen roles are FSDP2 modules whose parameters are DTensors, and after score their roots
+    hold the sharded parameters again (not the gathered ones FSDP leaves after a forward)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from rlhf_engine.algos.rl import RLConfig, RLTrainer
+    from rlhf_engine.distributed.group import destroy_process_group, init_process_group
+    from rlhf_engine.models import PolicyModel, ScalarHeadModel, llama_config
+
+    with torchrun_of_one():
+        parallel = init_process_group(torch.device("cpu"))
+        try:
+            model_config = llama_config("tiny", vocab_size=16)
+            policy = PolicyModel.from_config(model_config, seed=0)
+            reference = PolicyModel.from_config(model_config, seed=1)
+            reward = ScalarHeadModel.from_config(model_config, seed=2)
+            config = RLConfig(prompts_per_step=2, group_size=2, max_new_tokens=2, frozen_sharding="shard")
+            trainer = RLTrainer(config, policy=policy, reference=reference, prompts=lambda n, g: [[1, 2]] * n,
+                                pad_token_id=0, eos_token_id=3, reward_model=reward, parallel=parallel)  # fmt: skip
+            for model in (trainer.reference, trainer.reward_model):
+                assert isinstance(model, FSDPModule) and all(isinstance(p, DTensor) for p in model.parameters())
+                assert not any(p.requires_grad for p in model.parameters())
+            rollout = trainer.generate(0)
+            trainer.score(rollout)
+            for model in (trainer.reference, trainer.reward_model):
+                assert all(isinstance(p, DTensor) for p in model.parameters()), "a frozen root stayed gathered"
+        finally:
+            destroy_process_group()
+
+
 def test_a_crash_mid_save_leaves_the_last_checkpoint_and_resume_at_one_rank_reproduces_the_run(tmp_path, monkeypatch):
     """Under torchrun with one rank (FSDP2, world size 1, in process): the save of step 2 dies after
     writing part of its shards; ``latest`` still names step 1, no step-2 folder is visible, and

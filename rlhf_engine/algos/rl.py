@@ -58,6 +58,7 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "opo")
 TOKEN_ESTIMATORS = ("gae", "reinforce_pp")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 LOSSES = ("ppo", "gspo", "cispo", "cispo-trl", "sapo", "reinforce")
+FROZEN_SHARDINGS = ("replicate", "shard")
 
 # (prompts, responses) as token-id lists without padding -> fp32 [B] scores
 ScoreFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
@@ -111,6 +112,11 @@ class RLConfig:
     # Precision, LoRA and checkpointing (what the memory planner chooses from).
     dtype: str = "fp32"  # trained roles: "fp32", or "bf16" weights with fp32 masters and AdamW state
     frozen_dtype: Optional[str] = None  # reference and reward model; None: `dtype`
+    # Under torchrun: the frozen roles (reference, reward model) as full replicas on every rank
+    # ("replicate": no collective in their passes) or sharded by FSDP2 like the trained ones
+    # ("shard": 1/N of their weights per rank, each pass all-gathers layer by layer);
+    # `rlhf-engine plan --gpus N` says which fits. No effect in one process.
+    frozen_sharding: str = "replicate"
     lora_rank: int = 0  # LoRA on the policy (0: full fine-tuning); the reference is then the adapter-disabled policy
     critic_lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -151,6 +157,7 @@ class RLConfig:
             check_field(self, name, getattr(self, name) is None or getattr(self, name) >= 1, ">= 1 or null")
         check_field(self, "dtype", self.dtype in DTYPES, f"one of {sorted(DTYPES)}")
         check_field(self, "frozen_dtype", self.frozen_dtype is None or self.frozen_dtype in DTYPES, f"one of {sorted(DTYPES)} or null")
+        check_field(self, "frozen_sharding", self.frozen_sharding in FROZEN_SHARDINGS, f"one of {FROZEN_SHARDINGS}")
         for name in ("lora_rank", "critic_lora_rank"):
             check_field(self, name, getattr(self, name) >= 0, ">= 0 (0: full fine-tuning)")
         check_field(self, "lora_alpha", self.lora_alpha > 0, "> 0")
@@ -231,15 +238,22 @@ class RLTrainer:
         # are set, before their optimizers see the parameters. bf16 there is FSDP's mixed precision:
         # the sharded parameters stay fp32 (they are the master weights, the optimizer a plain fp32
         # AdamW), all-gathered in bf16 for the passes, gradients reduced in fp32. The frozen roles
-        # are full replicas on every rank in their dtype (no collective in their passes).
+        # are full replicas on every rank in their dtype (no collective in their passes), or
+        # sharded too with frozen_sharding "shard" (their roots resharded after each score pass).
         trained_dtype = "fp32" if parallel.distributed else config.dtype
         compute = parse_dtype(config.dtype) if parallel.distributed and config.dtype != "fp32" else None
         self.policy = parallel.shard(prepare_trained(policy, trained_dtype, config.lora_rank, config.lora_alpha,
                                                      config.policy_gradient_checkpointing, config.seed), compute)  # fmt: skip
         frozen = config.frozen_dtype or config.dtype
         placed = {"dtype": parse_dtype(frozen), **({"device": parallel.device} if parallel.distributed else {})}
-        self.reference = AdapterDisabledPolicy(self.policy) if reference is None else freeze(reference.to(**placed))
-        self.reward_model = freeze(reward_model.to(**placed)) if reward_model is not None else None
+        self.frozen_sharded = parallel.distributed and config.frozen_sharding == "shard"
+
+        def frozen_role(model):
+            model = freeze(model.to(**placed))
+            return freeze(parallel.shard(model)) if self.frozen_sharded else model
+
+        self.reference = AdapterDisabledPolicy(self.policy) if reference is None else frozen_role(reference)
+        self.reward_model = frozen_role(reward_model) if reward_model is not None else None
         if critic is not None:
             critic = parallel.shard(prepare_trained(critic, trained_dtype, config.critic_lora_rank, config.lora_alpha,
                                                     config.critic_gradient_checkpointing, config.seed + 1), compute)  # fmt: skip
@@ -314,6 +328,12 @@ class RLTrainer:
                     reference_only, _ = score_rollout(rollout, temperature=self.config.temperature, reference=self.policy,
                                                       micro_batch_size=self.config.score_micro_batch_size)  # fmt: skip
                 rollout = dataclasses.replace(rollout, ref_logprobs=reference_only.ref_logprobs)
+        if self.frozen_sharded:
+            # FSDP keeps a root unsharded after its forward (a trained one's backward follows);
+            # a frozen role has no backward, so its root would stay gathered: reshard it here.
+            for model in (self.reference, self.reward_model):
+                if model is not None and hasattr(model, "reshard"):
+                    model.reshard()
         metrics = dict(metrics)
         if self.gold_fn is not None:
             metrics["gold"] = float(self.gold_fn(*rollout.token_lists()).mean())

@@ -15,8 +15,11 @@ Gradient reduction: the trainers divide their losses by the *global* token / seq
 default averages over the ranks, so every unit's divide factor is set to 1 (a sum; the
 alternative, scaling every loss by the world size, would change the logged losses).
 
-Frozen roles (reference, reward model) are not sharded: each rank keeps a full replica, which
-needs no collective (and so cannot fall out of lockstep) and costs one copy per rank.
+Frozen roles (reference, reward model): by default each rank keeps a full replica, which
+needs no collective (and so cannot fall out of lockstep) and costs one copy per rank; with
+``RLConfig.frozen_sharding = "shard"`` they are sharded like the trained roles (no optimizer,
+no backward), and since FSDP leaves a root gathered after its forward (for the backward
+that a frozen role never runs) the trainer reshards them after each score pass.
 """
 
 from __future__ import annotations
