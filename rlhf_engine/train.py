@@ -202,9 +202,11 @@ def _place_for_first_phase(placement, device: torch.device, **roles) -> None:
 
 
 def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_model_path: str | None, device: torch.device,
-             mode: str, gpu_memory: str | None = None):  # fmt: skip
+             mode: str, gpu_memory: str | None = None, world_size: int = 1):  # fmt: skip
     """The memory plan of an RL run on ``device``, made before any model is loaded, and the
-    config with the plan's micro-batches and checkpointing in it.
+    config with the plan's micro-batches and checkpointing in it; with ``world_size`` > 1
+    (torchrun), rank 0's plan under FSDP2 (every role resident, each rank sampling its share
+    at once) and the frozen roles replicated or sharded as it says (``frozen_sharding``).
 
     ``mode``: ``"auto"`` (the planner may offload, checkpoint and pick micro-batches; a run
     that cannot fit is refused with what would make it fit) or ``"off"`` (exactly the
@@ -234,12 +236,18 @@ def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_mod
     budget = parse_memory(gpu_memory) if gpu_memory else torch.cuda.get_device_properties(device).total_memory
     prompt_length = max(len(r["prompt"]) for r in records)
     specs = role_specs(algo, config, policy_config, reward_model_path)
-    chosen = plan(specs, workload(config, prompt_length), budget, plan_options(config, offload=mode == "auto"))
+    chosen = plan(specs, workload(config, prompt_length), budget, plan_options(config, offload=mode == "auto"),
+                  gpus=world_size)  # fmt: skip
     if mode == "auto" and not chosen.fits:
-        raise ValueError("--plan auto: the run does not fit this GPU; nothing was loaded.\n" + format_plan(chosen))
+        where = "this GPU" if world_size == 1 else f"{world_size} GPUs of this size"
+        raise ValueError(f"--plan auto: the run does not fit {where}; nothing was loaded.\n" + format_plan(chosen))
     micro = chosen.micro_batches
+    distributed = {}
+    if world_size > 1:  # each rank samples its share in one batch; the frozen roles where the plan put them
+        distributed = dict(frozen_sharding=chosen.frozen)
     config = dataclasses.replace(
-        config, generate_micro_batch_size=micro["generate"], score_micro_batch_size=micro["score"],
+        config, generate_micro_batch_size=None if world_size > 1 else micro["generate"], **distributed,
+        score_micro_batch_size=micro["score"],
         micro_batch_size=min(m for p, m in micro.items() if p.startswith("update")),
         lm_head_chunk_size=chosen.phases["update_policy"].lm_head_chunk_rows or config.lm_head_chunk_size,
         policy_gradient_checkpointing=chosen.checkpointing.get("policy", config.policy_gradient_checkpointing),
@@ -286,7 +294,8 @@ def run_train(
     config = load_config(algo, config_path)
     if launched_by_torchrun():
         return _run_distributed(algo, config, model, data, out, device, plan, resume=resume, reward_model_path=reward_model_path,
-                                checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet)  # fmt: skip
+                                checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet,
+                                gpu_memory=gpu_memory)  # fmt: skip
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
     mode = plan or ("auto" if device.type == "cuda" and algo in RL_ALGOS else "off")
@@ -313,18 +322,18 @@ def run_train(
 
 
 def _run_distributed(algo: str, config, model: str, data, out, device: torch.device, plan: str | None, *, resume: bool,
-                     reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool) -> list[dict]:  # fmt: skip
+                     reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool,
+                     gpu_memory: str | None = None) -> list[dict]:  # fmt: skip
     """:func:`run_train` on every rank of a torchrun launch: FSDP2 for the trained roles, each rank
     its share of every batch, sharded checkpoints; rank 0 alone writes the log and the model folder
     (gathered). The world-size checks run before anything is read or loaded."""
     world_size = int(os.environ["WORLD_SIZE"])
     check_world_size(algo, config, world_size)
-    if plan == "auto":
-        raise ValueError("--plan auto plans one GPU; under torchrun the run is not planned yet (use --plan off)")
     parallel = init_process_group(device)
     try:
         history = _train_ranks(algo, config, model, data, Path(out), parallel, resume=resume, reward_model_path=reward_model_path,
-                               checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet)  # fmt: skip
+                               checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet, plan=plan,
+                               gpu_memory=gpu_memory)  # fmt: skip
         # Every rank done with every collective, and the models (whose FSDP state holds gloo work
         # and tensors) freed, before the group goes: a gloo group torn down under a live peer or
         # with pending work can abort the process at exit.
@@ -336,10 +345,17 @@ def _run_distributed(algo: str, config, model: str, data, out, device: torch.dev
 
 
 def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataParallel, *, resume: bool,
-                 reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool) -> list[dict]:  # fmt: skip
-    """The body of :func:`_run_distributed` (its models go out of scope when it returns)."""
+                 reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool,
+                 plan: str | None, gpu_memory: str | None) -> list[dict]:  # fmt: skip
+    """The body of :func:`_run_distributed` (its models go out of scope when it returns). The
+    plan (``--plan auto``, the default for RL on CUDA) is rank 0's under FSDP2, the same on
+    every rank (it reads only the configs, the data and the GPU's size), made before any
+    model is loaded."""
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
+    mode = plan or ("auto" if parallel.device.type == "cuda" and algo in RL_ALGOS else "off")
+    config, _ = plan_run(algo, config, model, tokenizer, records, reward_model_path, parallel.device, mode, gpu_memory,
+                         world_size=parallel.world_size)  # fmt: skip
     torch.manual_seed(config.seed)
     policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, parallel.device)
     trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel)

@@ -301,6 +301,35 @@ def test_frozen_roles_shard_on_the_mesh_and_reshard_after_scoring(monkeypatch):
             destroy_process_group()
 
 
+def test_plan_auto_under_torchrun_is_rank_0s_plan_and_places_the_frozen_roles():
+    """``plan_run`` at world size 2 (what every rank runs before loading, ``--plan auto`` on
+    CUDA; only the budget is read, so a CUDA device object serves here): the per-rank plan's
+    micro-batches, each rank sampling its share at once, and the frozen reference replicated
+    while it fits, sharded at the smallest budget that fits only that way; too small a budget
+    is refused naming the world size."""
+    from rlhf_engine.models.tokenizers import load_tokenizer
+    from rlhf_engine.train import load_config, plan_run
+
+    tokenizer, records, cuda = load_tokenizer("small"), [{"prompt": [1] * 64}], torch.device("cuda")
+    config = load_config("grpo", None)
+
+    def planned(mib: int):
+        return plan_run("grpo", config, "small", tokenizer, records, None, cuda, "auto", f"{mib}MiB", world_size=2)
+
+    roomy, chosen = planned(80 * 1024)
+    assert chosen.gpus == 2 and chosen.frozen == "replicate" and roomy.frozen_sharding == "replicate"
+    assert roomy.generate_micro_batch_size is None and roomy.micro_batch_size == chosen.micro_batches["update_policy"]
+    fitting = []
+    for mib in range(1025, 4096):  # from just over the CUDA context up, a MiB at a time
+        try:
+            fitting.append((mib, *planned(mib)))
+            break
+        except ValueError as error:
+            assert "does not fit 2 GPUs" in str(error) or "CUDA context" in str(error), error
+    (mib, tight, chosen), = fitting
+    assert tight.frozen_sharding == chosen.frozen == "shard", f"at {mib} MiB the plan keeps the reference {chosen.frozen}"
+
+
 def test_a_crash_mid_save_leaves_the_last_checkpoint_and_resume_at_one_rank_reproduces_the_run(tmp_path, monkeypatch):
     """Under torchrun with one rank (FSDP2, world size 1, in process): the save of step 2 dies after
     writing part of its shards; ``latest`` still names step 1, no step-2 folder is visible, and
