@@ -15,3 +15,5 @@ python3 -c "import rlhf_engine._C as C; print('rlhf_engine._C built_with_cuda ='
 python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/pytest-gpu.log" | tail -n 30
 python3 -m pytest -q -x -m "not gpu" tests 2>&1 | tee "$out/pytest-all.log" | tail -n 15
 rlhf-engine bench --out "$out" --only advantages fused_linear logprobs policy_loss train_step trl_grpo 2>&1 | tee "$out/bench.log"
+# Issue 15's GPU check: FSDP2 at one rank (train --nproc 1) against the plain process, step times.
+python3 -m rlhf_engine.benchmarks.fsdp_one_rank --device cuda 2>&1 | tee "$out/fsdp_one_rank.json"
