@@ -61,6 +61,8 @@ def _bench(args: argparse.Namespace) -> int:
         if args.out:
             common.write_json(results, os.path.join(args.out, f"bench_{family}.json"), device, args.quick)
     print(common.format_table(all_results))
+    if not common.liger_installed():  # the families that compare with it say nothing without it
+        print("Liger-Kernel: not installed (pip install liger-kernel): no Liger rows")
     if args.out:
         print(f"JSON written under {args.out}/")
     return 0
@@ -182,8 +184,15 @@ def _largest_world_size(work) -> int:
     return world_sizes(work)[-1]
 
 
+def _version() -> str:
+    from rlhf_engine import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-engine", description="rlhf_engine: fused RLHF ops and benchmarks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="SFT -> reward model -> PPO and GRPO on the built-in task (CPU, minutes)")
     demo.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")

@@ -396,7 +396,9 @@ def test_group_advantages_rejects_bad_input(kwargs, error, match):
 
 def test_group_advantages_rejects_bad_scores():
     with pytest.raises(TypeError, match="scores"):
-        ops.group_advantages(torch.arange(4), group_size=2)
+        ops.group_advantages(torch.zeros(4, dtype=torch.complex64), group_size=2)
+    with pytest.raises(TypeError, match="scores"):
+        ops.group_advantages([1.0, 0.0, 1.0, 1.0], group_size=2)
     with pytest.raises(ValueError, match="scores"):
         ops.group_advantages(torch.randn(2, 2), group_size=2)
 
@@ -455,3 +457,15 @@ def test_cuda_group_advantages_match_reference_and_repeat_bitwise(method, scale)
             out = ops.group_advantages(scores, **layout, **kwargs)
             assert_within_tolerance(out.cpu(), ref64, baseline, torch.float32, f"{sorted(layout)} {preset}")
             assert torch.equal(out, ops.group_advantages(scores, **layout, **kwargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_and_bool_scores_read_as_fp32(backend, device, dtype):
+    # pass / fail rewards: the same advantages as the fp32 scores of the same values
+    values = torch.tensor([1, 0, 0, 1, 1, 1, 0, 1], device=device)
+    scores = values.bool() if dtype == torch.bool else values.to(dtype)
+    got = ops.group_advantages(scores, group_size=4, method="grpo", backend=backend)
+    want = ops.group_advantages(values.float(), group_size=4, method="grpo", backend=backend)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.abs().sum() > 0

@@ -604,6 +604,19 @@ def test_config_from_dict_builds_and_coerces():
     assert config_from_dict(RLConfig, {"kl_target": 2}).kl_target == 2.0
 
 
+def test_yaml_numbers_in_exponent_notation_are_floats(tmp_path):
+    # YAML 1.1 reads 1e-4 (no dot) as the string "1e-4": a float field takes it as the number.
+    path = tmp_path / "config.yaml"
+    path.write_text("lr: 1e-4\nkl_target: 5E-3\nclip_low: .2\n")
+    config = load_yaml_config(RLConfig, path)
+    assert config.lr == 1e-4 and config.kl_target == 5e-3 and config.clip_low == 0.2
+    for text in ("fast", "nan", "inf", "1e-4x"):
+        with pytest.raises(ValueError, match=r"RLConfig\.lr must be float"):
+            config_from_dict(RLConfig, {"lr": text})
+    with pytest.raises(ValueError, match=r"RLConfig\.steps must be int"):
+        config_from_dict(RLConfig, {"steps": "10"})  # only float fields read numbers from text
+
+
 @pytest.mark.parametrize("values, match", [
     ({"learning_rate": 1e-3}, r"unknown RLConfig field\(s\) \['learning_rate'\]"),
     ({"steps": "10"}, r"RLConfig\.steps must be int"),

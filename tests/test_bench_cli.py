@@ -16,7 +16,23 @@ def test_bench_quick_writes_json_with_provenance(tmp_path, capsys):
     assert any(impl.startswith("ours") for impl in impls) and any(impl.startswith("eager") for impl in impls)
     timed = [row for row in rows if row["error"] is None]
     assert timed and all(row["ms"] > 0 for row in timed)
-    assert "ours (torch)" in capsys.readouterr().out  # the table is printed
+    out = capsys.readouterr().out
+    assert "ours (torch)" in out  # the table is printed
+    from rlhf_engine.benchmarks.common import liger_installed
+
+    # without Liger-Kernel a line says so (its rows would otherwise just be missing)
+    assert ("Liger-Kernel: not installed" in out) != liger_installed()
+
+
+def test_version_prints_the_package_version(capsys):
+    import pytest
+
+    import rlhf_engine
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"rlhf-engine {rlhf_engine.__version__}"
 
 
 def test_bench_rejects_an_unknown_family(capsys):

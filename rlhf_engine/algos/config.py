@@ -9,6 +9,7 @@ each dataclass's ``__post_init__`` checks value ranges the same way (``check_fie
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,10 @@ def check_field(config: object, name: str, ok: bool, expected: str) -> None:
         raise ValueError(f"{type(config).__name__}.{name} must be {expected}, got {getattr(config, name)!r}")
 
 
+# A decimal number as text (what YAML leaves a string: "1e-4", "5E-3"); not nan / inf.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _coerce(cls_name: str, name: str, annotation: Any, value: Any) -> Any:
     """``value`` checked against a field annotation (bool, int, float, str, Optional of those)."""
     args = typing.get_args(annotation)
@@ -31,6 +36,9 @@ def _coerce(cls_name: str, name: str, annotation: Any, value: Any) -> Any:
             return None
         annotation = next(a for a in args if a is not type(None))
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        # YAML 1.1 reads "1e-4" (no dot in the mantissa) as a string
         return float(value)
     if annotation in (bool, int, float, str) and not (
         isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))

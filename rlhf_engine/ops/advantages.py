@@ -126,7 +126,8 @@ def group_advantages(
     r"""Per-sequence advantages from per-sequence scores, relative to each prompt's group.
 
     Args:
-        scores: ``[S]`` float (any float dtype), one scalar reward per sequence.
+        scores: ``[S]``, one scalar reward per sequence: any float dtype, or integer / bool
+            (pass / fail rewards), read as fp32.
         group_size: ``G``: groups are ``G`` consecutive sequences (``S % G == 0``). Or
         group_ids: int32/int64 ``[S]``, the group of each sequence, in ``[0, num_groups)``.
         num_groups: number of groups with ``group_ids``; required on CUDA (computing it
@@ -166,6 +167,8 @@ def group_advantages(
         fp32 ``[S]``, no gradient. A zero-variance group gives 0 (``0/(0+ε)``).
     """
     op = "group_advantages"
+    if isinstance(scores, torch.Tensor) and (scores.dtype == torch.bool or not (scores.is_floating_point() or scores.is_complex())):
+        scores = scores.to(torch.float32)  # integer or bool rewards (e.g. 0 / 1 for pass / fail)
     check_tensor(op, "scores", scores, FLOAT_DTYPES)
     if scores.dim() != 1:
         raise ValueError(f"{op}: scores must be 1-D [S], got shape {tuple(scores.shape)}")
