@@ -80,6 +80,8 @@ def load_config(algo: str, path: str | Path | None):
 def load_records(algo: str, path: str | Path, tokenizer) -> list:
     """Read and tokenize the JSONL data for ``algo`` (ValueError naming file and line, or
     the file when it holds no record)."""
+    if not Path(path).is_file():
+        raise ValueError(f"--data {path}: no such file")
     records = _read_records(algo, path, tokenizer)
     if not records:
         raise ValueError(f"{path}: no records (the file is empty)")

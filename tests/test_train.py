@@ -162,7 +162,20 @@ def test_model_folder_without_tokenizer_is_a_clear_error(files, sft_dir, tmp_pat
     folder = tmp_path / "bare"
     PolicyModel.load(sft_dir / "model").save(folder)  # weights and config only
     assert train("sft", files["sft"], files["offline"], tmp_path / "out", model=str(folder)) == 2
-    assert f"model {folder}: no tokenizer found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"model {folder}: the folder has no tokenizer" in err and "save_pretrained" in err
+    assert "sentencepiece" not in err  # transformers' advice, which would not help
+
+
+def test_a_hub_id_is_told_only_local_folders_are_read(files, tmp_path, capsys):
+    assert train("sft", files["sft"], files["offline"], tmp_path / "out", model="Qwen/Qwen2.5-0.5B") == 2
+    err = capsys.readouterr().err
+    assert "looks like a Hugging Face hub id" in err and "huggingface-cli download Qwen/Qwen2.5-0.5B" in err
+
+
+def test_a_missing_data_file_names_the_flag(files, tmp_path, capsys):
+    assert train("sft", str(tmp_path / "nope.jsonl"), files["offline"], tmp_path / "out") == 2
+    assert f"--data {tmp_path / 'nope.jsonl'}: no such file" in capsys.readouterr().err
 
 
 def test_ppo_and_missing_reward_need_a_reward_model(files, tmp_path, capsys):

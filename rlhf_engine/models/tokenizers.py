@@ -13,6 +13,7 @@ marker file ``BYTE_TOKENIZER_FILE`` (a byte model has no Hugging Face tokenizer 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from rlhf_engine.models.checkpoint import atomic_write_bytes
@@ -62,6 +63,12 @@ class HFTokenizer:
         self.tokenizer.save_pretrained(str(directory))
 
 
+# "owner/name" as the hub spells a model id
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+# The files a Hugging Face tokenizer is loaded from (any one of them is enough to try).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(model: str) -> ByteTokenizer | HFTokenizer:
     """``ByteTokenizer`` for a built-in size name (``tiny``, ``small``) or a folder holding
     ``byte_tokenizer.json``, else the Hugging Face tokenizer in the local folder ``model``
@@ -72,9 +79,19 @@ def load_tokenizer(model: str) -> ByteTokenizer | HFTokenizer:
         return ByteTokenizer()
     path = Path(model)
     if not path.is_dir():
-        raise ValueError(f"--model must be one of {sorted(MODEL_SIZES)} or a local model folder, got {model!r}")
+        hint = ""
+        if _HUB_ID.fullmatch(model) and not path.exists():
+            hint = (f"; {model!r} looks like a Hugging Face hub id, and only local folders are read (nothing is "
+                    f"downloaded): fetch it first, e.g. `huggingface-cli download {model} --local-dir DIR`, then pass DIR")
+        raise ValueError(f"--model must be one of {sorted(MODEL_SIZES)} or a local model folder, got {model!r}{hint}")
     if (path / BYTE_TOKENIZER_FILE).is_file():
         return ByteTokenizer()
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # transformers' own message here advises installing sentencepiece, which would not help
+        raise ValueError(
+            f"model {model}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's "
+            f"tokenizer into it, e.g. AutoTokenizer.from_pretrained(SOURCE).save_pretrained({str(path)!r})"
+        )
     try:
         return HFTokenizer(path)
     except (OSError, ValueError) as error:  # transformers raises either for a folder without tokenizer files
