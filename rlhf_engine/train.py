@@ -149,7 +149,25 @@ def load_policy(model: str, vocab_size: int, tokenizer, seed: int, device: str, 
         config = llama_config(model, vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         return PolicyModel.from_config(config, seed=seed).to(device=device, dtype=dtype)
-    return PolicyModel.from_pretrained(model, dtype=dtype).to(device)
+    policy = PolicyModel.from_pretrained(model, dtype=dtype)
+    check_tokenizer_fits(model, tokenizer, policy.vocab_size)
+    return policy.to(device)
+
+
+def check_tokenizer_fits(model: str, tokenizer, vocab_size: int) -> None:
+    """ValueError when ``tokenizer`` makes ids the model's embedding (``vocab_size`` rows) has
+    no row for: a Qwen2 tokenizer without a pad token gets ``<|endoftext|>`` added as a new
+    token by transformers, and the first padded batch would crash deep in ``torch.embedding``."""
+    special = {"pad": tokenizer.pad_token_id, "bos": getattr(tokenizer, "bos_token_id", None),
+               "eos": tokenizer.eos_token_id}  # fmt: skip
+    outside = {name: i for name, i in special.items() if i is not None and i >= vocab_size}
+    if outside or tokenizer.vocab_size > vocab_size:
+        which = ", ".join(f"{name} token id {i}" for name, i in outside.items()) or f"size {tokenizer.vocab_size}"
+        raise ValueError(
+            f"model {model}: the tokenizer's {which} is outside the model's embedding ({vocab_size} rows; the "
+            f"tokenizer has {tokenizer.vocab_size} tokens): resize the model to the tokenizer "
+            f"(model.resize_token_embeddings(len(tokenizer)), then save it) or use the tokenizer it was trained with"
+        )
 
 
 def _answer_reward(tokenizer, answers: dict[tuple[int, ...], str]):

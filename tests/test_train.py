@@ -158,6 +158,27 @@ def test_a_hugging_face_model_folder_and_its_saved_run(files, tmp_path):
     assert metrics(tmp_path / "two")[0]["loss"] < metrics(tmp_path / "one")[0]["loss"]
 
 
+def test_a_tokenizer_with_ids_outside_the_embedding_is_a_clear_error(files, tmp_path, capsys):
+    """A pad token the tokenizer adds as a new id (transformers does so for a Qwen2 tokenizer
+    without one) has no embedding row: refused when loading, before a batch reaches
+    ``torch.embedding`` (where it was an IndexError)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, **{chr(c): 2 + i for i, c in enumerate(range(ord("a"), ord("z") + 1))}}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    word_level.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>")
+    tokenizer.add_special_tokens({"pad_token": "<|endoftext|>"})  # a new id, len(vocab)
+    folder = tmp_path / "hf"
+    tokenizer.save_pretrained(folder)
+    PolicyModel.from_config(llama_config("tiny", len(vocab)), seed=1).save(folder)
+    assert train("sft", files["sft"], files["offline"], tmp_path / "out", model=str(folder)) == 2
+    err = capsys.readouterr().err
+    assert f"pad token id {len(vocab)} is outside the model's embedding ({len(vocab)} rows" in err
+    assert "resize_token_embeddings" in err and "IndexError" not in err
+
+
 def test_model_folder_without_tokenizer_is_a_clear_error(files, sft_dir, tmp_path, capsys):
     folder = tmp_path / "bare"
     PolicyModel.load(sft_dir / "model").save(folder)  # weights and config only
