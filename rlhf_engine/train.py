@@ -154,6 +154,15 @@ def load_policy(model: str, vocab_size: int, tokenizer, seed: int, device: str, 
     return policy.to(device)
 
 
+def run_identity(model: str, config, reward_model_path: str | None) -> dict:
+    """What a checkpoint records of its run, and a resume must match (``run_steps``'s ``run``):
+    the model (a folder by its absolute path), the reward model, the config as given."""
+    def where(path: str | None):  # a built-in size by its name
+        return path if path is None or path in MODEL_SIZES else str(Path(path).resolve())
+
+    return {"model": where(model), "reward_model": where(reward_model_path), "config": dataclasses.asdict(config)}
+
+
 def check_tokenizer_fits(model: str, tokenizer, vocab_size: int) -> None:
     """ValueError when ``tokenizer`` makes ids the model's embedding (``vocab_size`` rows) has
     no row for: a Qwen2 tokenizer without a pad token gets ``<|endoftext|>`` added as a new
@@ -318,6 +327,7 @@ def run_train(
                                 gpu_memory=gpu_memory)  # fmt: skip
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
+    run = run_identity(model, config, reward_model_path)  # before the plan fills in micro-batches
     mode = plan or ("auto" if device.type == "cuda" and algo in RL_ALGOS else "off")
     config, placement = plan_run(algo, config, model, tokenizer, records, reward_model_path, device, mode, gpu_memory)
     torch.manual_seed(config.seed)
@@ -333,7 +343,7 @@ def run_train(
     with RunLog(out / "metrics.jsonl", total=config.steps, desc=algo, quiet=quiet) as log:
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
-            checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after,
+            checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run,
         )  # fmt: skip
     final = trainer.models["reward_model" if algo == "rm" else "policy"]
     final.save(out / "model")
@@ -373,6 +383,7 @@ def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataP
     model is loaded."""
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
+    run = run_identity(model, config, reward_model_path)  # the same at any world size (before the plan)
     mode = plan or ("auto" if parallel.device.type == "cuda" and algo in RL_ALGOS else "off")
     config, _ = plan_run(algo, config, model, tokenizer, records, reward_model_path, parallel.device, mode, gpu_memory,
                          world_size=parallel.world_size)  # fmt: skip
@@ -388,7 +399,7 @@ def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataP
     with log if log is not None else contextlib.nullcontext():
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
-            checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after,
+            checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run,
         )  # fmt: skip
     if algo == "rm":
         export_scalar_head(trainer.models["reward_model"], out / "model", parallel)

@@ -334,9 +334,13 @@ def test_resume_reaches_the_uninterrupted_result(algo, data, text, with_rm, file
     assert_same_weights(PolicyModel.load(part / "model"), PolicyModel.load(tmp_path / "whole" / "model"))
 
 
-def test_resume_without_checkpoint_starts_at_zero_and_after_completion_runs_nothing(files, tmp_path, capsys):
+def test_resume_without_checkpoint_is_an_error_and_after_completion_runs_nothing(files, tmp_path, capsys):
     out = tmp_path / "out"
-    assert train("sft", files["sft"], files["offline"], out, "--resume") == 0
+    assert train("sft", files["sft"], files["offline"], out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "--resume, but" in err and "holds no checkpoint" in err
+    assert not (out / "model").exists()
+    assert train("sft", files["sft"], files["offline"], out) == 0
     assert [r["step"] for r in metrics(out)] == [0, 1, 2]
     done = PolicyModel.load(out / "model")
     capsys.readouterr()
@@ -344,6 +348,30 @@ def test_resume_without_checkpoint_starts_at_zero_and_after_completion_runs_noth
     assert "sft: 0 steps run" in capsys.readouterr().out
     assert [r["step"] for r in metrics(out)] == [0, 1, 2]
     assert_same_weights(PolicyModel.load(out / "model"), done)
+
+
+def test_resume_refuses_another_algo_model_or_config(files, sft_dir, tmp_path, capsys):
+    """A checkpoint records its algorithm, model and config: resuming it as another run is refused,
+    naming what differs, and nothing is overwritten; a longer run (more steps) resumes."""
+    out = tmp_path / "out"
+    config = tmp_path / "config.yaml"
+    config.write_text("steps: 2\nbatch_size: 4\n")
+    assert train("sft", files["sft"], str(config), out) == 0
+    before = PolicyModel.load(out / "model")
+    capsys.readouterr()
+    assert train("dpo", files["pairs"], str(config), out, "--resume") == 2
+    assert "is a checkpoint of 'sft', not of 'dpo'" in capsys.readouterr().err
+    assert train("sft", files["sft"], str(config), out, "--resume", model=str(sft_dir / "model")) == 2
+    assert "model ('tiny' saved" in capsys.readouterr().err
+    other = tmp_path / "other.yaml"
+    other.write_text("steps: 2\nbatch_size: 4\nlr: 1e-4\n")
+    assert train("sft", files["sft"], str(other), out, "--resume") == 2
+    assert "config.lr (0.003 saved, 0.0001 now)" in capsys.readouterr().err
+    assert_same_weights(PolicyModel.load(out / "model"), before)  # nothing was overwritten
+    longer = tmp_path / "longer.yaml"
+    longer.write_text("steps: 3\nbatch_size: 4\n")
+    assert train("sft", files["sft"], str(longer), out, "--resume") == 0
+    assert [r["step"] for r in metrics(out)] == [0, 1, 2]
 
 
 def test_resume_after_a_crash_between_checkpoints(files, tmp_path):

@@ -13,6 +13,7 @@ ranks, the single process included, except that a sharded run needs a sharded ch
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +34,7 @@ def run_steps(
     resume: bool = False,
     stop_after: int | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    run: dict | None = None,
 ) -> list[dict[str, float]]:
     """Run ``trainer.step(k)`` for ``k`` in ``[start, steps)`` and return the metrics.
 
@@ -40,7 +42,10 @@ def run_steps(
     ``checkpoint_dir``. A checkpoint is written every ``checkpoint_every`` steps (0: only
     at the end) when ``checkpoint_dir`` is given. ``stop_after`` ends the run after that
     many steps of this call (used to test resume). ``on_step(k, metrics)`` may add to the
-    metrics before they are logged.
+    metrics before they are logged. ``run``: what identifies the run (e.g. the model and the
+    config, JSON values), saved in every checkpoint; a resume refuses a checkpoint of another
+    phase or whose ``run`` differs (the config's ``steps`` aside: a run may be extended), and
+    ``resume`` without any checkpoint is an error, not a fresh start.
     """
     parallel = getattr(trainer, "parallel", SINGLE)
     start = 0
@@ -48,11 +53,13 @@ def run_steps(
         if checkpoint_dir is None:
             raise ValueError(f"{phase}: resume needs a checkpoint directory")
         path = latest_checkpoint(checkpoint_dir)
-        if path is not None:
-            state = _load(path, trainer)
-            if hasattr(trainer, "load_state_dict"):
-                trainer.load_state_dict(state.get("trainer", {}))
-            start = int(state["step"]) + 1
+        if path is None:
+            raise ValueError(f"{phase}: --resume, but {checkpoint_dir} holds no checkpoint (start without --resume)")
+        _check_same_run(path, phase, run)
+        state = _load(path, trainer)
+        if hasattr(trainer, "load_state_dict"):
+            trainer.load_state_dict(state.get("trainer", {}))
+        start = int(state["step"]) + 1
     history = []
     for k in range(start, steps):
         metrics = trainer.step(k)
@@ -63,7 +70,7 @@ def run_steps(
             log.log(phase, k, metrics)
         last = k == steps - 1 or (stop_after is not None and len(history) == stop_after)
         if checkpoint_dir is not None and (last or (checkpoint_every and (k + 1) % checkpoint_every == 0)):
-            state = {"step": k, "phase": phase}
+            state = {"step": k, "phase": phase, **({"run": run} if run is not None else {})}
             if hasattr(trainer, "state_dict"):
                 state["trainer"] = trainer.state_dict()
             if parallel.distributed:
@@ -74,6 +81,28 @@ def run_steps(
         if stop_after is not None and len(history) == stop_after:
             break
     return history
+
+
+def _check_same_run(path: Path, phase: str, run: dict | None) -> None:
+    """ValueError when the checkpoint at ``path`` belongs to another phase (algorithm) or run."""
+    state = json.loads((path / "state.json").read_text())
+    if state.get("phase") != phase:
+        raise ValueError(f"resume: {path} is a checkpoint of {state.get('phase')!r}, not of {phase!r} (use another --out)")
+    saved = state.get("run")
+    if run is None or saved is None:
+        return
+    differ = [key for key in sorted(set(run) | set(saved)) if key != "config" and run.get(key) != saved.get(key)]
+    config, saved_config = run.get("config", {}), saved.get("config", {})
+    differ += [f"config.{key}" for key in sorted(set(config) | set(saved_config))
+               if key != "steps" and config.get(key) != saved_config.get(key)]  # fmt: skip
+    if differ:
+        shown = ", ".join(f"{key} ({_field(saved, key)!r} saved, {_field(run, key)!r} now)" for key in differ)
+        raise ValueError(f"resume: {path} is a checkpoint of another run: {shown} (use another --out, or the same settings)")
+
+
+def _field(run: dict, key: str):
+    section, _, name = key.partition(".")
+    return run.get(section, {}).get(name) if name else run.get(key)
 
 
 def _load(path: Path, trainer) -> dict:
