@@ -93,7 +93,7 @@ def _train(args: argparse.Namespace) -> int:
             args.algo, args.model, args.data, args.out, config_path=args.config, resume=args.resume,
             reward_model_path=args.reward_model, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), plan=args.plan,
-            gpu_memory=args.gpu_memory,
+            gpu_memory=args.gpu_memory, keep_last=args.keep_last,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         print(f"rlhf-engine train{f' (rank {rank})' if launched_by_torchrun() else ''}: {error}", file=sys.stderr)
@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="train-out", metavar="DIR", help="output folder (default: train-out)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="steps between checkpoints")
+    train.add_argument("--keep-last", type=int, metavar="N", help="keep only the newest N checkpoints (default: all)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
     train.add_argument("--plan", choices=["auto", "off"],

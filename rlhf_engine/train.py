@@ -310,7 +310,7 @@ def run_train(
     algo: str, model: str, data: str | Path, out: str | Path, *, config_path: str | Path | None = None,
     resume: bool = False, reward_model_path: str | None = None, checkpoint_every: int = 10,
     stop_after: int | None = None, quiet: bool = False, device: str = "cpu", plan: str | None = None,
-    gpu_memory: str | None = None,
+    gpu_memory: str | None = None, keep_last: int | None = None,
 ) -> list[dict]:  # fmt: skip
     """Train ``algo`` on ``device`` and return the per-step metrics of this call (see the module
     docstring). ``plan``: ``"auto"`` (the default on CUDA) or ``"off"`` (the default elsewhere),
@@ -319,12 +319,14 @@ def run_train(
         raise ValueError(f"--algo must be one of {ALGOS}, got {algo!r}")
     if checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"--keep-last must be a number of checkpoints >= 1, got {keep_last!r}")
     device = check_device(device)
     config = load_config(algo, config_path)
     if launched_by_torchrun():
         return _run_distributed(algo, config, model, data, out, device, plan, resume=resume, reward_model_path=reward_model_path,
                                 checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet,
-                                gpu_memory=gpu_memory)  # fmt: skip
+                                gpu_memory=gpu_memory, keep_last=keep_last)  # fmt: skip
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
     run = run_identity(model, config, reward_model_path)  # before the plan fills in micro-batches
@@ -343,7 +345,7 @@ def run_train(
     with RunLog(out / "metrics.jsonl", total=config.steps, desc=algo, quiet=quiet) as log:
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
-            checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run,
+            checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run, keep_last=keep_last,
         )  # fmt: skip
     final = trainer.models["reward_model" if algo == "rm" else "policy"]
     final.save(out / "model")
@@ -353,7 +355,7 @@ def run_train(
 
 def _run_distributed(algo: str, config, model: str, data, out, device: torch.device, plan: str | None, *, resume: bool,
                      reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool,
-                     gpu_memory: str | None = None) -> list[dict]:  # fmt: skip
+                     gpu_memory: str | None = None, keep_last: int | None = None) -> list[dict]:  # fmt: skip
     """:func:`run_train` on every rank of a torchrun launch: FSDP2 for the trained roles, each rank
     its share of every batch, sharded checkpoints; rank 0 alone writes the log and the model folder
     (gathered). The world-size checks run before anything is read or loaded."""
@@ -363,7 +365,7 @@ def _run_distributed(algo: str, config, model: str, data, out, device: torch.dev
     try:
         history = _train_ranks(algo, config, model, data, Path(out), parallel, resume=resume, reward_model_path=reward_model_path,
                                checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet, plan=plan,
-                               gpu_memory=gpu_memory)  # fmt: skip
+                               gpu_memory=gpu_memory, keep_last=keep_last)  # fmt: skip
         # Every rank done with every collective, and the models (whose FSDP state holds gloo work
         # and tensors) freed, before the group goes: a gloo group torn down under a live peer or
         # with pending work can abort the process at exit.
@@ -376,7 +378,7 @@ def _run_distributed(algo: str, config, model: str, data, out, device: torch.dev
 
 def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataParallel, *, resume: bool,
                  reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool,
-                 plan: str | None, gpu_memory: str | None) -> list[dict]:  # fmt: skip
+                 plan: str | None, gpu_memory: str | None, keep_last: int | None) -> list[dict]:  # fmt: skip
     """The body of :func:`_run_distributed` (its models go out of scope when it returns). The
     plan (``--plan auto``, the default for RL on CUDA) is rank 0's under FSDP2, the same on
     every rank (it reads only the configs, the data and the GPU's size), made before any
@@ -399,7 +401,7 @@ def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataP
     with log if log is not None else contextlib.nullcontext():
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
-            checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run,
+            checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run, keep_last=keep_last,
         )  # fmt: skip
     if algo == "rm":
         export_scalar_head(trainer.models["reward_model"], out / "model", parallel)

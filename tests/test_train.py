@@ -374,6 +374,33 @@ def test_resume_refuses_another_algo_model_or_config(files, sft_dir, tmp_path, c
     assert [r["step"] for r in metrics(out)] == [0, 1, 2]
 
 
+def test_keep_last_prunes_old_checkpoints_and_the_run_still_resumes(files, tmp_path, capsys):
+    out, config = tmp_path / "out", tmp_path / "config.yaml"
+    config.write_text("steps: 4\nbatch_size: 4\n")
+    assert train("sft", files["sft"], str(config), out, "--checkpoint-every", "1", "--keep-last", "2") == 0
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000002", "step-00000003"]
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000003"
+    config.write_text("steps: 5\nbatch_size: 4\n")
+    assert train("sft", files["sft"], str(config), out, "--resume", "--keep-last", "1") == 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000004"]
+    assert [r["step"] for r in metrics(out)] == [0, 1, 2, 3, 4]
+    capsys.readouterr()
+    assert train("sft", files["sft"], str(config), tmp_path / "bad", "--keep-last", "0") == 2
+    assert "--keep-last must be a number of checkpoints >= 1, got 0" in capsys.readouterr().err
+
+
+def test_pruning_never_removes_the_checkpoint_latest_names(tmp_path):
+    from rlhf_engine.models.checkpoint import prune_checkpoints
+
+    for step in (1, 2, 3):
+        (tmp_path / f"step-{step:08d}").mkdir()
+    (tmp_path / "latest").write_text("step-00000001")  # e.g. a resumed run that re-saves an older step
+    removed = prune_checkpoints(tmp_path, 1)
+    assert [p.name for p in removed] == ["step-00000002"]
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000001", "step-00000003"]
+
+
 def test_resume_after_a_crash_between_checkpoints(files, tmp_path):
     """Steps logged after the last checkpoint are run again on resume and logged once."""
     config = tmp_path / "config.yaml"

@@ -19,7 +19,7 @@ from typing import Callable
 
 from rlhf_engine.distributed.checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from rlhf_engine.distributed.group import SINGLE
-from rlhf_engine.models.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_engine.models.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from rlhf_engine.runlog import RunLog
 
 
@@ -35,6 +35,7 @@ def run_steps(
     stop_after: int | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     run: dict | None = None,
+    keep_last: int | None = None,
 ) -> list[dict[str, float]]:
     """Run ``trainer.step(k)`` for ``k`` in ``[start, steps)`` and return the metrics.
 
@@ -45,7 +46,8 @@ def run_steps(
     metrics before they are logged. ``run``: what identifies the run (e.g. the model and the
     config, JSON values), saved in every checkpoint; a resume refuses a checkpoint of another
     phase or whose ``run`` differs (the config's ``steps`` aside: a run may be extended), and
-    ``resume`` without any checkpoint is an error, not a fresh start.
+    ``resume`` without any checkpoint is an error, not a fresh start. ``keep_last``: after
+    each checkpoint only the newest ``keep_last`` step folders stay (None: all).
     """
     parallel = getattr(trainer, "parallel", SINGLE)
     start = 0
@@ -78,6 +80,8 @@ def run_steps(
                                         group=parallel)  # fmt: skip
             else:
                 save_checkpoint(checkpoint_dir, k, models=trainer.models, optimizers=trainer.optimizers, state=state)
+            if keep_last is not None and parallel.is_main:  # every rank's shards are in place by now
+                prune_checkpoints(checkpoint_dir, keep_last)
         if stop_after is not None and len(history) == stop_after:
             break
     return history

@@ -217,6 +217,21 @@ def save_checkpoint(
     return final
 
 
+def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
+    """Remove all but the newest ``keep_last`` (>= 1) step directories of ``directory``, never
+    the one ``latest`` names; returns those removed. Either checkpoint format (a step folder
+    is removed whole, so a crash mid-prune leaves a folder or none, and ``latest`` intact)."""
+    directory = Path(directory)
+    steps = sorted(p for p in directory.glob(f"{STEP_PREFIX}*") if p.is_dir() and p.name[len(STEP_PREFIX) :].isdigit())
+    latest = latest_checkpoint(directory)
+    removed = [p for p in steps[:-keep_last] if p != latest]
+    for path in removed:
+        shutil.rmtree(path)
+    if removed:
+        _fsync_path(directory)
+    return removed
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The step directory named by ``directory/latest``, or None when there is none.
 
