@@ -283,3 +283,24 @@ def test_score_rollout_bad_input():
         score_rollout(r.logprobs, temperature=1.0)
     with pytest.raises(ValueError, match="temperature"):
         score_rollout(r, temperature=-1.0, policy=policy)
+
+
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic", "static"])
+def test_sampling_passes_the_cache_by_the_installed_transformers_name(static_cache):
+    """transformers 5.25 takes the KV cache as ``cache`` and warns on every ``past_key_values``
+    call (older releases take only ``past_key_values``): a rollout emits no such warning, and the
+    name chosen is one the installed base model's forward accepts."""
+    import inspect
+    import warnings
+
+    from rlhf_engine.models.policy import cache_argument
+
+    policy = tiny_policy()
+    base = type(policy.lm.base_model)
+    assert cache_argument(base) in inspect.signature(base.forward).parameters
+    ids, mask = prompts([3, 5])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(policy, ids, mask, SamplingConfig(max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD,
+                                                   static_cache=static_cache), generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from rlhf_engine import ops
@@ -53,6 +56,20 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     # activation_checkpointing_enable is the newer transformers' name of gradient_checkpointing_enable (now deprecated)
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable({"use_reentrant": False})
+
+
+@functools.lru_cache(maxsize=None)
+def cache_argument(model_class: type) -> str:
+    """The name a transformers base model takes its KV cache by, and returns it under:
+    ``cache`` from transformers 5.25 (``past_key_values`` is deprecated there, with a warning
+    on every call), ``past_key_values`` before (5.17, the GPU machine's). A wrapper whose
+    forward takes ``**kwargs`` (peft's) passes either through: the wrapped model decides."""
+    parameters = inspect.signature(model_class.forward).parameters
+    if "cache" in parameters:
+        return "cache"
+    if "past_key_values" in parameters:
+        return "past_key_values"
+    return "cache" if "cache" in inspect.signature(transformers.LlamaModel.forward).parameters else "past_key_values"
 
 
 class PolicyModel(torch.nn.Module):
@@ -173,15 +190,17 @@ class PolicyModel(torch.nn.Module):
             (fp32 logits ``[B, V]`` of the last position, the updated cache). The logits are
             ``lm_head(hidden)`` in the model dtype, then cast, as the fused training op sees them.
         """
-        out = self.lm.base_model(
+        base = self.lm.base_model
+        name = cache_argument(type(base))
+        out = base(
             input_ids=input_ids,
             attention_mask=attention_mask.long(),
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=True,
+            **{name: past_key_values},
         )
         logits = F.linear(out.last_hidden_state[:, -1], self.lm_head_weight, self.lm_head_bias)
-        return logits.float(), out.past_key_values
+        return logits.float(), getattr(out, name)
 
     def save(self, directory) -> None:
         """``directory/config.json`` + ``directory/model.safetensors`` (the Hugging Face layout, so
