@@ -14,6 +14,7 @@ import torch
 from rlhf_engine import ops
 from rlhf_engine.reference.aggregation import AGGREGATIONS
 from rlhf_engine.reference.cov_losses import clip_cov_ref, kl_cov_ref
+from tests.test_policy_loss import make_batch as policy_batch
 from tests.tolerance import assert_within_tolerance
 
 NATIVE_BACKENDS = True  # the backend tests also run on cpp (CPU) / cuda (GPU)
@@ -28,26 +29,11 @@ REFS = {"clip_cov": clip_cov_ref, "kl_cov": kl_cov_ref}
 METRICS = {"clip_cov": {"clipfrac", "ppo_kl"}, "kl_cov": {"ppo_kl"}}
 
 
-def make_batch(device, *, shape=None, lengths=None, per_seq=False, float_mask=False, all_masked_row=None):
-    """Random inputs, padded ``[B, T]`` (``shape``) or packed (``lengths``)."""
-    if lengths is not None:
-        cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
-        token_shape, num_seqs = (sum(lengths),), len(lengths)
-    else:
-        cu, token_shape, num_seqs = None, shape, shape[0]
-    lp = -torch.rand(token_shape, device=device) * 2 - 0.1
-    batch = dict(
-        logp=lp,
-        old_logp=lp + torch.randn(token_shape, device=device) * 0.3,  # ratios on both sides of the clip range
-        advantages=torch.randn(num_seqs if per_seq else token_shape, device=device),
-        mask=torch.rand(token_shape, device=device) > 0.25,
-        is_weights=torch.rand(num_seqs if per_seq else token_shape, device=device) + 0.5,
-        cu_seqlens=cu,
-    )
-    if float_mask:
-        batch["mask"] = batch["mask"] * torch.rand(token_shape, device=device)
-    if all_masked_row is not None:
-        batch["mask"][all_masked_row] = 0
+def make_batch(device, **layout):
+    """test_policy_loss's random inputs (padded or packed), without the reference and entropy
+    the covariance losses do not take."""
+    batch = policy_batch(device, **layout)
+    del batch["ref_logp"], batch["entropy"]
     return batch
 
 

@@ -424,27 +424,7 @@ def test_loss_step_builds_no_vocabulary_logits(tmp_path, monkeypatch):
     trainer = _trainer(FusedGRPOTrainer, tmp_path, config, chunk_size=4)
     inputs = _batch(trainer)
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("TRL's logits path ran")
-
-    vocabulary = len(trl_support.tokenizer())
-    linear = torch.nn.Linear.forward
-
-    def guarded(self, x):
-        if self.out_features == vocabulary:
-            raise AssertionError("the lm_head module ran: the [B, T, V] logits were built")
-        return linear(self, x)
-
-    shapes = []
-    exact = _grpo_loss.fused_linear_policy_loss
-
-    def watched(hidden, *args, **kwargs):
-        shapes.append(tuple(hidden.shape))
-        return exact(hidden, *args, **kwargs)
-
-    monkeypatch.setattr(trl.trainer.utils._ChunkedLogProbFunction, "apply", refuse)
-    monkeypatch.setattr(torch.nn.Linear, "forward", guarded)
-    monkeypatch.setattr(_grpo_loss, "fused_linear_policy_loss", watched)
+    shapes = trl_support.forbid_vocabulary_logits(monkeypatch, _grpo_loss, "fused_linear_policy_loss")
     loss, _, _ = _loss_step(trainer, inputs)
     assert shapes == [(int(inputs["completion_mask"].sum()), trainer.model.config.hidden_size)]
     assert loss.abs() > 0

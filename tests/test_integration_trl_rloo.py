@@ -159,23 +159,6 @@ def test_moe_loss_and_vision_batches_are_refused(tmp_path):
 def test_loss_step_builds_no_vocabulary_logits(tmp_path, monkeypatch):
     trainer = _trainer(FusedRLOOTrainer, tmp_path, {})
     inputs = _batch(trainer)
-    vocabulary = len(trl_support.tokenizer())
-    linear = torch.nn.Linear.forward
-
-    def guarded(self, x):
-        if self.out_features == vocabulary:
-            raise AssertionError("the lm_head module ran: the [B, T, V] logits were built")
-        return linear(self, x)
-
-    shapes = []
-    exact = engine_rloo.fused_linear_logprobs
-
-    def watched(hidden, *args, **kwargs):
-        shapes.append(tuple(hidden.shape))
-        return exact(hidden, *args, **kwargs)
-
-    monkeypatch.setattr(trl.trainer.utils._ChunkedLogProbFunction, "apply", lambda *a, **k: pytest.fail("TRL's head"))
-    monkeypatch.setattr(torch.nn.Linear, "forward", guarded)
-    monkeypatch.setattr(engine_rloo, "fused_linear_logprobs", watched)
+    shapes = trl_support.forbid_vocabulary_logits(monkeypatch, engine_rloo, "fused_linear_logprobs")
     loss, _, _ = _loss_step(trainer, inputs)
     assert shapes == [(int(inputs["completion_mask"].sum()), trainer.model.config.hidden_size)] and loss.abs() > 0

@@ -234,15 +234,19 @@ def grpo(model: str, config: str, *extra: str) -> list[str]:
 
 def test_gpus_n_prints_rank_zeros_plan_with_fsdp_buffers_and_the_fewest_gpus(qwen, tmp_path, capsys):
     from rlhf_engine.memory.fsdp import PER_RANK_KINDS, Sharding, estimate_per_rank, per_rank_workload
+    from rlhf_engine.memory.plan import fewest_gpus
+    from rlhf_engine.memory.run_specs import plan_options
 
     path = write(tmp_path / "grpo.yaml", GRPO_7B)
     code, out, _ = run(grpo(qwen, path, "--gpus", "8", "--json"), capsys)
     data = json.loads(out)
     assert code == 0 and data["fits"] and data["gpus"] == 8 and data["frozen"] == "replicate"
-    assert 1 < data["fewest_gpus"] <= 8
-    # The JSON is the per-rank estimate of independently built specs at the chosen micro-batches.
+    # The JSON is the per-rank estimate of independently built specs at the chosen micro-batches,
+    # and its fewest GPUs the planner's own answer for them (more than one: it does not fit one).
     config = load_config("grpo", path)
     specs, work = role_specs("grpo", config, QWEN25_7B), per_rank_workload(workload(config, 512), 8)
+    fewest = fewest_gpus(specs, workload(config, 512), data["budget_bytes"], plan_options(config, offload=True))
+    assert data["fewest_gpus"] == fewest.gpus and fewest.gpus > 1
     for phase, entry in data["phases"].items():
         field = {"generate": "generate_micro_batch", "score": "score_micro_batch"}.get(phase, "update_micro_batch")
         local = dataclasses.replace(work, **{field: entry["micro_batch"]}, lm_head_chunk_rows=entry.get("lm_head_chunk_rows"))

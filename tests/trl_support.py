@@ -183,3 +183,34 @@ def logged_history(trainer) -> list[dict]:
 def trainable_parameters(model) -> dict[str, torch.Tensor]:
     """Name -> detached copy of every parameter that requires a gradient."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def forbid_vocabulary_logits(monkeypatch, module, name: str) -> list[tuple[int, ...]]:
+    """Make any ``[.., V]`` logits fail loudly: TRL's chunked logprob kernel and an lm_head-sized
+    ``nn.Linear`` forward raise; ``module.name`` (our fused op, as the drop-in imports it) still
+    runs and records the shape of each hidden-state batch it gets, in the list returned."""
+    import torch
+    import trl
+
+    vocabulary = len(tokenizer())
+    linear = torch.nn.Linear.forward
+
+    def guarded(self, x):
+        if self.out_features == vocabulary:
+            raise AssertionError("the lm_head module ran: the [B, T, V] logits were built")
+        return linear(self, x)
+
+    shapes = []
+    exact = getattr(module, name)
+
+    def watched(hidden, *args, **kwargs):
+        shapes.append(tuple(hidden.shape))
+        return exact(hidden, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("TRL's logits path ran")
+
+    monkeypatch.setattr(trl.trainer.utils._ChunkedLogProbFunction, "apply", refuse)
+    monkeypatch.setattr(torch.nn.Linear, "forward", guarded)
+    monkeypatch.setattr(module, name, watched)
+    return shapes

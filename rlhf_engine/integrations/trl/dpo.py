@@ -19,6 +19,7 @@ import trl.trainer.dpo_trainer as _dpo_module
 from trl import DPOTrainer
 
 from rlhf_engine.integrations.trl.lm_head import swapped_into
+from rlhf_engine.integrations.trl.refusals import refuse_aux_loss
 
 
 class FusedDPOTrainer(DPOTrainer):
@@ -45,10 +46,5 @@ class FusedDPOTrainer(DPOTrainer):
     def __init__(self, *args, backend: str = "auto", chunk_size: int | None = None, **kwargs):
         with swapped_into(_dpo_module, backend, chunk_size):
             super().__init__(*args, **kwargs)
-        # TRL asks the policy for router logits at every step when this is on (checked here,
-        # not at the first step; the head itself refuses configs that always return them).
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "FusedDPOTrainer does not compute the MoE load-balancing loss: set router_aux_loss_coef=0.0 in the "
-                "DPOConfig, or use trl.DPOTrainer"
-            )
+        # checked here, not at the first step; the head itself refuses configs that always return router logits
+        refuse_aux_loss(self)

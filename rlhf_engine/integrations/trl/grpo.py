@@ -58,12 +58,7 @@ from trl import GRPOTrainer
 from rlhf_engine.integrations.trl._grpo_loss import LossStep, advance_entropy_controller, loss_plan
 from rlhf_engine.integrations.trl._grpo_metrics import log_loss_metrics
 from rlhf_engine.integrations.trl.lm_head import swapped_into
-
-# Inputs of vision-language batches: the loss step below runs text-only models.
-MULTIMODAL_INPUTS = (
-    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
-)  # fmt: skip
+from rlhf_engine.integrations.trl.refusals import refuse_aux_loss, refuse_multimodal
 
 
 class FusedGRPOTrainer(GRPOTrainer):
@@ -101,20 +96,12 @@ class FusedGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, backend: str = "auto", chunk_size: int | None = None, **kwargs):
         with swapped_into(_grpo_module, backend, chunk_size):
             super().__init__(*args, **kwargs)
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "FusedGRPOTrainer does not compute the MoE load-balancing loss: set router_aux_loss_coef=0.0 in the "
-                "GRPOConfig, or use trl.GRPOTrainer"
-            )
+        refuse_aux_loss(self)
         self._loss_plan = loss_plan(self.args)
         self._op_options = dict(backend=backend, chunk_size=chunk_size)
 
     def _compute_loss(self, model, inputs):
-        present = [name for name in MULTIMODAL_INPUTS if inputs.get(name) is not None]
-        if present:
-            raise ValueError(
-                f"FusedGRPOTrainer runs text-only models; this batch carries {present}: use trl.GRPOTrainer"
-            )
+        refuse_multimodal(self, inputs)
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)

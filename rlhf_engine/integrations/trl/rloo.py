@@ -24,8 +24,8 @@ import trl.trainer.rloo_trainer as _rloo_module
 from trl import RLOOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
-from rlhf_engine.integrations.trl.grpo import MULTIMODAL_INPUTS
 from rlhf_engine.integrations.trl.lm_head import swapped_into
+from rlhf_engine.integrations.trl.refusals import refuse_aux_loss, refuse_multimodal
 from rlhf_engine.ops import fused_linear_logprobs, policy_loss
 
 
@@ -50,19 +50,11 @@ class FusedRLOOTrainer(RLOOTrainer):
     def __init__(self, *args, backend: str = "auto", chunk_size: int | None = None, **kwargs):
         with swapped_into(_rloo_module, backend, chunk_size):
             super().__init__(*args, **kwargs)
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "FusedRLOOTrainer does not compute the MoE load-balancing loss: set router_aux_loss_coef=0.0 in the "
-                "RLOOConfig, or use trl.RLOOTrainer"
-            )
+        refuse_aux_loss(self)
         self._op_options = dict(backend=backend, chunk_size=chunk_size)
 
     def _compute_loss(self, model, inputs):
-        present = [name for name in MULTIMODAL_INPUTS if inputs.get(name) is not None]
-        if present:
-            raise ValueError(
-                f"FusedRLOOTrainer runs text-only models; this batch carries {present}: use trl.RLOOTrainer"
-            )
+        refuse_multimodal(self, inputs)
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
