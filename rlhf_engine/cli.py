@@ -2,8 +2,9 @@
 
 * ``demo [--out DIR] [--seed S]``: the embedded pipeline (SFT, reward model, PPO, GRPO)
   on the built-in sorting task; see ``rlhf_engine.demo``.
-* ``train --algo A --model PATH|tiny --data FILE.jsonl [--config FILE.yaml] [--resume] [--nproc N]``:
-  one algorithm on a local model and data; see ``rlhf_engine.train``. Data-parallel on FSDP2:
+* ``train --algo A --model PATH|tiny --data FILE.jsonl [--config FILE.yaml] [--resume] [--nproc N]
+  [--reward-fn FILE.py:FUNCTION ... [--reward-weights W ...]]``: one algorithm on a local model
+  and data; see ``rlhf_engine.train`` (reward functions: ``rlhf_engine.rewards``). Data-parallel on FSDP2:
   ``torchrun --nproc-per-node N -m rlhf_engine.cli train ...``, or ``--nproc N`` which launches that.
 * ``plan --algo A --model PATH|config.json [--reward-model ...] [--gpu NAME | --gpu-memory SIZE]
   [--config FILE.yaml] [--prompt-length N] [--no-offload] [--gpus N|auto] [--json]``: will the run
@@ -93,9 +94,10 @@ def _train(args: argparse.Namespace) -> int:
             args.algo, args.model, args.data, args.out, config_path=args.config, resume=args.resume,
             reward_model_path=args.reward_model, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), plan=args.plan,
-            gpu_memory=args.gpu_memory, keep_last=args.keep_last,
+            gpu_memory=args.gpu_memory, keep_last=args.keep_last, reward_fns=args.reward_fn,
+            reward_weights=args.reward_weights,
         )  # fmt: skip
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"rlhf-engine train{f' (rank {rank})' if launched_by_torchrun() else ''}: {error}", file=sys.stderr)
         return 2
     if rank != 0:  # rank 0 reports for every rank (the metrics are global)
@@ -201,11 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="where the models run (default: cpu, what the demo is sized for)")
     demo.set_defaults(handler=_demo)
     train = commands.add_parser("train", help="train one algorithm on a local model and JSONL data")
-    train.add_argument("--algo", required=True, choices=["sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo"])
+    train.add_argument("--algo", required=True,
+                       choices=["sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "rejection_sampling"])
     train.add_argument("--model", required=True, help="a local model folder, or a built-in size: tiny, small")
     train.add_argument("--data", required=True, metavar="FILE.jsonl")
     train.add_argument("--config", metavar="FILE.yaml", help="fields of the algorithm's config dataclass")
     train.add_argument("--reward-model", metavar="DIR", help="reward model folder (saved by --algo rm) for RL algorithms")
+    train.add_argument("--reward-fn", action="append", metavar="FILE.py:FUNCTION",
+                       help="a reward function in TRL's convention (or MODULE:FUNCTION); repeat for several, summed with "
+                            "--reward-weights (RL algorithms and rejection_sampling)")
+    train.add_argument("--reward-weights", type=float, nargs="+", metavar="W",
+                       help="one weight per --reward-fn, in order (default: all 1)")
     train.add_argument("--out", default="train-out", metavar="DIR", help="output folder (default: train-out)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="steps between checkpoints")

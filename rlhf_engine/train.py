@@ -7,14 +7,20 @@ a prompt is ``[bos] + prompt``, a response ``response + [eos]``):
 * ``rm``: ``{"prompt", "chosen", "rejected"}`` (optional number ``"margin"``), or rankings
   ``{"prompt", "responses": [str, ...]}`` best first
 * ``dpo``: ``{"prompt", "chosen", "rejected"}``
-* ``ppo``, ``grpo``, ``rloo``, ``reinforce_pp``: ``{"prompt"}``, scored by
-  ``--reward-model DIR`` (a reward model saved by ``train --algo rm``), or
+* ``ppo``, ``grpo``, ``rloo``, ``reinforce_pp``, ``rejection_sampling``: ``{"prompt"}``
+  and any other fields, scored by ``--reward-model DIR`` (a reward model saved by
+  ``train --algo rm``), by reward functions ``--reward-fn FILE.py:FUNCTION`` (repeatable,
+  ``--reward-weights``; TRL's convention, :mod:`rlhf_engine.rewards`: they get the prompt
+  as given, the decoded response and every other field of the record), or, with neither,
   ``{"prompt", "answer"}``: reward 1 when the response text equals the answer (stripped),
-  else 0. PPO always needs a reward model (and trains a critic initialised from it).
+  else 0. PPO always needs a reward model (it trains a critic initialised from it); with
+  ``--reward-fn`` too, the functions score and the reward model only starts the critic.
+  Other algorithms take one of ``--reward-model`` and ``--reward-fn``.
 
 ``--config FILE.yaml`` sets fields of the algorithm's config dataclass (``SFTConfig``,
-``RewardModelConfig``, ``DPOConfig``, or ``RLConfig`` on top of the algorithm's preset;
-for ``grpo`` also ``variant``). The output folder gets ``metrics.jsonl``, checkpoints
+``RewardModelConfig``, ``DPOConfig``, ``RejectionSamplingConfig``, or ``RLConfig`` on top
+of the algorithm's preset; for ``grpo`` also ``variant``). Rejection sampling runs in one
+process only (no torchrun). The output folder gets ``metrics.jsonl``, checkpoints
 every ``checkpoint_every`` steps and the final model with its tokenizer in ``model/`` (so
 that folder can be the ``--model`` of a later run); ``--resume`` continues from the latest
 checkpoint there, first dropping the log lines of steps after it (they are run again).
@@ -33,7 +39,7 @@ from typing import Any
 
 import torch
 
-from rlhf_engine.algos.common import check_device, model_device
+from rlhf_engine.algos.common import check_device, freeze, model_device
 from rlhf_engine.algos.config import config_from_dict, read_yaml_mapping
 from rlhf_engine.algos.dpo import DPOConfig, DPOTrainer
 from rlhf_engine.algos.grpo import grpo_preset
@@ -42,7 +48,8 @@ from rlhf_engine.algos.ppo import PPO_DEFAULTS
 from rlhf_engine.algos.precision import parse_dtype
 from rlhf_engine.memory.run_specs import RL_ALGOS
 from rlhf_engine.algos.reinforce_pp import REINFORCE_PP_DEFAULTS
-from rlhf_engine.algos.reward_model import RewardModelConfig, RewardModelTrainer
+from rlhf_engine.algos.rejection_sampling import RejectionSamplingConfig, RejectionSamplingTrainer
+from rlhf_engine.algos.reward_model import RewardModelConfig, RewardModelTrainer, sequence_rewards
 from rlhf_engine.algos.rl import RLConfig, RLTrainer
 from rlhf_engine.algos.rloo import RLOO_DEFAULTS
 from rlhf_engine.algos.sft import SFTConfig, SFTTrainer
@@ -53,10 +60,12 @@ from rlhf_engine.models import PolicyModel, ScalarHeadModel, llama_config
 from rlhf_engine.models.checkpoint import atomic_write_bytes, latest_checkpoint
 from rlhf_engine.models.configs import MODEL_SIZES
 from rlhf_engine.models.tokenizers import load_tokenizer
+from rlhf_engine.rewards import RecordSampler, TextReward, describe, exact_match, resolve_reward_fns
 from rlhf_engine.runlog import RunLog
 from rlhf_engine.tasks.data import read_jsonl
 
-ALGOS = ("sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo")
+ALGOS = ("sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "rejection_sampling")
+SAMPLING_ALGOS = (*RL_ALGOS, "rejection_sampling")  # the ones a reward scores samples for
 RL_PRESETS = {"ppo": PPO_DEFAULTS, "rloo": RLOO_DEFAULTS, "reinforce_pp": REINFORCE_PP_DEFAULTS}  # grpo: grpo_preset
 PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
 
@@ -73,7 +82,7 @@ def load_config(algo: str, path: str | Path | None):
         return config_from_dict(RLConfig, {**preset, **values}, source=source)
     if algo in RL_PRESETS:
         return config_from_dict(RLConfig, {**RL_PRESETS[algo], **values}, source=source)
-    cls = {"sft": SFTConfig, "rm": RewardModelConfig, "dpo": DPOConfig}[algo]
+    cls = {"sft": SFTConfig, "rm": RewardModelConfig, "dpo": DPOConfig, "rejection_sampling": RejectionSamplingConfig}[algo]
     return config_from_dict(cls, values, source=source)
 
 
@@ -105,7 +114,9 @@ def _read_records(algo: str, path: str | Path, tokenizer) -> list:
             records.append(record)
         return records
     rows = read_jsonl(path, {"prompt": str}, check=_check_answer)
-    return [{"prompt": prompt(r["prompt"]), "answer": r.get("answer")} for r in rows]
+    # prompt_text and fields: what the reward functions see (rlhf_engine.rewards)
+    return [{"prompt": prompt(r["prompt"]), "answer": r.get("answer"), "prompt_text": r["prompt"],
+             "fields": {k: v for k, v in r.items() if k != "prompt"}} for r in rows]  # fmt: skip
 
 
 def _check_ranking(record: dict) -> str | None:
@@ -154,13 +165,20 @@ def load_policy(model: str, vocab_size: int, tokenizer, seed: int, device: str, 
     return policy.to(device)
 
 
-def run_identity(model: str, config, reward_model_path: str | None) -> dict:
+def run_identity(model: str, config, reward_model_path: str | None, reward_fns: list | None = None,
+                 reward_weights: list[float] | None = None) -> dict:  # fmt: skip
     """What a checkpoint records of its run, and a resume must match (``run_steps``'s ``run``):
-    the model (a folder by its absolute path), the reward model, the config as given."""
+    the model (a folder by its absolute path), the reward model, the config as given, and the
+    reward functions (``file.py:fn`` as given, a callable as ``module:qualname``) with their
+    weights when there are any."""
     def where(path: str | None):  # a built-in size by its name
         return path if path is None or path in MODEL_SIZES else str(Path(path).resolve())
 
-    return {"model": where(model), "reward_model": where(reward_model_path), "config": dataclasses.asdict(config)}
+    run = {"model": where(model), "reward_model": where(reward_model_path), "config": dataclasses.asdict(config)}
+    if reward_fns:
+        run["reward_fns"] = [describe(f) for f in reward_fns]
+        run["reward_weights"] = list(reward_weights) if reward_weights is not None else [1.0] * len(reward_fns)
+    return run
 
 
 def check_tokenizer_fits(model: str, tokenizer, vocab_size: int) -> None:
@@ -179,17 +197,10 @@ def check_tokenizer_fits(model: str, tokenizer, vocab_size: int) -> None:
         )
 
 
-def _answer_reward(tokenizer, answers: dict[tuple[int, ...], str]):
-    def reward(prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-        return torch.tensor(
-            [float(tokenizer.decode(r).strip() == answers[tuple(p)].strip()) for p, r in zip(prompts, responses)]
-        )
-
-    return reward
-
-
 def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokenizer, reward_model_path: str | None, placement=None,
-                  device: torch.device | None = None, parallel: DataParallel = SINGLE):  # fmt: skip
+                  device: torch.device | None = None, parallel: DataParallel = SINGLE, reward_fns: list | None = None,
+                  reward_weights: list[float] | None = None):  # fmt: skip
+    """The trainer of ``algo``; an RL one (and rejection sampling) scored as :func:`_scoring` says."""
     pad = tokenizer.pad_token_id
     if algo == "sft":
         return SFTTrainer(policy, records, config, pad_id=pad, parallel=parallel)
@@ -197,28 +208,62 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
         return RewardModelTrainer(ScalarHeadModel.from_policy(policy), records, config, pad_id=pad, parallel=parallel)
     if algo == "dpo":
         return DPOTrainer(policy, copy.deepcopy(policy), records, config, pad_id=pad, parallel=parallel)
-    prompts = [r["prompt"] for r in records]
-
-    def sample_prompts(n: int, generator: torch.Generator) -> list[list[int]]:
-        return [prompts[i] for i in torch.randint(len(prompts), (n,), generator=generator).tolist()]
-
-    scoring: dict[str, Any] = {}
-    if reward_model_path is not None:
-        frozen = parse_dtype(config.frozen_dtype or config.dtype)
-        scoring["reward_model"] = ScalarHeadModel.load(reward_model_path, dtype=frozen).to(model_device(policy))
-    elif all(r["answer"] is not None for r in records) and algo != "ppo":
-        scoring["reward_fn"] = _answer_reward(tokenizer, {tuple(r["prompt"]): r["answer"] for r in records})
-    else:
-        raise ValueError(f"--algo {algo} needs --reward-model DIR" + ("" if algo == "ppo" else " or an 'answer' in every record"))
+    if algo == "rejection_sampling":
+        sampler = RecordSampler(records, config.samples_per_prompt)
+        scoring = _scoring(algo, records, tokenizer, reward_model_path, reward_fns, reward_weights, sampler, torch.float32,
+                           model_device(policy))  # fmt: skip
+        score_fn = scoring.get("reward_fn") or _model_score(freeze(scoring["reward_model"]), pad)
+        return RejectionSamplingTrainer(policy, config, prompts=sampler, score_fn=score_fn, pad_token_id=pad,
+                                        eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    # the rows a process scores: its share of the step's prompts, group_size samples of each
+    sampler = RecordSampler(records, config.group_size, parallel.rows(config.prompts_per_step))
+    scoring = _scoring(algo, records, tokenizer, reward_model_path, reward_fns, reward_weights, sampler,
+                       parse_dtype(config.frozen_dtype or config.dtype), model_device(policy), parallel)  # fmt: skip
     if algo == "ppo":
         scoring["critic"] = copy.deepcopy(scoring["reward_model"])
+        if "reward_fn" in scoring:  # the reward model only initialises the critic
+            del scoring["reward_model"]
     reference = None if config.lora_rank else copy.deepcopy(policy)  # LoRA: the adapter-disabled policy
     if placement is not None and placement.bytes_moved_per_step:
         _place_for_first_phase(placement, device, policy=policy, reference=reference, **scoring)
     return RLTrainer(
-        config, policy=policy, reference=reference, prompts=sample_prompts, pad_token_id=pad,
+        config, policy=policy, reference=reference, prompts=sampler, pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id, placement=placement, parallel=parallel, **scoring,
     )  # fmt: skip
+
+
+def _scoring(algo: str, records: list, tokenizer, reward_model_path: str | None, reward_fns: list | None,
+             reward_weights: list[float] | None, sampler: RecordSampler, dtype: torch.dtype, device: torch.device,
+             parallel: DataParallel = SINGLE) -> dict[str, Any]:  # fmt: skip
+    """What scores the samples: ``{"reward_fn": TextReward}`` from ``reward_fns`` (or the built-in
+    exact match when every record has an ``answer``), or ``{"reward_model": model}``. PPO loads
+    its reward model in any case (its critic starts from it): with reward functions both keys."""
+    needs_model = algo == "ppo"
+    if reward_fns and reward_model_path is not None and not needs_model:
+        raise ValueError(f"--algo {algo}: give --reward-fn or --reward-model, not both (the reward model scores on "
+                         "its own; write a reward function that calls it to combine them)")  # fmt: skip
+    if needs_model and reward_model_path is None:
+        raise ValueError("--algo ppo needs --reward-model DIR (its critic starts from the reward model"
+                         + (", which --reward-fn does not replace)" if reward_fns else ")"))  # fmt: skip
+    scoring: dict[str, Any] = {}
+    if reward_model_path is not None:
+        scoring["reward_model"] = ScalarHeadModel.load(reward_model_path, dtype=dtype).to(device)
+    if reward_fns:
+        scoring["reward_fn"] = TextReward(tokenizer, reward_fns, reward_weights, sampler=sampler, parallel=parallel)
+    elif reward_model_path is None:
+        if not all(r["answer"] is not None for r in records):
+            raise ValueError(f"--algo {algo} needs --reward-model DIR, --reward-fn FILE.py:FUNCTION or an 'answer' in every record")
+        scoring["reward_fn"] = TextReward(tokenizer, [exact_match], sampler=sampler, parallel=parallel)
+    return scoring
+
+
+def _model_score(reward_model: ScalarHeadModel, pad_id: int):
+    """ScoreFn of a reward model (``sequence_rewards`` without gradients)."""
+    def score(prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        with torch.no_grad():
+            return sequence_rewards(reward_model, prompts, responses, pad_id)
+
+    return score
 
 
 def _place_for_first_phase(placement, device: torch.device, **roles) -> None:
@@ -310,26 +355,32 @@ def run_train(
     algo: str, model: str, data: str | Path, out: str | Path, *, config_path: str | Path | None = None,
     resume: bool = False, reward_model_path: str | None = None, checkpoint_every: int = 10,
     stop_after: int | None = None, quiet: bool = False, device: str = "cpu", plan: str | None = None,
-    gpu_memory: str | None = None, keep_last: int | None = None,
+    gpu_memory: str | None = None, keep_last: int | None = None, reward_fns: list | None = None,
+    reward_weights: list[float] | None = None,
 ) -> list[dict]:  # fmt: skip
     """Train ``algo`` on ``device`` and return the per-step metrics of this call (see the module
     docstring). ``plan``: ``"auto"`` (the default on CUDA) or ``"off"`` (the default elsewhere),
-    see :func:`plan_run`; ``gpu_memory`` overrides the GPU's size for the plan."""
+    see :func:`plan_run`; ``gpu_memory`` overrides the GPU's size for the plan. ``reward_fns``:
+    reward functions in TRL's convention (callables or ``"file.py:fn"`` / ``"module:fn"``
+    strings, :mod:`rlhf_engine.rewards`) for the RL algorithms and rejection sampling, with
+    ``reward_weights`` (one each; default all 1)."""
     if algo not in ALGOS:
         raise ValueError(f"--algo must be one of {ALGOS}, got {algo!r}")
     if checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"--keep-last must be a number of checkpoints >= 1, got {keep_last!r}")
+    rewards = _load_rewards(algo, reward_fns, reward_weights)  # a bad spec fails before any model loads
     device = check_device(device)
     config = load_config(algo, config_path)
+    # before the plan fills in micro-batches: the same at any world size
+    run = run_identity(model, config, reward_model_path, reward_fns, reward_weights)
     if launched_by_torchrun():
         return _run_distributed(algo, config, model, data, out, device, plan, resume=resume, reward_model_path=reward_model_path,
                                 checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet,
-                                gpu_memory=gpu_memory, keep_last=keep_last)  # fmt: skip
+                                gpu_memory=gpu_memory, keep_last=keep_last, run=run, rewards=rewards)  # fmt: skip
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
-    run = run_identity(model, config, reward_model_path)  # before the plan fills in micro-batches
     mode = plan or ("auto" if device.type == "cuda" and algo in RL_ALGOS else "off")
     config, placement = plan_run(algo, config, model, tokenizer, records, reward_model_path, device, mode, gpu_memory)
     torch.manual_seed(config.seed)
@@ -337,7 +388,7 @@ def run_train(
     build_on = torch.device("cpu") if placement is not None and placement.bytes_moved_per_step else device
     dtype = parse_dtype(config.dtype) if algo in RL_ALGOS else torch.float32
     policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, build_on, dtype)
-    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement, device)
+    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement, device, **rewards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -346,6 +397,7 @@ def run_train(
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
             checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run, keep_last=keep_last,
+            on_step=_reward_metrics(trainer),
         )  # fmt: skip
     final = trainer.models["reward_model" if algo == "rm" else "policy"]
     final.save(out / "model")
@@ -353,9 +405,32 @@ def run_train(
     return history
 
 
+def _load_rewards(algo: str, reward_fns: list | None, reward_weights: list[float] | None) -> dict:
+    """``build_trainer``'s reward arguments: the functions loaded (once, so a bad spec fails
+    before any model loads) and their weights; {} without any."""
+    if reward_fns is None and reward_weights is None:
+        return {}
+    if algo not in SAMPLING_ALGOS:
+        raise ValueError(f"--reward-fn / --reward-weights score sampled responses, and --algo {algo} samples none "
+                         f"(use one of {SAMPLING_ALGOS})")  # fmt: skip
+    if reward_fns is None:
+        raise ValueError("--reward-weights needs --reward-fn (one weight per function)")
+    return {"reward_fns": resolve_reward_fns(reward_fns, reward_weights)[0], "reward_weights": reward_weights}
+
+
+def _reward_metrics(trainer):
+    """``run_steps``'s ``on_step``: adds ``rewards/<name>/mean`` per reward function (None when
+    the trainer scores with a reward model)."""
+    scorer = getattr(trainer, "reward_fn", None) or getattr(trainer, "score_fn", None)
+    if not isinstance(scorer, TextReward):
+        return None
+    return lambda step, metrics: metrics.update(scorer.metrics())
+
+
 def _run_distributed(algo: str, config, model: str, data, out, device: torch.device, plan: str | None, *, resume: bool,
                      reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool,
-                     gpu_memory: str | None = None, keep_last: int | None = None) -> list[dict]:  # fmt: skip
+                     gpu_memory: str | None = None, keep_last: int | None = None, run: dict | None = None,
+                     rewards: dict | None = None) -> list[dict]:  # fmt: skip
     """:func:`run_train` on every rank of a torchrun launch: FSDP2 for the trained roles, each rank
     its share of every batch, sharded checkpoints; rank 0 alone writes the log and the model folder
     (gathered). The world-size checks run before anything is read or loaded."""
@@ -365,7 +440,7 @@ def _run_distributed(algo: str, config, model: str, data, out, device: torch.dev
     try:
         history = _train_ranks(algo, config, model, data, Path(out), parallel, resume=resume, reward_model_path=reward_model_path,
                                checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet, plan=plan,
-                               gpu_memory=gpu_memory, keep_last=keep_last)  # fmt: skip
+                               gpu_memory=gpu_memory, keep_last=keep_last, run=run, rewards=rewards or {})  # fmt: skip
         # Every rank done with every collective, and the models (whose FSDP state holds gloo work
         # and tensors) freed, before the group goes: a gloo group torn down under a live peer or
         # with pending work can abort the process at exit.
@@ -378,20 +453,20 @@ def _run_distributed(algo: str, config, model: str, data, out, device: torch.dev
 
 def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataParallel, *, resume: bool,
                  reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool,
-                 plan: str | None, gpu_memory: str | None, keep_last: int | None) -> list[dict]:  # fmt: skip
+                 plan: str | None, gpu_memory: str | None, keep_last: int | None, run: dict | None,
+                 rewards: dict) -> list[dict]:  # fmt: skip
     """The body of :func:`_run_distributed` (its models go out of scope when it returns). The
     plan (``--plan auto``, the default for RL on CUDA) is rank 0's under FSDP2, the same on
     every rank (it reads only the configs, the data and the GPU's size), made before any
     model is loaded."""
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
-    run = run_identity(model, config, reward_model_path)  # the same at any world size (before the plan)
     mode = plan or ("auto" if parallel.device.type == "cuda" and algo in RL_ALGOS else "off")
     config, _ = plan_run(algo, config, model, tokenizer, records, reward_model_path, parallel.device, mode, gpu_memory,
                          world_size=parallel.world_size)  # fmt: skip
     torch.manual_seed(config.seed)
     policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, parallel.device)
-    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel)
+    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel, **rewards)
     if parallel.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -402,6 +477,7 @@ def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataP
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
             checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run, keep_last=keep_last,
+            on_step=_reward_metrics(trainer),
         )  # fmt: skip
     if algo == "rm":
         export_scalar_head(trainer.models["reward_model"], out / "model", parallel)

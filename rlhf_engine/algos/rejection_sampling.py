@@ -3,8 +3,9 @@ al. 2023).
 
 Each step samples ``samples_per_prompt`` responses for ``prompts_per_step`` prompts,
 scores them (reward model or function), keeps each prompt's ``keep_top`` best (and only
-those scoring at least ``threshold`` when set), and takes one SFT step on the kept
-responses. ``best_of_n`` is the inference-time version: the argmax per prompt.
+those scoring at least ``threshold`` when set; never one with a NaN score, which
+``rlhf_engine.rewards`` gives a sample no reward function scored), and takes one SFT step
+on the kept responses. ``best_of_n`` is the inference-time version: the argmax per prompt.
 """
 
 from __future__ import annotations
@@ -86,11 +87,16 @@ class RejectionSamplingTrainer(SingleModelTrainer):
         prompts = self.prompts(cfg.prompts_per_step, step_generator(cfg.seed, step, "prompts"))
         n = cfg.samples_per_prompt
         rollout, scores = sample_and_score(self.policy, prompts, n, self.score_fn, self.sampling, step_generator(cfg.seed, step, "sample"))
-        top_scores, top = scores.view(len(prompts), n).topk(cfg.keep_top, dim=1)
+        # an unscorable sample (NaN: no reward function scored it) ranks last and is never kept
+        scorable = ~scores.isnan()
+        top_scores, top = scores.nan_to_num(nan=-torch.inf).view(len(prompts), n).topk(cfg.keep_top, dim=1)
         keep = (top + torch.arange(len(prompts), device=top.device).unsqueeze(1) * n).flatten()
+        kept = scorable[keep]
         if cfg.threshold is not None:
-            keep = keep[top_scores.flatten() >= cfg.threshold]
-        metrics = {"reward_mean": float(scores.mean()), "kept": float(keep.numel()), "kept_reward_mean": float(scores[keep].mean()) if keep.numel() else 0.0}
+            kept &= top_scores.flatten() >= cfg.threshold
+        keep = keep[kept]
+        metrics = {"reward_mean": float(scores[scorable].mean()) if scorable.any() else float("nan"), "kept": float(keep.numel()),
+                   "kept_reward_mean": float(scores[keep].mean()) if keep.numel() else 0.0}  # fmt: skip
         if keep.numel() == 0:
             return metrics
         all_prompts, all_responses = rollout.token_lists()

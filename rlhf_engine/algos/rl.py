@@ -360,7 +360,12 @@ class RLTrainer:
         return rollout, metrics
 
     def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Advantages (``[B, R]`` per token, or ``[B]`` per sequence) and, for GAE, returns."""
+        """Advantages (``[B, R]`` per token, or ``[B]`` per sequence) and, for GAE, returns.
+
+        A NaN score marks an unscorable completion (``rlhf_engine.rewards``: no reward function
+        scored it). As in TRL 1.16 (``GRPOTrainer``, ``RLOOTrainer``) a group estimator leaves it
+        out of its group's baseline and std (and the batch's) and gives it advantage 0; the
+        token estimators (``gae``, ``reinforce_pp``) have no group to leave it out of and refuse it."""
         cfg, mask = self.config, rollout.response_mask
         beta = self.kl.value if cfg.kl_in_reward else 0.0
         if beta and rollout.old_logprobs is None:
@@ -368,6 +373,10 @@ class RLTrainer:
         # k1, the reward-side KL; β = 0 needs no old logprobs (score may have skipped them).
         token_kl = (rollout.old_logprobs - rollout.ref_logprobs) * mask if beta else torch.zeros_like(rollout.logprobs)
         if cfg.advantage in TOKEN_ESTIMATORS:
+            if bool(rollout.scores.isnan().any()):
+                raise ValueError(f"RLTrainer: advantage {cfg.advantage!r} needs a score for every completion, and no reward "
+                                 "function scored some (all returned None); a group estimator (grpo, rloo, "
+                                 "reinforce_pp_baseline) leaves those out")  # fmt: skip
             rewards = -beta * token_kl
             last = (rollout.response_lengths - 1).clamp(min=0)
             rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += rollout.scores * (rollout.response_lengths > 0)
@@ -377,9 +386,16 @@ class RLTrainer:
             return ops.masked_whiten(returns, mask), None
         scores = rollout.scores - beta * token_kl.sum(dim=1)
         lengths = rollout.response_lengths if cfg.advantage in ("opo", "reinforce_pp_baseline") else None
-        advantages = ops.group_advantages(
-            scores, group_size=cfg.group_size, method=cfg.advantage, scale=cfg.scale if cfg.advantage == "grpo" else "group",
-            preset=cfg.preset, lengths=lengths,
+        options = dict(method=cfg.advantage, scale=cfg.scale if cfg.advantage == "grpo" else "group", preset=cfg.preset)
+        scorable = ~scores.isnan()
+        if bool(scorable.all()):
+            return ops.group_advantages(scores, group_size=cfg.group_size, lengths=lengths, **options), None
+        # TRL's unscorable completions (no reward function scored them): out of their group's
+        # statistics (and the batch's), advantage 0
+        advantages = torch.zeros_like(scores)
+        advantages[scorable] = ops.group_advantages(
+            scores[scorable], group_ids=rollout.group_ids[scorable], num_groups=scores.shape[0] // cfg.group_size,
+            lengths=None if lengths is None else lengths[scorable], **options,
         )  # fmt: skip
         return advantages, None
 
@@ -531,11 +547,12 @@ class RLTrainer:
         phase_metrics.update(place.metrics())
         mask = rollout.response_mask
         sequence_kl = ((rollout.old_logprobs - rollout.ref_logprobs) * mask).sum(dim=1)
-        metrics = {"reward_mean": float(rollout.scores.mean())}
+        scored = rollout.scores[~rollout.scores.isnan()]  # unscorable completions (NaN) left out, as TRL logs
+        metrics = {"reward_mean": float(scored.mean()) if scored.numel() else float("nan")}
         if "gold" in phase_metrics:
             metrics["gold"] = phase_metrics.pop("gold")
         metrics["kl"] = float(sequence_kl.mean())
-        metrics["reward_std"] = float(rollout.scores.std()) if rollout.scores.numel() > 1 else 0.0
+        metrics["reward_std"] = float(scored.std()) if scored.numel() > 1 else 0.0
         metrics.update(phase_metrics)
         metrics["kl_coef"] = self.kl.value
         self.kl.update(metrics["kl"], mask.shape[0])

@@ -31,6 +31,9 @@ def check_world_size(algo: str, config, world_size: int) -> None:
     cannot run data-parallel on ``world_size`` ranks (nothing is loaded before this check)."""
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
+    if algo == "rejection_sampling":
+        raise ValueError("--algo rejection_sampling runs in one process (without torchrun or --nproc): its trainer is "
+                         "not data-parallel")  # fmt: skip
     if algo in ("sft", "dpo", "rm"):
         _require(config, "batch_size", world_size, "each rank trains on an equal share of every batch")
         return
