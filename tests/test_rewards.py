@@ -19,7 +19,7 @@ from rlhf_engine.algos.rejection_sampling import RejectionSamplingConfig, Reject
 from rlhf_engine.algos.rl import RLConfig, RLTrainer
 from rlhf_engine.cli import main
 from rlhf_engine.distributed.batches import check_world_size
-from rlhf_engine.models import PolicyModel
+from rlhf_engine.models import PolicyModel, ScalarHeadModel
 from rlhf_engine.models.tokenizers import ByteTokenizer
 from rlhf_engine.rewards import RecordSampler, TextReward, check_scores, exact_match, load_reward_fn, reward_kwargs
 from rlhf_engine.rollout import Rollout
@@ -232,11 +232,11 @@ def grouped_rollout(scores: list[float], group_size: int) -> Rollout:
     )  # fmt: skip
 
 
-def rl_trainer(**config) -> RLTrainer:
+def rl_trainer(reward_model=None, **config) -> RLTrainer:
     config = RLConfig(**{"prompts_per_step": 2, "group_size": 3, "kl_coef": 0.0, **config})
-    policy = tiny_init()
-    return RLTrainer(config, policy=policy, reference=tiny_init(), prompts=lambda n, g: [[1]] * n, pad_token_id=0,
-                     eos_token_id=2, reward_fn=lambda p, r: torch.zeros(len(p)))  # fmt: skip
+    scorer = {"reward_model": reward_model} if reward_model is not None else {"reward_fn": lambda p, r: torch.zeros(len(p))}
+    return RLTrainer(config, policy=tiny_init(), reference=tiny_init(), prompts=lambda n, g: [[1]] * n, pad_token_id=0,
+                     eos_token_id=2, **scorer)  # fmt: skip
 
 
 def test_unscorable_completions_are_left_out_of_grpo_groups_as_trl_does():
@@ -268,6 +268,12 @@ def test_a_token_estimator_refuses_an_unscorable_completion():
     trainer = rl_trainer(advantage="reinforce_pp", group_size=1, prompts_per_step=3, kl_in_reward=True)
     with pytest.raises(ValueError, match="advantage 'reinforce_pp' needs a score for every completion"):
         trainer.advantages(grouped_rollout([1.0, math.nan, 0.0], 1))
+
+
+def test_a_nan_from_a_reward_model_is_an_error_not_an_unscorable_completion():
+    trainer = rl_trainer(reward_model=ScalarHeadModel.from_policy(tiny_init()))
+    with pytest.raises(ValueError, match="the reward model scored NaN for 1 of 6 completions"):
+        trainer.advantages(grouped_rollout([1.0, math.nan, 0.0, 1.0, 2.0, 3.0], 3))
 
 
 def test_rejection_sampling_never_keeps_an_unscorable_sample():

@@ -372,8 +372,9 @@ class RLTrainer:
             raise ValueError("RLTrainer.advantages: the KL in the reward needs rollout.old_logprobs (from score)")
         # k1, the reward-side KL; β = 0 needs no old logprobs (score may have skipped them).
         token_kl = (rollout.old_logprobs - rollout.ref_logprobs) * mask if beta else torch.zeros_like(rollout.logprobs)
+        scorable = self._scorable(rollout.scores)
         if cfg.advantage in TOKEN_ESTIMATORS:
-            if bool(rollout.scores.isnan().any()):
+            if scorable is not None:
                 raise ValueError(f"RLTrainer: advantage {cfg.advantage!r} needs a score for every completion, and no reward "
                                  "function scored some (all returned None); a group estimator (grpo, rloo, "
                                  "reinforce_pp_baseline) leaves those out")  # fmt: skip
@@ -387,8 +388,7 @@ class RLTrainer:
         scores = rollout.scores - beta * token_kl.sum(dim=1)
         lengths = rollout.response_lengths if cfg.advantage in ("opo", "reinforce_pp_baseline") else None
         options = dict(method=cfg.advantage, scale=cfg.scale if cfg.advantage == "grpo" else "group", preset=cfg.preset)
-        scorable = ~scores.isnan()
-        if bool(scorable.all()):
+        if scorable is None:
             return ops.group_advantages(scores, group_size=cfg.group_size, lengths=lengths, **options), None
         # TRL's unscorable completions (no reward function scored them): out of their group's
         # statistics (and the batch's), advantage 0
@@ -398,6 +398,17 @@ class RLTrainer:
             lengths=None if lengths is None else lengths[scorable], **options,
         )  # fmt: skip
         return advantages, None
+
+    def _scorable(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """None when every completion has a score (one host read), else the bool ``[B]`` mask of
+        those that do. NaN means "no score" only from a reward function; from a reward model it
+        is an error (a diverged model must not pass as unscorable completions)."""
+        scorable = ~scores.isnan()
+        if bool(scorable.all()):
+            return None
+        if self.reward_model is not None:
+            raise ValueError(f"RLTrainer: the reward model scored NaN for {int((~scorable).sum())} of {scores.numel()} completions")
+        return scorable
 
     def update_policy(self, rollout: Rollout, advantages: torch.Tensor, step: int) -> dict[str, float]:
         """Phase 3: ``epochs`` x minibatches of the fused clipped policy loss, each minibatch one
