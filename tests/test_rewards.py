@@ -403,3 +403,19 @@ def test_the_python_api_scores_an_rl_trainer_with_text_rewards(tmp_path):
     answers = [records[i]["fields"]["answer"] for i in sampler.drawn for _ in range(2)]
     assert seen[0]["answer"] == answers
     assert step["reward_mean"] == pytest.approx(answers.count("x") / 4)
+
+
+def test_two_ranks_score_their_own_records_as_one_process_does(tmp_path):
+    """Under torchrun each rank scores its share of the step's prompts: with duplicated prompts
+    whose fields differ, a rank reading another share's records would log other rewards."""
+    from tests.test_distributed import assert_same_metrics, launch_ok, train_args
+
+    rows = [{"prompt": "ab", "id": 0}, {"prompt": "ab", "id": 1}, {"prompt": "ca", "id": 2}, {"prompt": "ab", "id": 3}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    fn = write(tmp_path / "by_id.py", "def by_id(completions, id, **kwargs):\n    return [float(i) for i in id]\n")
+    config = write(tmp_path / "c.yaml", GROUPED)
+    extra = ("--reward-fn", f"{fn}:by_id")
+    assert main(["train", *train_args("grpo", data, config, tmp_path / "single", *extra)]) == 0
+    launch_ok(2, *train_args("grpo", data, config, tmp_path / "two", *extra))
+    assert_same_metrics(tmp_path / "two", tmp_path / "single", ("reward_mean", "reward_std", "rewards/by_id/mean"))
+    assert len({r["reward_mean"] for r in metrics(tmp_path / "single")}) > 1  # the draws differ by step
