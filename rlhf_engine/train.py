@@ -276,7 +276,7 @@ def _place_for_first_phase(placement, device: torch.device, **roles) -> None:
 
 
 def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_model_path: str | None, device: torch.device,
-             mode: str, gpu_memory: str | None = None, world_size: int = 1):  # fmt: skip
+             mode: str, gpu_memory: str | None = None, world_size: int = 1, reward_scores: bool = True):  # fmt: skip
     """The memory plan of an RL run on ``device``, made before any model is loaded, and the
     config with the plan's micro-batches and checkpointing in it; with ``world_size`` > 1
     (torchrun), rank 0's plan under FSDP2 (every role resident, each rank sampling its share
@@ -286,7 +286,9 @@ def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_mod
     that cannot fit is refused with what would make it fit) or ``"off"`` (exactly the
     configuration given, everything resident: the plan only predicts). Returns
     ``(config, plan)``; ``(config, None)`` off CUDA or for algorithms the planner does not
-    cover (SFT, reward model, DPO) with ``mode="off"``.
+    cover (SFT, reward model, DPO, rejection sampling) with ``mode="off"``. ``reward_scores``:
+    False when reward functions score a PPO run (its reward model then starts the critic only,
+    and the plan has no ``reward_model`` role).
     """
     from rlhf_engine.memory.plan import parse_memory, plan
     from rlhf_engine.memory.report import format_plan
@@ -309,7 +311,7 @@ def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_mod
         policy_config = model
     budget = parse_memory(gpu_memory) if gpu_memory else torch.cuda.get_device_properties(device).total_memory
     prompt_length = max(len(r["prompt"]) for r in records)
-    specs = role_specs(algo, config, policy_config, reward_model_path)
+    specs = role_specs(algo, config, policy_config, reward_model_path, reward_scores=reward_scores)
     chosen = plan(specs, workload(config, prompt_length), budget, plan_options(config, offload=mode == "auto"),
                   gpus=world_size)  # fmt: skip
     if mode == "auto" and not chosen.fits:
@@ -382,7 +384,8 @@ def run_train(
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
     mode = plan or ("auto" if device.type == "cuda" and algo in RL_ALGOS else "off")
-    config, placement = plan_run(algo, config, model, tokenizer, records, reward_model_path, device, mode, gpu_memory)
+    config, placement = plan_run(algo, config, model, tokenizer, records, reward_model_path, device, mode, gpu_memory,
+                                 reward_scores="reward_fns" not in rewards)  # fmt: skip
     torch.manual_seed(config.seed)
     # A plan that offloads builds every model on the CPU; each goes where the plan puts it.
     build_on = torch.device("cpu") if placement is not None and placement.bytes_moved_per_step else device
@@ -463,7 +466,7 @@ def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataP
     records = load_records(algo, data, tokenizer)
     mode = plan or ("auto" if parallel.device.type == "cuda" and algo in RL_ALGOS else "off")
     config, _ = plan_run(algo, config, model, tokenizer, records, reward_model_path, parallel.device, mode, gpu_memory,
-                         world_size=parallel.world_size)  # fmt: skip
+                         world_size=parallel.world_size, reward_scores="reward_fns" not in rewards)  # fmt: skip
     torch.manual_seed(config.seed)
     policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, parallel.device)
     trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel, **rewards)

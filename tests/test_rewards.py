@@ -4,6 +4,8 @@ several functions (checked against TRL's own ``GRPOTrainer._calculate_rewards``)
 of each scored row with duplicated prompts, unscorable completions as TRL treats them, the
 README's example run, and rejection sampling from the command line."""
 
+import dataclasses
+import json
 import math
 import shlex
 import warnings
@@ -419,3 +421,22 @@ def test_two_ranks_score_their_own_records_as_one_process_does(tmp_path):
     launch_ok(2, *train_args("grpo", data, config, tmp_path / "two", *extra))
     assert_same_metrics(tmp_path / "two", tmp_path / "single", ("reward_mean", "reward_std", "rewards/by_id/mean"))
     assert len({r["reward_mean"] for r in metrics(tmp_path / "single")}) > 1  # the draws differ by step
+
+
+def test_the_plan_of_ppo_scored_by_functions_has_no_reward_model_role(tmp_path):
+    """Its reward model only starts the critic: an offloading plan must not schedule a role the
+    trainer does not hold (the placement executor refuses an unknown role)."""
+    from rlhf_engine.memory.run_specs import role_specs
+    from rlhf_engine.train import load_config, plan_run
+    from tests.test_trainer_levers import QWEN25_7B, RECORDS
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text(json.dumps(QWEN25_7B))
+    config = load_config("ppo", None)
+    assert set(role_specs("ppo", config, QWEN25_7B, QWEN25_7B)) == {"policy", "reference", "reward_model", "critic"}
+    assert set(role_specs("ppo", config, QWEN25_7B, QWEN25_7B, reward_scores=False)) == {"policy", "reference", "critic"}
+    config = dataclasses.replace(config, dtype="bf16", lora_rank=16, critic_lora_rank=16)  # a 7B PPO that fits 80 GB
+    _, chosen = plan_run("ppo", config, str(rm), None, RECORDS, str(rm), torch.device("cuda"), "auto", gpu_memory="80GiB",
+                         reward_scores=False)  # fmt: skip
+    assert {role.partition(".")[0] for role in chosen.residency} == {"policy", "reference", "critic"}

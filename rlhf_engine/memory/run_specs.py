@@ -19,8 +19,12 @@ from rlhf_engine.ops._lm_head_loss_grad import SEQUENCE_LEVEL_LOSSES
 RL_ALGOS = ("ppo", "grpo", "rloo", "reinforce_pp")
 
 
-def role_specs(algo: str, config, policy_config: Any, reward_config: Any | None = None) -> dict[str, RoleSpec]:
+def role_specs(algo: str, config, policy_config: Any, reward_config: Any | None = None, *,
+               reward_scores: bool = True) -> dict[str, RoleSpec]:  # fmt: skip
     """The roles of ``algo`` under the RL config ``config`` (an ``RLConfig``).
+
+    ``reward_scores``: whether the reward model scores the rollout (a ``reward_model`` role);
+    False for PPO scored by reward functions, where it only initialises the critic.
 
     ``policy_config`` / ``reward_config``: Hugging Face configs (``PretrainedConfig``, a
     ``config.json`` mapping, or a path). Fields read from ``config``: ``dtype`` (trained
@@ -41,7 +45,8 @@ def role_specs(algo: str, config, policy_config: Any, reward_config: Any | None 
     }  # fmt: skip
     if reward_config is not None:
         reward_shape = ModelShape.from_config(reward_config, source=_source(reward_config, "--reward-model"))
-        specs["reward_model"] = RoleSpec(reward_config, reward_shape, "scalar", frozen, False)
+        if reward_scores:
+            specs["reward_model"] = RoleSpec(reward_config, reward_shape, "scalar", frozen, False)
         if algo == "ppo":
             specs["critic"] = RoleSpec(reward_config, reward_shape, "scalar", config.dtype, True,
                                        lora_rank=config.critic_lora_rank, checkpointing=config.critic_gradient_checkpointing)  # fmt: skip
