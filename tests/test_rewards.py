@@ -316,6 +316,7 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     ("grpo", ["--reward-weights", "1"], "--reward-weights needs --reward-fn"),
     ("grpo", ["--reward-fn", "examples/rewards.py:format_reward", "--reward-weights", "1", "2"], "2 weights for 1 reward"),
     ("grpo", ["--reward-fn", "examples/rewards.py:format_reward", "--reward-model", "RM"], "give --reward-fn or --reward-model"),
+    ("grpo", ["--reward-fn", "examples/rewards.py:format_reward", "--reward-weights", "nan"], "must be a finite number, got nan"),
     ("ppo", ["--reward-fn", "examples/rewards.py:format_reward"], "--algo ppo needs --reward-model DIR"),
     ("grpo", [], "needs --reward-model DIR, --reward-fn FILE.py:FUNCTION or an 'answer'"),
 ])  # fmt: skip
