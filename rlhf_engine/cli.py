@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
             gpu_memory=args.gpu_memory, keep_last=args.keep_last, reward_fns=args.reward_fn,
             reward_weights=args.reward_weights,
         )  # fmt: skip
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"rlhf-engine train{f' (rank {rank})' if launched_by_torchrun() else ''}: {error}", file=sys.stderr)
         return 2
     if rank != 0:  # rank 0 reports for every rank (the metrics are global)

@@ -23,7 +23,8 @@ over the functions that scored a completion (None is NaN, summed with ``nansum``
 completion no function scored is *unscorable* (NaN score, a warning naming its prompt and
 completion), and the RL trainer leaves it out of its group's baseline and gives it
 advantage 0 (``RLTrainer.advantages``). A NaN or infinite value returned by a function is an
-error (return None instead).
+error (return None instead); an exception inside one is re-raised as
+:class:`RewardFunctionError` naming it, its own traceback chained.
 
 The functions come from the command line as ``path/to/file.py:function`` (a file, relative to
 the current directory) or ``package.module:function`` (imported), see
@@ -48,6 +49,11 @@ import torch
 from rlhf_engine.distributed.group import SINGLE, DataParallel
 
 RewardFn = Callable[..., Sequence[Any]]
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised: the message names it, the original exception is chained."""
+
 # keywords the trainer itself passes: a data field of one of these names cannot reach a function
 RESERVED = ("prompts", "completions", "completion_ids")
 # fields TRL leaves out of the keywords (its dataset's own prompt and completion columns)
@@ -216,7 +222,11 @@ class TextReward:
                              f"def {name}(prompts, completions, **kwargs)") from None  # fmt: skip
         except ValueError:  # no signature to read (some builtins): just call it
             pass
-        return check_scores(name, fn(**kwargs), n)
+        try:
+            values = fn(**kwargs)
+        except Exception as error:  # the user's own bug: its traceback follows, chained
+            raise RewardFunctionError(f"reward function {name} raised {type(error).__name__}: {error}") from error
+        return check_scores(name, values, n)
 
     def metrics(self) -> dict[str, float]:
         """``rewards/<name>/mean`` of the last call per function, over the completions it scored
@@ -244,12 +254,13 @@ def reward_kwargs(records: list[dict], texts: list[str], completion_ids: list[li
 def check_scores(name: str, values, n: int) -> list[float]:
     """``values`` returned by reward function ``name`` as ``n`` floats (None -> NaN).
 
-    TypeError unless a list / tuple (or 1-D numpy array / torch tensor) of numbers or None;
-    ValueError for another length, or a NaN / infinite value."""
+    ValueError unless a list / tuple (or 1-D numpy array / torch tensor) of ``n`` numbers or
+    None, none of them NaN or infinite (a bad return value, which the CLI reports as it
+    reports bad data)."""
     if isinstance(values, torch.Tensor) or type(values).__module__ == "numpy":
         values = values.tolist() if getattr(values, "ndim", 1) == 1 else values
     if not isinstance(values, (list, tuple)):
-        raise TypeError(f"reward function {name} returned a {type(values).__name__}; expected a list of {n} floats (None: no score)")
+        raise ValueError(f"reward function {name} returned a {type(values).__name__}; expected a list of {n} floats (None: no score)")
     if len(values) != n:
         raise ValueError(f"reward function {name} returned {len(values)} rewards for {n} completions (one per completion)")
     out = []
@@ -260,7 +271,7 @@ def check_scores(name: str, values, n: int) -> list[float]:
             out.append(math.nan)
             continue
         if not isinstance(v, numbers.Real):
-            raise TypeError(f"reward function {name} returned {v!r} ({type(v).__name__}) at completion {i}; expected a float or None")
+            raise ValueError(f"reward function {name} returned {v!r} ({type(v).__name__}) at completion {i}; expected a float or None")
         if not math.isfinite(float(v)):
             raise ValueError(f"reward function {name} returned {float(v)} at completion {i}; return None for 'no score'")
         out.append(float(v))

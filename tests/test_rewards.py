@@ -23,7 +23,9 @@ from rlhf_engine.cli import main
 from rlhf_engine.distributed.batches import check_world_size
 from rlhf_engine.models import PolicyModel, ScalarHeadModel
 from rlhf_engine.models.tokenizers import ByteTokenizer
-from rlhf_engine.rewards import RecordSampler, TextReward, check_scores, exact_match, load_reward_fn, reward_kwargs
+from rlhf_engine.rewards import (
+    RecordSampler, RewardFunctionError, TextReward, check_scores, exact_match, load_reward_fn, reward_kwargs,
+)  # fmt: skip
 from rlhf_engine.rollout import Rollout
 from rlhf_engine.train import load_records, run_train
 from tests.test_train import assert_same_weights, metrics, tiny_init, write_jsonl
@@ -93,17 +95,29 @@ def test_scores_accept_numbers_none_and_scalars():
     assert check_scores("f", torch.tensor([1.0, 2.0]), 2) == [1.0, 2.0]
 
 
-@pytest.mark.parametrize("values,error,words", [
-    (0.5, TypeError, "returned a float; expected a list of 2 floats"),
-    ([1.0], ValueError, "returned 1 rewards for 2 completions"),
-    ([1.0, "high"], TypeError, "returned 'high' (str) at completion 1"),
-    ([1.0, float("nan")], ValueError, "returned nan at completion 1; return None"),
-    ([float("inf"), 1.0], ValueError, "returned inf at completion 0"),
+@pytest.mark.parametrize("values,words", [
+    (0.5, "returned a float; expected a list of 2 floats"),
+    ([1.0], "returned 1 rewards for 2 completions"),
+    ([1.0, "high"], "returned 'high' (str) at completion 1"),
+    ([1.0, float("nan")], "returned nan at completion 1; return None"),
+    ([float("inf"), 1.0], "returned inf at completion 0"),
 ])  # fmt: skip
-def test_bad_scores_name_the_function(values, error, words):
-    with pytest.raises(error, match="reward function length") as raised:
+def test_bad_scores_name_the_function(values, words):
+    with pytest.raises(ValueError, match="reward function length") as raised:
         check_scores("length", values, 2)
     assert words in str(raised.value)
+
+
+def test_a_function_that_raises_is_named_with_its_own_error_chained(tmp_path):
+    sampler = RecordSampler(records_of(tmp_path, [{"prompt": "ab"}]), per_prompt=1)
+    prompts = sampler(1, torch.Generator().manual_seed(0))
+
+    def broken(completions, **kwargs):
+        return [1 / 0 for _ in completions]
+
+    with pytest.raises(RewardFunctionError, match="reward function broken raised ZeroDivisionError") as raised:
+        TextReward(TOK, [broken], sampler=sampler)(prompts, [[5]])
+    assert isinstance(raised.value.__cause__, ZeroDivisionError)
 
 
 # -- TRL's convention ----------------------------------------------------------------------
