@@ -138,6 +138,8 @@ def trl_rewards_per_func(fns, inputs, prompts, completions, completion_ids) -> t
 
 
 def recording(name: str, calls: list, result):
+    """A reward function named ``name`` that appends the keywords it got to ``calls`` (TRL's
+    trainer-only ones left out) and returns ``result(completions, fields)``."""
     def fn(prompts, completions, completion_ids, **fields):
         calls.append({"prompts": prompts, "completions": completions, "completion_ids": completion_ids,
                       **{k: v for k, v in fields.items() if k not in ("trainer_state", "log_extra", "log_metric")}})  # fmt: skip
