@@ -363,7 +363,9 @@ def run_train(
     eval_records = load_eval_records(algo, eval_data, tokenizer) if eval_data is not None else None
     run = run_identity(model, config, reward_model_path)  # before the plan fills in micro-batches
     mode = plan or ("auto" if device.type == "cuda" and algo in RL_ALGOS else "off")
-    config, placement = plan_run(algo, config, model, tokenizer, records, reward_model_path, device, mode, gpu_memory)
+    # the plan covers the evaluation's rollouts too: the longest prompt of either file
+    planned = records + (eval_records or [])
+    config, placement = plan_run(algo, config, model, tokenizer, planned, reward_model_path, device, mode, gpu_memory)
     torch.manual_seed(config.seed)
     # A plan that offloads builds every model on the CPU; each goes where the plan puts it.
     build_on = torch.device("cpu") if placement is not None and placement.bytes_moved_per_step else device
