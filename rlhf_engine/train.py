@@ -363,7 +363,8 @@ def run_train(
     eval_records = load_eval_records(algo, eval_data, tokenizer) if eval_data is not None else None
     run = run_identity(model, config, reward_model_path)  # before the plan fills in micro-batches
     mode = plan or ("auto" if device.type == "cuda" and algo in RL_ALGOS else "off")
-    # the plan covers the evaluation's rollouts too: the longest prompt of either file
+    # The plan covers the evaluation's rollouts too (the longest prompt of either file): an eval
+    # prompt longer than every training prompt may change its micro-batches, never overrun them.
     planned = records + (eval_records or [])
     config, placement = plan_run(algo, config, model, tokenizer, planned, reward_model_path, device, mode, gpu_memory)
     torch.manual_seed(config.seed)
