@@ -68,6 +68,8 @@ from rlhf_engine.tasks.data import read_jsonl
 ALGOS = ("sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo")
 RL_PRESETS = {"ppo": PPO_DEFAULTS, "rloo": RLOO_DEFAULTS, "reinforce_pp": REINFORCE_PP_DEFAULTS}  # grpo: grpo_preset
 PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
+EVAL_UNDER_TORCHRUN = ("--eval-data runs in one process only, not under torchrun (--nproc): train without it and "
+                       "evaluate the saved model with `rlhf-engine eval --model OUT/model --data FILE`")
 
 
 def load_config(algo: str, path: str | Path | None):
@@ -203,14 +205,16 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
     """The trainer of ``algo`` on ``records``. RL: scored by the reward model at
     ``reward_model_path``, else by answer match over the answers of ``records`` and
     ``eval_records`` (the ``--eval-data`` prompts, scored by the same function but never
-    trained on). ``reference``: DPO's and RL's (default: a copy of ``policy``)."""
+    trained on). ``reference``: DPO's and RL's (default: a copy of ``policy``; RL with LoRA:
+    the adapter-disabled policy, and no other may be given)."""
     pad = tokenizer.pad_token_id
     if algo == "sft":
         return SFTTrainer(policy, records, config, pad_id=pad, parallel=parallel)
     if algo == "rm":
         return RewardModelTrainer(ScalarHeadModel.from_policy(policy), records, config, pad_id=pad, parallel=parallel)
     if algo == "dpo":
-        return DPOTrainer(policy, reference or copy.deepcopy(policy), records, config, pad_id=pad, parallel=parallel)
+        reference = copy.deepcopy(policy) if reference is None else reference
+        return DPOTrainer(policy, reference, records, config, pad_id=pad, parallel=parallel)
     prompts = [r["prompt"] for r in records]
 
     def sample_prompts(n: int, generator: torch.Generator) -> list[list[int]]:
@@ -389,10 +393,6 @@ def run_train(
     final.save(out / "model")
     tokenizer.save(out / "model")  # so the folder can be the --model of a later run
     return history
-
-
-EVAL_UNDER_TORCHRUN = ("--eval-data runs in one process only, not under torchrun (--nproc): train without it and "
-                       "evaluate the saved model with `rlhf-engine eval --model OUT/model --data FILE`")
 
 
 def load_eval_records(algo: str, path: str | Path, tokenizer) -> list:
