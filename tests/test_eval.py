@@ -121,6 +121,32 @@ def test_eval_lines_after_a_crash_are_dropped_and_redone_once(algo, data, eval_d
     assert comparable(metrics(out)) == comparable(metrics(tmp_path / "whole"))
 
 
+def test_a_crash_inside_an_evaluation_leaves_no_checkpoint_that_skips_it(files, eval_files, tmp_path, monkeypatch):
+    """An evaluation runs before its step's checkpoint: a run killed during the evaluation after
+    step 3 has no checkpoint of step 3, so the resumed run evaluates step 3 again."""
+    import rlhf_engine.train as train_module
+
+    config = tmp_path / "config.yaml"
+    config.write_text("steps: 5\nbatch_size: 4\n")
+    kwargs = dict(config_path=config, eval_data=eval_files["sft"], eval_every=2, checkpoint_every=2, quiet=True)
+    run_train("sft", "tiny", files["sft"], tmp_path / "whole", **kwargs)
+    evaluate_run, calls = train_module.evaluate_run, []
+
+    def killed_after_step_3(algo, trainer, records):
+        calls.append(algo)
+        if len(calls) == 3:  # the evaluations before training, after step 1, after step 3
+            raise KeyboardInterrupt
+        return evaluate_run(algo, trainer, records)
+
+    monkeypatch.setattr(train_module, "evaluate_run", killed_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_train("sft", "tiny", files["sft"], tmp_path / "out", **kwargs)
+    monkeypatch.setattr(train_module, "evaluate_run", evaluate_run)
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "step-00000001"
+    run_train("sft", "tiny", files["sft"], tmp_path / "out", resume=True, **kwargs)
+    assert comparable(metrics(tmp_path / "out")) == comparable(metrics(tmp_path / "whole"))
+
+
 # -- rlhf-engine eval: the numbers the run logged, from its saved folder ---------------------
 
 EVAL_COMMANDS = [
