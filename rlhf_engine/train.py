@@ -396,8 +396,9 @@ def run_train(
 
 
 def load_eval_records(algo: str, path: str | Path, tokenizer) -> list:
-    """``--eval-data``: records of ``algo``'s format, read as ``--data`` is (:func:`load_records`)."""
-    if not Path(path).is_file():
+    """``--eval-data``: records of ``algo``'s format, read as ``--data`` is (:func:`load_records`,
+    which checks the rest: a missing path is named here under its own flag)."""
+    if not Path(path).exists():
         raise ValueError(f"--eval-data {path}: no such file")
     return load_records(algo, path, tokenizer)
 
