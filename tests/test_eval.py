@@ -255,13 +255,13 @@ def test_rl_eval_scores_one_sample_per_prompt_with_the_runs_scorer(tmp_path):
     lengths = [n for rollout in chunks for n in rollout.response_lengths.tolist()]
     trainer.policy.train()
     rng = torch.get_rng_state()
-    result = evaluate_rl(trainer, prompts)
+    result = evaluate_rl(trainer, eval_records)
     assert torch.equal(torch.get_rng_state(), rng)
     assert trainer.policy.training and not trainer.reference.training
     assert result["reward_mean"] == pytest.approx(expected)
     assert result["response_length"] == pytest.approx(sum(lengths) / len(lengths))
     assert abs(result["kl"]) < 1e-4  # the reference is the starting policy: sampling vs training numerics only
-    assert evaluate_rl(trainer, prompts) == result
+    assert evaluate_rl(trainer, eval_records) == result
 
 
 # -- errors that name the flag -------------------------------------------------------------

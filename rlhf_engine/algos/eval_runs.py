@@ -115,19 +115,20 @@ def evaluate_dpo(policy: PolicyModel, reference: PolicyModel, pairs: list[dict],
     return {name: total / len(pairs) for name, total in sums.items()}
 
 
-def evaluate_rl(trainer: RLTrainer, prompts: list[list[int]]) -> dict[str, float]:
-    """``reward_mean``, ``kl``, ``response_length`` (and ``gold``) of one sample per prompt
-    from ``trainer``'s policy (an :class:`~rlhf_engine.algos.rl.RLTrainer`), scored by the
-    trainer. The prompts go a training rollout's rows at a time (``prompts_per_step ·
-    group_size``), each chunk sampled and scored with the config's micro-batches and through
-    the memory plan's phases, as a step would."""
+def evaluate_rl(trainer: RLTrainer, records: list[dict]) -> dict[str, float]:
+    """``reward_mean``, ``kl``, ``response_length`` (and ``gold``) of one sample per record's
+    ``"prompt"`` from ``trainer``'s policy (an :class:`~rlhf_engine.algos.rl.RLTrainer`),
+    scored by the trainer. The records go a training rollout's rows at a time
+    (``prompts_per_step · group_size``), each chunk sampled and scored with the config's
+    micro-batches and through the memory plan's phases, as a step would."""
     cfg, place = trainer.config, trainer.placement
     generator = step_generator(cfg.seed, 0, EVAL_STREAM)
     sums = {"reward_mean": 0.0, "kl": 0.0, "response_length": 0.0}
     with evaluating(*trainer.roles.values()):
-        for chunk in _chunks(prompts, cfg.prompts_per_step * cfg.group_size):
+        for chunk in _chunks(records, cfg.prompts_per_step * cfg.group_size):
+            prompts = [r["prompt"] for r in chunk]
             with place.phase("generate"):
-                rollout = sample_responses(trainer.policy, chunk, 1, trainer.sampling, generator, cfg.generate_micro_batch_size)
+                rollout = sample_responses(trainer.policy, prompts, 1, trainer.sampling, generator, cfg.generate_micro_batch_size)
             with place.phase("score"):
                 rollout, metrics = trainer.score(rollout)
             sums["reward_mean"] += float(rollout.scores.float().sum())
@@ -136,7 +137,7 @@ def evaluate_rl(trainer: RLTrainer, prompts: list[list[int]]) -> dict[str, float
             if "gold" in metrics:
                 sums["gold"] = sums.get("gold", 0.0) + metrics["gold"] * len(chunk)
     place.metrics()  # the evaluation's peaks and moves are not the next step's: drop them
-    return {name: total / len(prompts) for name, total in sums.items()}
+    return {name: total / len(records) for name, total in sums.items()}
 
 
 def evaluate_run(algo: str, trainer, records: list) -> dict[str, float]:
@@ -149,5 +150,5 @@ def evaluate_run(algo: str, trainer, records: list) -> dict[str, float]:
     if algo == "dpo":
         return evaluate_dpo(trainer.policy, trainer.reference, records, trainer.config, pad_id=trainer.pad_id)
     if isinstance(trainer, RLTrainer):  # ppo, grpo, rloo, reinforce_pp
-        return evaluate_rl(trainer, [r["prompt"] for r in records])
+        return evaluate_rl(trainer, records)
     raise ValueError(f"evaluate_run: no evaluation for --algo {algo!r} with a {type(trainer).__name__}")
