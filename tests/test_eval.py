@@ -150,18 +150,21 @@ def test_a_crash_inside_an_evaluation_leaves_no_checkpoint_that_skips_it(files, 
 # -- rlhf-engine eval: the numbers the run logged, from its saved folder ---------------------
 
 EVAL_COMMANDS = [
-    ("sft", "sft", "sft", "offline", []),
-    ("rm", "pairs", "rankings", "offline", []),
-    ("dpo", "pairs", "pairs", "offline", ["--ref-model", "tiny"]),
-    ("grpo", "answers", "answers", "grouped", ["--ref-model", "tiny"]),
+    ("sft", "sft", "sft", "offline", [], False),
+    ("rm", "pairs", "rankings", "offline", [], False),
+    ("dpo", "pairs", "pairs", "offline", ["--ref-model", "tiny"], False),
+    ("grpo", "answers", "answers", "grouped", ["--ref-model", "tiny"], False),
+    ("ppo", "prompts", "answers", "single", ["--ref-model", "tiny"], True),
 ]
 
 
-@pytest.mark.parametrize("algo,data,eval_data,config,extra", EVAL_COMMANDS, ids=[c[0] for c in EVAL_COMMANDS])
-def test_the_eval_command_gives_the_runs_last_evaluation(algo, data, eval_data, config, extra, files, eval_files, tmp_path,
-                                                         capsys):  # fmt: skip
+@pytest.mark.parametrize("algo,data,eval_data,config,extra,with_rm", EVAL_COMMANDS, ids=[c[0] for c in EVAL_COMMANDS])
+def test_the_eval_command_gives_the_runs_last_evaluation(algo, data, eval_data, config, extra, with_rm, files, eval_files,
+                                                         reward_model_dir, tmp_path, capsys):  # fmt: skip
     out = tmp_path / "run"
-    assert train(algo, files[data], files[config], out, "--eval-data", eval_files[eval_data]) == 0
+    scorer = ["--reward-model", reward_model_dir] if with_rm else []
+    extra = extra + scorer
+    assert train(algo, files[data], files[config], out, "--eval-data", eval_files[eval_data], *scorer) == 0
     logged = {k: v for k, v in evals(out, algo)[-1].items() if k not in ("phase", "step", "time")}
     assert f"{algo} eval after step 2: " in capsys.readouterr().out  # the train command prints it, --quiet or not
     args = ["eval", "--algo", algo, "--model", str(out / "model"), "--data", eval_files[eval_data], "--config", files[config]]
