@@ -9,6 +9,11 @@ run's reference was, its starting ``--model``: DPO's implicit rewards ``β·(lp 
 measured against it, so ``--algo dpo`` needs it; for the RL algorithms it gives ``kl``
 (without it no ``kl`` is reported). RL samples are scored as the run scored them: by
 ``--reward-model DIR``, or by answer match with an ``"answer"`` in every record.
+
+To score exactly as the run did, the RL evaluation builds the run's trainer
+(``train.build_trainer``) around the loaded models, and holds what that trainer holds
+besides: a reference (a copy of the policy without ``--ref-model``), PPO's critic (a copy of
+the reward model), and for ``dtype: bf16`` the optimizer's fp32 master weights.
 """
 
 from __future__ import annotations
