@@ -157,22 +157,30 @@ class RecordSampler:
     def __init__(self, records: list[dict], per_prompt: int, share: slice = slice(None)):
         self.records, self.per_prompt, self.share = records, per_prompt, share
         self.drawn: list[int] | None = None
+        self._rows: list[dict] | None = None
 
     def __call__(self, n: int, generator: torch.Generator) -> list[list[int]]:
         self.drawn = torch.randint(len(self.records), (n,), generator=generator).tolist()
+        self.expect([self.records[i] for i in self.drawn[self.share]], self.per_prompt)
         return [self.records[i]["prompt"] for i in self.drawn]
+
+    def expect(self, records: list[dict], per_prompt: int) -> None:
+        """The next rows scored are ``per_prompt`` samples of each of ``records``, in order: what
+        each draw sets, and what an evaluation of other records (``--eval-data``) sets instead."""
+        self._rows = [r for r in records for _ in range(per_prompt)]
 
     def scored_records(self, prompts: list[list[int]]) -> list[dict]:
         """The record of each scored row, whose prompt token ids are ``prompts`` (``[N]`` lists):
-        the last draw's share, each record repeated ``per_prompt`` times. ValueError when the
-        rows do not match that draw (scored before any draw, or not the rollout of the last one)."""
-        if self.drawn is None:
+        by default the last draw's share, each record repeated ``per_prompt`` times (see
+        :meth:`expect`). ValueError when the rows do not match (scored before any draw, or not
+        the rollout of the last one)."""
+        if self._rows is None:
             raise ValueError("RecordSampler: scoring before any prompt was drawn")
-        rows = [self.records[i] for i in self.drawn[self.share] for _ in range(self.per_prompt)]
+        rows = self._rows
         if len(rows) != len(prompts) or any(list(p) != r["prompt"] for p, r in zip(prompts, rows)):
             raise ValueError(
-                f"RecordSampler: the {len(prompts)} scored rows are not the last draw's {len(rows)} "
-                f"({self.per_prompt} per prompt): score each rollout right after its prompts are drawn"
+                f"RecordSampler: the {len(prompts)} scored rows are not the {len(rows)} expected (the last draw's, "
+                f"{self.per_prompt} per prompt): score each rollout right after its prompts are drawn"
             )  # fmt: skip
         return rows
 

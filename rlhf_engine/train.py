@@ -24,6 +24,13 @@ process only (no torchrun). The output folder gets ``metrics.jsonl``, checkpoint
 every ``checkpoint_every`` steps and the final model with its tokenizer in ``model/`` (so
 that folder can be the ``--model`` of a later run); ``--resume`` continues from the latest
 checkpoint there, first dropping the log lines of steps after it (they are run again).
+
+``--eval-data FILE`` (records of the ``--data`` format) evaluates the run's model before the
+first step, after every ``--eval-every N`` steps and after the last one, with the metrics of
+``rlhf_engine.algos.eval_runs`` (SFT loss and perplexity, reward-model pairwise accuracy, DPO
+reward accuracy and margins, RL reward, KL and length of one sample per eval prompt), logged
+as phase ``ALGO_eval`` at the step they follow (``-1``: before training). Evaluation changes
+nothing of the training (no gradient, no draw from a training random stream). One process only.
 """
 
 from __future__ import annotations
@@ -38,12 +45,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from rlhf_engine.algos.common import check_device, freeze, model_device
 from rlhf_engine.algos.config import config_from_dict, read_yaml_mapping
 from rlhf_engine.algos.dpo import DPOConfig, DPOTrainer
+from rlhf_engine.algos.eval_runs import evaluate_run
 from rlhf_engine.algos.grpo import grpo_preset
-from rlhf_engine.algos.loop import run_steps
+from rlhf_engine.algos.loop import eval_points, run_steps
 from rlhf_engine.algos.ppo import PPO_DEFAULTS
 from rlhf_engine.algos.precision import parse_dtype
 from rlhf_engine.memory.run_specs import RL_ALGOS
@@ -68,6 +77,8 @@ ALGOS = ("sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "rejection_s
 SAMPLING_ALGOS = (*RL_ALGOS, "rejection_sampling")  # the ones a reward scores samples for
 RL_PRESETS = {"ppo": PPO_DEFAULTS, "rloo": RLOO_DEFAULTS, "reinforce_pp": REINFORCE_PP_DEFAULTS}  # grpo: grpo_preset
 PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
+EVAL_UNDER_TORCHRUN = ("--eval-data runs in one process only, not under torchrun (--nproc): train without it and "
+                       "evaluate the saved model with `rlhf-engine eval --model OUT/model --data FILE`")
 
 
 def load_config(algo: str, path: str | Path | None):
@@ -198,32 +209,38 @@ def check_tokenizer_fits(model: str, tokenizer, vocab_size: int) -> None:
 
 
 def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokenizer, reward_model_path: str | None, placement=None,
-                  device: torch.device | None = None, parallel: DataParallel = SINGLE, reward_fns: list | None = None,
+                  device: torch.device | None = None, parallel: DataParallel = SINGLE, *, eval_records: list | None = None,
+                  reference: PolicyModel | None = None, reward_fns: list | None = None,
                   reward_weights: list[float] | None = None):  # fmt: skip
-    """The trainer of ``algo``; an RL one (and rejection sampling) scored as :func:`_scoring` says."""
+    """The trainer of ``algo`` on ``records``. RL and rejection sampling: scored as
+    :func:`_scoring` says, ``eval_records`` (the ``--eval-data`` records) by the same scorer
+    but never trained on. ``reference``: DPO's and RL's (default: a copy of ``policy``; RL
+    with LoRA: the adapter-disabled policy, and no other may be given)."""
     pad = tokenizer.pad_token_id
     if algo == "sft":
         return SFTTrainer(policy, records, config, pad_id=pad, parallel=parallel)
     if algo == "rm":
         return RewardModelTrainer(ScalarHeadModel.from_policy(policy), records, config, pad_id=pad, parallel=parallel)
     if algo == "dpo":
-        return DPOTrainer(policy, copy.deepcopy(policy), records, config, pad_id=pad, parallel=parallel)
+        reference = copy.deepcopy(policy) if reference is None else reference
+        return DPOTrainer(policy, reference, records, config, pad_id=pad, parallel=parallel)
     if algo == "rejection_sampling":
         sampler = RecordSampler(records, config.samples_per_prompt)
-        scoring = _scoring(algo, records, tokenizer, reward_model_path, reward_fns, reward_weights, sampler, torch.float32,
-                           model_device(policy))  # fmt: skip
+        scoring = _scoring(algo, records, eval_records, tokenizer, reward_model_path, reward_fns, reward_weights, sampler,
+                           torch.float32, model_device(policy))  # fmt: skip
         score_fn = scoring.get("reward_fn") or _model_score(freeze(scoring["reward_model"]), pad)
         return RejectionSamplingTrainer(policy, config, prompts=sampler, score_fn=score_fn, pad_token_id=pad,
                                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     # the rows a process scores: its share of the step's prompts, group_size samples of each
     sampler = RecordSampler(records, config.group_size, parallel.rows(config.prompts_per_step))
-    scoring = _scoring(algo, records, tokenizer, reward_model_path, reward_fns, reward_weights, sampler,
+    scoring = _scoring(algo, records, eval_records, tokenizer, reward_model_path, reward_fns, reward_weights, sampler,
                        parse_dtype(config.frozen_dtype or config.dtype), model_device(policy), parallel)  # fmt: skip
     if algo == "ppo":
         scoring["critic"] = copy.deepcopy(scoring["reward_model"])
         if "reward_fn" in scoring:  # the reward model only initialises the critic
             del scoring["reward_model"]
-    reference = None if config.lora_rank else copy.deepcopy(policy)  # LoRA: the adapter-disabled policy
+    if reference is None and not config.lora_rank:  # LoRA: the adapter-disabled policy
+        reference = copy.deepcopy(policy)
     if placement is not None and placement.bytes_moved_per_step:
         _place_for_first_phase(placement, device, policy=policy, reference=reference, **scoring)
     return RLTrainer(
@@ -232,12 +249,13 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
     )  # fmt: skip
 
 
-def _scoring(algo: str, records: list, tokenizer, reward_model_path: str | None, reward_fns: list | None,
-             reward_weights: list[float] | None, sampler: RecordSampler, dtype: torch.dtype, device: torch.device,
-             parallel: DataParallel = SINGLE) -> dict[str, Any]:  # fmt: skip
+def _scoring(algo: str, records: list, eval_records: list | None, tokenizer, reward_model_path: str | None,
+             reward_fns: list | None, reward_weights: list[float] | None, sampler: RecordSampler, dtype: torch.dtype,
+             device: torch.device, parallel: DataParallel = SINGLE) -> dict[str, Any]:  # fmt: skip
     """What scores the samples: ``{"reward_fn": TextReward}`` from ``reward_fns`` (or the built-in
-    exact match when every record has an ``answer``), or ``{"reward_model": model}``. PPO loads
-    its reward model in any case (its critic starts from it): with reward functions both keys."""
+    exact match when every record, ``eval_records`` too, has an ``answer``), or
+    ``{"reward_model": model}``. PPO loads its reward model in any case (its critic starts from
+    it): with reward functions both keys."""
     needs_model = algo == "ppo"
     if reward_fns and reward_model_path is not None and not needs_model:
         raise ValueError(f"--algo {algo}: give --reward-fn or --reward-model, not both (the reward model scores on "
@@ -253,6 +271,9 @@ def _scoring(algo: str, records: list, tokenizer, reward_model_path: str | None,
     elif reward_model_path is None:
         if not all(r["answer"] is not None for r in records):
             raise ValueError(f"--algo {algo} needs --reward-model DIR, --reward-fn FILE.py:FUNCTION or an 'answer' in every record")
+        if any(r["answer"] is None for r in eval_records or []):
+            raise ValueError("--eval-data: every record needs an 'answer' (the run scores by answer match), or give "
+                             "--reward-model DIR or --reward-fn")  # fmt: skip
         scoring["reward_fn"] = TextReward(tokenizer, [exact_match], sampler=sampler, parallel=parallel)
     return scoring
 
@@ -357,50 +378,67 @@ def run_train(
     algo: str, model: str, data: str | Path, out: str | Path, *, config_path: str | Path | None = None,
     resume: bool = False, reward_model_path: str | None = None, checkpoint_every: int = 10,
     stop_after: int | None = None, quiet: bool = False, device: str = "cpu", plan: str | None = None,
-    gpu_memory: str | None = None, keep_last: int | None = None, reward_fns: list | None = None,
-    reward_weights: list[float] | None = None,
+    gpu_memory: str | None = None, keep_last: int | None = None, eval_data: str | Path | None = None,
+    eval_every: int | None = None, reward_fns: list | None = None, reward_weights: list[float] | None = None,
 ) -> list[dict]:  # fmt: skip
     """Train ``algo`` on ``device`` and return the per-step metrics of this call (see the module
     docstring). ``plan``: ``"auto"`` (the default on CUDA) or ``"off"`` (the default elsewhere),
-    see :func:`plan_run`; ``gpu_memory`` overrides the GPU's size for the plan. ``reward_fns``:
-    reward functions in TRL's convention (callables or ``"file.py:fn"`` / ``"module:fn"``
-    strings, :mod:`rlhf_engine.rewards`) for the RL algorithms and rejection sampling, with
-    ``reward_weights`` (one each; default all 1)."""
+    see :func:`plan_run`; ``gpu_memory`` overrides the GPU's size for the plan. ``eval_data``:
+    records read as ``data`` is, evaluated (``rlhf_engine.algos.eval_runs``) before the first
+    step, after every ``eval_every`` steps (None or 0: none in between) and after the last,
+    logged as phase ``f"{algo}_eval"`` (one process only: refused under torchrun).
+    ``reward_fns``: reward functions in TRL's convention (callables or ``"file.py:fn"`` /
+    ``"module:fn"`` strings, :mod:`rlhf_engine.rewards`) for the RL algorithms and rejection
+    sampling, with ``reward_weights`` (one each; default all 1)."""
     if algo not in ALGOS:
         raise ValueError(f"--algo must be one of {ALGOS}, got {algo!r}")
     if checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"--keep-last must be a number of checkpoints >= 1, got {keep_last!r}")
-    rewards = _load_rewards(algo, reward_fns, reward_weights)  # a bad spec fails before any model loads
+    rewards = load_rewards(algo, reward_fns, reward_weights)  # a bad spec fails before any model loads
     device = check_device(device)
     config = load_config(algo, config_path)
+    if eval_data is None and eval_every is not None:
+        raise ValueError("--eval-every needs --eval-data FILE (what to evaluate on)")
+    if eval_data is not None and algo == "rejection_sampling":
+        raise ValueError("--eval-data: rejection_sampling has no evaluation (its policy can be evaluated with "
+                         "`rlhf-engine eval --algo grpo ...`, which samples and scores it as an RL run)")  # fmt: skip
+    schedule = eval_points(config.steps, eval_every or 0) if eval_data is not None else []
     # before the plan fills in micro-batches: the same at any world size
     run = run_identity(model, config, reward_model_path, reward_fns, reward_weights)
     if launched_by_torchrun():
+        if eval_data is not None:
+            raise ValueError(EVAL_UNDER_TORCHRUN)
         return _run_distributed(algo, config, model, data, out, device, plan, resume=resume, reward_model_path=reward_model_path,
                                 checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet,
                                 gpu_memory=gpu_memory, keep_last=keep_last, run=run, rewards=rewards)  # fmt: skip
     tokenizer = load_tokenizer(model)
     records = load_records(algo, data, tokenizer)
+    eval_records = load_eval_records(algo, eval_data, tokenizer) if eval_data is not None else None
     mode = plan or ("auto" if device.type == "cuda" and algo in RL_ALGOS else "off")
-    config, placement = plan_run(algo, config, model, tokenizer, records, reward_model_path, device, mode, gpu_memory,
+    # The plan covers the evaluation's rollouts too (the longest prompt of either file): an eval
+    # prompt longer than every training prompt may change its micro-batches, never overrun them.
+    planned = records + (eval_records or [])
+    config, placement = plan_run(algo, config, model, tokenizer, planned, reward_model_path, device, mode, gpu_memory,
                                  reward_scores="reward_fns" not in rewards)  # fmt: skip
     torch.manual_seed(config.seed)
     # A plan that offloads builds every model on the CPU; each goes where the plan puts it.
     build_on = torch.device("cpu") if placement is not None and placement.bytes_moved_per_step else device
     dtype = parse_dtype(config.dtype) if algo in RL_ALGOS else torch.float32
     policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, build_on, dtype)
-    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement, device, **rewards)
+    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement, device,
+                            eval_records=eval_records, **rewards)  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
-    with RunLog(out / "metrics.jsonl", total=config.steps, desc=algo, quiet=quiet) as log:
+    evaluate = _evaluator(algo, trainer, eval_records, quiet) if eval_records is not None else None
+    with RunLog(out / "metrics.jsonl", total=config.steps + len(schedule), desc=algo, quiet=quiet) as log:
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
             checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run, keep_last=keep_last,
-            on_step=_reward_metrics(trainer),
+            on_step=_reward_metrics(trainer), evaluate=evaluate, eval_every=eval_every or 0,
         )  # fmt: skip
     final = trainer.models["reward_model" if algo == "rm" else "policy"]
     final.save(out / "model")
@@ -408,7 +446,7 @@ def run_train(
     return history
 
 
-def _load_rewards(algo: str, reward_fns: list | None, reward_weights: list[float] | None) -> dict:
+def load_rewards(algo: str, reward_fns: list | None, reward_weights: list[float] | None) -> dict:
     """``build_trainer``'s reward arguments: the functions loaded (once, so a bad spec fails
     before any model loads) and their weights; {} without any."""
     if reward_fns is None and reward_weights is None:
@@ -428,6 +466,32 @@ def _reward_metrics(trainer):
     if not isinstance(scorer, TextReward):
         return None
     return lambda step, metrics: metrics.update(scorer.metrics())
+
+
+def load_eval_records(algo: str, path: str | Path, tokenizer) -> list:
+    """``--eval-data``: records of ``algo``'s format, read as ``--data`` is (:func:`load_records`,
+    which checks the rest: a missing path is named here under its own flag)."""
+    if not Path(path).exists():
+        raise ValueError(f"--eval-data {path}: no such file")
+    return load_records(algo, path, tokenizer)
+
+
+def format_eval(algo: str, step: int, metrics: dict) -> str:
+    """One line for an evaluation logged after ``step`` (-1: before training)."""
+    when = "before training" if step < 0 else f"after step {step}"
+    shown = ", ".join(f"{k}={'nan' if v is None else f'{v:.4g}'}" for k, v in metrics.items())
+    return f"{algo} eval {when}: {shown}"
+
+
+def _evaluator(algo: str, trainer, records: list, quiet: bool):
+    """``run_steps``'s ``evaluate``: the run's metrics on ``records``, printed unless ``quiet``."""
+    def evaluate(step: int) -> dict[str, float]:
+        metrics = evaluate_run(algo, trainer, records)
+        if not quiet:
+            tqdm.write(format_eval(algo, step, metrics))
+        return metrics
+
+    return evaluate
 
 
 def _run_distributed(algo: str, config, model: str, data, out, device: torch.device, plan: str | None, *, resume: bool,

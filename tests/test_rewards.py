@@ -235,7 +235,7 @@ def test_a_rank_scores_its_share_of_the_drawn_prompts(tmp_path):
     prompts = sampler(4, torch.Generator().manual_seed(3))
     scored = sampler.scored_records([p for p in prompts[2:4] for _ in range(2)])
     assert [r["fields"]["id"] for r in scored] == [i for i in sampler.drawn[2:4] for _ in range(2)]
-    with pytest.raises(ValueError, match="not the last draw's 4"):
+    with pytest.raises(ValueError, match="not the 4 expected"):
         sampler.scored_records([p for p in prompts for _ in range(2)])
 
 
@@ -457,3 +457,42 @@ def test_the_plan_of_ppo_scored_by_functions_has_no_reward_model_role(tmp_path):
     _, chosen = plan_run("ppo", config, str(rm), None, RECORDS, str(rm), torch.device("cuda"), "auto", gpu_memory="80GiB",
                          reward_scores=False)  # fmt: skip
     assert {role.partition(".")[0] for role in chosen.residency} == {"policy", "reference", "critic"}
+
+
+def test_eval_records_are_scored_with_their_own_fields(tmp_path):
+    """``--eval-data`` prompts that are training prompts too, with other fields: the evaluation
+    scores each sample with its eval record (one sample per record), training with its own."""
+    train_rows = [{"prompt": "ab", "id": 0}, {"prompt": "ca", "id": 1}]
+    eval_rows = [{"prompt": "ab", "id": 10}, {"prompt": "ca", "id": 30}, {"prompt": "ab", "id": 20}]
+    calls = []
+    ids = recording("by_id", calls, lambda cs, f: [float(i) for i in f["id"]])
+    run_train("grpo", "tiny", write_jsonl(tmp_path / "d.jsonl", train_rows), tmp_path / "out", quiet=True,
+              config_path=write(tmp_path / "c.yaml", GROUPED), eval_data=write_jsonl(tmp_path / "e.jsonl", eval_rows),
+              reward_fns=[ids])  # fmt: skip
+    logged = metrics(tmp_path / "out")
+    evals = [r for r in logged if r["phase"] == "grpo_eval"]
+    assert [r["step"] for r in evals] == [-1, 1] and all(r["reward_mean"] == pytest.approx(20.0) for r in evals)
+    assert all(r["reward_mean"] <= 1.0 for r in logged if r["phase"] == "grpo")
+    assert [c["id"] for c in calls if c["id"][0] >= 10] == [[10, 30, 20]] * 2
+
+
+def test_the_eval_command_scores_with_the_runs_reward_functions(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    config, fns = write(tmp_path / "c.yaml", GROUPED), ["--reward-fn", "examples/rewards.py:length_reward"]
+    out = tmp_path / "run"
+    assert main(["train", "--algo", "grpo", "--model", "tiny", "--data", "examples/prompts.jsonl", "--config", config,
+                 "--eval-data", "examples/prompts.jsonl", "--out", str(out), "--quiet", *fns]) == 0  # fmt: skip
+    capsys.readouterr()
+    logged = [r for r in metrics(out) if r["phase"] == "grpo_eval"][-1]
+    assert main(["eval", "--algo", "grpo", "--model", str(out / "model"), "--data", "examples/prompts.jsonl", "--config",
+                 config, "--ref-model", "tiny", "--device", "cpu", "--json", *fns]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)["metrics"]
+    assert result == pytest.approx({k: logged[k] for k in result}, rel=1e-5, abs=1e-6)
+    assert 0.0 < result["reward_mean"] <= 1.0
+
+
+def test_eval_data_is_refused_for_rejection_sampling(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ab", "answer": ""}])
+    assert main(["train", "--algo", "rejection_sampling", "--model", "tiny", "--data", data, "--eval-data", data,
+                 "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "--eval-data: rejection_sampling has no evaluation" in capsys.readouterr().err
