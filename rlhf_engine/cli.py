@@ -2,8 +2,10 @@
 
 * ``demo [--out DIR] [--seed S]``: the embedded pipeline (SFT, reward model, PPO, GRPO)
   on the built-in sorting task; see ``rlhf_engine.demo``.
-* ``train --algo A --model PATH|tiny --data FILE.jsonl [--config FILE.yaml] [--resume] [--nproc N]``:
-  one algorithm on a local model and data; see ``rlhf_engine.train``. Data-parallel on FSDP2:
+* ``train --algo A --model PATH|tiny --data FILE|DIR [--config FILE.yaml] [--resume] [--nproc N]``:
+  one algorithm on a local model and data (JSONL, JSON, Parquet, CSV or a saved ``datasets``
+  folder; ``--prompt-field`` ... ``--max-length`` set the data config, see
+  ``rlhf_engine.train_data``); see ``rlhf_engine.train``. Data-parallel on FSDP2:
   ``torchrun --nproc-per-node N -m rlhf_engine.cli train ...``, or ``--nproc N`` which launches that.
 * ``plan --algo A --model PATH|config.json [--reward-model ...] [--gpu NAME | --gpu-memory SIZE]
   [--config FILE.yaml] [--prompt-length N] [--no-offload] [--gpus N|auto] [--json]``: will the run
@@ -94,6 +96,7 @@ def _train(args: argparse.Namespace) -> int:
             reward_model_path=args.reward_model, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), plan=args.plan,
             gpu_memory=args.gpu_memory, keep_last=args.keep_last,
+            data_options={name: getattr(args, name) for name, *_ in DATA_FLAGS},
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         print(f"rlhf-engine train{f' (rank {rank})' if launched_by_torchrun() else ''}: {error}", file=sys.stderr)
@@ -190,6 +193,19 @@ def _version() -> str:
     return __version__
 
 
+# `train` flags that set DataConfig fields (over the --config file's `data:` mapping): name, type, metavar, help.
+DATA_FLAGS = [
+    ("prompt_field", str, "NAME", "the prompt's field in the data (default: prompt)"),
+    ("response_field", str, "NAME", "SFT: the response's field (default: response, or completion when the data has that)"),
+    ("messages_field", str, "NAME", "SFT: the conversation's field (default: messages)"),
+    ("chosen_field", str, "NAME", "RM, DPO: the preferred response's field (default: chosen)"),
+    ("rejected_field", str, "NAME", "RM, DPO: the other response's field (default: rejected)"),
+    ("answer_field", str, "NAME", "RL: the answer's field for the exact-match reward (default: answer)"),
+    ("max_prompt_length", int, "N", "cut prompts to N tokens (keeping their end; data.prompt_truncation: right keeps the start)"),
+    ("max_length", int, "N", "SFT, RM, DPO: cut responses so prompt + response <= N tokens; drop records whose prompt alone has N"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-engine", description="rlhf_engine: fused RLHF ops and benchmarks")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -200,10 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("--device", default="cpu", help="where the models run (default: cpu, what the demo is sized for)")
     demo.set_defaults(handler=_demo)
-    train = commands.add_parser("train", help="train one algorithm on a local model and JSONL data")
+    train = commands.add_parser("train", help="train one algorithm on a local model and local data (JSONL, JSON, Parquet, CSV, datasets folders)")
     train.add_argument("--algo", required=True, choices=["sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo"])
     train.add_argument("--model", required=True, help="a local model folder, or a built-in size: tiny, small")
-    train.add_argument("--data", required=True, metavar="FILE.jsonl")
+    train.add_argument("--data", required=True, metavar="FILE|DIR",
+                       help="local data: .jsonl, .json, .parquet, .csv, or a folder saved by datasets' save_to_disk")
     train.add_argument("--config", metavar="FILE.yaml", help="fields of the algorithm's config dataclass")
     train.add_argument("--reward-model", metavar="DIR", help="reward model folder (saved by --algo rm) for RL algorithms")
     train.add_argument("--out", default="train-out", metavar="DIR", help="output folder (default: train-out)")
@@ -219,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, metavar="N",
                        help="data-parallel over N processes on this node: re-launches itself under torchrun "
                             "(FSDP2; the same as torchrun --nproc-per-node N -m rlhf_engine.cli train ...)")
+    for name, kind, metavar, text in DATA_FLAGS:
+        train.add_argument("--" + name.replace("_", "-"), type=kind, metavar=metavar, help=text)
     train.set_defaults(handler=_train)
     plan = commands.add_parser("plan", help="will an RL run fit one GPU, or N? memory per phase and role, before any model is loaded")
     plan.add_argument("--algo", required=True, choices=["ppo", "grpo", "rloo", "reinforce_pp"])

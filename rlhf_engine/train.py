@@ -1,20 +1,25 @@
 """``rlhf-engine train``: the trainers on a user's local model and JSONL data.
 
-Data, one JSON object per line (text fields are tokenized with the model's tokenizer;
-a prompt is ``[bos] + prompt``, a response ``response + [eos]``):
+Data (``--data``: JSONL, JSON, Parquet, CSV or a saved ``datasets`` folder; plain strings or
+chat turns through the tokenizer's chat template; field names, ``max_prompt_length`` and
+``max_length`` from the ``data:`` mapping of the config or the ``--prompt-field`` ... flags):
+see :mod:`rlhf_engine.train_data`. In short:
 
-* ``sft``: ``{"prompt": str, "response": str}``
+* ``sft``: ``{"prompt", "response"}``, ``{"prompt", "completion"}`` or ``{"messages"}``
 * ``rm``: ``{"prompt", "chosen", "rejected"}`` (optional number ``"margin"``), or rankings
-  ``{"prompt", "responses": [str, ...]}`` best first
-* ``dpo``: ``{"prompt", "chosen", "rejected"}``
+  ``{"prompt", "responses": [...]}`` best first
+* ``dpo``: ``{"prompt", "chosen", "rejected"}`` (the prompt may be implicit)
 * ``ppo``, ``grpo``, ``rloo``, ``reinforce_pp``: ``{"prompt"}``, scored by
   ``--reward-model DIR`` (a reward model saved by ``train --algo rm``), or
   ``{"prompt", "answer"}``: reward 1 when the response text equals the answer (stripped),
   else 0. PPO always needs a reward model (and trains a critic initialised from it).
 
+Loading prints one line (records, truncations, drops) unless ``quiet`` and writes it to
+``data_stats.json`` in the output folder.
+
 ``--config FILE.yaml`` sets fields of the algorithm's config dataclass (``SFTConfig``,
 ``RewardModelConfig``, ``DPOConfig``, or ``RLConfig`` on top of the algorithm's preset;
-for ``grpo`` also ``variant``). The output folder gets ``metrics.jsonl``, checkpoints
+for ``grpo`` also ``variant``; ``data:`` a mapping of :class:`~rlhf_engine.train_data.DataConfig` fields). The output folder gets ``metrics.jsonl``, checkpoints
 every ``checkpoint_every`` steps and the final model with its tokenizer in ``model/`` (so
 that folder can be the ``--model`` of a later run); ``--resume`` continues from the latest
 checkpoint there, first dropping the log lines of steps after it (they are run again).
@@ -54,16 +59,17 @@ from rlhf_engine.models.checkpoint import atomic_write_bytes, latest_checkpoint
 from rlhf_engine.models.configs import MODEL_SIZES
 from rlhf_engine.models.tokenizers import load_tokenizer
 from rlhf_engine.runlog import RunLog
-from rlhf_engine.tasks.data import read_jsonl
+from rlhf_engine.train_data import DataConfig, DataStats, load_data, load_data_config, load_records  # noqa: F401 (load_records: the API)
 
 ALGOS = ("sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo")
 RL_PRESETS = {"ppo": PPO_DEFAULTS, "rloo": RLOO_DEFAULTS, "reinforce_pp": REINFORCE_PP_DEFAULTS}  # grpo: grpo_preset
-PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
 
 
 def load_config(algo: str, path: str | Path | None):
-    """The algorithm's config: YAML fields over its defaults (errors name file and field)."""
+    """The algorithm's config: YAML fields over its defaults (errors name file and field); the
+    ``data:`` mapping is the data's (:func:`~rlhf_engine.train_data.load_data_config`)."""
     values = read_yaml_mapping(path) if path is not None else {}
+    values.pop("data", None)
     source = str(path) if path is not None else "config"
     if algo == "grpo":
         try:
@@ -75,71 +81,6 @@ def load_config(algo: str, path: str | Path | None):
         return config_from_dict(RLConfig, {**RL_PRESETS[algo], **values}, source=source)
     cls = {"sft": SFTConfig, "rm": RewardModelConfig, "dpo": DPOConfig}[algo]
     return config_from_dict(cls, values, source=source)
-
-
-def load_records(algo: str, path: str | Path, tokenizer) -> list:
-    """Read and tokenize the JSONL data for ``algo`` (ValueError naming file and line, or
-    the file when it holds no record)."""
-    if not Path(path).is_file():
-        raise ValueError(f"--data {path}: no such file")
-    records = _read_records(algo, path, tokenizer)
-    if not records:
-        raise ValueError(f"{path}: no records (the file is empty)")
-    return records
-
-
-def _read_records(algo: str, path: str | Path, tokenizer) -> list:
-    prompt = lambda text: [tokenizer.bos_token_id] + tokenizer.encode(text)  # noqa: E731
-    response = lambda text: tokenizer.encode(text) + [tokenizer.eos_token_id]  # noqa: E731
-    if algo == "sft":
-        return [(prompt(r["prompt"]), response(r["response"])) for r in read_jsonl(path, {"prompt": str, "response": str})]
-    if algo == "rm" and "responses" in _first_record(path):
-        rows = read_jsonl(path, {"prompt": str, "responses": list}, check=_check_ranking)
-        return [{"prompt": prompt(r["prompt"]), "responses": [response(x) for x in r["responses"]]} for r in rows]
-    if algo == "dpo" or algo == "rm":
-        records = []
-        for r in read_jsonl(path, PAIR_FIELDS, check=_check_margin):
-            record = {"prompt": prompt(r["prompt"]), "chosen": response(r["chosen"]), "rejected": response(r["rejected"])}
-            if "margin" in r:
-                record["margin"] = float(r["margin"])
-            records.append(record)
-        return records
-    rows = read_jsonl(path, {"prompt": str}, check=_check_answer)
-    return [{"prompt": prompt(r["prompt"]), "answer": r.get("answer")} for r in rows]
-
-
-def _check_ranking(record: dict) -> str | None:
-    responses = record["responses"]
-    if len(responses) < 2 or not all(isinstance(x, str) for x in responses):
-        return "'responses' must be a list of at least two strings"
-    return None
-
-
-def _check_margin(record: dict) -> str | None:
-    margin = record.get("margin", 0.0)
-    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
-        return f"'margin' must be a number, got {margin!r}"
-    return None
-
-
-def _check_answer(record: dict) -> str | None:
-    if "answer" in record and not isinstance(record["answer"], str):
-        return f"field 'answer' must be str, got {type(record['answer']).__name__}"
-    return None
-
-
-def _first_record(path) -> dict:
-    """The first record, read alone to tell rankings from pairs ({} when there is none or
-    its line is not a JSON object: read_jsonl then names the line)."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    return {}
-                return record if isinstance(record, dict) else {}
-    return {}
 
 
 def load_policy(model: str, vocab_size: int, tokenizer, seed: int, device: str, dtype: torch.dtype = torch.float32) -> PolicyModel:
@@ -154,13 +95,19 @@ def load_policy(model: str, vocab_size: int, tokenizer, seed: int, device: str, 
     return policy.to(device)
 
 
-def run_identity(model: str, config, reward_model_path: str | None) -> dict:
+def run_identity(model: str, config, reward_model_path: str | None, data: DataConfig | None = None) -> dict:
     """What a checkpoint records of its run, and a resume must match (``run_steps``'s ``run``):
-    the model (a folder by its absolute path), the reward model, the config as given."""
+    the model (a folder by its absolute path), the reward model, the config as given, and the
+    data config's fields that differ from the defaults (none: no ``data`` entry, so checkpoints
+    written before the data config existed still resume)."""
     def where(path: str | None):  # a built-in size by its name
         return path if path is None or path in MODEL_SIZES else str(Path(path).resolve())
 
-    return {"model": where(model), "reward_model": where(reward_model_path), "config": dataclasses.asdict(config)}
+    run = {"model": where(model), "reward_model": where(reward_model_path), "config": dataclasses.asdict(config)}
+    changed = {k: v for k, v in dataclasses.asdict(data or DataConfig()).items() if v != getattr(DataConfig, k)}
+    if changed:
+        run["data"] = changed
+    return run
 
 
 def check_tokenizer_fits(model: str, tokenizer, vocab_size: int) -> None:
@@ -285,6 +232,13 @@ def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_mod
     return config, chosen
 
 
+def report_data(stats: DataStats, out: Path, quiet: bool) -> None:
+    """The data's one-line summary on stdout (unless ``quiet``) and in ``out/data_stats.json``."""
+    if not quiet:
+        print(stats.summary(), flush=True)
+    atomic_write_bytes(out / "data_stats.json", (json.dumps(dataclasses.asdict(stats), indent=1) + "\n").encode())
+
+
 def _drop_lines_after_checkpoint(log: Path, checkpoint_dir: Path) -> None:
     """Keep only the log lines of steps up to the latest checkpoint (all of them without one).
 
@@ -310,11 +264,12 @@ def run_train(
     algo: str, model: str, data: str | Path, out: str | Path, *, config_path: str | Path | None = None,
     resume: bool = False, reward_model_path: str | None = None, checkpoint_every: int = 10,
     stop_after: int | None = None, quiet: bool = False, device: str = "cpu", plan: str | None = None,
-    gpu_memory: str | None = None, keep_last: int | None = None,
+    gpu_memory: str | None = None, keep_last: int | None = None, data_options: dict | None = None,
 ) -> list[dict]:  # fmt: skip
     """Train ``algo`` on ``device`` and return the per-step metrics of this call (see the module
     docstring). ``plan``: ``"auto"`` (the default on CUDA) or ``"off"`` (the default elsewhere),
-    see :func:`plan_run`; ``gpu_memory`` overrides the GPU's size for the plan."""
+    see :func:`plan_run`; ``gpu_memory`` overrides the GPU's size for the plan; ``data_options``:
+    :class:`~rlhf_engine.train_data.DataConfig` fields over the config's ``data:`` (the flags)."""
     if algo not in ALGOS:
         raise ValueError(f"--algo must be one of {ALGOS}, got {algo!r}")
     if checkpoint_every < 0:
@@ -323,13 +278,14 @@ def run_train(
         raise ValueError(f"--keep-last must be a number of checkpoints >= 1, got {keep_last!r}")
     device = check_device(device)
     config = load_config(algo, config_path)
+    data_config = load_data_config(config_path, data_options)
     if launched_by_torchrun():
         return _run_distributed(algo, config, model, data, out, device, plan, resume=resume, reward_model_path=reward_model_path,
                                 checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet,
-                                gpu_memory=gpu_memory, keep_last=keep_last)  # fmt: skip
+                                gpu_memory=gpu_memory, keep_last=keep_last, data_config=data_config)  # fmt: skip
     tokenizer = load_tokenizer(model)
-    records = load_records(algo, data, tokenizer)
-    run = run_identity(model, config, reward_model_path)  # before the plan fills in micro-batches
+    records, stats = load_data(algo, data, tokenizer, data_config)
+    run = run_identity(model, config, reward_model_path, data_config)  # before the plan fills in micro-batches
     mode = plan or ("auto" if device.type == "cuda" and algo in RL_ALGOS else "off")
     config, placement = plan_run(algo, config, model, tokenizer, records, reward_model_path, device, mode, gpu_memory)
     torch.manual_seed(config.seed)
@@ -340,6 +296,7 @@ def run_train(
     trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    report_data(stats, out, quiet)
     if resume:
         _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
     with RunLog(out / "metrics.jsonl", total=config.steps, desc=algo, quiet=quiet) as log:
@@ -355,7 +312,8 @@ def run_train(
 
 def _run_distributed(algo: str, config, model: str, data, out, device: torch.device, plan: str | None, *, resume: bool,
                      reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool,
-                     gpu_memory: str | None = None, keep_last: int | None = None) -> list[dict]:  # fmt: skip
+                     gpu_memory: str | None = None, keep_last: int | None = None,
+                     data_config: DataConfig | None = None) -> list[dict]:  # fmt: skip
     """:func:`run_train` on every rank of a torchrun launch: FSDP2 for the trained roles, each rank
     its share of every batch, sharded checkpoints; rank 0 alone writes the log and the model folder
     (gathered). The world-size checks run before anything is read or loaded."""
@@ -365,7 +323,7 @@ def _run_distributed(algo: str, config, model: str, data, out, device: torch.dev
     try:
         history = _train_ranks(algo, config, model, data, Path(out), parallel, resume=resume, reward_model_path=reward_model_path,
                                checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet, plan=plan,
-                               gpu_memory=gpu_memory, keep_last=keep_last)  # fmt: skip
+                               gpu_memory=gpu_memory, keep_last=keep_last, data_config=data_config)  # fmt: skip
         # Every rank done with every collective, and the models (whose FSDP state holds gloo work
         # and tensors) freed, before the group goes: a gloo group torn down under a live peer or
         # with pending work can abort the process at exit.
@@ -378,14 +336,15 @@ def _run_distributed(algo: str, config, model: str, data, out, device: torch.dev
 
 def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataParallel, *, resume: bool,
                  reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool,
-                 plan: str | None, gpu_memory: str | None, keep_last: int | None) -> list[dict]:  # fmt: skip
+                 plan: str | None, gpu_memory: str | None, keep_last: int | None,
+                 data_config: DataConfig | None) -> list[dict]:  # fmt: skip
     """The body of :func:`_run_distributed` (its models go out of scope when it returns). The
     plan (``--plan auto``, the default for RL on CUDA) is rank 0's under FSDP2, the same on
     every rank (it reads only the configs, the data and the GPU's size), made before any
     model is loaded."""
     tokenizer = load_tokenizer(model)
-    records = load_records(algo, data, tokenizer)
-    run = run_identity(model, config, reward_model_path)  # the same at any world size (before the plan)
+    records, stats = load_data(algo, data, tokenizer, data_config)
+    run = run_identity(model, config, reward_model_path, data_config)  # the same at any world size (before the plan)
     mode = plan or ("auto" if parallel.device.type == "cuda" and algo in RL_ALGOS else "off")
     config, _ = plan_run(algo, config, model, tokenizer, records, reward_model_path, parallel.device, mode, gpu_memory,
                          world_size=parallel.world_size)  # fmt: skip
@@ -394,6 +353,7 @@ def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataP
     trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel)
     if parallel.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        report_data(stats, out, quiet)
         if resume:
             _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
     parallel.barrier()
