@@ -111,15 +111,15 @@ class DataStats:
     max_length: int | None = None
 
     def summary(self) -> str:
-        """One line for the console, e.g. ``data: f.jsonl: 3 records (3 chat); 1 prompt
-        truncated to 64 tokens; 1 dropped (prompt alone >= max_length 96)``."""
-        parts = [f"data: {self.path}: {self.records} records" + (f" ({self.chat} through the chat template)" if self.chat else "")]
+        """One line for the console, e.g. ``data: f.jsonl: 3 of 4 records (3 chat); max_prompt_length 64:
+        1 prompt truncated; max_length 96: 0 responses truncated, 1 record dropped``."""
+        line = f"data: {self.path}: {self.records} of {self.rows} records" + (f" ({self.chat} chat)" if self.chat else "")
         if self.max_prompt_length is not None:
-            parts.append(f"{self.prompts_truncated} prompts truncated to max_prompt_length {self.max_prompt_length}")
+            line += f"; max_prompt_length {self.max_prompt_length}: {self.prompts_truncated} prompts truncated"
         if self.max_length is not None:
-            parts.append(f"{self.responses_truncated} responses truncated to fit max_length {self.max_length}, "
-                         f"{self.dropped} records dropped (prompt alone >= max_length)")  # fmt: skip
-        return "; ".join(parts)
+            line += (f"; max_length {self.max_length}: {self.responses_truncated} responses truncated, "
+                     f"{self.dropped} records dropped (prompt alone >= max_length)")  # fmt: skip
+        return line
 
 
 def load_data(algo: str, path: str | Path, tokenizer, data: DataConfig | None = None) -> tuple[list, DataStats]:
@@ -210,7 +210,7 @@ class _Tokens:
             raise ValueError(
                 f"{where}: field {field!r} holds chat turns, but the model's tokenizer has no chat template: use a model "
                 f"folder whose tokenizer has one (its chat_template; `python examples/make_tiny_chat_model.py DIR` "
-                f"builds a tiny one), or give the field as plain text"
+                f"builds a tiny one), or give the text fields as plain strings"
             )
         from jinja2 import TemplateError
 
