@@ -96,7 +96,7 @@ def _train(args: argparse.Namespace) -> int:
             reward_model_path=args.reward_model, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), plan=args.plan,
             gpu_memory=args.gpu_memory, keep_last=args.keep_last,
-            data_options={name: getattr(args, name) for name, *_ in DATA_FLAGS},
+            data_options=_data_options(args),
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         print(f"rlhf-engine train{f' (rank {rank})' if launched_by_torchrun() else ''}: {error}", file=sys.stderr)
@@ -109,19 +109,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_options(args: argparse.Namespace) -> dict:
+    """The DataConfig fields the ``train`` flags set (None: not given)."""
+    return {name: getattr(args, name) for name, *_ in DATA_FLAGS}
+
+
 def _launch_train(args: argparse.Namespace) -> int:
     """``train --nproc N``: this command line again, without ``--nproc``, under
     ``torch.distributed.run`` with N processes on this node (``--standalone``: a free port). The
-    world-size checks run here first, so a bad size fails before any process starts."""
+    world-size and data config checks run here first, so a bad size or data config fails before
+    any process starts."""
     import subprocess
 
     from rlhf_engine.distributed.batches import check_world_size
     from rlhf_engine.train import load_config
+    from rlhf_engine.train_data import load_data_config
 
     try:
         if args.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
         check_world_size(args.algo, load_config(args.algo, args.config), args.nproc)
+        load_data_config(args.config, _data_options(args))
     except (ValueError, FileNotFoundError) as error:
         print(f"rlhf-engine train: {error}", file=sys.stderr)
         return 2

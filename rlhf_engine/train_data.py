@@ -212,8 +212,11 @@ class _Tokens:
                 f"folder whose tokenizer has one (its chat_template; `python examples/make_tiny_chat_model.py DIR` "
                 f"builds a tiny one), or give the text fields as plain strings"
             )
-        from jinja2 import TemplateError
-
+        try:  # transformers renders templates with jinja2, which it does not require
+            from jinja2 import TemplateError
+        except ImportError:
+            raise ValueError(f"{where}: field {field!r} holds chat turns, and chat templates need jinja2: "
+                             "pip install jinja2") from None  # fmt: skip
         try:
             return self.tokenizer.render_chat(turns, **ending)
         except TemplateError as error:

@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 # A template that writes the bos itself, as Llama's do: the loader must not add another one.
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + eos_token }}{% endfor %}"
             "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}")  # fmt: skip
+# One whose generation prompt the answer turn does not start with (an empty thought block, as
+# Gemma's and DeepSeek-R1's): the responses start where prompt and conversation diverge.
+THINKING = TEMPLATE.replace("{{ '<assistant>' }}", "{{ '<assistant><think>' }}")
 
 
 def turns(*pairs):
@@ -44,11 +47,11 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer():
-    """TRL's test tokenizer (byte-level BPE) with :data:`TEMPLATE`."""
+@pytest.fixture(scope="module", params=[TEMPLATE, THINKING], ids=["template", "thinking-template"])
+def hf_tokenizer(request):
+    """TRL's test tokenizer (byte-level BPE) with :data:`TEMPLATE` or :data:`THINKING`."""
     tokenizer = trl_support.tokenizer()
-    tokenizer.chat_template = TEMPLATE
+    tokenizer.chat_template = request.param
     return tokenizer
 
 
@@ -88,9 +91,12 @@ def test_chat_prompt_completion_sft_matches_trl(hf_tokenizer, chat_tokenizer, tm
     for (prompt, response), row, theirs in zip(records, CHAT_SFT, prepared, strict=True):
         assert prompt + response == theirs["input_ids"]
         assert [label != -100 for label in theirs["labels"]] == [False] * len(prompt) + [True] * len(response)
-        text = apply_chat_template(row, hf_tokenizer)
-        assert hf_tokenizer.decode(prompt) == text["prompt"] and hf_tokenizer.decode(response) == text["completion"]
         assert prompt[0] == hf_tokenizer.bos_token_id != prompt[1]
+        if hf_tokenizer.chat_template == TEMPLATE:  # (THINKING's prompts diverge inside a token)
+            text = apply_chat_template(row, hf_tokenizer)
+            assert hf_tokenizer.decode(prompt) == text["prompt"] and hf_tokenizer.decode(response) == text["completion"]
+        else:
+            assert len(prompt) < len(hf_tokenizer(text=apply_chat_template({"prompt": row["prompt"]}, hf_tokenizer)["prompt"])["input_ids"])
 
 
 def test_chat_messages_sft_matches_trl(hf_tokenizer, chat_tokenizer, tmp_path):
@@ -250,6 +256,15 @@ def test_chat_data_with_a_tokenizer_without_template_names_the_file_and_the_way_
     assert not (tmp_path / "out").exists()
 
 
+def test_chat_data_without_jinja2_says_to_install_it(chat_tokenizer, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # what an absent package looks like to import
+    path = write_jsonl(tmp_path / "chat.jsonl", MESSAGES)
+    with pytest.raises(ValueError, match=f"{path}:1: field 'messages' holds chat turns, and chat templates need jinja2"):
+        load_records("sft", path, chat_tokenizer)
+
+
 BAD_CHAT = [
     ("dpo", {"prompt": "text", "chosen": USER, "rejected": USER}, "field 'chosen' and field 'prompt' must both be strings or both chat"),
     ("sft", {"prompt": SYSTEM[:1], "completion": USER}, "field 'prompt' ends with a 'system' turn"),
@@ -325,6 +340,17 @@ def test_a_bad_flag_value_names_the_flag(tmp_path, capsys):
     args = ["train", "--algo", "sft", "--model", "tiny", "--data", str(data), "--out", str(tmp_path / "o"), "--max-length", "0"]
     assert main(args) == 2
     assert "--max-length: DataConfig.max_length must be >= 1" in capsys.readouterr().err
+
+
+def test_nproc_checks_the_data_config_before_launching(tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("launched torchrun"))
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    args = ["train", "--algo", "sft", "--model", "tiny", "--data", str(data), "--out", str(tmp_path / "o"), "--nproc", "2",
+            "--max-prompt-length", "9", "--max-length", "9"]  # fmt: skip
+    assert main(args) == 2
+    assert "--max-prompt-length, --max-length: DataConfig.max_prompt_length must be < max_length (9)" in capsys.readouterr().err
 
 
 def test_the_data_config_is_part_of_the_run_identity(tmp_path, capsys):
