@@ -447,3 +447,41 @@ def test_the_readme_chat_example_runs_as_written(tmp_path, monkeypatch, capsys):
         run = Path(shlex.split(command)[shlex.split(command).index("--out") + 1])
         assert json.loads((run / "data_stats.json").read_text())["chat"] > 0
         assert (run / "model" / "chat_template.jinja").is_file() or "chat_template" in (run / "model" / "tokenizer_config.json").read_text()
+
+
+def test_the_readme_data_config_block_is_a_valid_data_config(tmp_path):
+    text = (REPO / "README.md").read_text().split("### Chat data and other formats", 1)[1]
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "c.yaml").write_text(block)
+    data = load_data_config(tmp_path / "c.yaml")
+    assert (data.prompt_field, data.max_prompt_length, data.max_length) == ("question", 512, 1024)
+
+
+def test_chat_rankings_are_the_pairs_responses(chat_tokenizer, tmp_path):
+    """A reward-model ranking of chat responses: each response is what a pair of them gives."""
+    pair = CHAT_PAIRS[1]
+    ranking = {"prompt": pair["prompt"], "responses": [pair["chosen"], pair["rejected"]]}
+    (ours,) = load_records("rm", write_jsonl(tmp_path / "r.jsonl", [ranking]), chat_tokenizer)
+    (expected,) = load_records("rm", write_jsonl(tmp_path / "p.jsonl", [pair]), chat_tokenizer)
+    assert ours == {"prompt": expected["prompt"], "responses": [expected["chosen"], expected["rejected"]]}
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory) -> str:
+    """The README's tiny chat model folder, built by the example script."""
+    import runpy
+
+    build = runpy.run_path(str(REPO / "examples" / "make_tiny_chat_model.py"))["build"]
+    return str(build(tmp_path_factory.mktemp("tiny-chat") / "model"))
+
+
+def test_grpo_trains_on_chat_prompts(tiny_chat_model, tmp_path, capsys):
+    """RL prompts as chat turns: rendered with the generation prompt, answer rewards, 3 steps."""
+    rows = [{"prompt": turns(("user", q)), "answer": ""} for q in ("ab", "cba", "ca")]
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 3\nprompts_per_step: 4\ngroup_size: 8\nmax_new_tokens: 1\nminibatch_size: 16\n")
+    args = ["train", "--algo", "grpo", "--model", tiny_chat_model, "--data", str(write_jsonl(tmp_path / "q.jsonl", rows)),
+            "--config", str(config), "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"data: {tmp_path / 'q.jsonl'}: 3 of 3 records (3 chat)" in out and "grpo: 3 steps run" in out
