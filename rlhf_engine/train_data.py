@@ -86,7 +86,7 @@ def load_data_config(path: str | Path | None, flags: dict | None = None) -> Data
     """The ``data:`` mapping of the YAML file ``path`` (absent: the defaults), with ``flags``
     (field -> value, e.g. from ``--max-length``; None values are not given) over it. Errors
     name the file and field, or the flags."""
-    values = read_yaml_mapping(path).get("data", {}) if path is not None else {}
+    values = (read_yaml_mapping(path).get("data") or {}) if path is not None else {}  # `data:` alone is empty
     config = config_from_dict(DataConfig, values, source=f"{path}: data")
     given = {name: value for name, value in (flags or {}).items() if value is not None}
     if not given:
@@ -112,7 +112,8 @@ class DataStats:
 
     def summary(self) -> str:
         """One line for the console, e.g. ``data: f.jsonl: 3 of 4 records (3 chat); max_prompt_length 64:
-        1 prompt truncated; max_length 96: 0 responses truncated, 1 record dropped``."""
+        1 prompts truncated; max_length 96: 0 responses truncated, 1 records dropped (prompt alone >=
+        max_length)`` (the limits' parts only when they are set)."""
         line = f"data: {self.path}: {self.records} of {self.rows} records" + (f" ({self.chat} chat)" if self.chat else "")
         if self.max_prompt_length is not None:
             line += f"; max_prompt_length {self.max_prompt_length}: {self.prompts_truncated} prompts truncated"

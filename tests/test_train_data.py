@@ -301,6 +301,8 @@ def test_field_names_from_the_config_or_the_flags(tmp_path, capsys):
     assert load_records("dpo", write_jsonl(tmp_path / "r.jsonl", renamed), tok, data) == load_records(
         "dpo", write_jsonl(tmp_path / "u.jsonl", usual), tok)  # fmt: skip
     assert load_config("dpo", config).steps == 1  # the algorithm's config ignores data:
+    (tmp_path / "empty.yaml").write_text("steps: 1\ndata:\n")
+    assert load_data_config(tmp_path / "empty.yaml") == DataConfig()  # `data:` with nothing under it
     flags = load_data_config(config, {"prompt_field": "q2", "max_length": 9, "chosen_field": None})
     assert (flags.prompt_field, flags.chosen_field, flags.max_length) == ("q2", "best", 9)
     # the CLI: the config's data: and a flag over it
