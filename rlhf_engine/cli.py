@@ -1,4 +1,4 @@
-"""Command line: ``rlhf-engine demo | train | plan | bench``.
+"""Command line: ``rlhf-engine demo | train | eval | plan | bench``.
 
 * ``demo [--out DIR] [--seed S]``: the embedded pipeline (SFT, reward model, PPO, GRPO)
   on the built-in sorting task; see ``rlhf_engine.demo``.
@@ -7,6 +7,9 @@
   folder; ``--prompt-field`` ... ``--max-length`` set the data config, see
   ``rlhf_engine.train_data``); see ``rlhf_engine.train``. Data-parallel on FSDP2:
   ``torchrun --nproc-per-node N -m rlhf_engine.cli train ...``, or ``--nproc N`` which launches that.
+* ``eval --algo A --model DIR --data FILE.jsonl [--config FILE.yaml] [--reward-model DIR]
+  [--ref-model DIR] [--json]``: a saved model's metrics on a data file, the ones ``train
+  --eval-data FILE`` logs; see ``rlhf_engine.evaluate``.
 * ``plan --algo A --model PATH|config.json [--reward-model ...] [--gpu NAME | --gpu-memory SIZE]
   [--config FILE.yaml] [--prompt-length N] [--no-offload] [--gpus N|auto] [--json]``: will the run
   fit one GPU (or each of N under FSDP2, and how many it needs)? The memory plan per phase and
@@ -24,6 +27,7 @@ import os
 import pkgutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -95,7 +99,7 @@ def _train(args: argparse.Namespace) -> int:
             args.algo, args.model, args.data, args.out, config_path=args.config, resume=args.resume,
             reward_model_path=args.reward_model, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), plan=args.plan,
-            gpu_memory=args.gpu_memory, keep_last=args.keep_last,
+            gpu_memory=args.gpu_memory, keep_last=args.keep_last, eval_data=args.eval_data, eval_every=args.eval_every,
             data_options=_data_options(args),
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
@@ -105,6 +109,8 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     last = history[-1] if history else {}
     print(f"{args.algo}: {len(history)} steps run; last step: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
+    if args.eval_data is not None:
+        _print_last_eval(args.algo, Path(args.out) / "metrics.jsonl")
     print(f"model written to {args.out}/model, metrics to {args.out}/metrics.jsonl")
     return 0
 
@@ -112,6 +118,37 @@ def _train(args: argparse.Namespace) -> int:
 def _data_options(args: argparse.Namespace) -> dict:
     """The DataConfig fields the ``train`` flags set (None: not given)."""
     return {name: getattr(args, name) for name, *_ in DATA_FLAGS}
+
+
+def _print_last_eval(algo: str, log: Path) -> None:
+    """The run's latest ``--eval-data`` line (of this call, or of the run it resumed)."""
+    from rlhf_engine.runlog import read_runlog
+    from rlhf_engine.train import format_eval
+
+    evals = [r for r in read_runlog(log) if r["phase"] == f"{algo}_eval"]
+    if evals:
+        last = {k: v for k, v in evals[-1].items() if k not in ("phase", "step", "time")}
+        print(format_eval(algo, evals[-1]["step"], last))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import math
+
+    from rlhf_engine.evaluate import run_eval
+
+    try:
+        metrics = run_eval(args.algo, args.model, args.data, config_path=args.config, reward_model_path=args.reward_model,
+                           ref_model=args.ref_model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
+    except (ValueError, FileNotFoundError) as error:
+        print(f"rlhf-engine eval: {error}", file=sys.stderr)
+        return 2
+    if args.json:  # an infinite perplexity is null, as in metrics.jsonl
+        finite = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+        print(json.dumps({"algo": args.algo, "model": args.model, "data": args.data, "metrics": finite}))
+    else:
+        print(f"{args.algo} eval of {args.model} on {args.data}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return 0
 
 
 def _launch_train(args: argparse.Namespace) -> int:
@@ -122,12 +159,14 @@ def _launch_train(args: argparse.Namespace) -> int:
     import subprocess
 
     from rlhf_engine.distributed.batches import check_world_size
-    from rlhf_engine.train import load_config
+    from rlhf_engine.train import EVAL_UNDER_TORCHRUN, load_config
     from rlhf_engine.train_data import load_data_config
 
     try:
         if args.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        if args.eval_data is not None:
+            raise ValueError(EVAL_UNDER_TORCHRUN)
         check_world_size(args.algo, load_config(args.algo, args.config), args.nproc)
         load_data_config(args.config, _data_options(args))
     except (ValueError, FileNotFoundError) as error:
@@ -244,9 +283,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, metavar="N",
                        help="data-parallel over N processes on this node: re-launches itself under torchrun "
                             "(FSDP2; the same as torchrun --nproc-per-node N -m rlhf_engine.cli train ...)")
+    train.add_argument("--eval-data", metavar="FILE.jsonl",
+                       help="held-out records (the --data format): evaluated before training, every --eval-every steps and "
+                            "at the end, logged to metrics.jsonl as phase ALGO_eval")
+    train.add_argument("--eval-every", type=int, metavar="N", help="steps between evaluations (default 0: before and after only)")
     for name, kind, metavar, text in DATA_FLAGS:
         train.add_argument("--" + name.replace("_", "-"), type=kind, metavar=metavar, help=text)
     train.set_defaults(handler=_train)
+    evaluate = commands.add_parser("eval", help="a saved model's metrics on a data file (what train --eval-data logs)")
+    evaluate.add_argument("--algo", required=True, choices=["sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo"])
+    evaluate.add_argument("--model", required=True, metavar="DIR", help="a model folder as train writes it (OUT/model)")
+    evaluate.add_argument("--data", required=True, metavar="FILE.jsonl", help="records in the algorithm's train format")
+    evaluate.add_argument("--config", metavar="FILE.yaml", help="the run's config (seed, sampling, beta, batch sizes)")
+    evaluate.add_argument("--reward-model", metavar="DIR", help="RL: the reward model that scores the samples")
+    evaluate.add_argument("--ref-model", metavar="DIR",
+                          help="the run's reference (its starting --model; a folder or a built-in size): needed by dpo, "
+                               "gives the RL algorithms' kl")
+    evaluate.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    evaluate.set_defaults(handler=_eval)
     plan = commands.add_parser("plan", help="will an RL run fit one GPU, or N? memory per phase and role, before any model is loaded")
     plan.add_argument("--algo", required=True, choices=["ppo", "grpo", "rloo", "reinforce_pp"])
     plan.add_argument("--model", required=True, metavar="PATH", help="the policy: a model folder or a bare config.json")

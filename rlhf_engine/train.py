@@ -23,6 +23,13 @@ for ``grpo`` also ``variant``; ``data:`` a mapping of :class:`~rlhf_engine.train
 every ``checkpoint_every`` steps and the final model with its tokenizer in ``model/`` (so
 that folder can be the ``--model`` of a later run); ``--resume`` continues from the latest
 checkpoint there, first dropping the log lines of steps after it (they are run again).
+
+``--eval-data FILE`` (records of the ``--data`` format) evaluates the run's model before the
+first step, after every ``--eval-every N`` steps and after the last one, with the metrics of
+``rlhf_engine.algos.eval_runs`` (SFT loss and perplexity, reward-model pairwise accuracy, DPO
+reward accuracy and margins, RL reward, KL and length of one sample per eval prompt), logged
+as phase ``ALGO_eval`` at the step they follow (``-1``: before training). Evaluation changes
+nothing of the training (no gradient, no draw from a training random stream). One process only.
 """
 
 from __future__ import annotations
@@ -37,12 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from rlhf_engine.algos.common import check_device, model_device
 from rlhf_engine.algos.config import config_from_dict, read_yaml_mapping
 from rlhf_engine.algos.dpo import DPOConfig, DPOTrainer
+from rlhf_engine.algos.eval_runs import evaluate_run
 from rlhf_engine.algos.grpo import grpo_preset
-from rlhf_engine.algos.loop import run_steps
+from rlhf_engine.algos.loop import eval_points, run_steps
 from rlhf_engine.algos.ppo import PPO_DEFAULTS
 from rlhf_engine.algos.precision import parse_dtype
 from rlhf_engine.memory.run_specs import RL_ALGOS
@@ -63,6 +72,8 @@ from rlhf_engine.train_data import DataConfig, DataStats, load_data, load_data_c
 
 ALGOS = ("sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo")
 RL_PRESETS = {"ppo": PPO_DEFAULTS, "rloo": RLOO_DEFAULTS, "reinforce_pp": REINFORCE_PP_DEFAULTS}  # grpo: grpo_preset
+EVAL_UNDER_TORCHRUN = ("--eval-data runs in one process only, not under torchrun (--nproc): train without it and "
+                       "evaluate the saved model with `rlhf-engine eval --model OUT/model --data FILE`")
 
 
 def load_config(algo: str, path: str | Path | None):
@@ -136,14 +147,21 @@ def _answer_reward(tokenizer, answers: dict[tuple[int, ...], str]):
 
 
 def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokenizer, reward_model_path: str | None, placement=None,
-                  device: torch.device | None = None, parallel: DataParallel = SINGLE):  # fmt: skip
+                  device: torch.device | None = None, parallel: DataParallel = SINGLE, *, eval_records: list | None = None,
+                  reference: PolicyModel | None = None):  # fmt: skip
+    """The trainer of ``algo`` on ``records``. RL: scored by the reward model at
+    ``reward_model_path``, else by answer match over the answers of ``records`` and
+    ``eval_records`` (the ``--eval-data`` prompts, scored by the same function but never
+    trained on). ``reference``: DPO's and RL's (default: a copy of ``policy``; RL with LoRA:
+    the adapter-disabled policy, and no other may be given)."""
     pad = tokenizer.pad_token_id
     if algo == "sft":
         return SFTTrainer(policy, records, config, pad_id=pad, parallel=parallel)
     if algo == "rm":
         return RewardModelTrainer(ScalarHeadModel.from_policy(policy), records, config, pad_id=pad, parallel=parallel)
     if algo == "dpo":
-        return DPOTrainer(policy, copy.deepcopy(policy), records, config, pad_id=pad, parallel=parallel)
+        reference = copy.deepcopy(policy) if reference is None else reference
+        return DPOTrainer(policy, reference, records, config, pad_id=pad, parallel=parallel)
     prompts = [r["prompt"] for r in records]
 
     def sample_prompts(n: int, generator: torch.Generator) -> list[list[int]]:
@@ -154,12 +172,20 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
         frozen = parse_dtype(config.frozen_dtype or config.dtype)
         scoring["reward_model"] = ScalarHeadModel.load(reward_model_path, dtype=frozen).to(model_device(policy))
     elif all(r["answer"] is not None for r in records) and algo != "ppo":
-        scoring["reward_fn"] = _answer_reward(tokenizer, {tuple(r["prompt"]): r["answer"] for r in records})
+        if any(r["answer"] is None for r in eval_records or []):
+            raise ValueError("--eval-data: every record needs an 'answer' (the run scores by answer match), or give --reward-model DIR")
+        answers = {tuple(r["prompt"]): r["answer"] for r in records}
+        for r in eval_records or []:
+            if answers.setdefault(tuple(r["prompt"]), r["answer"]) != r["answer"]:
+                raise ValueError(f"--eval-data: the prompt {tokenizer.decode(r['prompt'][1:])!r} is in --data too, with another "
+                                 f"answer ({answers[tuple(r['prompt'])]!r} there, {r['answer']!r} here)")  # fmt: skip
+        scoring["reward_fn"] = _answer_reward(tokenizer, answers)
     else:
         raise ValueError(f"--algo {algo} needs --reward-model DIR" + ("" if algo == "ppo" else " or an 'answer' in every record"))
     if algo == "ppo":
         scoring["critic"] = copy.deepcopy(scoring["reward_model"])
-    reference = None if config.lora_rank else copy.deepcopy(policy)  # LoRA: the adapter-disabled policy
+    if reference is None and not config.lora_rank:  # LoRA: the adapter-disabled policy
+        reference = copy.deepcopy(policy)
     if placement is not None and placement.bytes_moved_per_step:
         _place_for_first_phase(placement, device, policy=policy, reference=reference, **scoring)
     return RLTrainer(
@@ -232,11 +258,11 @@ def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_mod
     return config, chosen
 
 
-def report_data(stats: DataStats, out: Path, quiet: bool) -> None:
-    """The data's one-line summary on stdout (unless ``quiet``) and in ``out/data_stats.json``."""
+def report_data(stats: DataStats, path: Path, quiet: bool) -> None:
+    """The data's one-line summary on stdout (unless ``quiet``) and its stats as JSON in ``path``."""
     if not quiet:
         print(stats.summary(), flush=True)
-    atomic_write_bytes(out / "data_stats.json", (json.dumps(dataclasses.asdict(stats), indent=1) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(dataclasses.asdict(stats), indent=1) + "\n").encode())
 
 
 def _drop_lines_after_checkpoint(log: Path, checkpoint_dir: Path) -> None:
@@ -264,11 +290,15 @@ def run_train(
     algo: str, model: str, data: str | Path, out: str | Path, *, config_path: str | Path | None = None,
     resume: bool = False, reward_model_path: str | None = None, checkpoint_every: int = 10,
     stop_after: int | None = None, quiet: bool = False, device: str = "cpu", plan: str | None = None,
-    gpu_memory: str | None = None, keep_last: int | None = None, data_options: dict | None = None,
+    gpu_memory: str | None = None, keep_last: int | None = None, eval_data: str | Path | None = None,
+    eval_every: int | None = None, data_options: dict | None = None,
 ) -> list[dict]:  # fmt: skip
     """Train ``algo`` on ``device`` and return the per-step metrics of this call (see the module
     docstring). ``plan``: ``"auto"`` (the default on CUDA) or ``"off"`` (the default elsewhere),
-    see :func:`plan_run`; ``gpu_memory`` overrides the GPU's size for the plan; ``data_options``:
+    see :func:`plan_run`; ``gpu_memory`` overrides the GPU's size for the plan. ``eval_data``:
+    records read as ``data`` is, evaluated (``rlhf_engine.algos.eval_runs``) before the first
+    step, after every ``eval_every`` steps (None or 0: none in between) and after the last,
+    logged as phase ``f"{algo}_eval"`` (one process only: refused under torchrun). ``data_options``:
     :class:`~rlhf_engine.train_data.DataConfig` fields over the config's ``data:`` (the flags)."""
     if algo not in ALGOS:
         raise ValueError(f"--algo must be one of {ALGOS}, got {algo!r}")
@@ -279,35 +309,76 @@ def run_train(
     device = check_device(device)
     config = load_config(algo, config_path)
     data_config = load_data_config(config_path, data_options)
+    if eval_data is None and eval_every is not None:
+        raise ValueError("--eval-every needs --eval-data FILE (what to evaluate on)")
+    schedule = eval_points(config.steps, eval_every or 0) if eval_data is not None else []
     if launched_by_torchrun():
+        if eval_data is not None:
+            raise ValueError(EVAL_UNDER_TORCHRUN)
         return _run_distributed(algo, config, model, data, out, device, plan, resume=resume, reward_model_path=reward_model_path,
                                 checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet,
                                 gpu_memory=gpu_memory, keep_last=keep_last, data_config=data_config)  # fmt: skip
     tokenizer = load_tokenizer(model)
     records, stats = load_data(algo, data, tokenizer, data_config)
+    eval_records, eval_stats = load_eval_data(algo, eval_data, tokenizer, data_config) if eval_data is not None else (None, None)
     run = run_identity(model, config, reward_model_path, data_config)  # before the plan fills in micro-batches
     mode = plan or ("auto" if device.type == "cuda" and algo in RL_ALGOS else "off")
-    config, placement = plan_run(algo, config, model, tokenizer, records, reward_model_path, device, mode, gpu_memory)
+    # The plan covers the evaluation's rollouts too (the longest prompt of either file): an eval
+    # prompt longer than every training prompt may change its micro-batches, never overrun them.
+    planned = records + (eval_records or [])
+    config, placement = plan_run(algo, config, model, tokenizer, planned, reward_model_path, device, mode, gpu_memory)
     torch.manual_seed(config.seed)
     # A plan that offloads builds every model on the CPU; each goes where the plan puts it.
     build_on = torch.device("cpu") if placement is not None and placement.bytes_moved_per_step else device
     dtype = parse_dtype(config.dtype) if algo in RL_ALGOS else torch.float32
     policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, build_on, dtype)
-    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement, device)
+    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement, device,
+                            eval_records=eval_records)  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report_data(stats, out, quiet)
+    report_data(stats, out / "data_stats.json", quiet)
+    if eval_stats is not None:
+        report_data(eval_stats, out / "eval_data_stats.json", quiet)
     if resume:
         _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
-    with RunLog(out / "metrics.jsonl", total=config.steps, desc=algo, quiet=quiet) as log:
+    evaluate = _evaluator(algo, trainer, eval_records, quiet) if eval_records is not None else None
+    with RunLog(out / "metrics.jsonl", total=config.steps + len(schedule), desc=algo, quiet=quiet) as log:
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
             checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run, keep_last=keep_last,
+            evaluate=evaluate, eval_every=eval_every or 0,
         )  # fmt: skip
     final = trainer.models["reward_model" if algo == "rm" else "policy"]
     final.save(out / "model")
     tokenizer.save(out / "model")  # so the folder can be the --model of a later run
     return history
+
+
+def load_eval_data(algo: str, path: str | Path, tokenizer, data: DataConfig | None = None) -> tuple[list, DataStats]:
+    """``--eval-data``: records of ``algo``'s format and their stats, read as ``--data`` is
+    (:func:`~rlhf_engine.train_data.load_data`, which checks the rest: a missing path is named
+    here under its own flag)."""
+    if not Path(path).exists():
+        raise ValueError(f"--eval-data {path}: no such file")
+    return load_data(algo, path, tokenizer, data)
+
+
+def format_eval(algo: str, step: int, metrics: dict) -> str:
+    """One line for an evaluation logged after ``step`` (-1: before training)."""
+    when = "before training" if step < 0 else f"after step {step}"
+    shown = ", ".join(f"{k}={'nan' if v is None else f'{v:.4g}'}" for k, v in metrics.items())
+    return f"{algo} eval {when}: {shown}"
+
+
+def _evaluator(algo: str, trainer, records: list, quiet: bool):
+    """``run_steps``'s ``evaluate``: the run's metrics on ``records``, printed unless ``quiet``."""
+    def evaluate(step: int) -> dict[str, float]:
+        metrics = evaluate_run(algo, trainer, records)
+        if not quiet:
+            tqdm.write(format_eval(algo, step, metrics))
+        return metrics
+
+    return evaluate
 
 
 def _run_distributed(algo: str, config, model: str, data, out, device: torch.device, plan: str | None, *, resume: bool,
@@ -353,7 +424,7 @@ def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataP
     trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel)
     if parallel.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        report_data(stats, out, quiet)
+        report_data(stats, out / "data_stats.json", quiet)
         if resume:
             _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
     parallel.barrier()

@@ -487,3 +487,16 @@ def test_grpo_trains_on_chat_prompts(tiny_chat_model, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"data: {tmp_path / 'q.jsonl'}: 3 of 3 records (3 chat)" in out and "grpo: 3 steps run" in out
+
+
+def test_eval_data_is_read_with_the_data_config(tmp_path, capsys):
+    """``--eval-data`` and ``rlhf-engine eval`` read their records with the run's ``data:``."""
+    rows = [{"question": r["prompt"], "response": r["response"]} for r in ROWS]
+    config, data, out = tmp_path / "c.yaml", write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "out"
+    config.write_text("steps: 1\nbatch_size: 2\ndata:\n  prompt_field: question\n")
+    args = ["train", "--algo", "sft", "--model", "tiny", "--data", str(data), "--config", str(config), "--out", str(out)]
+    assert main(args + ["--eval-data", str(data)]) == 0
+    assert json.loads((out / "eval_data_stats.json").read_text())["records"] == len(rows)
+    capsys.readouterr()
+    assert main(["eval", "--algo", "sft", "--model", str(out / "model"), "--data", str(data), "--config", str(config)]) == 0
+    assert "sft eval of" in capsys.readouterr().out

@@ -49,6 +49,26 @@ def response_logprob_sums(policy: PolicyModel, batch: SequenceBatch) -> torch.Te
     return ops.sequence_logprobs(hidden, policy.lm_head_weight, batch.response_ids, batch.response_mask, bias=policy.lm_head_bias)
 
 
+def pair_loss(policy: PolicyModel, reference: PolicyModel, records: list[dict], config: DPOConfig,
+              pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """``dpo_loss`` of ``config`` over the pair ``records`` (the reference without gradients):
+    ``(loss, metrics)``, the loss and every metric a mean over the pairs (``chosen_reward``,
+    ``rejected_reward``, ``reward_margin``, ``reward_accuracy``, and ``nll_loss`` with RPO's
+    ``nll_coef``). What a training step minimises and ``train --eval-data`` reports."""
+    batch = pair_batch(records, pad_id, model_device(policy))
+    policy_chosen, policy_rejected = response_logprob_sums(policy, batch).split(len(records))
+    with torch.no_grad():
+        ref_chosen, ref_rejected = response_logprob_sums(reference, batch).split(len(records))
+    nll = None
+    if config.nll_coef > 0:
+        chosen_lengths = batch.response_mask[: len(records)].sum(dim=1).clamp(min=1)
+        nll = (-policy_chosen / chosen_lengths).mean()
+    return dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=config.beta, loss_type=config.loss_type,
+        label_smoothing=config.label_smoothing, nll_loss=nll, nll_coef=config.nll_coef,
+    )  # fmt: skip
+
+
 class DPOTrainer(SingleModelTrainer):
     """DPO on ``{"prompt", "chosen", "rejected"}`` records against a frozen reference.
 
@@ -69,19 +89,8 @@ class DPOTrainer(SingleModelTrainer):
         cfg = self.config
         index = torch.randint(len(self.pairs), (cfg.batch_size,), generator=step_generator(cfg.seed, step, "dpo")).tolist()
         records = [self.pairs[i] for i in index[self.parallel.rows(cfg.batch_size)]]
-        batch = pair_batch(records, self.pad_id, model_device(self.policy))
         self.policy.train()
-        policy_chosen, policy_rejected = response_logprob_sums(self.policy, batch).split(len(records))
-        with torch.no_grad():
-            ref_chosen, ref_rejected = response_logprob_sums(self.reference, batch).split(len(records))
-        nll = None
-        if cfg.nll_coef > 0:
-            chosen_lengths = batch.response_mask[: len(records)].sum(dim=1).clamp(min=1)
-            nll = (-policy_chosen / chosen_lengths).mean()
-        loss, metrics = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss_type,
-            label_smoothing=cfg.label_smoothing, nll_loss=nll, nll_coef=cfg.nll_coef,
-        )  # fmt: skip
+        loss, metrics = pair_loss(self.policy, self.reference, records, cfg, self.pad_id)
         world = self.parallel.world_size
         # the global loss is the mean of the ranks' means (equal shares); FSDP sums the gradients
         out = self.parallel.sum_floats({"loss": float(loss.detach()) / world, **{k: float(v) / world for k, v in metrics.items()}})

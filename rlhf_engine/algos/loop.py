@@ -36,6 +36,8 @@ def run_steps(
     on_step: Callable[[int, dict], None] | None = None,
     run: dict | None = None,
     keep_last: int | None = None,
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+    eval_every: int = 0,
 ) -> list[dict[str, float]]:
     """Run ``trainer.step(k)`` for ``k`` in ``[start, steps)`` and return the metrics.
 
@@ -48,6 +50,12 @@ def run_steps(
     phase or whose ``run`` differs (the config's ``steps`` aside: a run may be extended), and
     ``resume`` without any checkpoint is an error, not a fresh start. ``keep_last``: after
     each checkpoint only the newest ``keep_last`` step folders stay (None: all).
+
+    ``evaluate(k)``: the metrics of the models after step ``k`` on held-out data (``k = -1``:
+    before any step), logged as phase ``f"{phase}_eval"`` at step ``k`` for each ``k`` of
+    :func:`eval_points` (``eval_every``) that this call reaches, each before that step's
+    checkpoint is written: a resume, which drops the log lines after its checkpoint, redoes
+    exactly the evaluations whose lines it dropped. Their metrics are not in the returned list.
     """
     parallel = getattr(trainer, "parallel", SINGLE)
     start = 0
@@ -62,6 +70,16 @@ def run_steps(
         if hasattr(trainer, "load_state_dict"):
             trainer.load_state_dict(state.get("trainer", {}))
         start = int(state["step"]) + 1
+    points = set(eval_points(steps, eval_every)) if evaluate is not None else set()
+
+    def evaluation(k: int) -> None:
+        if k in points:
+            result = evaluate(k)
+            if log is not None:
+                log.log(f"{phase}_eval", k, result)
+
+    if start == 0:
+        evaluation(-1)
     history = []
     for k in range(start, steps):
         metrics = trainer.step(k)
@@ -70,6 +88,7 @@ def run_steps(
         history.append(metrics)
         if log is not None:
             log.log(phase, k, metrics)
+        evaluation(k)
         last = k == steps - 1 or (stop_after is not None and len(history) == stop_after)
         if checkpoint_dir is not None and (last or (checkpoint_every and (k + 1) % checkpoint_every == 0)):
             state = {"step": k, "phase": phase, **({"run": run} if run is not None else {})}
@@ -85,6 +104,15 @@ def run_steps(
         if stop_after is not None and len(history) == stop_after:
             break
     return history
+
+
+def eval_points(steps: int, eval_every: int) -> list[int]:
+    """The steps after which a run of ``steps`` steps evaluates: ``-1`` (before the first
+    step), every ``eval_every``-th step (``k`` with ``(k + 1) % eval_every == 0``; 0: none in
+    between) and the last one."""
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
+        raise ValueError(f"--eval-every must be a number of steps >= 0 (0: only before and after training), got {eval_every!r}")
+    return [-1] + [k for k in range(steps) if k == steps - 1 or (eval_every and (k + 1) % eval_every == 0)]
 
 
 def _check_same_run(path: Path, phase: str, run: dict | None) -> None:

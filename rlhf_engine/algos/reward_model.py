@@ -116,7 +116,9 @@ class RewardModelTrainer(SingleModelTrainer):
 
 
 def evaluate_reward_model(model: ScalarHeadModel, pairs: list[dict], *, pad_id: int, batch_size: int = 256) -> dict[str, float]:
-    """Held-out ``accuracy``, ``ece`` (of ``σ(r_c − r_r)``), and ``ece_scaled`` with the fitted ``temperature``."""
+    """Held-out ``accuracy`` (:func:`pairwise_accuracy`), ``margin`` (the mean of ``r_c − r_r``),
+    ``ece`` (of ``σ(r_c − r_r)``), and ``ece_scaled`` with the fitted ``temperature``; the
+    rewards of ``batch_size`` pairs at a time, without gradients."""
     model.eval()
     chosen, rejected = [], []
     with torch.no_grad():
@@ -128,6 +130,7 @@ def evaluate_reward_model(model: ScalarHeadModel, pairs: list[dict], *, pad_id: 
     temperature = fit_temperature(chosen, rejected)
     return {
         "accuracy": pairwise_accuracy(chosen, rejected),
+        "margin": float((chosen.double() - rejected.double()).mean()),
         "ece": expected_calibration_error(chosen, rejected),
         "temperature": float(temperature),
         "ece_scaled": expected_calibration_error(chosen, rejected, temperature=float(temperature)),
