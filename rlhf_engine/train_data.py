@@ -20,7 +20,7 @@ Formats, by algorithm (TRL's dataset formats, plus ours):
   ``"fields"`` (every field but the prompt, under its own name) for reward functions.
 
 A text field is a string, or a list of chat turns ``[{"role": ..., "content": ...}, ...]``
-(prompt and responses of one record both one or both the other). Strings are tokenized as
+(a record's prompt and responses all strings, or all chat turns). Strings are tokenized as
 ``[bos] + prompt`` and ``response + [eos]``. Chat turns go through the tokenizer's chat
 template as TRL's trainers do: the prompt rendered with the generation prompt (or, when its
 last turn is the assistant's, continuing that turn), each response as the rest of the
@@ -160,13 +160,19 @@ def is_chat(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(t, dict) and isinstance(t.get("role"), str) for t in value)
 
 
+def shared_start(a, b) -> int:
+    """How many leading items the sequences ``a`` and ``b`` have in common."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def implicit_prompt(chosen, rejected) -> tuple:
     """``(prompt, chosen, rejected)``: the longest common start of ``chosen`` and ``rejected``
     (lists of turns, or strings) and the rest of each, TRL's ``extract_prompt``: for strings
     a space just before they differ stays with the responses."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
+    n = shared_start(chosen, rejected)
     if isinstance(chosen, str) and n > 0 and chosen[n - 1] == " ":
         n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
@@ -196,7 +202,7 @@ class _Tokens:
         # The responses start where the prompt rendered alone and every conversation part (TRL's
         # common_prefix_length): a template may render the generation prompt unlike the start
         # of the answer turn, or tokens may merge across the boundary.
-        start = min(_shared_start(alone, ids) for ids in whole.values())
+        start = min(shared_start(alone, ids) for ids in whole.values())
         for f, ids in whole.items():
             if len(ids) == start:
                 raise ValueError(f"{where}: field {f!r} renders to no tokens after the prompt in the chat template")
@@ -234,13 +240,6 @@ def _prompt_ending(where: str, field: str, prompt: list) -> dict:
         return {"continue_final_message": True}
     raise ValueError(f"{where}: field {field!r} ends with a {last!r} turn; a prompt ends with a 'user' or 'tool' "
                      "turn (or an 'assistant' turn, to continue it)")  # fmt: skip
-
-
-def _shared_start(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _text_kind(where: str, field: str, value) -> str:
