@@ -70,9 +70,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from rlhf_engine.demo import DemoConfig, format_summary, run_demo
+    from rlhf_engine.quiet import quiet_transformers
 
     try:
-        summary = run_demo(args.out, DemoConfig(seed=args.seed, device=args.device), quiet=args.quiet)
+        with quiet_transformers(args.quiet):
+            summary = run_demo(args.out, DemoConfig(seed=args.seed, device=args.device), quiet=args.quiet)
     except ValueError as error:
         print(f"rlhf-engine demo: {error}", file=sys.stderr)
         return 2
@@ -83,18 +85,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from rlhf_engine.distributed.group import launched_by_torchrun
+    from rlhf_engine.quiet import quiet_transformers
     from rlhf_engine.train import run_train
 
     if args.nproc is not None and not launched_by_torchrun():
         return _launch_train(args)
     rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
     try:
-        history = run_train(
-            args.algo, args.model, args.data, args.out, config_path=args.config, resume=args.resume,
-            reward_model_path=args.reward_model, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), plan=args.plan,
-            gpu_memory=args.gpu_memory, keep_last=args.keep_last,
-        )  # fmt: skip
+        with quiet_transformers(args.quiet):
+            history = run_train(
+                args.algo, args.model, args.data, args.out, config_path=args.config, resume=args.resume,
+                reward_model_path=args.reward_model, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
+                device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), plan=args.plan,
+                gpu_memory=args.gpu_memory, keep_last=args.keep_last, report_to=args.report_to,
+                log_samples=args.log_samples,
+            )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         print(f"rlhf-engine train{f' (rank {rank})' if launched_by_torchrun() else ''}: {error}", file=sys.stderr)
         return 2
@@ -197,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="SFT -> reward model -> PPO and GRPO on the built-in task (CPU, minutes)")
     demo.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars (transformers' loading bars included)")
     demo.add_argument("--device", default="cpu", help="where the models run (default: cpu, what the demo is sized for)")
     demo.set_defaults(handler=_demo)
     train = commands.add_parser("train", help="train one algorithm on a local model and JSONL data")
@@ -210,12 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="steps between checkpoints")
     train.add_argument("--keep-last", type=int, metavar="N", help="keep only the newest N checkpoints (default: all)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--quiet", action="store_true", help="no progress bars (transformers' loading bars included)")
     train.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
     train.add_argument("--plan", choices=["auto", "off"],
                        help="auto (default on CUDA for RL algorithms): plan GPU memory, offload and micro-batch to fit, or "
                             "refuse before loading anything; off (default elsewhere): everything resident, as configured")
     train.add_argument("--gpu-memory", metavar="SIZE", help="plan for this much GPU memory (default: the device's)")
+    train.add_argument("--report-to", nargs="+", metavar="SINK", choices=["tensorboard", "wandb"],
+                       help="also send the metrics to tensorboard (OUT/tensorboard) and/or wandb (OUT/wandb, offline "
+                            "unless WANDB_MODE is set); metrics.jsonl is always written")
+    train.add_argument("--log-samples", type=int, metavar="K",
+                       help="RL algorithms: K prompts with their completion and reward per step in OUT/samples.jsonl "
+                            "(default 4; 0: off)")
     train.add_argument("--nproc", type=int, metavar="N",
                        help="data-parallel over N processes on this node: re-launches itself under torchrun "
                             "(FSDP2; the same as torchrun --nproc-per-node N -m rlhf_engine.cli train ...)")

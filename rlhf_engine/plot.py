@@ -134,9 +134,10 @@ def _draw_segment(img, x0, y0, x1, y1, color, clip) -> None:
         img[py[keep], px[keep]] = color
 
 
-def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
-    raw = (hi - lo) / count
+def _nice_ticks(lo: float, hi: float, count: int = 5, whole: bool = False) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]; ``whole``:
+    at least 1 apart (steps are whole numbers)."""
+    raw = max((hi - lo) / count, 1.0) if whole else (hi - lo) / count
     power = 10.0 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
     first = math.ceil(lo / step - 1e-9)
@@ -144,8 +145,19 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [0.0 if abs(t) < step * 1e-9 else t for t in ticks if t <= hi + step * 1e-9]
 
 
-def _label(v: float) -> str:
-    return f"{v:.4g}"
+def _tick_labels(ticks: list[float]) -> list[str]:
+    """The ticks as text, with as many digits as their spacing needs (ticks 0.0002 apart near
+    5.5 read 5.5414, 5.5416, ...): fixed decimals for everyday magnitudes, else exponents."""
+    spacing = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    decimals = max(0, -math.floor(math.log10(spacing)))
+    labels = []
+    for t in ticks:
+        if t == 0 or 1e-3 <= abs(t) < 1e6 and decimals <= 4:
+            labels.append(f"{t:.{decimals}f}")
+        else:
+            digits = max(1, math.floor(math.log10(abs(t))) - math.floor(math.log10(spacing)) + 1)
+            labels.append(f"{t:.{digits}g}")
+    return labels
 
 
 def _value_range(values: list[float]) -> tuple[float, float]:
@@ -266,11 +278,11 @@ def panel_layout(panel: Panel, x0: int, y0: int, width: int, height: int) -> Pan
     y_range = axis_range(("left", "baseline"))
     has_right = any(kind in ("right", "right_baseline") for kind, _, _ in entries)
     right_range = axis_range(("right", "right_baseline")) if has_right else None
-    x_ticks, y_ticks = _nice_ticks(*x_range), _nice_ticks(*y_range)
+    x_ticks, y_ticks = _nice_ticks(*x_range, whole=panel.x_label == "step"), _nice_ticks(*y_range)
     right_ticks = _nice_ticks(*right_range) if has_right else []
     margin = 8 + _TEXT_H + _AXIS_GAP  # the outer edge, an axis label, its gap
-    left = x0 + margin + max(_text_width(_label(t)) for t in y_ticks) + _AXIS_GAP
-    right = x0 + width - (margin + max(_text_width(_label(t)) for t in right_ticks) + _AXIS_GAP if has_right else 16)
+    left = x0 + margin + max(map(_text_width, _tick_labels(y_ticks))) + _AXIS_GAP
+    right = x0 + width - (margin + max(map(_text_width, _tick_labels(right_ticks))) + _AXIS_GAP if has_right else 16)
     top = y0 + 2 * _TEXT_H + 16
     bottom = y0 + height - 2 * _TEXT_H - 3 * _AXIS_GAP - 4
     return PanelLayout(left, top, right, bottom, x_range, y_range, right_range, x_ticks, y_ticks, right_ticks)
@@ -279,16 +291,17 @@ def panel_layout(panel: Panel, x0: int, y0: int, width: int, height: int) -> Pan
 def _draw_y_axis(img, layout: PanelLayout, x0: int, width: int, label: str, right_axis: bool) -> None:
     ticks = layout.right_ticks if right_axis else layout.y_ticks
     edge = layout.right if right_axis else layout.left
-    widest = max(_text_width(_label(t)) for t in ticks)
-    for t in ticks:
+    labels = _tick_labels(ticks)
+    widest = max(map(_text_width, labels))
+    for t, text in zip(ticks, labels):
         py = int(round(layout.y_px(t, right_axis)))
         if not right_axis:
             img[py, layout.left:layout.right + 1] = _GRID
             img[py, edge - 4:edge] = _INK
-            _draw_text(img, edge - _AXIS_GAP - _text_width(_label(t)), py - _TEXT_H // 2, _label(t), _INK)
+            _draw_text(img, edge - _AXIS_GAP - _text_width(text), py - _TEXT_H // 2, text, _INK)
         else:
             img[py, edge + 1:edge + 5] = _INK
-            _draw_text(img, edge + _AXIS_GAP, py - _TEXT_H // 2, _label(t), _INK)
+            _draw_text(img, edge + _AXIS_GAP, py - _TEXT_H // 2, text, _INK)
     img[layout.top:layout.bottom + 1, edge] = _INK
     if label:
         middle = (layout.top + layout.bottom) // 2 + _text_width(label) // 2
@@ -298,11 +311,11 @@ def _draw_y_axis(img, layout: PanelLayout, x0: int, width: int, label: str, righ
 
 def _draw_panel(img: np.ndarray, panel: Panel, x0: int, y0: int, width: int, height: int) -> None:
     layout = panel_layout(panel, x0, y0, width, height)
-    for t in layout.x_ticks:
+    for t, text in zip(layout.x_ticks, _tick_labels(layout.x_ticks)):
         px = int(round(layout.x_px(t)))
         img[layout.top:layout.bottom + 1, px] = _GRID
         img[layout.bottom + 1:layout.bottom + 5, px] = _INK
-        _draw_text(img, px - _text_width(_label(t)) // 2, layout.bottom + 7, _label(t), _INK)
+        _draw_text(img, px - _text_width(text) // 2, layout.bottom + 7, text, _INK)
     _draw_y_axis(img, layout, x0, width, panel.y_label, right_axis=False)
     if layout.right_range is not None:
         _draw_y_axis(img, layout, x0, width, panel.right_label, right_axis=True)
