@@ -5,6 +5,9 @@
 * ``train --algo A --model PATH|tiny --data FILE.jsonl [--config FILE.yaml] [--resume] [--nproc N]``:
   one algorithm on a local model and data; see ``rlhf_engine.train``. Data-parallel on FSDP2:
   ``torchrun --nproc-per-node N -m rlhf_engine.cli train ...``, or ``--nproc N`` which launches that.
+* ``generate --model DIR --prompts FILE.jsonl [--out FILE] [--num-samples N] [--max-new-tokens N]
+  [--temperature T] [--top-p P] [--top-k K] [--seed S] [--device DEV]``: sample completions from a
+  trained model folder, one JSON line per prompt; see ``rlhf_engine.generate``.
 * ``plan --algo A --model PATH|config.json [--reward-model ...] [--gpu NAME | --gpu-memory SIZE]
   [--config FILE.yaml] [--prompt-length N] [--no-offload] [--gpus N|auto] [--json]``: will the run
   fit one GPU (or each of N under FSDP2, and how many it needs)? The memory plan per phase and
@@ -17,6 +20,7 @@ one table and writes one JSON file per family under ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -108,6 +112,31 @@ def _train(args: argparse.Namespace) -> int:
     last = history[-1] if history else {}
     print(f"{args.algo}: {len(history)} steps run; last step: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
     print(f"model written to {args.out}/model, metrics to {args.out}/metrics.jsonl")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    from rlhf_engine.generate import generate_completions
+    from rlhf_engine.quiet import quiet_transformers
+
+    try:
+        with quiet_transformers(args.quiet):
+            records = generate_completions(
+                args.model, args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, quiet=args.quiet,
+                device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            )  # fmt: skip
+            with open(args.out, "w", encoding="utf-8") if args.out else contextlib.nullcontext(sys.stdout) as sink:
+                for record in records:
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    sink.flush()
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"rlhf-engine generate: {error}", file=sys.stderr)
+        return 2
+    if args.out:
+        print(f"completions written to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -231,6 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data-parallel over N processes on this node: re-launches itself under torchrun "
                             "(FSDP2; the same as torchrun --nproc-per-node N -m rlhf_engine.cli train ...)")
     train.set_defaults(handler=_train)
+    generate = commands.add_parser("generate", help="sample completions of JSONL prompts from a trained model folder")
+    generate.add_argument("--model", required=True, metavar="DIR", help="a trained model folder (e.g. the model/ of a train run)")
+    generate.add_argument("--prompts", required=True, metavar="FILE.jsonl", help='one {"prompt": ...} per line, as train reads RL data')
+    generate.add_argument("--out", metavar="FILE", help="write the JSONL here (default: stdout)")
+    generate.add_argument("--num-samples", type=int, default=1, metavar="N", help="completions per prompt (default 1)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens per completion at most (default 64)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens up to this probability (default 1: off)")
+    generate.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (default 0: off)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
+    generate.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts sampled at once (default 16)")
+    generate.add_argument("--device", help="where the model runs (default: cuda when available, else cpu)")
+    generate.add_argument("--quiet", action="store_true", help="no progress bars (transformers' loading bars included)")
+    generate.set_defaults(handler=_generate)
     plan = commands.add_parser("plan", help="will an RL run fit one GPU, or N? memory per phase and role, before any model is loaded")
     plan.add_argument("--algo", required=True, choices=["ppo", "grpo", "rloo", "reinforce_pp"])
     plan.add_argument("--model", required=True, metavar="PATH", help="the policy: a model folder or a bare config.json")
