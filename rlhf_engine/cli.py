@@ -1,9 +1,10 @@
-"""Command line: ``rlhf-engine demo | train | plan | bench``.
+"""Command line: ``rlhf-engine demo | train | generate | plan | bench``.
 
 * ``demo [--out DIR] [--seed S]``: the embedded pipeline (SFT, reward model, PPO, GRPO)
   on the built-in sorting task; see ``rlhf_engine.demo``.
-* ``train --algo A --model PATH|tiny --data FILE.jsonl [--config FILE.yaml] [--resume] [--nproc N]``:
-  one algorithm on a local model and data; see ``rlhf_engine.train``. Data-parallel on FSDP2:
+* ``train --algo A --model PATH|tiny --data FILE.jsonl [--config FILE.yaml] [--resume] [--nproc N]
+  [--log-samples K] [--report-to tensorboard wandb]``: one algorithm on a local model and data;
+  see ``rlhf_engine.train``. Data-parallel on FSDP2:
   ``torchrun --nproc-per-node N -m rlhf_engine.cli train ...``, or ``--nproc N`` which launches that.
 * ``generate --model DIR --prompts FILE.jsonl [--out FILE] [--num-samples N] [--max-new-tokens N]
   [--temperature T] [--top-p P] [--top-k K] [--seed S] [--device DEV]``: sample completions from a
