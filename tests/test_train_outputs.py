@@ -62,6 +62,24 @@ def test_rl_trainer_keeps_k_samples_of_the_step_spread_over_the_rollout():
                   eos_token_id=2, prompts=None, reward_fn=reward, log_samples=-1)  # fmt: skip
 
 
+def test_pick_samples_of_token_advantages_is_the_mean_over_the_response():
+    from rlhf_engine.algos.samples import pick_samples
+    from rlhf_engine.rollout import Rollout
+
+    mask = torch.tensor([[True, True, False], [True, False, False], [True, True, True]])
+    rollout = Rollout(prompt_ids=torch.tensor([[0, 1, 5], [1, 6, 7], [0, 1, 8]]),
+                      prompt_mask=torch.tensor([[False, True, True], [True, True, True], [False, True, True]]),
+                      response_ids=torch.tensor([[9, 2, 0], [2, 0, 0], [10, 11, 2]]), response_mask=mask,
+                      logprobs=torch.zeros(3, 3), scores=torch.tensor([0.5, -1.0, 2.0]))  # fmt: skip
+    advantages = torch.tensor([[1.0, 3.0, 100.0], [-2.0, 100.0, 100.0], [0.0, 0.3, 0.6]])  # 100: masked, never counted
+    picked = pick_samples(rollout, advantages, 2)
+    assert [s["row"] for s in picked] == [0, 1]
+    assert picked[0] == {"row": 0, "prompt_ids": [1, 5], "response_ids": [9, 2], "reward": 0.5, "advantage": 2.0}
+    assert picked[1]["prompt_ids"] == [1, 6, 7] and picked[1]["advantage"] == -2.0
+    everything = pick_samples(rollout, advantages, 10)  # more than the rollout holds: all of it
+    assert [s["row"] for s in everything] == [0, 1, 2] and everything[2]["advantage"] == pytest.approx(0.3)
+
+
 def test_train_logs_samples_with_their_rewards_and_writes_the_curves(files, tmp_path):
     assert train("grpo", files["answers"], files["grouped"], tmp_path, "--log-samples", "3") == 0
     lines = samples(tmp_path)

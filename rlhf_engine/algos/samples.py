@@ -23,7 +23,8 @@ def pick_samples(rollout: Rollout, advantages: torch.Tensor, k: int) -> list[dic
     """
     rows = rollout.response_ids.shape[0]
     k = min(k, rows)
-    index = torch.tensor([i * rows // k for i in range(k)], device=rollout.response_ids.device)
+    chosen = [i * rows // k for i in range(k)]
+    index = torch.tensor(chosen, device=rollout.response_ids.device)
     picked = rollout.select(index)
     prompts, responses = picked.token_lists()
     advantage = advantages[index]
@@ -32,5 +33,5 @@ def pick_samples(rollout: Rollout, advantages: torch.Tensor, k: int) -> list[dic
         advantage = (advantage * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     return [
         {"row": row, "prompt_ids": p, "response_ids": r, "reward": score, "advantage": a}
-        for row, p, r, score, a in zip(index.tolist(), prompts, responses, picked.scores.tolist(), advantage.tolist())
+        for row, p, r, score, a in zip(chosen, prompts, responses, picked.scores.tolist(), advantage.tolist())
     ]
