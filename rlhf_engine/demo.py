@@ -33,6 +33,7 @@ from rlhf_engine.algos.ppo import ppo_config
 from rlhf_engine.algos.reward_model import RewardModelConfig, RewardModelTrainer, evaluate_reward_model
 from rlhf_engine.algos.rl import RLConfig, RLTrainer
 from rlhf_engine.algos.sft import SFTConfig, SFTTrainer
+from rlhf_engine.curves import CURVE_COLUMNS, CURVE_HEIGHT, CURVE_WIDTH
 from rlhf_engine.models import PolicyModel, ScalarHeadModel, llama_config
 from rlhf_engine.plot import Panel, write_line_plot_png
 from rlhf_engine.rollout import SamplingConfig
@@ -135,7 +136,8 @@ def _run_demo(out: Path, config: DemoConfig, quiet: bool) -> dict:
         "seconds": time.perf_counter() - start,
     }
     histories = {"sft": sft_history, "reward_model": rm_history, **{k: v["history"] for k, v in results.items()}}
-    write_line_plot_png(out / "curves.png", demo_panels(histories, sft_eval["score"]), width=700, height=260, columns=2)
+    write_line_plot_png(out / "curves.png", demo_panels(histories, sft_eval["score"]), width=CURVE_WIDTH, height=CURVE_HEIGHT,
+                        columns=CURVE_COLUMNS)  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
