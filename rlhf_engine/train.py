@@ -19,10 +19,14 @@ Loading prints one line (records, truncations, drops) unless ``quiet`` and write
 
 ``--config FILE.yaml`` sets fields of the algorithm's config dataclass (``SFTConfig``,
 ``RewardModelConfig``, ``DPOConfig``, or ``RLConfig`` on top of the algorithm's preset;
-for ``grpo`` also ``variant``; ``data:`` a mapping of :class:`~rlhf_engine.train_data.DataConfig` fields). The output folder gets ``metrics.jsonl``, checkpoints
-every ``checkpoint_every`` steps and the final model with its tokenizer in ``model/`` (so
-that folder can be the ``--model`` of a later run); ``--resume`` continues from the latest
-checkpoint there, first dropping the log lines of steps after it (they are run again).
+for ``grpo`` also ``variant``; ``data:`` a mapping of :class:`~rlhf_engine.train_data.DataConfig` fields).
+The output folder gets ``metrics.jsonl`` (also sent to the ``--report-to`` sinks: TensorBoard,
+W&B), for RL algorithms ``samples.jsonl`` (``--log-samples K`` prompts and completions of each
+step with their rewards), ``curves.png`` (every logged metric per step, ``rlhf_engine.curves``),
+checkpoints every ``checkpoint_every`` steps and the final model with its tokenizer in
+``model/`` (so that folder can be the ``--model`` of a later run); ``--resume`` continues from
+the latest checkpoint there, first dropping the log lines (metrics and samples) of steps after
+it (they are run again).
 
 ``--eval-data FILE`` (records of the ``--data`` format) evaluates the run's model before the
 first step, after every ``--eval-every N`` steps and after the last one, with the metrics of
@@ -67,11 +71,13 @@ from rlhf_engine.models import PolicyModel, ScalarHeadModel, llama_config
 from rlhf_engine.models.checkpoint import atomic_write_bytes, latest_checkpoint
 from rlhf_engine.models.configs import MODEL_SIZES
 from rlhf_engine.models.tokenizers import load_tokenizer
-from rlhf_engine.runlog import RunLog
+from rlhf_engine.sinks import check_report_to
 from rlhf_engine.train_data import DataConfig, DataStats, load_data, load_data_config, load_records  # noqa: F401 (load_records: the API)
+from rlhf_engine.train_outputs import METRICS_FILE, SAMPLES_FILE, train_outputs
 
 ALGOS = ("sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo")
 RL_PRESETS = {"ppo": PPO_DEFAULTS, "rloo": RLOO_DEFAULTS, "reinforce_pp": REINFORCE_PP_DEFAULTS}  # grpo: grpo_preset
+LOG_SAMPLES = 4  # --log-samples default for the RL algorithms
 EVAL_UNDER_TORCHRUN = ("--eval-data runs in one process only, not under torchrun (--nproc): train without it and "
                        "evaluate the saved model with `rlhf-engine eval --model OUT/model --data FILE`")
 
@@ -148,12 +154,13 @@ def _answer_reward(tokenizer, answers: dict[tuple[int, ...], str]):
 
 def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokenizer, reward_model_path: str | None, placement=None,
                   device: torch.device | None = None, parallel: DataParallel = SINGLE, *, eval_records: list | None = None,
-                  reference: PolicyModel | None = None):  # fmt: skip
+                  reference: PolicyModel | None = None, log_samples: int = 0):  # fmt: skip
     """The trainer of ``algo`` on ``records``. RL: scored by the reward model at
     ``reward_model_path``, else by answer match over the answers of ``records`` and
     ``eval_records`` (the ``--eval-data`` prompts, scored by the same function but never
-    trained on). ``reference``: DPO's and RL's (default: a copy of ``policy``; RL with LoRA:
-    the adapter-disabled policy, and no other may be given)."""
+    trained on); it keeps ``log_samples`` samples of each step (``RLTrainer``). ``reference``:
+    DPO's and RL's (default: a copy of ``policy``; RL with LoRA: the adapter-disabled policy,
+    and no other may be given)."""
     pad = tokenizer.pad_token_id
     if algo == "sft":
         return SFTTrainer(policy, records, config, pad_id=pad, parallel=parallel)
@@ -190,7 +197,7 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
         _place_for_first_phase(placement, device, policy=policy, reference=reference, **scoring)
     return RLTrainer(
         config, policy=policy, reference=reference, prompts=sample_prompts, pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id, placement=placement, parallel=parallel, **scoring,
+        eos_token_id=tokenizer.eos_token_id, placement=placement, parallel=parallel, log_samples=log_samples, **scoring,
     )  # fmt: skip
 
 
@@ -265,6 +272,35 @@ def report_data(stats: DataStats, path: Path, quiet: bool) -> None:
     atomic_write_bytes(path, (json.dumps(dataclasses.asdict(stats), indent=1) + "\n").encode())
 
 
+def check_log_samples(algo: str, log_samples: int | None) -> int:
+    """``--log-samples``: samples per step for an RL algorithm (None: ``LOG_SAMPLES``), 0 for the
+    others (which sample nothing: setting it for them is an error)."""
+    if log_samples is None:
+        return LOG_SAMPLES if algo in RL_ALGOS else 0
+    if isinstance(log_samples, bool) or not isinstance(log_samples, int) or log_samples < 0:
+        raise ValueError(f"--log-samples must be a number of samples >= 0 (0: off), got {log_samples!r}")
+    if algo not in RL_ALGOS and log_samples:
+        raise ValueError(f"--log-samples: --algo {algo} samples no completions (it logs samples of the RL algorithms {RL_ALGOS})")
+    return log_samples
+
+
+def _prepare_out(out: Path, resume: bool) -> int | None:
+    """Create ``out``; for a resume, drop the log lines (metrics and samples) of steps after the
+    latest checkpoint and return the step the run continues from (None without ``resume``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        return None
+    for name in (METRICS_FILE, SAMPLES_FILE):
+        _drop_lines_after_checkpoint(out / name, out / "checkpoints")
+    return _checkpoint_step(out / "checkpoints") + 1
+
+
+def _checkpoint_step(checkpoint_dir: Path) -> int:
+    """The step of the latest checkpoint in ``checkpoint_dir``, -1 without one."""
+    latest = latest_checkpoint(checkpoint_dir)
+    return json.loads((latest / "state.json").read_text())["step"] if latest is not None else -1
+
+
 def _drop_lines_after_checkpoint(log: Path, checkpoint_dir: Path) -> None:
     """Keep only the log lines of steps up to the latest checkpoint (all of them without one).
 
@@ -273,8 +309,7 @@ def _drop_lines_after_checkpoint(log: Path, checkpoint_dir: Path) -> None:
     """
     if not log.is_file():
         return
-    latest = latest_checkpoint(checkpoint_dir)
-    last = json.loads((latest / "state.json").read_text())["step"] if latest is not None else -1
+    last = _checkpoint_step(checkpoint_dir)
     kept = []
     for line in log.read_text(encoding="utf-8").splitlines(keepends=True):
         try:
@@ -291,7 +326,7 @@ def run_train(
     resume: bool = False, reward_model_path: str | None = None, checkpoint_every: int = 10,
     stop_after: int | None = None, quiet: bool = False, device: str = "cpu", plan: str | None = None,
     gpu_memory: str | None = None, keep_last: int | None = None, eval_data: str | Path | None = None,
-    eval_every: int | None = None, data_options: dict | None = None,
+    eval_every: int | None = None, data_options: dict | None = None, report_to=None, log_samples: int | None = None,
 ) -> list[dict]:  # fmt: skip
     """Train ``algo`` on ``device`` and return the per-step metrics of this call (see the module
     docstring). ``plan``: ``"auto"`` (the default on CUDA) or ``"off"`` (the default elsewhere),
@@ -299,7 +334,11 @@ def run_train(
     records read as ``data`` is, evaluated (``rlhf_engine.algos.eval_runs``) before the first
     step, after every ``eval_every`` steps (None or 0: none in between) and after the last,
     logged as phase ``f"{algo}_eval"`` (one process only: refused under torchrun). ``data_options``:
-    :class:`~rlhf_engine.train_data.DataConfig` fields over the config's ``data:`` (the flags)."""
+    :class:`~rlhf_engine.train_data.DataConfig` fields over the config's ``data:`` (the flags).
+    ``report_to``: sinks beside ``metrics.jsonl`` (``rlhf_engine.sinks``); ``log_samples``:
+    samples per RL step in ``samples.jsonl`` (:func:`check_log_samples`). ``quiet``: no progress
+    bar (for transformers' bars too, wrap the call in ``rlhf_engine.quiet.quiet_transformers``,
+    as the CLI does)."""
     if algo not in ALGOS:
         raise ValueError(f"--algo must be one of {ALGOS}, got {algo!r}")
     if checkpoint_every < 0:
@@ -307,6 +346,7 @@ def run_train(
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"--keep-last must be a number of checkpoints >= 1, got {keep_last!r}")
     device = check_device(device)
+    report_to, log_samples = check_report_to(report_to), check_log_samples(algo, log_samples)
     config = load_config(algo, config_path)
     data_config = load_data_config(config_path, data_options)
     if eval_data is None and eval_every is not None:
@@ -317,7 +357,8 @@ def run_train(
             raise ValueError(EVAL_UNDER_TORCHRUN)
         return _run_distributed(algo, config, model, data, out, device, plan, resume=resume, reward_model_path=reward_model_path,
                                 checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet,
-                                gpu_memory=gpu_memory, keep_last=keep_last, data_config=data_config)  # fmt: skip
+                                gpu_memory=gpu_memory, keep_last=keep_last, data_config=data_config, report_to=report_to,
+                                log_samples=log_samples)  # fmt: skip
     tokenizer = load_tokenizer(model)
     records, stats = load_data(algo, data, tokenizer, data_config)
     eval_records, eval_stats = load_eval_data(algo, eval_data, tokenizer, data_config) if eval_data is not None else (None, None)
@@ -333,20 +374,19 @@ def run_train(
     dtype = parse_dtype(config.dtype) if algo in RL_ALGOS else torch.float32
     policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, build_on, dtype)
     trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement, device,
-                            eval_records=eval_records)  # fmt: skip
+                            eval_records=eval_records, log_samples=log_samples)  # fmt: skip
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    resumed_from = _prepare_out(out, resume)
     report_data(stats, out / "data_stats.json", quiet)
     if eval_stats is not None:
         report_data(eval_stats, out / "eval_data_stats.json", quiet)
-    if resume:
-        _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
     evaluate = _evaluator(algo, trainer, eval_records, quiet) if eval_records is not None else None
-    with RunLog(out / "metrics.jsonl", total=config.steps + len(schedule), desc=algo, quiet=quiet) as log:
+    with train_outputs(out, algo, config.steps + len(schedule), trainer, tokenizer, quiet=quiet, report_to=report_to, run=run,
+                       resumed_from=resumed_from) as (log, on_step):  # fmt: skip
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
             checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run, keep_last=keep_last,
-            evaluate=evaluate, eval_every=eval_every or 0,
+            on_step=on_step, evaluate=evaluate, eval_every=eval_every or 0,
         )  # fmt: skip
     final = trainer.models["reward_model" if algo == "rm" else "policy"]
     final.save(out / "model")
@@ -384,7 +424,7 @@ def _evaluator(algo: str, trainer, records: list, quiet: bool):
 def _run_distributed(algo: str, config, model: str, data, out, device: torch.device, plan: str | None, *, resume: bool,
                      reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool,
                      gpu_memory: str | None = None, keep_last: int | None = None,
-                     data_config: DataConfig | None = None) -> list[dict]:  # fmt: skip
+                     data_config: DataConfig | None = None, report_to=(), log_samples: int = 0) -> list[dict]:  # fmt: skip
     """:func:`run_train` on every rank of a torchrun launch: FSDP2 for the trained roles, each rank
     its share of every batch, sharded checkpoints; rank 0 alone writes the log and the model folder
     (gathered). The world-size checks run before anything is read or loaded."""
@@ -394,7 +434,8 @@ def _run_distributed(algo: str, config, model: str, data, out, device: torch.dev
     try:
         history = _train_ranks(algo, config, model, data, Path(out), parallel, resume=resume, reward_model_path=reward_model_path,
                                checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet, plan=plan,
-                               gpu_memory=gpu_memory, keep_last=keep_last, data_config=data_config)  # fmt: skip
+                               gpu_memory=gpu_memory, keep_last=keep_last, data_config=data_config, report_to=report_to,
+                               log_samples=log_samples)  # fmt: skip
         # Every rank done with every collective, and the models (whose FSDP state holds gloo work
         # and tensors) freed, before the group goes: a gloo group torn down under a live peer or
         # with pending work can abort the process at exit.
@@ -408,11 +449,12 @@ def _run_distributed(algo: str, config, model: str, data, out, device: torch.dev
 def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataParallel, *, resume: bool,
                  reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool,
                  plan: str | None, gpu_memory: str | None, keep_last: int | None,
-                 data_config: DataConfig | None) -> list[dict]:  # fmt: skip
+                 data_config: DataConfig | None, report_to=(), log_samples: int = 0) -> list[dict]:  # fmt: skip
     """The body of :func:`_run_distributed` (its models go out of scope when it returns). The
     plan (``--plan auto``, the default for RL on CUDA) is rank 0's under FSDP2, the same on
     every rank (it reads only the configs, the data and the GPU's size), made before any
-    model is loaded."""
+    model is loaded. Rank 0 alone writes the logs, the samples of the global rollout (the same
+    on every rank) and the curves."""
     tokenizer = load_tokenizer(model)
     records, stats = load_data(algo, data, tokenizer, data_config)
     run = run_identity(model, config, reward_model_path, data_config)  # the same at any world size (before the plan)
@@ -421,18 +463,22 @@ def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataP
                          world_size=parallel.world_size)  # fmt: skip
     torch.manual_seed(config.seed)
     policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, parallel.device)
-    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel)
+    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel,
+                            log_samples=log_samples if parallel.is_main else 0)  # fmt: skip
+    resumed_from = None
     if parallel.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        resumed_from = _prepare_out(out, resume)
         report_data(stats, out / "data_stats.json", quiet)
-        if resume:
-            _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
     parallel.barrier()
-    log = RunLog(out / "metrics.jsonl", total=config.steps, desc=algo, quiet=quiet) if parallel.is_main else None
-    with log if log is not None else contextlib.nullcontext():
+    outputs = contextlib.nullcontext((None, None))
+    if parallel.is_main:
+        outputs = train_outputs(out, algo, config.steps, trainer, tokenizer, quiet=quiet, report_to=report_to, run=run,
+                                resumed_from=resumed_from)  # fmt: skip
+    with outputs as (log, on_step):
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
             checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run, keep_last=keep_last,
+            on_step=on_step,
         )  # fmt: skip
     if algo == "rm":
         export_scalar_head(trainer.models["reward_model"], out / "model", parallel)
