@@ -1,14 +1,21 @@
-"""Command line: ``rlhf-engine demo | train | eval | plan | bench``.
+"""Command line: ``rlhf-engine demo | train | eval | generate | plan | bench``.
 
 * ``demo [--out DIR] [--seed S]``: the embedded pipeline (SFT, reward model, PPO, GRPO)
   on the built-in sorting task; see ``rlhf_engine.demo``.
-* ``train --algo A --model PATH|tiny --data FILE.jsonl [--config FILE.yaml] [--resume] [--nproc N]
-  [--reward-fn FILE.py:FUNCTION ... [--reward-weights W ...]]``: one algorithm on a local model
-  and data; see ``rlhf_engine.train`` (reward functions: ``rlhf_engine.rewards``). Data-parallel on FSDP2:
+* ``train --algo A --model PATH|tiny --data FILE|DIR [--config FILE.yaml] [--resume] [--nproc N]
+  [--eval-data FILE] [--log-samples K] [--report-to tensorboard wandb]
+  [--reward-fn FILE.py:FUNCTION ... [--reward-weights W ...]]``: one algorithm on a
+  local model and data (JSONL, JSON, Parquet, CSV or a saved ``datasets``
+  folder; ``--prompt-field`` ... ``--max-length`` set the data config, see
+  ``rlhf_engine.train_data``); see ``rlhf_engine.train`` (reward functions:
+  ``rlhf_engine.rewards``). Data-parallel on FSDP2:
   ``torchrun --nproc-per-node N -m rlhf_engine.cli train ...``, or ``--nproc N`` which launches that.
 * ``eval --algo A --model DIR --data FILE.jsonl [--config FILE.yaml] [--reward-model DIR]
   [--ref-model DIR] [--json]``: a saved model's metrics on a data file, the ones ``train
   --eval-data FILE`` logs; see ``rlhf_engine.evaluate``.
+* ``generate --model DIR --prompts FILE.jsonl [--out FILE] [--num-samples N] [--max-new-tokens N]
+  [--temperature T] [--top-p P] [--top-k K] [--seed S] [--device DEV]``: sample completions from a
+  trained model folder, one JSON line per prompt; see ``rlhf_engine.generate``.
 * ``plan --algo A --model PATH|config.json [--reward-model ...] [--gpu NAME | --gpu-memory SIZE]
   [--config FILE.yaml] [--prompt-length N] [--no-offload] [--gpus N|auto] [--json]``: will the run
   fit one GPU (or each of N under FSDP2, and how many it needs)? The memory plan per phase and
@@ -21,6 +28,7 @@ one table and writes one JSON file per family under ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -75,9 +83,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from rlhf_engine.demo import DemoConfig, format_summary, run_demo
+    from rlhf_engine.quiet import quiet_transformers
 
     try:
-        summary = run_demo(args.out, DemoConfig(seed=args.seed, device=args.device), quiet=args.quiet)
+        with quiet_transformers(args.quiet):
+            summary = run_demo(args.out, DemoConfig(seed=args.seed, device=args.device), quiet=args.quiet)
     except ValueError as error:
         print(f"rlhf-engine demo: {error}", file=sys.stderr)
         return 2
@@ -88,19 +98,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from rlhf_engine.distributed.group import launched_by_torchrun
+    from rlhf_engine.quiet import quiet_transformers
     from rlhf_engine.train import run_train
 
     if args.nproc is not None and not launched_by_torchrun():
         return _launch_train(args)
     rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
     try:
-        history = run_train(
-            args.algo, args.model, args.data, args.out, config_path=args.config, resume=args.resume,
-            reward_model_path=args.reward_model, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), plan=args.plan,
-            gpu_memory=args.gpu_memory, keep_last=args.keep_last, eval_data=args.eval_data, eval_every=args.eval_every,
-            reward_fns=args.reward_fn, reward_weights=args.reward_weights,
-        )  # fmt: skip
+        with quiet_transformers(args.quiet):
+            history = run_train(
+                args.algo, args.model, args.data, args.out, config_path=args.config, resume=args.resume,
+                reward_model_path=args.reward_model, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
+                device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), plan=args.plan,
+                gpu_memory=args.gpu_memory, keep_last=args.keep_last, eval_data=args.eval_data, eval_every=args.eval_every,
+                data_options=_data_options(args), report_to=args.report_to, log_samples=args.log_samples,
+                reward_fns=args.reward_fn, reward_weights=args.reward_weights,
+            )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         print(f"rlhf-engine train{f' (rank {rank})' if launched_by_torchrun() else ''}: {error}", file=sys.stderr)
         return 2
@@ -112,6 +125,11 @@ def _train(args: argparse.Namespace) -> int:
         _print_last_eval(args.algo, Path(args.out) / "metrics.jsonl")
     print(f"model written to {args.out}/model, metrics to {args.out}/metrics.jsonl")
     return 0
+
+
+def _data_options(args: argparse.Namespace) -> dict:
+    """The DataConfig fields the ``train`` flags set (None: not given)."""
+    return {name: getattr(args, name) for name, *_ in DATA_FLAGS}
 
 
 def _print_last_eval(algo: str, log: Path) -> None:
@@ -146,14 +164,41 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    from rlhf_engine.generate import generate_completions
+    from rlhf_engine.quiet import quiet_transformers
+
+    try:
+        with quiet_transformers(args.quiet):
+            records = generate_completions(
+                args.model, args.prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, quiet=args.quiet,
+                device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            )  # fmt: skip
+            with open(args.out, "w", encoding="utf-8") if args.out else contextlib.nullcontext(sys.stdout) as sink:
+                for record in records:
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    sink.flush()
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"rlhf-engine generate: {error}", file=sys.stderr)
+        return 2
+    if args.out:
+        print(f"completions written to {args.out}", file=sys.stderr)
+    return 0
+
+
 def _launch_train(args: argparse.Namespace) -> int:
     """``train --nproc N``: this command line again, without ``--nproc``, under
     ``torch.distributed.run`` with N processes on this node (``--standalone``: a free port). The
-    world-size checks run here first, so a bad size fails before any process starts."""
+    world-size and data config checks run here first, so a bad size or data config fails before
+    any process starts."""
     import subprocess
 
     from rlhf_engine.distributed.batches import check_world_size
     from rlhf_engine.train import EVAL_UNDER_TORCHRUN, load_config
+    from rlhf_engine.train_data import load_data_config
 
     try:
         if args.nproc < 1:
@@ -161,6 +206,7 @@ def _launch_train(args: argparse.Namespace) -> int:
         if args.eval_data is not None:
             raise ValueError(EVAL_UNDER_TORCHRUN)
         check_world_size(args.algo, load_config(args.algo, args.config), args.nproc)
+        load_data_config(args.config, _data_options(args))
     except (ValueError, FileNotFoundError) as error:
         print(f"rlhf-engine train: {error}", file=sys.stderr)
         return 2
@@ -232,6 +278,19 @@ def _version() -> str:
     return __version__
 
 
+# `train` flags that set DataConfig fields (over the --config file's `data:` mapping): name, type, metavar, help.
+DATA_FLAGS = [
+    ("prompt_field", str, "NAME", "the prompt's field in the data (default: prompt)"),
+    ("response_field", str, "NAME", "SFT: the response's field (default: response, or completion when the data has that)"),
+    ("messages_field", str, "NAME", "SFT: the conversation's field (default: messages)"),
+    ("chosen_field", str, "NAME", "RM, DPO: the preferred response's field (default: chosen)"),
+    ("rejected_field", str, "NAME", "RM, DPO: the other response's field (default: rejected)"),
+    ("answer_field", str, "NAME", "RL: the answer's field for the exact-match reward (default: answer)"),
+    ("max_prompt_length", int, "N", "cut prompts to N tokens (keeping their end; data.prompt_truncation: right keeps the start)"),
+    ("max_length", int, "N", "SFT, RM, DPO: cut responses so prompt + response <= N tokens; drop records whose prompt alone has N"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-engine", description="rlhf_engine: fused RLHF ops and benchmarks")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -239,14 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="SFT -> reward model -> PPO and GRPO on the built-in task (CPU, minutes)")
     demo.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars (transformers' loading bars included)")
     demo.add_argument("--device", default="cpu", help="where the models run (default: cpu, what the demo is sized for)")
     demo.set_defaults(handler=_demo)
-    train = commands.add_parser("train", help="train one algorithm on a local model and JSONL data")
+    train = commands.add_parser("train", help="train one algorithm on a local model and local data (JSONL, JSON, Parquet, CSV, datasets folders)")
     train.add_argument("--algo", required=True,
                        choices=["sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "rejection_sampling"])
     train.add_argument("--model", required=True, help="a local model folder, or a built-in size: tiny, small")
-    train.add_argument("--data", required=True, metavar="FILE.jsonl")
+    train.add_argument("--data", required=True, metavar="FILE|DIR",
+                       help="local data: .jsonl, .json, .parquet, .csv, or a folder saved by datasets' save_to_disk")
     train.add_argument("--config", metavar="FILE.yaml", help="fields of the algorithm's config dataclass")
     train.add_argument("--reward-model", metavar="DIR", help="reward model folder (saved by --algo rm) for RL algorithms")
     train.add_argument("--reward-fn", action="append", metavar="FILE.py:FUNCTION",
@@ -258,12 +318,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     train.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="steps between checkpoints")
     train.add_argument("--keep-last", type=int, metavar="N", help="keep only the newest N checkpoints (default: all)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--quiet", action="store_true", help="no progress bars (transformers' loading bars included)")
     train.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
     train.add_argument("--plan", choices=["auto", "off"],
                        help="auto (default on CUDA for RL algorithms): plan GPU memory, offload and micro-batch to fit, or "
                             "refuse before loading anything; off (default elsewhere): everything resident, as configured")
     train.add_argument("--gpu-memory", metavar="SIZE", help="plan for this much GPU memory (default: the device's)")
+    train.add_argument("--report-to", nargs="+", metavar="SINK", choices=["tensorboard", "wandb"],
+                       help="also send the metrics to tensorboard (OUT/tensorboard) and/or wandb (OUT/wandb, offline "
+                            "unless WANDB_MODE is set); metrics.jsonl is always written")
+    train.add_argument("--log-samples", type=int, metavar="K",
+                       help="RL algorithms: K prompts with their completion and reward per step in OUT/samples.jsonl "
+                            "(default 4; 0: off)")
     train.add_argument("--nproc", type=int, metavar="N",
                        help="data-parallel over N processes on this node: re-launches itself under torchrun "
                             "(FSDP2; the same as torchrun --nproc-per-node N -m rlhf_engine.cli train ...)")
@@ -271,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="held-out records (the --data format): evaluated before training, every --eval-every steps and "
                             "at the end, logged to metrics.jsonl as phase ALGO_eval")
     train.add_argument("--eval-every", type=int, metavar="N", help="steps between evaluations (default 0: before and after only)")
+    for name, kind, metavar, text in DATA_FLAGS:
+        train.add_argument("--" + name.replace("_", "-"), type=kind, metavar=metavar, help=text)
     train.set_defaults(handler=_train)
     evaluate = commands.add_parser("eval", help="a saved model's metrics on a data file (what train --eval-data logs)")
     evaluate.add_argument("--algo", required=True, choices=["sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo"])
@@ -287,6 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     evaluate.set_defaults(handler=_eval)
+    generate = commands.add_parser("generate", help="sample completions of JSONL prompts from a trained model folder")
+    generate.add_argument("--model", required=True, metavar="DIR", help="a trained model folder (e.g. the model/ of a train run)")
+    generate.add_argument("--prompts", required=True, metavar="FILE.jsonl", help='one {"prompt": ...} per line, as train reads RL data')
+    generate.add_argument("--out", metavar="FILE", help="write the JSONL here (default: stdout)")
+    generate.add_argument("--num-samples", type=int, default=1, metavar="N", help="completions per prompt (default 1)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens per completion at most (default 64)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens up to this probability (default 1: off)")
+    generate.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (default 0: off)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
+    generate.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts sampled at once (default 16)")
+    generate.add_argument("--device", help="where the model runs (default: cuda when available, else cpu)")
+    generate.add_argument("--quiet", action="store_true", help="no progress bars (transformers' loading bars included)")
+    generate.set_defaults(handler=_generate)
     plan = commands.add_parser("plan", help="will an RL run fit one GPU, or N? memory per phase and role, before any model is loaded")
     plan.add_argument("--algo", required=True, choices=["ppo", "grpo", "rloo", "reinforce_pp"])
     plan.add_argument("--model", required=True, metavar="PATH", help="the policy: a model folder or a bare config.json")

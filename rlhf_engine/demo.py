@@ -8,7 +8,9 @@ prompt's digits sorted) measures each policy; the reward models never see it. Ru
 
 * ``metrics.jsonl``: one line per training step of every phase;
 * ``checkpoints/<sft|reward_model|ppo|grpo>/``: the final models (safetensors);
-* ``curves.png``: reward, gold and KL per RL step;
+* ``curves.png`` (:func:`demo_panels`): PPO's reward-model score beside the gold score (two
+  y axes), the gold score of both RL runs against the SFT model's (a dashed line), KL, and
+  the loss of every phase;
 * ``summary.json``: ``rm_accuracy``, ``gold`` (sft / ppo / grpo), ``kl`` (ppo / grpo),
   ``seconds`` and more.
 """
@@ -31,8 +33,9 @@ from rlhf_engine.algos.ppo import ppo_config
 from rlhf_engine.algos.reward_model import RewardModelConfig, RewardModelTrainer, evaluate_reward_model
 from rlhf_engine.algos.rl import RLConfig, RLTrainer
 from rlhf_engine.algos.sft import SFTConfig, SFTTrainer
+from rlhf_engine.curves import CURVE_COLUMNS, CURVE_HEIGHT, CURVE_WIDTH
 from rlhf_engine.models import PolicyModel, ScalarHeadModel, llama_config
-from rlhf_engine.plot import write_line_plot_png
+from rlhf_engine.plot import Panel, write_line_plot_png
 from rlhf_engine.rollout import SamplingConfig
 from rlhf_engine.runlog import RunLog
 from rlhf_engine.tasks.sorting import SortingTask
@@ -94,14 +97,14 @@ def _run_demo(out: Path, config: DemoConfig, quiet: bool) -> dict:
     checkpoints = out / "checkpoints"
     with RunLog(out / "metrics.jsonl", total=_total_steps(config), desc="demo", quiet=quiet) as log:
         sft_policy = PolicyModel.from_config(model_config, seed=config.seed).to(config.device)
-        run_steps(SFTTrainer(sft_policy, demonstrations, replace(config.sft, seed=config.seed), pad_id=task.pad_token_id),
-                  steps=config.sft.steps, phase="sft", log=log)  # fmt: skip
+        sft_history = run_steps(SFTTrainer(sft_policy, demonstrations, replace(config.sft, seed=config.seed), pad_id=task.pad_token_id),
+                                steps=config.sft.steps, phase="sft", log=log)  # fmt: skip
         sft_policy.save(checkpoints / "sft")
         sft_eval = evaluate(sft_policy)
 
         reward_model = ScalarHeadModel.from_policy(sft_policy)
-        run_steps(RewardModelTrainer(reward_model, pairs, replace(config.reward_model, seed=config.seed), pad_id=task.pad_token_id),
-                  steps=config.reward_model.steps, phase="reward_model", log=log)  # fmt: skip
+        rm_history = run_steps(RewardModelTrainer(reward_model, pairs, replace(config.reward_model, seed=config.seed), pad_id=task.pad_token_id),
+                               steps=config.reward_model.steps, phase="reward_model", log=log)  # fmt: skip
         reward_model.save(checkpoints / "reward_model")
         rm_eval = evaluate_reward_model(reward_model, heldout, pad_id=task.pad_token_id)
         log.log("reward_model_eval", config.reward_model.steps, rm_eval)
@@ -132,18 +135,39 @@ def _run_demo(out: Path, config: DemoConfig, quiet: bool) -> dict:
         "seed": config.seed,
         "seconds": time.perf_counter() - start,
     }
-    titles = {  # PPO's reward is the reward model's score, GRPO's the gold score: different scales
-        "reward_mean": "reward per rl step (ppo: reward model / grpo: gold)",
-        "gold": "gold score of the samples",
-        "kl": "kl to the sft model (per sequence)",
-    }
-    panels = {
-        title: {name: [(i, h[metric]) for i, h in enumerate(r["history"])] for name, r in results.items()}
-        for metric, title in titles.items()
-    }
-    write_line_plot_png(out / "curves.png", panels)
+    histories = {"sft": sft_history, "reward_model": rm_history, **{k: v["history"] for k, v in results.items()}}
+    write_line_plot_png(out / "curves.png", demo_panels(histories, sft_eval["score"]), width=CURVE_WIDTH, height=CURVE_HEIGHT,
+                        columns=CURVE_COLUMNS)  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def demo_panels(histories: dict[str, list[dict]], sft_gold: float) -> list[Panel]:
+    """The charts of ``curves.png`` from each phase's per-step metrics (``histories["sft" |
+    "reward_model" | "ppo" | "grpo"]``, as ``run_steps`` returns them) and the SFT policy's gold
+    score ``sft_gold`` (the evaluation's), drawn dashed as the baseline the RL runs start from.
+
+    PPO's reward is the reward model's score and the gold score is the task's, on different
+    scales: they get a y axis each. GRPO trains on the gold score itself, so its reward is the
+    gold line of the second chart."""
+
+    def line(phase: str, metric: str) -> list[tuple[int, float]]:
+        return [(k, h[metric]) for k, h in enumerate(histories[phase]) if h.get(metric) is not None]
+
+    rl = ("ppo", "grpo")
+    return [
+        Panel("ppo: reward model score and gold score", {"reward model": line("ppo", "reward_mean")},
+              y_label="reward model score", right={"gold": line("ppo", "gold")}, right_label="gold score",
+              right_baselines={"sft gold": sft_gold}),
+        Panel("gold score of the samples", {name: line(name, "gold") for name in rl}, y_label="gold score",
+              baselines={"sft": sft_gold}),
+        Panel("kl to the sft model (per sequence)", {name: line(name, "kl") for name in rl}, y_label="kl"),
+        Panel("policy loss", {name: line(name, "policy_loss") for name in rl}, y_label="policy loss"),
+        Panel("ppo critic: value loss", {"ppo": line("ppo", "value_loss")}, y_label="value loss"),
+        Panel("sft loss", {"sft": line("sft", "loss")}, y_label="token nll"),
+        Panel("reward model: loss and pair accuracy", {"loss": line("reward_model", "loss")}, y_label="bradley-terry loss",
+              right={"accuracy": line("reward_model", "accuracy")}, right_label="train pair accuracy"),
+    ]  # fmt: skip
 
 
 def _total_steps(config: DemoConfig) -> int:

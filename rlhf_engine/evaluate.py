@@ -2,9 +2,9 @@
 logs (``rlhf_engine.algos.eval_runs``), computed the same way.
 
 ``--model`` is a folder as ``train`` writes it (``OUT/model``; for ``--algo rm`` a reward
-model), ``--data`` a JSONL file of the algorithm's ``train`` format, ``--config`` the run's
-YAML (its ``seed``, sampling settings, DPO ``beta`` / ``loss_type``, batch sizes: the eval's
-micro-batches). The reference (``--ref-model``, a folder or a built-in size) is what the
+model), ``--data`` data of the algorithm's ``train`` format (any file type ``train`` reads),
+``--config`` the run's YAML (its ``seed``, sampling settings, DPO ``beta`` / ``loss_type``,
+batch sizes: the eval's micro-batches; its ``data:`` field names and limits). The reference (``--ref-model``, a folder or a built-in size) is what the
 run's reference was, its starting ``--model``: DPO's implicit rewards ``β·(lp − ref)`` are
 measured against it, so ``--algo dpo`` needs it; for the RL algorithms it gives ``kl``
 (without it no ``kl`` is reported). RL samples are scored as the run scored them: by
@@ -32,7 +32,8 @@ from rlhf_engine.memory.run_specs import RL_ALGOS
 from rlhf_engine.models import ScalarHeadModel
 from rlhf_engine.models.configs import MODEL_SIZES
 from rlhf_engine.models.tokenizers import load_tokenizer
-from rlhf_engine.train import ALGOS, build_trainer, load_config, load_policy, load_records, load_rewards
+from rlhf_engine.train import ALGOS, build_trainer, load_config, load_policy, load_rewards
+from rlhf_engine.train_data import load_data_config, load_records
 
 
 def run_eval(algo: str, model: str, data: str | Path, *, config_path: str | Path | None = None,
@@ -56,7 +57,8 @@ def run_eval(algo: str, model: str, data: str | Path, *, config_path: str | Path
     device = check_device(device)
     config = load_config(algo, config_path)
     tokenizer = load_tokenizer(model)
-    records = load_records(algo, data, tokenizer)
+    data_config = load_data_config(config_path)
+    records = load_records(algo, data, tokenizer, data_config)
     torch.manual_seed(config.seed)  # as train does before it builds the models
     if algo == "rm":
         trainer = RewardModelTrainer(ScalarHeadModel.load(model).to(device), records, config, pad_id=tokenizer.pad_token_id)
@@ -68,7 +70,7 @@ def run_eval(algo: str, model: str, data: str | Path, *, config_path: str | Path
     if rl:  # a saved policy is a merged model (a LoRA run's too): evaluated without an adapter
         config = dataclasses.replace(config, lora_rank=0)
     trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, device, reference=reference,
-                            **rewards)  # fmt: skip
+                            answer_field=data_config.answer_field, **rewards)  # fmt: skip
     metrics = evaluate_run(algo, trainer, records)
     if rl and ref_model is None:  # the reference was a copy of the policy: a KL of 0 says nothing
         del metrics["kl"]

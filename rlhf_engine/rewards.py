@@ -286,8 +286,13 @@ def check_scores(name: str, values, n: int) -> list[float]:
     return out
 
 
-def exact_match(completions: list, answer: list, **kwargs) -> list[float | None]:
-    """The built-in reward of records with an ``"answer"``: 1.0 when the completion's text equals
-    the answer (both stripped), else 0.0; None where a record has no answer."""
-    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
-    return [None if a is None else float(t.strip() == a.strip()) for t, a in zip(texts, answer)]
+def exact_match(field: str = "answer") -> RewardFn:
+    """The built-in reward of records with an answer in ``field`` (the data config's
+    ``answer_field``): 1.0 when the completion's text equals the answer (both stripped), else
+    0.0; None where a record has no answer. Named ``exact_match`` in the metrics."""
+    def exact_match(completions: list, **fields) -> list[float | None]:
+        texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+        answers = fields.get(field, [None] * len(texts))
+        return [None if a is None else float(t.strip() == a.strip()) for t, a in zip(texts, answers)]
+
+    return exact_match

@@ -2,6 +2,7 @@
 
 Each ``RunLog.log`` call appends ``{"phase", "step", "time", **metrics}`` as one line and
 flushes it, so a killed run keeps every line it wrote; ``read_runlog`` reads them back.
+Optional sinks (``rlhf_engine.sinks``: TensorBoard, W&B) receive every record too.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ class RunLog:
         total: the number of ``log`` calls the run will make; the bar advances one per call.
         desc: the bar's label.
         quiet: no progress bar (tests, non-interactive use); the file is still written.
+        sinks: objects with ``log(record)`` and ``close()`` (``rlhf_engine.sinks.open_sinks``),
+            given each record written and closed with the log.
 
     Use as a context manager, or call ``close()``.
     """
 
-    def __init__(self, path: str | Path | None, *, total: int, desc: str, quiet: bool = False):
+    def __init__(self, path: str | Path | None, *, total: int, desc: str, quiet: bool = False, sinks=()):
         if path is not None and not isinstance(path, (str, Path)):
             raise TypeError(f"path must be a str, Path or None, got {type(path).__name__}")
         if isinstance(total, bool) or not isinstance(total, int):
@@ -60,6 +63,7 @@ class RunLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
         self._bar = tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True)
+        self._sinks = list(sinks)
         self._start = time.monotonic()
 
     def log(self, phase: str, step: int, metrics: dict[str, float]) -> dict:
@@ -85,6 +89,8 @@ class RunLog:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        for sink in self._sinks:
+            sink.log(record)
         shown = list(metrics)[:_POSTFIX_METRICS]
         postfix = {"phase": phase, "step": step}
         postfix.update({k: "nan" if record[k] is None else f"{record[k]:.4g}" for k in shown})
@@ -94,6 +100,9 @@ class RunLog:
 
     def close(self) -> None:
         self._bar.close()
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -1,12 +1,14 @@
 """``rlhf-engine train``: the trainers on a user's local model and JSONL data.
 
-Data, one JSON object per line (text fields are tokenized with the model's tokenizer;
-a prompt is ``[bos] + prompt``, a response ``response + [eos]``):
+Data (``--data``: JSONL, JSON, Parquet, CSV or a saved ``datasets`` folder; plain strings or
+chat turns through the tokenizer's chat template; field names, ``max_prompt_length`` and
+``max_length`` from the ``data:`` mapping of the config or the ``--prompt-field`` ... flags):
+see :mod:`rlhf_engine.train_data`. In short:
 
-* ``sft``: ``{"prompt": str, "response": str}``
+* ``sft``: ``{"prompt", "response"}``, ``{"prompt", "completion"}`` or ``{"messages"}``
 * ``rm``: ``{"prompt", "chosen", "rejected"}`` (optional number ``"margin"``), or rankings
-  ``{"prompt", "responses": [str, ...]}`` best first
-* ``dpo``: ``{"prompt", "chosen", "rejected"}``
+  ``{"prompt", "responses": [...]}`` best first
+* ``dpo``: ``{"prompt", "chosen", "rejected"}`` (the prompt may be implicit)
 * ``ppo``, ``grpo``, ``rloo``, ``reinforce_pp``, ``rejection_sampling``: ``{"prompt"}``
   and any other fields, scored by ``--reward-model DIR`` (a reward model saved by
   ``train --algo rm``), by reward functions ``--reward-fn FILE.py:FUNCTION`` (repeatable,
@@ -17,13 +19,21 @@ a prompt is ``[bos] + prompt``, a response ``response + [eos]``):
   ``--reward-fn`` too, the functions score and the reward model only starts the critic.
   Other algorithms take one of ``--reward-model`` and ``--reward-fn``.
 
+Loading prints one line (records, truncations, drops) unless ``quiet`` and writes it to
+``data_stats.json`` in the output folder.
+
 ``--config FILE.yaml`` sets fields of the algorithm's config dataclass (``SFTConfig``,
 ``RewardModelConfig``, ``DPOConfig``, ``RejectionSamplingConfig``, or ``RLConfig`` on top
-of the algorithm's preset; for ``grpo`` also ``variant``). Rejection sampling runs in one
-process only (no torchrun). The output folder gets ``metrics.jsonl``, checkpoints
-every ``checkpoint_every`` steps and the final model with its tokenizer in ``model/`` (so
-that folder can be the ``--model`` of a later run); ``--resume`` continues from the latest
-checkpoint there, first dropping the log lines of steps after it (they are run again).
+of the algorithm's preset; for ``grpo`` also ``variant``; ``data:`` a mapping of
+:class:`~rlhf_engine.train_data.DataConfig` fields). Rejection sampling runs in one process
+only (no torchrun), without ``--eval-data``.
+The output folder gets ``metrics.jsonl`` (also sent to the ``--report-to`` sinks: TensorBoard,
+W&B), for RL algorithms ``samples.jsonl`` (``--log-samples K`` prompts and completions of each
+step with their rewards), ``curves.png`` (every logged metric per step, ``rlhf_engine.curves``),
+checkpoints every ``checkpoint_every`` steps and the final model with its tokenizer in
+``model/`` (so that folder can be the ``--model`` of a later run); ``--resume`` continues from
+the latest checkpoint there, first dropping the log lines (metrics and samples) of steps after
+it (they are run again).
 
 ``--eval-data FILE`` (records of the ``--data`` format) evaluates the run's model before the
 first step, after every ``--eval-every N`` steps and after the last one, with the metrics of
@@ -70,20 +80,23 @@ from rlhf_engine.models.checkpoint import atomic_write_bytes, latest_checkpoint
 from rlhf_engine.models.configs import MODEL_SIZES
 from rlhf_engine.models.tokenizers import load_tokenizer
 from rlhf_engine.rewards import RecordSampler, TextReward, describe, exact_match, resolve_reward_fns
-from rlhf_engine.runlog import RunLog
-from rlhf_engine.tasks.data import read_jsonl
+from rlhf_engine.sinks import check_report_to
+from rlhf_engine.train_data import DataConfig, DataStats, load_data, load_data_config, load_records  # noqa: F401 (load_records: the API)
+from rlhf_engine.train_outputs import METRICS_FILE, SAMPLES_FILE, train_outputs
 
 ALGOS = ("sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "rejection_sampling")
 SAMPLING_ALGOS = (*RL_ALGOS, "rejection_sampling")  # the ones a reward scores samples for
 RL_PRESETS = {"ppo": PPO_DEFAULTS, "rloo": RLOO_DEFAULTS, "reinforce_pp": REINFORCE_PP_DEFAULTS}  # grpo: grpo_preset
-PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
+LOG_SAMPLES = 4  # --log-samples default for the RL algorithms
 EVAL_UNDER_TORCHRUN = ("--eval-data runs in one process only, not under torchrun (--nproc): train without it and "
                        "evaluate the saved model with `rlhf-engine eval --model OUT/model --data FILE`")
 
 
 def load_config(algo: str, path: str | Path | None):
-    """The algorithm's config: YAML fields over its defaults (errors name file and field)."""
+    """The algorithm's config: YAML fields over its defaults (errors name file and field); the
+    ``data:`` mapping is the data's (:func:`~rlhf_engine.train_data.load_data_config`)."""
     values = read_yaml_mapping(path) if path is not None else {}
+    values.pop("data", None)
     source = str(path) if path is not None else "config"
     if algo == "grpo":
         try:
@@ -95,73 +108,6 @@ def load_config(algo: str, path: str | Path | None):
         return config_from_dict(RLConfig, {**RL_PRESETS[algo], **values}, source=source)
     cls = {"sft": SFTConfig, "rm": RewardModelConfig, "dpo": DPOConfig, "rejection_sampling": RejectionSamplingConfig}[algo]
     return config_from_dict(cls, values, source=source)
-
-
-def load_records(algo: str, path: str | Path, tokenizer) -> list:
-    """Read and tokenize the JSONL data for ``algo`` (ValueError naming file and line, or
-    the file when it holds no record)."""
-    if not Path(path).is_file():
-        raise ValueError(f"--data {path}: no such file")
-    records = _read_records(algo, path, tokenizer)
-    if not records:
-        raise ValueError(f"{path}: no records (the file is empty)")
-    return records
-
-
-def _read_records(algo: str, path: str | Path, tokenizer) -> list:
-    prompt = lambda text: [tokenizer.bos_token_id] + tokenizer.encode(text)  # noqa: E731
-    response = lambda text: tokenizer.encode(text) + [tokenizer.eos_token_id]  # noqa: E731
-    if algo == "sft":
-        return [(prompt(r["prompt"]), response(r["response"])) for r in read_jsonl(path, {"prompt": str, "response": str})]
-    if algo == "rm" and "responses" in _first_record(path):
-        rows = read_jsonl(path, {"prompt": str, "responses": list}, check=_check_ranking)
-        return [{"prompt": prompt(r["prompt"]), "responses": [response(x) for x in r["responses"]]} for r in rows]
-    if algo == "dpo" or algo == "rm":
-        records = []
-        for r in read_jsonl(path, PAIR_FIELDS, check=_check_margin):
-            record = {"prompt": prompt(r["prompt"]), "chosen": response(r["chosen"]), "rejected": response(r["rejected"])}
-            if "margin" in r:
-                record["margin"] = float(r["margin"])
-            records.append(record)
-        return records
-    rows = read_jsonl(path, {"prompt": str}, check=_check_answer)
-    # prompt_text and fields: what the reward functions see (rlhf_engine.rewards)
-    return [{"prompt": prompt(r["prompt"]), "answer": r.get("answer"), "prompt_text": r["prompt"],
-             "fields": {k: v for k, v in r.items() if k != "prompt"}} for r in rows]  # fmt: skip
-
-
-def _check_ranking(record: dict) -> str | None:
-    responses = record["responses"]
-    if len(responses) < 2 or not all(isinstance(x, str) for x in responses):
-        return "'responses' must be a list of at least two strings"
-    return None
-
-
-def _check_margin(record: dict) -> str | None:
-    margin = record.get("margin", 0.0)
-    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
-        return f"'margin' must be a number, got {margin!r}"
-    return None
-
-
-def _check_answer(record: dict) -> str | None:
-    if "answer" in record and not isinstance(record["answer"], str):
-        return f"field 'answer' must be str, got {type(record['answer']).__name__}"
-    return None
-
-
-def _first_record(path) -> dict:
-    """The first record, read alone to tell rankings from pairs ({} when there is none or
-    its line is not a JSON object: read_jsonl then names the line)."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    return {}
-                return record if isinstance(record, dict) else {}
-    return {}
 
 
 def load_policy(model: str, vocab_size: int, tokenizer, seed: int, device: str, dtype: torch.dtype = torch.float32) -> PolicyModel:
@@ -176,16 +122,20 @@ def load_policy(model: str, vocab_size: int, tokenizer, seed: int, device: str, 
     return policy.to(device)
 
 
-def run_identity(model: str, config, reward_model_path: str | None, reward_fns: list | None = None,
-                 reward_weights: list[float] | None = None) -> dict:  # fmt: skip
+def run_identity(model: str, config, reward_model_path: str | None, data: DataConfig | None = None,
+                 reward_fns: list | None = None, reward_weights: list[float] | None = None) -> dict:  # fmt: skip
     """What a checkpoint records of its run, and a resume must match (``run_steps``'s ``run``):
-    the model (a folder by its absolute path), the reward model, the config as given, and the
-    reward functions (``file.py:fn`` as given, a callable as ``module:qualname``) with their
-    weights when there are any."""
+    the model (a folder by its absolute path), the reward model, the config as given, the
+    data config's fields that differ from the defaults (none: no ``data`` entry, so checkpoints
+    written before the data config existed still resume), and the reward functions (``file.py:fn``
+    as given, a callable as ``module:qualname``) with their weights when there are any."""
     def where(path: str | None):  # a built-in size by its name
         return path if path is None or path in MODEL_SIZES else str(Path(path).resolve())
 
     run = {"model": where(model), "reward_model": where(reward_model_path), "config": dataclasses.asdict(config)}
+    changed = {k: v for k, v in dataclasses.asdict(data or DataConfig()).items() if v != getattr(DataConfig, k)}
+    if changed:
+        run["data"] = changed
     if reward_fns:
         run["reward_fns"] = [describe(f) for f in reward_fns]
         run["reward_weights"] = list(reward_weights) if reward_weights is not None else [1.0] * len(reward_fns)
@@ -210,12 +160,14 @@ def check_tokenizer_fits(model: str, tokenizer, vocab_size: int) -> None:
 
 def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokenizer, reward_model_path: str | None, placement=None,
                   device: torch.device | None = None, parallel: DataParallel = SINGLE, *, eval_records: list | None = None,
-                  reference: PolicyModel | None = None, reward_fns: list | None = None,
-                  reward_weights: list[float] | None = None):  # fmt: skip
+                  reference: PolicyModel | None = None, log_samples: int = 0, reward_fns: list | None = None,
+                  reward_weights: list[float] | None = None, answer_field: str = "answer"):  # fmt: skip
     """The trainer of ``algo`` on ``records``. RL and rejection sampling: scored as
     :func:`_scoring` says, ``eval_records`` (the ``--eval-data`` records) by the same scorer
-    but never trained on. ``reference``: DPO's and RL's (default: a copy of ``policy``; RL
-    with LoRA: the adapter-disabled policy, and no other may be given)."""
+    but never trained on; an RL trainer keeps ``log_samples`` samples of each step
+    (``RLTrainer``). ``reference``: DPO's and RL's (default: a copy of ``policy``; RL with
+    LoRA: the adapter-disabled policy, and no other may be given). ``answer_field``: the data
+    config's, the field the built-in answer match reads."""
     pad = tokenizer.pad_token_id
     if algo == "sft":
         return SFTTrainer(policy, records, config, pad_id=pad, parallel=parallel)
@@ -227,14 +179,15 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
     if algo == "rejection_sampling":
         sampler = RecordSampler(records, config.samples_per_prompt)
         scoring = _scoring(algo, records, eval_records, tokenizer, reward_model_path, reward_fns, reward_weights, sampler,
-                           torch.float32, model_device(policy))  # fmt: skip
+                           torch.float32, model_device(policy), answer_field=answer_field)  # fmt: skip
         score_fn = scoring.get("reward_fn") or _model_score(freeze(scoring["reward_model"]), pad)
         return RejectionSamplingTrainer(policy, config, prompts=sampler, score_fn=score_fn, pad_token_id=pad,
                                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     # the rows a process scores: its share of the step's prompts, group_size samples of each
     sampler = RecordSampler(records, config.group_size, parallel.rows(config.prompts_per_step))
     scoring = _scoring(algo, records, eval_records, tokenizer, reward_model_path, reward_fns, reward_weights, sampler,
-                       parse_dtype(config.frozen_dtype or config.dtype), model_device(policy), parallel)  # fmt: skip
+                       parse_dtype(config.frozen_dtype or config.dtype), model_device(policy), parallel,
+                       answer_field=answer_field)  # fmt: skip
     if algo == "ppo":
         scoring["critic"] = copy.deepcopy(scoring["reward_model"])
         if "reward_fn" in scoring:  # the reward model only initialises the critic
@@ -245,13 +198,13 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
         _place_for_first_phase(placement, device, policy=policy, reference=reference, **scoring)
     return RLTrainer(
         config, policy=policy, reference=reference, prompts=sampler, pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id, placement=placement, parallel=parallel, **scoring,
+        eos_token_id=tokenizer.eos_token_id, placement=placement, parallel=parallel, log_samples=log_samples, **scoring,
     )  # fmt: skip
 
 
 def _scoring(algo: str, records: list, eval_records: list | None, tokenizer, reward_model_path: str | None,
              reward_fns: list | None, reward_weights: list[float] | None, sampler: RecordSampler, dtype: torch.dtype,
-             device: torch.device, parallel: DataParallel = SINGLE) -> dict[str, Any]:  # fmt: skip
+             device: torch.device, parallel: DataParallel = SINGLE, answer_field: str = "answer") -> dict[str, Any]:  # fmt: skip
     """What scores the samples: ``{"reward_fn": TextReward}`` from ``reward_fns`` (or the built-in
     exact match when every record, ``eval_records`` too, has an ``answer``), or
     ``{"reward_model": model}``. PPO loads its reward model in any case (its critic starts from
@@ -274,7 +227,7 @@ def _scoring(algo: str, records: list, eval_records: list | None, tokenizer, rew
         if any(r["answer"] is None for r in eval_records or []):
             raise ValueError("--eval-data: every record needs an 'answer' (the run scores by answer match), or give "
                              "--reward-model DIR or --reward-fn")  # fmt: skip
-        scoring["reward_fn"] = TextReward(tokenizer, [exact_match], sampler=sampler, parallel=parallel)
+        scoring["reward_fn"] = TextReward(tokenizer, [exact_match(answer_field)], sampler=sampler, parallel=parallel)
     return scoring
 
 
@@ -353,6 +306,42 @@ def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_mod
     return config, chosen
 
 
+def report_data(stats: DataStats, path: Path, quiet: bool) -> None:
+    """The data's one-line summary on stdout (unless ``quiet``) and its stats as JSON in ``path``."""
+    if not quiet:
+        print(stats.summary(), flush=True)
+    atomic_write_bytes(path, (json.dumps(dataclasses.asdict(stats), indent=1) + "\n").encode())
+
+
+def check_log_samples(algo: str, log_samples: int | None) -> int:
+    """``--log-samples``: samples per step for an RL algorithm (None: ``LOG_SAMPLES``), 0 for the
+    others (which sample nothing: setting it for them is an error)."""
+    if log_samples is None:
+        return LOG_SAMPLES if algo in RL_ALGOS else 0
+    if isinstance(log_samples, bool) or not isinstance(log_samples, int) or log_samples < 0:
+        raise ValueError(f"--log-samples must be a number of samples >= 0 (0: off), got {log_samples!r}")
+    if algo not in RL_ALGOS and log_samples:
+        raise ValueError(f"--log-samples: --algo {algo} samples no completions (it logs samples of the RL algorithms {RL_ALGOS})")
+    return log_samples
+
+
+def _prepare_out(out: Path, resume: bool) -> int | None:
+    """Create ``out``; for a resume, drop the log lines (metrics and samples) of steps after the
+    latest checkpoint and return the step the run continues from (None without ``resume``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        return None
+    for name in (METRICS_FILE, SAMPLES_FILE):
+        _drop_lines_after_checkpoint(out / name, out / "checkpoints")
+    return _checkpoint_step(out / "checkpoints") + 1
+
+
+def _checkpoint_step(checkpoint_dir: Path) -> int:
+    """The step of the latest checkpoint in ``checkpoint_dir``, -1 without one."""
+    latest = latest_checkpoint(checkpoint_dir)
+    return json.loads((latest / "state.json").read_text())["step"] if latest is not None else -1
+
+
 def _drop_lines_after_checkpoint(log: Path, checkpoint_dir: Path) -> None:
     """Keep only the log lines of steps up to the latest checkpoint (all of them without one).
 
@@ -361,8 +350,7 @@ def _drop_lines_after_checkpoint(log: Path, checkpoint_dir: Path) -> None:
     """
     if not log.is_file():
         return
-    latest = latest_checkpoint(checkpoint_dir)
-    last = json.loads((latest / "state.json").read_text())["step"] if latest is not None else -1
+    last = _checkpoint_step(checkpoint_dir)
     kept = []
     for line in log.read_text(encoding="utf-8").splitlines(keepends=True):
         try:
@@ -379,17 +367,22 @@ def run_train(
     resume: bool = False, reward_model_path: str | None = None, checkpoint_every: int = 10,
     stop_after: int | None = None, quiet: bool = False, device: str = "cpu", plan: str | None = None,
     gpu_memory: str | None = None, keep_last: int | None = None, eval_data: str | Path | None = None,
-    eval_every: int | None = None, reward_fns: list | None = None, reward_weights: list[float] | None = None,
+    eval_every: int | None = None, data_options: dict | None = None, report_to=None, log_samples: int | None = None,
+    reward_fns: list | None = None, reward_weights: list[float] | None = None,
 ) -> list[dict]:  # fmt: skip
     """Train ``algo`` on ``device`` and return the per-step metrics of this call (see the module
     docstring). ``plan``: ``"auto"`` (the default on CUDA) or ``"off"`` (the default elsewhere),
     see :func:`plan_run`; ``gpu_memory`` overrides the GPU's size for the plan. ``eval_data``:
     records read as ``data`` is, evaluated (``rlhf_engine.algos.eval_runs``) before the first
     step, after every ``eval_every`` steps (None or 0: none in between) and after the last,
-    logged as phase ``f"{algo}_eval"`` (one process only: refused under torchrun).
-    ``reward_fns``: reward functions in TRL's convention (callables or ``"file.py:fn"`` /
-    ``"module:fn"`` strings, :mod:`rlhf_engine.rewards`) for the RL algorithms and rejection
-    sampling, with ``reward_weights`` (one each; default all 1)."""
+    logged as phase ``f"{algo}_eval"`` (one process only: refused under torchrun). ``data_options``:
+    :class:`~rlhf_engine.train_data.DataConfig` fields over the config's ``data:`` (the flags).
+    ``report_to``: sinks beside ``metrics.jsonl`` (``rlhf_engine.sinks``); ``log_samples``:
+    samples per RL step in ``samples.jsonl`` (:func:`check_log_samples`). ``quiet``: no progress
+    bar (for transformers' bars too, wrap the call in ``rlhf_engine.quiet.quiet_transformers``,
+    as the CLI does). ``reward_fns``: reward functions in TRL's convention (callables or
+    ``"file.py:fn"`` / ``"module:fn"`` strings, :mod:`rlhf_engine.rewards`) for the RL
+    algorithms and rejection sampling, with ``reward_weights`` (one each; default all 1)."""
     if algo not in ALGOS:
         raise ValueError(f"--algo must be one of {ALGOS}, got {algo!r}")
     if checkpoint_every < 0:
@@ -398,24 +391,27 @@ def run_train(
         raise ValueError(f"--keep-last must be a number of checkpoints >= 1, got {keep_last!r}")
     rewards = load_rewards(algo, reward_fns, reward_weights)  # a bad spec fails before any model loads
     device = check_device(device)
+    report_to, log_samples = check_report_to(report_to), check_log_samples(algo, log_samples)
     config = load_config(algo, config_path)
+    data_config = load_data_config(config_path, data_options)
     if eval_data is None and eval_every is not None:
         raise ValueError("--eval-every needs --eval-data FILE (what to evaluate on)")
     if eval_data is not None and algo == "rejection_sampling":
         raise ValueError("--eval-data: rejection_sampling has no evaluation (its policy can be evaluated with "
                          "`rlhf-engine eval --algo grpo ...`, which samples and scores it as an RL run)")  # fmt: skip
     schedule = eval_points(config.steps, eval_every or 0) if eval_data is not None else []
-    # before the plan fills in micro-batches: the same at any world size
-    run = run_identity(model, config, reward_model_path, reward_fns, reward_weights)
     if launched_by_torchrun():
         if eval_data is not None:
             raise ValueError(EVAL_UNDER_TORCHRUN)
         return _run_distributed(algo, config, model, data, out, device, plan, resume=resume, reward_model_path=reward_model_path,
                                 checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet,
-                                gpu_memory=gpu_memory, keep_last=keep_last, run=run, rewards=rewards)  # fmt: skip
+                                gpu_memory=gpu_memory, keep_last=keep_last, data_config=data_config, report_to=report_to,
+                                log_samples=log_samples, rewards=rewards, reward_specs=reward_fns)  # fmt: skip
     tokenizer = load_tokenizer(model)
-    records = load_records(algo, data, tokenizer)
-    eval_records = load_eval_records(algo, eval_data, tokenizer) if eval_data is not None else None
+    records, stats = load_data(algo, data, tokenizer, data_config)
+    eval_records, eval_stats = load_eval_data(algo, eval_data, tokenizer, data_config) if eval_data is not None else (None, None)
+    # before the plan fills in micro-batches
+    run = run_identity(model, config, reward_model_path, data_config, reward_fns, reward_weights)
     mode = plan or ("auto" if device.type == "cuda" and algo in RL_ALGOS else "off")
     # The plan covers the evaluation's rollouts too (the longest prompt of either file): an eval
     # prompt longer than every training prompt may change its micro-batches, never overrun them.
@@ -428,17 +424,20 @@ def run_train(
     dtype = parse_dtype(config.dtype) if algo in RL_ALGOS else torch.float32
     policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, build_on, dtype)
     trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, placement, device,
-                            eval_records=eval_records, **rewards)  # fmt: skip
+                            eval_records=eval_records, log_samples=log_samples, answer_field=data_config.answer_field,
+                            **rewards)  # fmt: skip
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
+    resumed_from = _prepare_out(out, resume)
+    report_data(stats, out / "data_stats.json", quiet)
+    if eval_stats is not None:
+        report_data(eval_stats, out / "eval_data_stats.json", quiet)
     evaluate = _evaluator(algo, trainer, eval_records, quiet) if eval_records is not None else None
-    with RunLog(out / "metrics.jsonl", total=config.steps + len(schedule), desc=algo, quiet=quiet) as log:
+    with train_outputs(out, algo, config.steps + len(schedule), trainer, tokenizer, quiet=quiet, report_to=report_to, run=run,
+                       resumed_from=resumed_from) as (log, on_step):  # fmt: skip
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
             checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run, keep_last=keep_last,
-            on_step=_reward_metrics(trainer), evaluate=evaluate, eval_every=eval_every or 0,
+            on_step=_chain(_reward_metrics(trainer), on_step), evaluate=evaluate, eval_every=eval_every or 0,
         )  # fmt: skip
     final = trainer.models["reward_model" if algo == "rm" else "policy"]
     final.save(out / "model")
@@ -460,20 +459,34 @@ def load_rewards(algo: str, reward_fns: list | None, reward_weights: list[float]
 
 
 def _reward_metrics(trainer):
-    """``run_steps``'s ``on_step``: adds ``rewards/<name>/mean`` per reward function (None when
-    the trainer scores with a reward model)."""
+    """An ``on_step`` adding ``rewards/<name>/mean`` per reward function (None when the trainer
+    scores with a reward model). Under torchrun every rank runs it (the means are summed over them)."""
     scorer = getattr(trainer, "reward_fn", None) or getattr(trainer, "score_fn", None)
     if not isinstance(scorer, TextReward):
         return None
     return lambda step, metrics: metrics.update(scorer.metrics())
 
 
-def load_eval_records(algo: str, path: str | Path, tokenizer) -> list:
-    """``--eval-data``: records of ``algo``'s format, read as ``--data`` is (:func:`load_records`,
-    which checks the rest: a missing path is named here under its own flag)."""
+def _chain(*hooks):
+    """One ``on_step`` calling ``hooks`` in order (None ones skipped; None when all are)."""
+    hooks = [h for h in hooks if h is not None]
+    if not hooks:
+        return None
+
+    def on_step(step: int, metrics: dict) -> None:
+        for hook in hooks:
+            hook(step, metrics)
+
+    return on_step
+
+
+def load_eval_data(algo: str, path: str | Path, tokenizer, data: DataConfig | None = None) -> tuple[list, DataStats]:
+    """``--eval-data``: records of ``algo``'s format and their stats, read as ``--data`` is
+    (:func:`~rlhf_engine.train_data.load_data`, which checks the rest: a missing path is named
+    here under its own flag)."""
     if not Path(path).exists():
         raise ValueError(f"--eval-data {path}: no such file")
-    return load_records(algo, path, tokenizer)
+    return load_data(algo, path, tokenizer, data)
 
 
 def format_eval(algo: str, step: int, metrics: dict) -> str:
@@ -496,8 +509,9 @@ def _evaluator(algo: str, trainer, records: list, quiet: bool):
 
 def _run_distributed(algo: str, config, model: str, data, out, device: torch.device, plan: str | None, *, resume: bool,
                      reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool,
-                     gpu_memory: str | None = None, keep_last: int | None = None, run: dict | None = None,
-                     rewards: dict | None = None) -> list[dict]:  # fmt: skip
+                     gpu_memory: str | None = None, keep_last: int | None = None,
+                     data_config: DataConfig | None = None, report_to=(), log_samples: int = 0, rewards: dict | None = None,
+                     reward_specs: list | None = None) -> list[dict]:  # fmt: skip
     """:func:`run_train` on every rank of a torchrun launch: FSDP2 for the trained roles, each rank
     its share of every batch, sharded checkpoints; rank 0 alone writes the log and the model folder
     (gathered). The world-size checks run before anything is read or loaded."""
@@ -507,7 +521,8 @@ def _run_distributed(algo: str, config, model: str, data, out, device: torch.dev
     try:
         history = _train_ranks(algo, config, model, data, Path(out), parallel, resume=resume, reward_model_path=reward_model_path,
                                checkpoint_every=checkpoint_every, stop_after=stop_after, quiet=quiet, plan=plan,
-                               gpu_memory=gpu_memory, keep_last=keep_last, run=run, rewards=rewards or {})  # fmt: skip
+                               gpu_memory=gpu_memory, keep_last=keep_last, data_config=data_config, report_to=report_to,
+                               log_samples=log_samples, rewards=rewards or {}, reward_specs=reward_specs)  # fmt: skip
         # Every rank done with every collective, and the models (whose FSDP state holds gloo work
         # and tensors) freed, before the group goes: a gloo group torn down under a live peer or
         # with pending work can abort the process at exit.
@@ -520,31 +535,41 @@ def _run_distributed(algo: str, config, model: str, data, out, device: torch.dev
 
 def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataParallel, *, resume: bool,
                  reward_model_path: str | None, checkpoint_every: int, stop_after: int | None, quiet: bool,
-                 plan: str | None, gpu_memory: str | None, keep_last: int | None, run: dict | None,
-                 rewards: dict) -> list[dict]:  # fmt: skip
+                 plan: str | None, gpu_memory: str | None, keep_last: int | None,
+                 data_config: DataConfig | None, report_to=(), log_samples: int = 0, rewards: dict | None = None,
+                 reward_specs: list | None = None) -> list[dict]:  # fmt: skip
     """The body of :func:`_run_distributed` (its models go out of scope when it returns). The
     plan (``--plan auto``, the default for RL on CUDA) is rank 0's under FSDP2, the same on
     every rank (it reads only the configs, the data and the GPU's size), made before any
-    model is loaded."""
+    model is loaded. Rank 0 alone writes the logs, the samples of the global rollout (the same
+    on every rank) and the curves."""
     tokenizer = load_tokenizer(model)
-    records = load_records(algo, data, tokenizer)
+    records, stats = load_data(algo, data, tokenizer, data_config)
+    rewards = rewards or {}
+    # the same at any world size (before the plan)
+    run = run_identity(model, config, reward_model_path, data_config, reward_specs, rewards.get("reward_weights"))
     mode = plan or ("auto" if parallel.device.type == "cuda" and algo in RL_ALGOS else "off")
     config, _ = plan_run(algo, config, model, tokenizer, records, reward_model_path, parallel.device, mode, gpu_memory,
                          world_size=parallel.world_size, reward_scores="reward_fns" not in rewards)  # fmt: skip
     torch.manual_seed(config.seed)
     policy = load_policy(model, tokenizer.vocab_size, tokenizer, config.seed, parallel.device)
-    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel, **rewards)
+    trainer = build_trainer(algo, config, policy, records, tokenizer, reward_model_path, None, parallel.device, parallel,
+                            log_samples=log_samples if parallel.is_main else 0, answer_field=(data_config or DataConfig()).answer_field,
+                            **rewards)  # fmt: skip
+    resumed_from = None
     if parallel.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _drop_lines_after_checkpoint(out / "metrics.jsonl", out / "checkpoints")
+        resumed_from = _prepare_out(out, resume)
+        report_data(stats, out / "data_stats.json", quiet)
     parallel.barrier()
-    log = RunLog(out / "metrics.jsonl", total=config.steps, desc=algo, quiet=quiet) if parallel.is_main else None
-    with log if log is not None else contextlib.nullcontext():
+    outputs = contextlib.nullcontext((None, None))
+    if parallel.is_main:
+        outputs = train_outputs(out, algo, config.steps, trainer, tokenizer, quiet=quiet, report_to=report_to, run=run,
+                                resumed_from=resumed_from)  # fmt: skip
+    with outputs as (log, on_step):
         history = run_steps(
             trainer, steps=config.steps, phase=algo, log=log, checkpoint_dir=out / "checkpoints",
             checkpoint_every=checkpoint_every, resume=resume, stop_after=stop_after, run=run, keep_last=keep_last,
-            on_step=_reward_metrics(trainer),
+            on_step=_chain(_reward_metrics(trainer), on_step),  # the reward means on every rank: a collective
         )  # fmt: skip
     if algo == "rm":
         export_scalar_head(trainer.models["reward_model"], out / "model", parallel)

@@ -242,6 +242,11 @@ def test_grpo_with_lora_and_checkpointing_two_ranks_match_one_process(tmp_path, 
     launch_ok(2, *train_args("grpo", data, config, two, *extra), torchrun=True)
     assert_same_weights(two, single, initial_weights(tmp_path, jsonl(tmp_path / "sft.jsonl", SFT)))
     assert_same_metrics(two, single, RL_METRICS + ("logprob_gap_max",))
+    # rank 0 alone writes the samples of the global rollout: those the single process wrote
+    got, want = ([json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()] for out in (two, single))
+    assert [(s["step"], s["prompt"], s["completion"]) for s in got] == [(s["step"], s["prompt"], s["completion"]) for s in want]
+    assert [s["reward"] for s in got] == pytest.approx([s["reward"] for s in want], rel=1e-4, abs=1e-5)
+    assert (two / "curves.png").is_file()
 
 
 def test_ppo_with_a_critic_two_ranks_match_one_process_and_resume_at_one(tmp_path, reward_model):

@@ -187,7 +187,7 @@ def test_chat_prompts_get_assistant_messages_as_completions():
     kwargs = reward_kwargs(records, ["4"], [[7, 2]])
     assert kwargs == {"prompts": [chat], "completions": [[{"role": "assistant", "content": "4"}]],
                       "completion_ids": [[7, 2]], "answer": ["4"]}  # fmt: skip
-    assert exact_match(**kwargs) == [1.0]
+    assert exact_match()(**kwargs) == [1.0]
 
 
 def test_a_field_missing_from_some_records_is_none_and_a_reserved_name_is_refused():
@@ -496,3 +496,19 @@ def test_eval_data_is_refused_for_rejection_sampling(tmp_path, capsys):
     assert main(["train", "--algo", "rejection_sampling", "--model", "tiny", "--data", data, "--eval-data", data,
                  "--out", str(tmp_path / "o")]) == 2  # fmt: skip
     assert "--eval-data: rejection_sampling has no evaluation" in capsys.readouterr().err
+
+
+def test_the_built_in_answer_match_reads_the_data_configs_answer_field(tmp_path, capsys):
+    """``--prompt-field question --answer-field solution``: the same run as with the default names."""
+    from tests.test_train import ANSWERS
+
+    renamed = [{"question": r["prompt"], "solution": r["answer"]} for r in ANSWERS]
+    config = write(tmp_path / "c.yaml", GROUPED)
+    base = ["train", "--algo", "grpo", "--model", "tiny", "--config", config, "--quiet"]
+    assert main(base + ["--data", write_jsonl(tmp_path / "a.jsonl", ANSWERS), "--out", str(tmp_path / "default")]) == 0
+    assert main(base + ["--data", write_jsonl(tmp_path / "r.jsonl", renamed), "--out", str(tmp_path / "renamed"),
+                        "--prompt-field", "question", "--answer-field", "solution"]) == 0  # fmt: skip
+    untimed = lambda out: [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in metrics(out)]  # noqa: E731
+    assert untimed(tmp_path / "renamed") == untimed(tmp_path / "default")
+    assert all(r["reward_mean"] == r["rewards/exact_match/mean"] for r in metrics(tmp_path / "default"))
+    assert exact_match("solution")(completions=[" 4 ", "5"], solution=["4", "4"], answer=["5", "5"]) == [1.0, 0.0]

@@ -123,18 +123,28 @@ def _check_same_run(path: Path, phase: str, run: dict | None) -> None:
     saved = state.get("run")
     if run is None or saved is None:
         return
-    differ = [key for key in sorted(set(run) | set(saved)) if key != "config" and run.get(key) != saved.get(key)]
-    config, saved_config = run.get("config", {}), saved.get("config", {})
-    differ += [f"config.{key}" for key in sorted(set(config) | set(saved_config))
-               if key != "steps" and config.get(key) != saved_config.get(key)]  # fmt: skip
+    differ = [key for key in sorted(set(run) | set(saved)) if key not in _SECTIONS and run.get(key) != saved.get(key)]
+    for section in _SECTIONS:
+        now, then = run.get(section) or {}, saved.get(section) or {}
+        differ += [f"{section}.{key}" for key in sorted(set(now) | set(then))
+                   if (section, key) != ("config", "steps") and now.get(key, _DEFAULT) != then.get(key, _DEFAULT)]  # fmt: skip
     if differ:
-        shown = ", ".join(f"{key} ({_field(saved, key)!r} saved, {_field(run, key)!r} now)" for key in differ)
+        shown = ", ".join(f"{key} ({_field(saved, key)} saved, {_field(run, key)} now)" for key in differ)
         raise ValueError(f"resume: {path} is a checkpoint of another run: {shown} (use another --out, or the same settings)")
 
 
-def _field(run: dict, key: str):
+# The parts of `run` compared field by field (and named `section.field`); a field a section
+# leaves out (the data config records only what differs from its defaults) is the default.
+_SECTIONS = ("config", "data")
+_DEFAULT = "(default)"
+
+
+def _field(run: dict, key: str) -> str:
     section, _, name = key.partition(".")
-    return run.get(section, {}).get(name) if name else run.get(key)
+    if not name:
+        return repr(run.get(key))
+    fields = run.get(section) or {}
+    return repr(fields[name]) if name in fields else _DEFAULT
 
 
 def _load(path: Path, trainer) -> dict:

@@ -48,6 +48,7 @@ from rlhf_engine.algos.kl_control import KLController
 from rlhf_engine.algos.loss_semantics import preset_loss_options
 from rlhf_engine.algos.placement import PhasePlacement, prepare_trained
 from rlhf_engine.algos.precision import DTYPES, make_optimizer, parse_dtype
+from rlhf_engine.algos.samples import pick_samples
 from rlhf_engine.distributed.group import SINGLE, DataParallel
 from rlhf_engine.models import PolicyModel, ScalarHeadModel
 from rlhf_engine.models.lora import AdapterDisabledPolicy
@@ -208,6 +209,8 @@ class RLTrainer:
         reward_fn / reward_model: exactly one; the sequence score.
         critic: required for ``advantage="gae"`` and only then.
         gold_fn: optional hidden gold score, logged as ``gold`` (never trained on).
+        log_samples: after each step, ``samples`` holds this many of its rows (prompt and
+            response ids, reward, advantage; ``rlhf_engine.algos.samples.pick_samples``); 0: none.
     """
 
     def __init__(
@@ -225,6 +228,7 @@ class RLTrainer:
         gold_fn: ScoreFn | None = None,
         placement=None,
         parallel: DataParallel = SINGLE,
+        log_samples: int = 0,
     ):
         if (reward_fn is None) == (reward_model is None):
             raise ValueError("RLTrainer: pass exactly one of reward_fn and reward_model")
@@ -233,7 +237,10 @@ class RLTrainer:
         if (reference is None) != (config.lora_rank > 0):
             raise ValueError("RLTrainer: pass a reference for full fine-tuning, and None with lora_rank > 0 "
                              f"(the reference is then the adapter-disabled policy); lora_rank={config.lora_rank}")  # fmt: skip
+        if isinstance(log_samples, bool) or not isinstance(log_samples, int) or log_samples < 0:
+            raise ValueError(f"RLTrainer: log_samples must be an int >= 0, got {log_samples!r}")
         self.config, self.prompts, self.parallel = config, prompts, parallel
+        self.log_samples, self.samples = log_samples, []
         # Under torchrun the trained roles are sharded (FSDP2) after their LoRA and checkpointing
         # are set, before their optimizers see the parameters. bf16 there is FSDP's mixed precision:
         # the sharded parameters stay fp32 (they are the master weights, the optimizer a plain fp32
@@ -569,6 +576,8 @@ class RLTrainer:
         self.kl.update(metrics["kl"], mask.shape[0])
         metrics["response_length"] = float(rollout.response_lengths.float().mean())
         metrics["tokens_per_s"] = float(rollout.attention_mask.sum()) / (time.perf_counter() - start_time)
+        if self.log_samples:  # after the timing: the samples log is not the step's work
+            self.samples = pick_samples(rollout, advantages, self.log_samples)
         return metrics
 
 

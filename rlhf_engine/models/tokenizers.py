@@ -4,6 +4,8 @@
 Both expose ``encode(text) -> list[int]`` (no special tokens), ``decode(ids) -> str``,
 ``pad_token_id`` / ``bos_token_id`` / ``eos_token_id`` / ``vocab_size`` and ``save(directory)``.
 A prompt is ``[bos] + encode(prompt)``; a response is ``encode(response) + [eos]``.
+``chat_template`` is the Hugging Face tokenizer's chat template (None for the byte tokenizer,
+which has none); :meth:`HFTokenizer.render_chat` renders chat turns with it to text.
 
 ``rlhf-engine train`` saves the tokenizer next to the model it writes, so that folder can be
 the ``--model`` of a later run: the Hugging Face files, or for a byte-level model the small
@@ -26,6 +28,7 @@ class ByteTokenizer:
 
     pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
     vocab_size = 259
+    chat_template = None  # bytes have no turn markers: chat data needs a model folder with a template
 
     def encode(self, text: str) -> list[int]:
         return [b + 3 for b in text.encode("utf-8")]
@@ -52,6 +55,14 @@ class HFTokenizer:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_id
         self.bos_token_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_token_id
         self.vocab_size = len(self.tokenizer)
+        self.chat_template = self.tokenizer.chat_template
+
+    def render_chat(self, turns: list[dict], *, add_generation_prompt: bool = False, continue_final_message: bool = False) -> str:
+        """``turns`` (``[{"role", "content"}, ...]``) rendered as text by the chat template (which
+        writes its own bos, if any); ``add_generation_prompt`` appends the assistant header,
+        ``continue_final_message`` leaves the last turn open."""
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=continue_final_message)  # fmt: skip
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -69,27 +69,19 @@ def _type_ok(value, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-def read_jsonl(
-    path, required: dict[str, type], check: Callable[[dict], str | None] | None = None, *, torn_tail_ok: bool = False
-) -> list[dict]:
-    """Read a JSON-lines file: one JSON object per non-blank line.
+def jsonl_objects(path, *, torn_tail_ok: bool = False) -> list[tuple[int, dict]]:
+    """The JSON objects of a JSON-lines file with their 1-based line numbers, blank lines
+    skipped: ``[(line, record), ...]`` in file order.
 
-    ``required`` maps field name -> Python type (``str``, ``int``, ``float`` (ints
-    accepted), ``bool``, ``list``, ``dict``); every record must have each field with that
-    type. ``check(record)``, when given, runs on each record after that and returns an
-    error message, or None when the record is fine. Raises
-    ``ValueError("<path>:<line>: ...")`` for malformed JSON, a non-object line, a missing
-    or mistyped field, or a message from ``check``, and ``FileNotFoundError`` for a
-    missing file. Returns the records in file order. ``torn_tail_ok``: a last line that
+    Raises ``ValueError("<path>:<line>: ...")`` for malformed JSON or a line that is not an
+    object, and ``FileNotFoundError`` for a missing file. ``torn_tail_ok``: a last line that
     is not complete JSON (a writer killed mid-line) is dropped instead.
     """
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
-    if not isinstance(required, dict) or not all(isinstance(k, str) and isinstance(t, type) for k, t in required.items()):
-        raise TypeError("required must be a dict mapping field names (str) to types")
     path = Path(path)
     lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
+    objects = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -101,15 +93,40 @@ def read_jsonl(
             raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        for field, expected in required.items():
-            if field not in record:
-                raise ValueError(f"{path}:{lineno}: missing field {field!r}")
-            if not _type_ok(record[field], expected):
-                raise ValueError(
-                    f"{path}:{lineno}: field {field!r} must be {expected.__name__}, "
-                    f"got {type(record[field]).__name__}"
-                )
-        problem = check(record) if check is not None else None
+        objects.append((lineno, record))
+    return objects
+
+
+def record_problem(record: dict, required: dict[str, type]) -> str | None:
+    """What is wrong with ``record`` against ``required`` (field name -> ``str``, ``int``,
+    ``float`` (ints accepted), ``bool``, ``list`` or ``dict``): a missing or mistyped field,
+    as a message; None when every field is there with its type."""
+    for field, expected in required.items():
+        if field not in record:
+            return f"missing field {field!r}"
+        if not _type_ok(record[field], expected):
+            return f"field {field!r} must be {expected.__name__}, got {type(record[field]).__name__}"
+    return None
+
+
+def read_jsonl(
+    path, required: dict[str, type], check: Callable[[dict], str | None] | None = None, *, torn_tail_ok: bool = False
+) -> list[dict]:
+    """Read a JSON-lines file: one JSON object per non-blank line (see :func:`jsonl_objects`).
+
+    ``required`` maps field name -> Python type (see :func:`record_problem`); every record
+    must have each field with that type. ``check(record)``, when given, runs on each record
+    after that and returns an error message, or None when the record is fine. Raises
+    ``ValueError("<path>:<line>: ...")`` for malformed JSON, a non-object line, a missing
+    or mistyped field, or a message from ``check``, and ``FileNotFoundError`` for a
+    missing file. Returns the records in file order. ``torn_tail_ok``: a last line that
+    is not complete JSON (a writer killed mid-line) is dropped instead.
+    """
+    if not isinstance(required, dict) or not all(isinstance(k, str) and isinstance(t, type) for k, t in required.items()):
+        raise TypeError("required must be a dict mapping field names (str) to types")
+    records = []
+    for lineno, record in jsonl_objects(path, torn_tail_ok=torn_tail_ok):
+        problem = record_problem(record, required) or (check(record) if check is not None else None)
         if problem:
             raise ValueError(f"{path}:{lineno}: {problem}")
         records.append(record)
