@@ -512,3 +512,23 @@ def test_the_built_in_answer_match_reads_the_data_configs_answer_field(tmp_path,
     assert untimed(tmp_path / "renamed") == untimed(tmp_path / "default")
     assert all(r["reward_mean"] == r["rewards/exact_match/mean"] for r in metrics(tmp_path / "default"))
     assert exact_match("solution")(completions=[" 4 ", "5"], solution=["4", "4"], answer=["5", "5"]) == [1.0, 0.0]
+
+
+def test_chat_prompts_reach_the_functions_as_turns_through_a_run(tmp_path):
+    """Chat prompts (rendered by the tokenizer's template for sampling): the functions get the
+    turns as in the data and each completion as one assistant message holding its decoded text."""
+    import runpy
+
+    from rlhf_engine.models.tokenizers import load_tokenizer
+
+    model = str(runpy.run_path(str(ROOT / "examples" / "make_tiny_chat_model.py"))["build"](tmp_path / "chat-model"))
+    rows = [{"prompt": [{"role": "user", "content": q}], "id": i} for i, q in enumerate(("ab", "cba", "ca"))]
+    calls = []
+    fn = recording("chat", calls, lambda cs, f: [float(len(c[0]["content"])) for c in cs])
+    run_train("grpo", model, write_jsonl(tmp_path / "q.jsonl", rows), tmp_path / "out", quiet=True,
+              config_path=write(tmp_path / "c.yaml", GROUPED), reward_fns=[fn])  # fmt: skip
+    tokenizer = load_tokenizer(model)
+    assert len(calls) == 2
+    for call in calls:
+        assert call["prompts"] == [rows[i]["prompt"] for i in call["id"]]
+        assert call["completions"] == [[{"role": "assistant", "content": tokenizer.decode(ids)}] for ids in call["completion_ids"]]
