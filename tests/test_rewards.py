@@ -532,3 +532,16 @@ def test_chat_prompts_reach_the_functions_as_turns_through_a_run(tmp_path):
     for call in calls:
         assert call["prompts"] == [rows[i]["prompt"] for i in call["id"]]
         assert call["completions"] == [[{"role": "assistant", "content": tokenizer.decode(ids)}] for ids in call["completion_ids"]]
+
+
+def test_a_run_with_unscorable_completions_warns_and_trains_on_the_rest(tmp_path):
+    rows = [{"prompt": "ab", "id": 0}, {"prompt": "ca", "id": 1}]
+    calls = []
+    fn = recording("even_only", calls, lambda cs, f: [None if i % 2 else float(len(c)) for c, i in zip(cs, f["id"])])
+    with pytest.warns(RuntimeWarning, match="every reward function \\(even_only\\) returned None"):
+        history = run_train("grpo", "tiny", write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "out", quiet=True,
+                            config_path=write(tmp_path / "c.yaml", GROUPED), reward_fns=[fn])  # fmt: skip
+    for step, call in zip(history, calls):
+        scored = [len(c) for c, i in zip(call["completions"], call["id"]) if i == 0]
+        assert step["reward_mean"] == pytest.approx(sum(scored) / len(scored))
+    assert not torch.equal(PolicyModel.load(tmp_path / "out" / "model").lm_head_weight, tiny_init().lm_head_weight)
