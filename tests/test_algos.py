@@ -161,10 +161,11 @@ def test_ppo_with_critic_raises_reward_and_the_critic_learns():
     history = run_rl(ppo_config(seed=seed, critic_lr=5e-3, **RL_SINGLETONS), seed, critic=True)
     assert all("explained_variance" in h and "value_loss" in h for h in history)
     # A new critic's head is zero: V = 0 explains nothing. After 12 steps it explains much of
-    # the returns (last 3 steps: 0.37-0.89 over 30 seeds, median 0.74), and the value loss falls.
+    # the returns (last 3 steps: 0.30-0.89 over 47 seeds, median 0.74). Not the value loss
+    # itself: its scale is the returns' variance, which grows while the rewards go from mostly
+    # 0 to mixed (a slow seed's loss ended 0.001 above where it started, with EV 0.36).
     assert history[0]["explained_variance"] == pytest.approx(0.0, abs=1e-6)
     assert mean(h["explained_variance"] for h in history[-3:]) > 0.2
-    assert rise(history, "value_loss") < 0
     assert all(h["kl_coef"] == history[0]["kl_coef"] for h in history)  # fixed β without kl_target
 
 
