@@ -49,7 +49,6 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -76,13 +75,13 @@ from rlhf_engine.distributed.batches import check_world_size
 from rlhf_engine.distributed.checkpoint import export_policy, export_scalar_head
 from rlhf_engine.distributed.group import SINGLE, DataParallel, destroy_process_group, init_process_group, launched_by_torchrun
 from rlhf_engine.models import PolicyModel, ScalarHeadModel, llama_config
-from rlhf_engine.models.checkpoint import atomic_write_bytes, latest_checkpoint
 from rlhf_engine.models.configs import MODEL_SIZES
 from rlhf_engine.models.tokenizers import load_tokenizer
 from rlhf_engine.rewards import RecordSampler, TextReward, describe, exact_match, resolve_reward_fns
 from rlhf_engine.sinks import check_report_to
 from rlhf_engine.train_data import DataConfig, DataStats, load_data, load_data_config, load_records  # noqa: F401 (load_records: the API)
-from rlhf_engine.train_outputs import METRICS_FILE, SAMPLES_FILE, train_outputs
+from rlhf_engine.train_outputs import prepare_out, report_data, train_outputs
+from rlhf_engine.train_plan import place_for_first_phase, plan_run
 
 ALGOS = ("sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "rejection_sampling")
 SAMPLING_ALGOS = (*RL_ALGOS, "rejection_sampling")  # the ones a reward scores samples for
@@ -195,7 +194,7 @@ def build_trainer(algo: str, config, policy: PolicyModel, records: list, tokeniz
     if reference is None and not config.lora_rank:  # LoRA: the adapter-disabled policy
         reference = copy.deepcopy(policy)
     if placement is not None and placement.bytes_moved_per_step:
-        _place_for_first_phase(placement, device, policy=policy, reference=reference, **scoring)
+        place_for_first_phase(placement, device, policy=policy, reference=reference, **scoring)
     return RLTrainer(
         config, policy=policy, reference=reference, prompts=sampler, pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id, placement=placement, parallel=parallel, log_samples=log_samples, **scoring,
@@ -240,79 +239,6 @@ def _model_score(reward_model: ScalarHeadModel, pad_id: int):
     return score
 
 
-def _place_for_first_phase(placement, device: torch.device, **roles) -> None:
-    """Models built on the CPU go to ``device`` when the plan has them there in ``generate``;
-    the others stay on the CPU, where the executor takes them as offloaded. (Building every
-    model on the GPU first could need more memory than the plan allows.)"""
-    for role, model in roles.items():
-        if isinstance(model, torch.nn.Module) and placement.residency.get(role, {}).get("generate") == "device":
-            model.to(device)
-
-
-def plan_run(algo: str, config, model: str, tokenizer, records: list, reward_model_path: str | None, device: torch.device,
-             mode: str, gpu_memory: str | None = None, world_size: int = 1, reward_scores: bool = True):  # fmt: skip
-    """The memory plan of an RL run on ``device``, made before any model is loaded, and the
-    config with the plan's micro-batches and checkpointing in it; with ``world_size`` > 1
-    (torchrun), rank 0's plan under FSDP2 (every role resident, each rank sampling its share
-    at once) and the frozen roles replicated or sharded as it says (``frozen_sharding``).
-
-    ``mode``: ``"auto"`` (the planner may offload, checkpoint and pick micro-batches; a run
-    that cannot fit is refused with what would make it fit) or ``"off"`` (exactly the
-    configuration given, everything resident: the plan only predicts). Returns
-    ``(config, plan)``; ``(config, None)`` off CUDA or for algorithms the planner does not
-    cover (SFT, reward model, DPO, rejection sampling) with ``mode="off"``. ``reward_scores``:
-    False when reward functions score a PPO run (its reward model then starts the critic only,
-    and the plan has no ``reward_model`` role).
-    """
-    from rlhf_engine.memory.plan import parse_memory, plan
-    from rlhf_engine.memory.report import format_plan
-    from rlhf_engine.memory.run_specs import plan_options, role_specs, workload
-
-    if mode not in ("auto", "off"):
-        raise ValueError(f"--plan must be 'auto' or 'off', got {mode!r}")
-    if algo not in RL_ALGOS:
-        if mode == "auto" and device.type == "cuda":
-            raise ValueError(f"--plan auto covers the RL algorithms {RL_ALGOS}; use --plan off for --algo {algo}")
-        return config, None
-    if device.type != "cuda":
-        if mode == "auto":
-            raise ValueError(f"--plan auto plans GPU memory; --device {device} has none (use --plan off)")
-        return config, None
-    if model in MODEL_SIZES:
-        policy_config = llama_config(model, tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
-                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    else:
-        policy_config = model
-    budget = parse_memory(gpu_memory) if gpu_memory else torch.cuda.get_device_properties(device).total_memory
-    prompt_length = max(len(r["prompt"]) for r in records)
-    specs = role_specs(algo, config, policy_config, reward_model_path, reward_scores=reward_scores)
-    chosen = plan(specs, workload(config, prompt_length), budget, plan_options(config, offload=mode == "auto"),
-                  gpus=world_size)  # fmt: skip
-    if mode == "auto" and not chosen.fits:
-        where = "this GPU" if world_size == 1 else f"{world_size} GPUs of this size"
-        raise ValueError(f"--plan auto: the run does not fit {where}; nothing was loaded.\n" + format_plan(chosen))
-    micro = chosen.micro_batches
-    distributed = {}
-    if world_size > 1:  # each rank samples its share in one batch; the frozen roles where the plan put them
-        distributed = dict(frozen_sharding=chosen.frozen)
-    config = dataclasses.replace(
-        config, generate_micro_batch_size=None if world_size > 1 else micro["generate"], **distributed,
-        score_micro_batch_size=micro["score"],
-        micro_batch_size=min(m for p, m in micro.items() if p.startswith("update")),
-        lm_head_chunk_size=chosen.phases["update_policy"].lm_head_chunk_rows or config.lm_head_chunk_size,
-        policy_gradient_checkpointing=chosen.checkpointing.get("policy", config.policy_gradient_checkpointing),
-        critic_gradient_checkpointing=chosen.checkpointing.get("critic", config.critic_gradient_checkpointing),
-    )  # fmt: skip
-    return config, chosen
-
-
-def report_data(stats: DataStats, path: Path, quiet: bool) -> None:
-    """The data's one-line summary on stdout (unless ``quiet``) and its stats as JSON in ``path``."""
-    if not quiet:
-        print(stats.summary(), flush=True)
-    atomic_write_bytes(path, (json.dumps(dataclasses.asdict(stats), indent=1) + "\n").encode())
-
-
 def check_log_samples(algo: str, log_samples: int | None) -> int:
     """``--log-samples``: samples per step for an RL algorithm (None: ``LOG_SAMPLES``), 0 for the
     others (which sample nothing: setting it for them is an error)."""
@@ -323,43 +249,6 @@ def check_log_samples(algo: str, log_samples: int | None) -> int:
     if algo not in RL_ALGOS and log_samples:
         raise ValueError(f"--log-samples: --algo {algo} samples no completions (it logs samples of the RL algorithms {RL_ALGOS})")
     return log_samples
-
-
-def _prepare_out(out: Path, resume: bool) -> int | None:
-    """Create ``out``; for a resume, drop the log lines (metrics and samples) of steps after the
-    latest checkpoint and return the step the run continues from (None without ``resume``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        return None
-    for name in (METRICS_FILE, SAMPLES_FILE):
-        _drop_lines_after_checkpoint(out / name, out / "checkpoints")
-    return _checkpoint_step(out / "checkpoints") + 1
-
-
-def _checkpoint_step(checkpoint_dir: Path) -> int:
-    """The step of the latest checkpoint in ``checkpoint_dir``, -1 without one."""
-    latest = latest_checkpoint(checkpoint_dir)
-    return json.loads((latest / "state.json").read_text())["step"] if latest is not None else -1
-
-
-def _drop_lines_after_checkpoint(log: Path, checkpoint_dir: Path) -> None:
-    """Keep only the log lines of steps up to the latest checkpoint (all of them without one).
-
-    A run killed between checkpoints logged steps that the resumed run does again; without
-    this they would appear twice in ``metrics.jsonl``. A torn last line is dropped too.
-    """
-    if not log.is_file():
-        return
-    last = _checkpoint_step(checkpoint_dir)
-    kept = []
-    for line in log.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    atomic_write_bytes(log, "".join(kept).encode())
 
 
 def run_train(
@@ -427,7 +316,7 @@ def run_train(
                             eval_records=eval_records, log_samples=log_samples, answer_field=data_config.answer_field,
                             **rewards)  # fmt: skip
     out = Path(out)
-    resumed_from = _prepare_out(out, resume)
+    resumed_from = prepare_out(out, resume)
     report_data(stats, out / "data_stats.json", quiet)
     if eval_stats is not None:
         report_data(eval_stats, out / "eval_data_stats.json", quiet)
@@ -558,7 +447,7 @@ def _train_ranks(algo: str, config, model: str, data, out: Path, parallel: DataP
                             **rewards)  # fmt: skip
     resumed_from = None
     if parallel.is_main:
-        resumed_from = _prepare_out(out, resume)
+        resumed_from = prepare_out(out, resume)
         report_data(stats, out / "data_stats.json", quiet)
     parallel.barrier()
     outputs = contextlib.nullcontext((None, None))

@@ -322,11 +322,11 @@ def test_models_of_an_offloading_plan_start_where_its_first_phase_puts_them():
     # has on the device in `generate` go there (meta stands in for the GPU: nothing is computed).
     from types import SimpleNamespace
 
-    from rlhf_engine.train import _place_for_first_phase
+    from rlhf_engine.train_plan import place_for_first_phase
 
     models = {role: torch.nn.Linear(2, 2) for role in ("policy", "reference", "critic", "reward_model")}
     residency = {"policy": {"generate": "device"}, "reference": {"generate": "swap"}, "critic": {"generate": "device"},
                  "reward_model": {"generate": "offload"}}  # fmt: skip
-    _place_for_first_phase(SimpleNamespace(residency=residency), torch.device("meta"), **models, reward_fn=None)
+    place_for_first_phase(SimpleNamespace(residency=residency), torch.device("meta"), **models, reward_fn=None)
     assert {role: m.weight.device.type for role, m in models.items()} == {
         "policy": "meta", "reference": "cpu", "critic": "meta", "reward_model": "cpu"}
