@@ -148,11 +148,13 @@ def _eval(args: argparse.Namespace) -> int:
     import math
 
     from rlhf_engine.evaluate import run_eval
+    from rlhf_engine.quiet import quiet_transformers
 
     try:
-        metrics = run_eval(args.algo, args.model, args.data, config_path=args.config, reward_model_path=args.reward_model,
-                           ref_model=args.ref_model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                           reward_fns=args.reward_fn, reward_weights=args.reward_weights)  # fmt: skip
+        with quiet_transformers(args.quiet):
+            metrics = run_eval(args.algo, args.model, args.data, config_path=args.config, reward_model_path=args.reward_model,
+                               ref_model=args.ref_model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                               reward_fns=args.reward_fn, reward_weights=args.reward_weights)  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         print(f"rlhf-engine eval: {error}", file=sys.stderr)
         return 2
@@ -354,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "gives the RL algorithms' kl")
     evaluate.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars (transformers' loading bars included)")
     evaluate.set_defaults(handler=_eval)
     generate = commands.add_parser("generate", help="sample completions of JSONL prompts from a trained model folder")
     generate.add_argument("--model", required=True, metavar="DIR", help="a trained model folder (e.g. the model/ of a train run)")

@@ -180,6 +180,14 @@ def test_the_eval_command_without_a_reference_reports_no_kl(files, eval_files, s
     assert sorted(json.loads(capsys.readouterr().out)["metrics"]) == ["response_length", "reward_mean"]
 
 
+def test_the_eval_command_quiet_silences_the_loading_bars(eval_files, sft_policy_dir, capsys):
+    args = ["eval", "--algo", "sft", "--model", sft_policy_dir, "--data", eval_files["sft"]]
+    assert main(args) == 0
+    assert "Loading weights" in capsys.readouterr().err  # transformers' bar, read from the folder
+    assert main(args + ["--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.fixture(scope="module")
 def sft_policy_dir(files, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("sft-run")
