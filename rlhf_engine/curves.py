@@ -11,7 +11,8 @@ chart with a line per phase, on the same axis. The charts come in this order:
 2. the losses (every metric named ``loss`` or ``*_loss``);
 3. ``kl``, then every other metric in the order the log first shows it.
 
-A metric with no finite value gets no chart.
+A phase has one colour on every chart (its step-0 baseline too), in the order the log first
+shows the phases; the gold score takes the next. A metric with no finite value gets no chart.
 """
 
 from __future__ import annotations
@@ -50,19 +51,22 @@ def _metric_order(records: list[dict]) -> list[str]:
 
 def curve_panels(records: list[dict]) -> list[Panel]:
     """The charts of a RunLog's ``records`` (``read_runlog``), as the module docstring says."""
+    phases = {phase: i for i, phase in enumerate(dict.fromkeys(r["phase"] for r in records))}
     panels = []
     for metric in _metric_order(records):
         series = _series(records, metric)
         if not series:
             continue
         if metric != REWARD:
-            panels.append(Panel(metric, series, y_label=metric))
+            panels.append(Panel(metric, series, y_label=metric, colors=phases))
             continue
         gold = _series(records, GOLD)
         starts = {f"{phase} step 0": points[0][1] for phase, points in series.items() if points[0][0] == 0}
+        colors = {**phases, **{f"{phase} step 0": i for phase, i in phases.items()}}
+        colors.update({f"{phase} (R)": len(phases) + i for i, phase in enumerate(gold)})
         panels.append(Panel(
             "reward" + (" (left) and gold score (right)" if gold else ""), series, y_label="reward",
-            right=gold, right_label="gold score" if gold else "", baselines=starts,
+            right=gold, right_label="gold score" if gold else "", baselines=starts, colors=colors,
         ))  # fmt: skip
     return panels
 

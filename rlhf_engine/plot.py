@@ -66,7 +66,10 @@ class Panel:
     a second y axis on the right with its own range (a metric on another scale, e.g. the gold
     score beside a reward model's score), ``baselines[name] = y`` (``right_baselines`` on the
     right axis) as dashed horizontal lines across the chart (e.g. the starting model's score).
-    ``x_label`` / ``y_label`` / ``right_label`` name the axes.
+    ``x_label`` / ``y_label`` / ``right_label`` name the axes. ``colors[label]`` is the palette
+    index (``series_color``) of the entry whose legend reads ``label`` (its name; a right-axis
+    one's ends in ``" (R)"``); an entry not in it takes its position in ``panel_entries`` (so
+    charts that share names can share colours).
     """
 
     title: str
@@ -77,15 +80,27 @@ class Panel:
     right_label: str = ""
     baselines: dict[str, float] = field(default_factory=dict)
     right_baselines: dict[str, float] = field(default_factory=dict)
+    colors: dict[str, int] = field(default_factory=dict)
 
 
 def panel_entries(panel: Panel) -> list[tuple[str, str, object]]:
     """What a panel draws, in order, as ``(kind, name, data)``: kind ``"left"`` / ``"right"``
     (data: the points) then ``"baseline"`` / ``"right_baseline"`` (data: the y value). Entry
-    ``i`` has colour ``series_color(i)`` and a legend item (right-axis ones marked ``(R)``)."""
+    ``i`` has a legend item (:func:`legend_label`) and colour ``series_color(i)``, unless
+    ``panel.colors`` names another for its label (:func:`entry_colors`)."""
     return ([("left", n, p) for n, p in panel.series.items()] + [("right", n, p) for n, p in panel.right.items()]
             + [("baseline", n, v) for n, v in panel.baselines.items()]
             + [("right_baseline", n, v) for n, v in panel.right_baselines.items()])  # fmt: skip
+
+
+def entry_colors(panel: Panel) -> list[int]:
+    """The palette index of each of ``panel_entries(panel)``."""
+    return [panel.colors.get(legend_label(kind, name), i) for i, (kind, name, _) in enumerate(panel_entries(panel))]
+
+
+def legend_label(kind: str, name: str) -> str:
+    """An entry's legend text: its name, marked ``(R)`` on the right axis."""
+    return f"{name} (R)" if kind.startswith("right") else name
 
 
 def _glyph(ch: str) -> np.ndarray:
@@ -193,6 +208,12 @@ def _check_named(where: str, named, check) -> dict:
     return {name: check(f"{where}[{name!r}]", value) for name, value in named.items()}
 
 
+def _check_color(where: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"{where} must be a palette index >= 0 (series_color), got {value!r}")
+    return value
+
+
 def _check_baseline(where: str, value) -> float:
     if not _is_number(value) or not math.isfinite(value):
         raise TypeError(f"{where} must be a finite number (the baseline's y), got {value!r}")
@@ -226,6 +247,7 @@ def _check_panels(panels) -> list[Panel]:
             _check_named(f"{where}.right", panel.right, _check_points), panel.right_label,
             _check_named(f"{where}.baselines", panel.baselines, _check_baseline),
             _check_named(f"{where}.right_baselines", panel.right_baselines, _check_baseline),
+            _check_named(f"{where}.colors", panel.colors, _check_color),
         ))  # fmt: skip
     return out
 
@@ -327,10 +349,11 @@ def _draw_panel(img: np.ndarray, panel: Panel, x0: int, y0: int, width: int, hei
 
     entries = panel_entries(panel)
     legend_x, legend_y = layout.right, y0 + 6 + _TEXT_H + 4
+    colors = [series_color(c) for c in entry_colors(panel)]
     for i, (kind, name, _) in reversed(list(enumerate(entries))):
-        text = f"{name} (R)" if kind.startswith("right") else name
+        text = legend_label(kind, name)
         legend_x -= _text_width(text) + 26
-        img[legend_y:legend_y + _TEXT_H, legend_x:legend_x + 12] = series_color(i)
+        img[legend_y:legend_y + _TEXT_H, legend_x:legend_x + 12] = colors[i]
         if kind.endswith("baseline"):  # a dashed swatch, like its line
             img[legend_y:legend_y + _TEXT_H, legend_x + 4:legend_x + 7] = _BACKGROUND
         _draw_text(img, legend_x + 16, legend_y, text, _INK)
@@ -341,7 +364,7 @@ def _draw_panel(img: np.ndarray, panel: Panel, x0: int, y0: int, width: int, hei
         if kind.endswith("baseline"):
             py = layout.y_px(data, right_axis)
             for start in range(layout.left + 1, layout.right, _DASH + _GAP):
-                _draw_segment(img, start, py, min(start + _DASH - 1, layout.right - 1), py, series_color(i), clip)
+                _draw_segment(img, start, py, min(start + _DASH - 1, layout.right - 1), py, colors[i], clip)
             continue
         prev = None
         for x, y in sorted(data):
@@ -349,7 +372,7 @@ def _draw_panel(img: np.ndarray, panel: Panel, x0: int, y0: int, width: int, hei
                 prev = None  # a gap in the line
                 continue
             cur = (layout.x_px(x), layout.y_px(y, right_axis))
-            _draw_segment(img, *(prev or cur), *cur, series_color(i), clip)
+            _draw_segment(img, *(prev or cur), *cur, colors[i], clip)
             prev = cur
 
 

@@ -2,14 +2,15 @@
 run's curves from metrics.jsonl (rlhf_engine.curves) and the demo's charts: the PNG decoded
 with the stdlib and its pixels checked against what ``panel_layout`` says is drawn where."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 
-from rlhf_engine.curves import curve_panels, write_curves
+from rlhf_engine.curves import CURVE_HEIGHT, CURVE_WIDTH, curve_panels, write_curves
 from rlhf_engine.demo import demo_panels
-from rlhf_engine.plot import Panel, panel_entries, panel_layout, series_color, write_line_plot_png
+from rlhf_engine.plot import Panel, entry_colors, panel_entries, panel_layout, series_color, write_line_plot_png
 from tests.test_runlog_plot import color_pixels, decode_png
 
 W, H = 600, 260
@@ -105,6 +106,7 @@ def test_tick_labels_resolve_a_narrow_range(tmp_path):
         (Panel("t", {"s": [(0, 1)]}, baselines={"b": "high"}), r"panels\['t'\].baselines\['b'\]"),
         (Panel("t", {"s": [(0, 1)]}, right={"g": [(0,)]}), r"panels\['t'\].right\['g'\]\[0\]"),
         (Panel("t", {"s": [(0, 1)]}, y_label=3), r"panels\['t'\].y_label"),
+        (Panel("t", {"s": [(0, 1)]}, colors={"s": -1}), r"panels\['t'\].colors\['s'\]"),
         ("not a panel", r"panels\[0\]"),
     ],
 )
@@ -134,6 +136,25 @@ def test_curves_group_each_metric_across_phases():
     # A resumed log that starts later has no step-0 baseline; no gold: no right axis.
     later = curve_panels(records("ppo", (3, 4), reward_mean=lambda k: float(k)))
     assert later[0].title == "reward" and later[0].baselines == {} and later[0].right == {}
+
+
+def test_a_phase_keeps_its_colour_on_every_chart(tmp_path):
+    # The evaluation phase is logged first (step -1), and only some metrics have it: a chart
+    # numbering its own lines would swap the two phases' colours between charts.
+    log = (records("grpo_eval", (-1,), reward_mean=lambda k: 0.0, kl=lambda k: 0.0)
+           + records("grpo", range(3), reward_mean=lambda k: 0.1 * k, policy_loss=lambda k: -k, kl=lambda k: 0.01 * k,
+                     gold=lambda k: 0.2 * k))  # fmt: skip
+    colors = {}
+    for panel in curve_panels(log):
+        for (kind, name, _), color in zip(panel_entries(panel), entry_colors(panel)):
+            colors.setdefault((name.removesuffix(" step 0"), kind == "right"), set()).add(color)
+    assert colors == {("grpo_eval", False): {0}, ("grpo", False): {1}, ("grpo", True): {2}}
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in log))
+    write_curves(path, tmp_path / "curves.png")
+    img = decode_png((tmp_path / "curves.png").read_bytes())
+    loss_chart = img[:CURVE_HEIGHT, CURVE_WIDTH:]  # policy_loss, right of the reward chart
+    assert len(color_pixels(loss_chart, series_color(1))) > 200 and len(color_pixels(loss_chart, series_color(0))) == 0
 
 
 def test_write_curves_draws_the_log_or_nothing(tmp_path):
