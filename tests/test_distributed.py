@@ -424,6 +424,54 @@ def test_sampling_keeps_the_sharded_layers_gathered_for_the_whole_rollout():
             destroy_process_group()
 
 
+def test_decode_steps_run_without_fsdp_hooks_once_the_units_are_gathered():
+    """Inside ``DataParallel.unsharded`` the prefill goes through FSDP (it gathers every unit);
+    the decode steps after it run the units as plain modules (no FSDP pre-forward: it has
+    nothing left to gather, and costs host time per unit and step), give the logits of the
+    unsharded model, and leave FSDP's hooks where they were."""
+    from torch.profiler import profile
+
+    from rlhf_engine.distributed.group import destroy_process_group, init_process_group
+    from rlhf_engine.distributed.sharding import gathered
+    from rlhf_engine.models import PolicyModel, llama_config
+
+    def fsdp_forwards(run) -> tuple[int, object]:
+        with profile() as prof:
+            out = run()
+        return sum(e.name.startswith("FSDP::pre_forward") for e in prof.events()), out
+
+    config = llama_config("tiny", vocab_size=16)
+    ids = torch.tensor([[0, 4, 5, 6], [3, 7, 8, 9]])
+    mask = ids != 0
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    step_ids, step_positions = torch.tensor([[10], [11]]), positions[:, -1:] + 1
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    plain = PolicyModel.from_config(config, seed=0)
+    want, cache = plain.next_token_logits(ids, mask, positions, None)
+    want_step, _ = plain.next_token_logits(step_ids, step_mask, step_positions, cache)
+    with torchrun_of_one():
+        parallel = init_process_group(torch.device("cpu"))
+        try:
+            policy = parallel.shard(PolicyModel.from_config(config, seed=0))
+            hooks = [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in policy.modules()]
+            with torch.no_grad():
+                calls, _ = fsdp_forwards(lambda: policy.next_token_logits(ids, mask, positions, None))
+                assert calls > 0 and not gathered(policy)  # outside: every forward reshards its layers
+                with parallel.unsharded(policy):
+                    calls, (logits, cache) = fsdp_forwards(lambda: policy.next_token_logits(ids, mask, positions, None))
+                    assert calls > 0 and gathered(policy)  # the prefill gathered every unit
+                    calls, (step, _) = fsdp_forwards(lambda: policy.next_token_logits(step_ids, step_mask, step_positions, cache))
+                    assert calls == 0
+                assert not gathered(policy)
+                calls, _ = fsdp_forwards(lambda: policy.next_token_logits(ids, mask, positions, None))
+                assert calls > 0  # FSDP's hooks and forward method are back
+            assert [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in policy.modules()] == hooks
+            torch.testing.assert_close(logits, want, rtol=0, atol=1e-6)
+            torch.testing.assert_close(step, want_step, rtol=0, atol=1e-6)
+        finally:
+            destroy_process_group()
+
+
 def test_a_torchrun_resume_from_a_single_process_checkpoint_is_a_clear_error(tmp_path, capsys):
     data = jsonl(tmp_path / "sft.jsonl", SFT)
     config = write(tmp_path / "c.yaml", "steps: 2\nbatch_size: 2\n")

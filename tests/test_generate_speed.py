@@ -140,6 +140,25 @@ def test_dropping_finished_rows_keeps_the_samples(model, regime, sync_every, mon
     assert torch.equal(torch.rand(4, generator=g_ours), torch.rand(4, generator=g_ref))
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_rows_are_dropped_in_a_world_of_one_only(world_size, monkeypatch):
+    """``torchrun --nproc-per-node 1`` samples as the single process does, finished rows
+    dropped; ranks of a larger world keep theirs (rank 0 of 2 here: its collectives are
+    stubbed, the draws it keeps are its half of the global batch's)."""
+    from rlhf_engine.distributed.group import DataParallel
+
+    dropped = []
+    keep_rows = sampling._Decoder.keep_rows
+    monkeypatch.setattr(sampling._Decoder, "keep_rows", lambda self, keep: (dropped.append(len(keep)), keep_rows(self, keep)))
+    parallel = DataParallel(rank=0, world_size=world_size, distributed=True)
+    monkeypatch.setattr(DataParallel, "_reduce", lambda self, tensor, op: tensor * (world_size if op == "SUM" else 1))
+    ids, mask = prompts(LENGTHS, seed=1)
+    config = SamplingConfig(max_new_tokens=ALL_STOP[1], eos_token_id=EOS, pad_token_id=PAD)
+    out = generate(tiny_llama(ALL_STOP[0]), ids, mask, config, generator=torch.Generator().manual_seed(3), parallel=parallel)
+    assert bool(out.response_mask[:, -1].logical_not().any())  # some row stopped before the last step
+    assert bool(dropped) == (world_size == 1)
+
+
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("sync_every", [1, 16])
 def test_static_cache_matches_the_dynamic_cache(model, sync_every, monkeypatch):

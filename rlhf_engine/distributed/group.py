@@ -53,8 +53,14 @@ class DataParallel:
         """The elementwise maximum of ``tensor`` over the ranks."""
         return self._reduce(tensor, "MAX")
 
+    @property
+    def alone(self) -> bool:
+        """No other rank to talk to (single-process, or a world of one): the collectives below are
+        identities then, and skipping them saves a round trip (and a device sync) per call."""
+        return self.world_size == 1
+
     def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
-        if not self.distributed:
+        if self.alone:
             return tensor
         import torch.distributed as dist
 
@@ -66,7 +72,7 @@ class DataParallel:
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's ``tensor`` (the same shape on every rank) concatenated along dim 0 in rank
         order: the global batch, when each rank holds its :meth:`rows`."""
-        if not self.distributed:
+        if self.alone:
             return tensor
         import torch.distributed as dist
 
@@ -78,7 +84,7 @@ class DataParallel:
 
     def sum_floats(self, values: dict[str, float]) -> dict[str, float]:
         """``{name: sum over ranks}`` in one all-reduce (fp64)."""
-        if not self.distributed or not values:
+        if self.alone or not values:
             return dict(values)
         total = self.sum(torch.tensor(list(values.values()), dtype=torch.float64))
         return dict(zip(values, total.tolist()))

@@ -77,18 +77,83 @@ def unsharded_layers(model: torch.nn.Module) -> Iterator[None]:
     """Inside the block the decoder layers of the sharded ``model`` stay unsharded after their first
     forward, and are resharded on exit: sampling then all-gathers each layer once per rollout
     instead of once per decode step (at the cost of the full weights on every rank meanwhile).
-    The root unit is left alone (it never reshards after its forward, see the module docstring)."""
+    The root unit is left alone (it never reshards after its forward, see the module docstring).
+
+    Once the first ``next_token_logits`` (the prefill) has gathered every unit, the later calls
+    (the decode steps) run without FSDP's forward hooks (:func:`hooks_paused`): with
+    nothing left to gather they only cost host time, about as much per unit and step as a
+    small layer's own kernel launches."""
     from torch.distributed.fsdp import FSDPModule
 
     layers = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
     for layer in layers:
         layer.set_reshard_after_forward(False, recurse=False)
+    fsdp_method = model.__dict__.get("next_token_logits")  # FSDP's wrapper (register_fsdp_forward_method)
+    hooks = fsdp_hooks(model)
+    all_gathered = False  # once every unit is gathered they stay so until the block ends
+
+    def next_token_logits(*args, **kwargs):
+        nonlocal all_gathered
+        all_gathered = all_gathered or gathered(model)
+        if torch.compiler.is_compiling() or not all_gathered:
+            return fsdp_method(*args, **kwargs)
+        with hooks_paused(hooks):
+            return type(model).next_token_logits(model, *args, **kwargs)
+
+    if fsdp_method is not None:
+        model.next_token_logits = next_token_logits
     try:
         yield
     finally:
+        if fsdp_method is not None:
+            model.next_token_logits = fsdp_method
         for layer in layers:
             layer.set_reshard_after_forward(True, recurse=False)
             layer.reshard()
+
+
+def gathered(model: torch.nn.Module) -> bool:
+    """Whether every FSDP unit of ``model`` is unsharded: FSDP2 registers the gathered parameters
+    of an unsharded unit as plain tensors, and its shards as DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    return not any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def fsdp_hooks(model: torch.nn.Module) -> list[tuple[dict, list]]:
+    """FSDP's forward pre- and post-hooks on the units of ``model``: ``(hook dict, its keys
+    that are FSDP's)`` per dict that has any (they are bound methods of the unit's FSDP state).
+    A unit whose hooks are not found this way (another torch layout of them) is not listed."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                keys = [key for key, hook in hooks.items() if getattr(hook, "__self__", None) is state]
+                if keys:
+                    found.append((hooks, keys))
+    return found
+
+
+@contextlib.contextmanager
+def hooks_paused(found: list[tuple[dict, list]]) -> Iterator[None]:
+    """Inside the block the hooks of ``found`` (:func:`fsdp_hooks`) are out of their dicts, so
+    the FSDP units run as plain modules; on exit each dict is as it was, order included. Only
+    for forwards without gradients on units that are all unsharded (:func:`gathered`): FSDP's
+    hooks would gather nothing there, and no backward needs the state they set up. A unit
+    whose hooks were not found keeps them: slower, never wrong."""
+    saved = [(hooks, list(hooks.items())) for hooks, _ in found]
+    for hooks, keys in found:
+        for key in keys:
+            del hooks[key]
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            hooks.clear()
+            hooks.update(items)
 
 
 _MESHES: dict = {}

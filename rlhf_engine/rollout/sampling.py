@@ -182,9 +182,9 @@ def generate(
     Data-parallel (``parallel`` distributed): the rows are this rank's share
     (``parallel.rows``) of a global batch of ``B · world_size`` rows; each step draws the global
     batch's uniforms and keeps this rank's, every rank runs the same number of steps (they
-    agree on "every row of every rank stopped"; rows are not dropped), and the responses are
-    padded to the global longest, so each rank's rows are exactly those one process sampling
-    the global batch gets, whatever the number of ranks.
+    agree on "every row of every rank stopped"; rows are not dropped, except in a world of
+    one), and the responses are padded to the global longest, so each rank's rows are
+    exactly those one process sampling the global batch gets, whatever the number of ranks.
 
     Args:
         policy: the model (its train/eval mode is left as is; no gradients are recorded).
@@ -216,7 +216,9 @@ def generate(
     device, (batch, prompt_len), steps = prompt_ids.device, prompt_ids.shape, config.max_new_tokens
     rng = generator if generator is not None else _default_generator(device)
     every = CPU_SYNC_EVERY if device.type == "cpu" else SYNC_EVERY
-    drop_rows = config.drop_finished_rows and not config.static_cache and not parallel.distributed
+    # Ranks of a larger world keep their rows: they stay the rows one process sampling the global
+    # batch computes, whatever the number of ranks. A world of one has no other rank to match.
+    drop_rows = config.drop_finished_rows and not config.static_cache and parallel.alone
     # The global batch's rows and this rank's among them (all of them in one process).
     total, mine = batch * parallel.world_size, slice(parallel.rank * batch, (parallel.rank + 1) * batch)
     response_ids = torch.full((batch, steps), config.pad_token_id, dtype=torch.long, device=device)
@@ -260,7 +262,7 @@ def generate(
             response_mask[where, start : start + count] = torch.stack(chunk_alive, dim=1)
             start += count
             stopped = int(done.sum())  # the host sync
-            finished = int(parallel.sum(done.sum())) == total if parallel.distributed else stopped == done.shape[0]
+            finished = stopped == done.shape[0] if parallel.alone else int(parallel.sum(done.sum())) == total
             if drop_rows and not finished and 2 * stopped >= done.shape[0] and stopped > 0:
                 keep = (~done).nonzero().squeeze(1)
                 decoder.keep_rows(keep)
